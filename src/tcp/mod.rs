@@ -1,0 +1,1 @@
+//! The built-in kernel-TCP transport (under construction).

@@ -1,0 +1,179 @@
+//! The Transport trait: what every layer of the shim and every inner transport implements.
+//!
+//! It mirrors the v7 net ABI with Rust types. Comms, memory registrations and requests are
+//! [`Opaque`] pointers owned by the transport that made them: a loaded plugin passes its own
+//! pointers through untouched, the built-in TCP transport hands out pointers to its own objects.
+//! Data pointers stay raw (`*mut c_void`): they may point at GPU memory.
+
+use crate::error::Result;
+use crate::ffi::DevHandle;
+use std::ffi::c_void;
+use std::ptr::NonNull;
+
+/// An object owned by a transport (comm, memory handle, request), opaque to everyone else.
+/// `Option<Opaque>` has the layout of a C pointer, with `None` as NULL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct Opaque(NonNull<c_void>);
+
+// SAFETY: an Opaque is only an address; the transport that created it is responsible for
+// synchronising access to what it points at (NCCL drives each comm from one thread at a time).
+unsafe impl Send for Opaque {}
+// SAFETY: as above, sharing the address itself is harmless.
+unsafe impl Sync for Opaque {}
+
+impl Opaque {
+    /// Wraps a non-NULL pointer; NULL gives `None`.
+    pub fn from_ptr(p: *mut c_void) -> Option<Opaque> {
+        NonNull::new(p).map(Opaque)
+    }
+    /// Wraps a pointer to a transport's own object.
+    pub fn from_box<T>(b: Box<T>) -> Opaque {
+        Opaque(NonNull::from(Box::leak(b)).cast())
+    }
+    /// The raw address.
+    pub fn as_ptr(self) -> *mut c_void {
+        self.0.as_ptr()
+    }
+    /// A `Option<Opaque>` as the C pointer it stands for.
+    pub fn opt_ptr(o: Option<Opaque>) -> *mut c_void {
+        o.map_or(std::ptr::null_mut(), Opaque::as_ptr)
+    }
+}
+
+/// What NCCL's device-side code needs to know about received data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceType {
+    /// Data lands in the destination buffer (kernel sockets, RDMA).
+    Host,
+    /// Data lands in bounce buffers that NCCL's unpack kernel copies out (TCPX).
+    Unpack,
+    /// A value this build does not know; passed through unchanged.
+    Other(u32),
+}
+
+impl DeviceType {
+    /// The ABI value.
+    pub fn raw(self) -> u32 {
+        match self {
+            DeviceType::Host => crate::ffi::ncclNetDeviceType::NCCL_NET_DEVICE_HOST,
+            DeviceType::Unpack => crate::ffi::ncclNetDeviceType::NCCL_NET_DEVICE_UNPACK,
+            DeviceType::Other(v) => v,
+        }
+    }
+    /// From the ABI value.
+    pub fn from_raw(v: u32) -> DeviceType {
+        match v {
+            crate::ffi::ncclNetDeviceType::NCCL_NET_DEVICE_HOST => DeviceType::Host,
+            crate::ffi::ncclNetDeviceType::NCCL_NET_DEVICE_UNPACK => DeviceType::Unpack,
+            v => DeviceType::Other(v),
+        }
+    }
+}
+
+/// A device's properties (v7 fields) in Rust form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Properties {
+    /// Device name, e.g. the interface name.
+    pub name: String,
+    /// Path of the NIC's PCI device in /sys, if it has one.
+    pub pci_path: Option<String>,
+    /// Identifier of the NIC chip; devices with equal guid and port share bandwidth.
+    pub guid: u64,
+    /// NCCL_PTR_HOST | NCCL_PTR_CUDA | NCCL_PTR_DMABUF.
+    pub ptr_support: i32,
+    /// Port speed in Mbps.
+    pub speed_mbps: i32,
+    /// Port number.
+    pub port: i32,
+    /// Latency in microseconds.
+    pub latency_us: f32,
+    /// Maximum number of comms.
+    pub max_comms: i32,
+    /// Maximum number of grouped receives.
+    pub max_recvs: i32,
+    /// Device-side data path.
+    pub device_type: DeviceType,
+    /// Device-side data path version.
+    pub device_version: i32,
+}
+
+/// The operations of an NCCL network transport, v7 semantics.
+///
+/// Calls on one comm come from one thread at a time (NCCL's proxy thread); different comms may
+/// be driven from different threads concurrently.
+pub trait Transport: Send + Sync {
+    /// The transport's name as NCCL's `NCCL_NET` matches it.
+    fn name(&self) -> &str;
+    /// How many bytes of the 128-byte NCCL handle this transport writes in `listen`.
+    /// Must be at most [`crate::handle::INNER_HANDLE_SIZE`].
+    fn handle_size(&self) -> usize;
+    /// Number of devices.
+    fn devices(&self) -> Result<i32>;
+    /// Properties of device `dev`.
+    fn properties(&self, dev: i32) -> Result<Properties>;
+    /// Starts listening on `dev`, writing the connection handle into `handle`.
+    fn listen(&self, dev: i32, handle: &mut [u8]) -> Result<Opaque>;
+    /// Connects to the peer described by `handle`. Never blocks: `Ok(None)` means "call again
+    /// with the same, unchanged handle buffer". `dev_handle` may be NULL.
+    fn connect(&self, dev: i32, handle: &mut [u8], dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>>;
+    /// Accepts one connection on `listen`. Never blocks: `Ok(None)` means "call again".
+    /// `dev_handle` is a valid pointer to a device-handle pointer when the caller has one.
+    fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>>;
+    /// Registers `size` bytes at `data` (NCCL_PTR_HOST or NCCL_PTR_CUDA) for use on `comm`.
+    fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque>;
+    /// Registers a DMA-BUF region; transports without DMA-BUF support return an error.
+    fn reg_mr_dmabuf(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: usize,
+        ptr_type: i32,
+        offset: u64,
+        fd: i32,
+    ) -> Result<Opaque> {
+        let _ = (comm, data, size, ptr_type, offset, fd);
+        Err(crate::error::Error::InvalidUsage(format!(
+            "regMrDmaBuf: transport {} does not support DMA-BUF",
+            self.name()
+        )))
+    }
+    /// Whether `reg_mr_dmabuf` is implemented.
+    fn has_dmabuf(&self) -> bool {
+        false
+    }
+    /// Releases a registration.
+    fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()>;
+    /// Posts a send. `Ok(None)`: not possible now, try again.
+    fn isend(&self, comm: Opaque, data: *mut c_void, size: i32, tag: i32, mr: Option<Opaque>) -> Result<Option<Opaque>>;
+    /// Posts `data.len()` grouped receives. `Ok(None)`: not possible now, try again.
+    fn irecv(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        tags: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>>;
+    /// Makes received GPU data visible; `Ok(None)` when there is nothing to flush.
+    fn iflush(&self, comm: Opaque, data: &[*mut c_void], sizes: &[i32], mrs: &[Option<Opaque>]) -> Result<Option<Opaque>>;
+    /// Tests a request. On completion returns true, fills `sizes` (one per grouped receive, or the
+    /// sent size) when given, and the request is gone.
+    fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool>;
+    /// Closes a send comm; outstanding requests are abandoned.
+    fn close_send(&self, comm: Opaque) -> Result<()>;
+    /// Closes a receive comm; outstanding requests are abandoned.
+    fn close_recv(&self, comm: Opaque) -> Result<()>;
+    /// Closes a listen comm.
+    fn close_listen(&self, comm: Opaque) -> Result<()>;
+    /// The device-side handle of a registration (UNPACK transports); `None` for host transports.
+    fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
+        let _ = (comm, mr);
+        Ok(None)
+    }
+    /// Tells the transport that the GPU consumed a completed receive (UNPACK transports).
+    fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
+        let _ = (comm, n, req);
+        Ok(())
+    }
+}
