@@ -65,11 +65,22 @@ pub const TCP_INLINE: Setting = Setting {
 };
 
 /// All settings, in documentation order.
-pub const SETTINGS: &[Setting] = &[PLUGIN, NAME, TCP_IFNAME, TCP_STREAMS, TCP_WORKERS, TCP_MIN_CHUNK, TCP_INLINE];
+pub const SETTINGS: &[Setting] = &[
+    PLUGIN,
+    NAME,
+    TCP_IFNAME,
+    TCP_STREAMS,
+    TCP_WORKERS,
+    TCP_MIN_CHUNK,
+    TCP_INLINE,
+];
 
 /// The value of a variable, if set and not empty.
 pub fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty()).map(|v| v.trim().to_string())
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().to_string())
 }
 
 /// An integer setting within `[min, max]`, or its default when unset.
@@ -77,7 +88,10 @@ pub fn int(setting: &Setting, min: u64, max: u64) -> Result<u64> {
     let text = var(setting.name);
     let raw = text.as_deref().unwrap_or(setting.default);
     let value: u64 = raw.parse().map_err(|_| {
-        Error::InvalidArgument(format!("{}={raw:?} is not a number (expected {min} to {max})", setting.name))
+        Error::InvalidArgument(format!(
+            "{}={raw:?} is not a number (expected {min} to {max})",
+            setting.name
+        ))
     })?;
     if value < min || value > max {
         return Err(Error::InvalidArgument(format!(
@@ -105,7 +119,13 @@ pub struct TcpConfig {
 
 impl Default for TcpConfig {
     fn default() -> Self {
-        TcpConfig { ifname: None, streams: 4, workers: 4, min_chunk: 65536, inline_max: 16384 }
+        TcpConfig {
+            ifname: None,
+            streams: 4,
+            workers: 4,
+            min_chunk: 65536,
+            inline_max: 16384,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::ffi::{ncclResult_t, NcclResult};
 
 /// Result alias used throughout tcpxshim.
-pub type Result<T, E = Error> = std::result::Result<T, Error>;
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// Every failure tcpxshim reports. The message names the call, the peer and, where one
 /// helps, the setting to change.

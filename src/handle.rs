@@ -108,17 +108,31 @@ mod tests {
     #[test]
     fn trailer_round_trips() {
         let mut h = [7u8; HANDLE_SIZE];
-        let t = Trailer { flags: 3, ctrl_addr: [9; 16], ctrl_port: 4242, ctrl_family: 10, conn_id: 77, secret: 0xdead_beef };
+        let t = Trailer {
+            flags: 3,
+            ctrl_addr: [9; 16],
+            ctrl_port: 4242,
+            ctrl_family: 10,
+            conn_id: 77,
+            secret: 0xdead_beef,
+        };
         t.write(&mut h);
         assert_eq!(Trailer::read(&h).unwrap(), t);
-        assert_eq!(&h[..INNER_HANDLE_SIZE], &[7u8; INNER_HANDLE_SIZE][..], "inner share untouched");
+        assert_eq!(
+            &h[..INNER_HANDLE_SIZE],
+            &[7u8; INNER_HANDLE_SIZE][..],
+            "inner share untouched"
+        );
     }
 
     #[test]
     fn garbage_handle_is_rejected_with_the_setting_to_check() {
         let h = [0x55u8; HANDLE_SIZE];
         let err = Trailer::read(&h).unwrap_err().to_string();
-        assert!(err.contains("not made by tcpxshim") && err.contains("NCCL_TCPXSHIM_PLUGIN"), "{err}");
+        assert!(
+            err.contains("not made by tcpxshim") && err.contains("NCCL_TCPXSHIM_PLUGIN"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -29,10 +29,10 @@ const_assert_eq!(offset_of!(ncclNetProperties_v6_t, maxRecvs), 44);
 assert_eq_size!(ncclNetProperties_v7_t, [u8; 56]);
 const_assert_eq!(offset_of!(ncclNetProperties_v7_t, netDeviceType), 48);
 const_assert_eq!(offset_of!(ncclNetProperties_v7_t, netDeviceVersion), 52);
-assert_eq_size!(ncclNetProperties_v8_t, [u8; 56]);
+assert_eq_size!(ncclNetProperties_v8_t, [u8; 64]);
 const_assert_eq!(offset_of!(ncclNetProperties_v8_t, regIsGlobal), 28);
 const_assert_eq!(offset_of!(ncclNetProperties_v8_t, speed), 32);
-const_assert_eq!(offset_of!(ncclNetProperties_v8_t, netDeviceVersion), 52);
+const_assert_eq!(offset_of!(ncclNetProperties_v8_t, netDeviceVersion), 56);
 
 // Device handle.
 assert_eq_size!(ncclNetDeviceHandle_v7_t, [u8; 32]);
@@ -42,23 +42,23 @@ const_assert_eq!(offset_of!(ncclNetDeviceHandle_v7_t, needsProxyProgress), 24);
 
 // Function tables: a name pointer followed by function pointers, in ABI order.
 const P: usize = size_of::<usize>();
-assert_eq_size!(ncclNet_v5_t, [usize; 15]);
-assert_eq_size!(ncclNet_v6_t, [usize; 16]);
-assert_eq_size!(ncclNet_v7_t, [usize; 18]);
-assert_eq_size!(ncclNet_v8_t, [usize; 18]);
-const_assert_eq!(offset_of!(ncclNet_v5_t, regMr), 6 * P);
-const_assert_eq!(offset_of!(ncclNet_v5_t, deregMr), 7 * P);
-const_assert_eq!(offset_of!(ncclNet_v5_t, closeListen), 14 * P);
-const_assert_eq!(offset_of!(ncclNet_v6_t, regMrDmaBuf), 7 * P);
-const_assert_eq!(offset_of!(ncclNet_v6_t, isend), 9 * P);
-const_assert_eq!(offset_of!(ncclNet_v6_t, closeListen), 15 * P);
+assert_eq_size!(ncclNet_v5_t, [usize; 16]);
+assert_eq_size!(ncclNet_v6_t, [usize; 17]);
+assert_eq_size!(ncclNet_v7_t, [usize; 19]);
+assert_eq_size!(ncclNet_v8_t, [usize; 19]);
+const_assert_eq!(offset_of!(ncclNet_v5_t, regMr), 7 * P);
+const_assert_eq!(offset_of!(ncclNet_v5_t, deregMr), 8 * P);
+const_assert_eq!(offset_of!(ncclNet_v5_t, closeListen), 15 * P);
+const_assert_eq!(offset_of!(ncclNet_v6_t, regMrDmaBuf), 8 * P);
+const_assert_eq!(offset_of!(ncclNet_v6_t, isend), 10 * P);
+const_assert_eq!(offset_of!(ncclNet_v6_t, closeListen), 16 * P);
 const_assert_eq!(offset_of!(ncclNet_v7_t, connect), 5 * P);
 const_assert_eq!(offset_of!(ncclNet_v7_t, accept), 6 * P);
-const_assert_eq!(offset_of!(ncclNet_v7_t, test), 12 * P);
-const_assert_eq!(offset_of!(ncclNet_v7_t, closeListen), 15 * P);
-const_assert_eq!(offset_of!(ncclNet_v7_t, getDeviceMr), 16 * P);
-const_assert_eq!(offset_of!(ncclNet_v7_t, irecvConsumed), 17 * P);
-const_assert_eq!(offset_of!(ncclNet_v8_t, irecvConsumed), 17 * P);
+const_assert_eq!(offset_of!(ncclNet_v7_t, test), 13 * P);
+const_assert_eq!(offset_of!(ncclNet_v7_t, closeListen), 16 * P);
+const_assert_eq!(offset_of!(ncclNet_v7_t, getDeviceMr), 17 * P);
+const_assert_eq!(offset_of!(ncclNet_v7_t, irecvConsumed), 18 * P);
+const_assert_eq!(offset_of!(ncclNet_v8_t, irecvConsumed), 18 * P);
 
 const_assert_eq!(NCCL_NET_HANDLE_MAXSIZE, 128);
 const_assert_eq!(ncclResult_t::ncclInProgress, 7);

@@ -145,7 +145,8 @@ pub trait Transport: Send + Sync {
     /// Releases a registration.
     fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()>;
     /// Posts a send. `Ok(None)`: not possible now, try again.
-    fn isend(&self, comm: Opaque, data: *mut c_void, size: i32, tag: i32, mr: Option<Opaque>) -> Result<Option<Opaque>>;
+    fn isend(&self, comm: Opaque, data: *mut c_void, size: i32, tag: i32, mr: Option<Opaque>)
+        -> Result<Option<Opaque>>;
     /// Posts `data.len()` grouped receives. `Ok(None)`: not possible now, try again.
     fn irecv(
         &self,
@@ -156,7 +157,13 @@ pub trait Transport: Send + Sync {
         mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>>;
     /// Makes received GPU data visible; `Ok(None)` when there is nothing to flush.
-    fn iflush(&self, comm: Opaque, data: &[*mut c_void], sizes: &[i32], mrs: &[Option<Opaque>]) -> Result<Option<Opaque>>;
+    fn iflush(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>>;
     /// Tests a request. On completion returns true, fills `sizes` (one per grouped receive, or the
     /// sent size) when given, and the request is gone.
     fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool>;
