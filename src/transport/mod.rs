@@ -183,4 +183,9 @@ pub trait Transport: Send + Sync {
         let _ = (comm, n, req);
         Ok(())
     }
+    /// A short description of a comm's peer for log lines ("peer 10.0.0.2:41234, 4 streams").
+    fn describe_comm(&self, comm: Opaque) -> Option<String> {
+        let _ = comm;
+        None
+    }
 }
