@@ -64,16 +64,17 @@ pub const TCP_INLINE: Setting = Setting {
           latency; larger ones are striped over the data sockets by the workers (0 to 1048576). Must match on every rank.",
 };
 
+/// Deliberate panic, to exercise the panic guard.
+pub const DEBUG_PANIC: Setting = Setting {
+    name: "NCCL_TCPXSHIM_DEBUG_PANIC",
+    default: "(unset)",
+    doc: "Testing aid: the plugin call named here (e.g. `isend`) panics inside the shim, to show that the panic \
+          guard turns it into ncclInternalError and poisons the comm. Never set it in production.",
+};
+
 /// All settings, in documentation order.
-pub const SETTINGS: &[Setting] = &[
-    PLUGIN,
-    NAME,
-    TCP_IFNAME,
-    TCP_STREAMS,
-    TCP_WORKERS,
-    TCP_MIN_CHUNK,
-    TCP_INLINE,
-];
+pub const SETTINGS: &[Setting] =
+    &[PLUGIN, NAME, TCP_IFNAME, TCP_STREAMS, TCP_WORKERS, TCP_MIN_CHUNK, TCP_INLINE, DEBUG_PANIC];
 
 /// The value of a variable, if set and not empty.
 pub fn var(name: &str) -> Option<String> {

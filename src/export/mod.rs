@@ -1,0 +1,451 @@
+//! The C ABI boundary: the one exported symbol, `ncclNetPlugin_v7`, and its trampolines.
+//!
+//! Every entry point runs inside [`guard`]: arguments are checked here (NULL pointers, sizes,
+//! counts), errors become `ncclResult_t` plus one WARN line naming the call, and a panic never
+//! crosses into NCCL: it becomes ncclInternalError and poisons the comm it happened on.
+
+#![allow(non_upper_case_globals)]
+
+use crate::error::{Error, Result};
+use crate::ffi::*;
+use crate::shim::{self, Shim};
+use crate::transport::{Opaque, Properties, Transport};
+use std::any::Any;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::{addr_of, addr_of_mut, null_mut};
+use std::sync::{Mutex, OnceLock};
+
+/// The call that NCCL_TCPXSHIM_DEBUG_PANIC names, read once.
+fn debug_panic_call() -> Option<&'static str> {
+    static CALL: OnceLock<Option<String>> = OnceLock::new();
+    CALL.get_or_init(|| crate::config::var(crate::config::DEBUG_PANIC.name)).as_deref()
+}
+
+/// The plugin table NCCL looks up. `name` and `regMrDmaBuf` are settled in `init`, before NCCL
+/// reads them, to mirror the inner transport.
+#[no_mangle]
+pub static mut ncclNetPlugin_v7: ncclNet_v7_t = ncclNet_v7_t {
+    name: c"tcpxshim".as_ptr(),
+    init: Some(init),
+    devices: Some(devices),
+    getProperties: Some(get_properties),
+    listen: Some(listen),
+    connect: Some(connect),
+    accept: Some(accept),
+    regMr: Some(reg_mr),
+    regMrDmaBuf: Some(reg_mr_dmabuf),
+    deregMr: Some(dereg_mr),
+    isend: Some(isend),
+    irecv: Some(irecv),
+    iflush: Some(iflush),
+    test: Some(test),
+    closeSend: Some(close_send),
+    closeRecv: Some(close_recv),
+    closeListen: Some(close_listen),
+    getDeviceMr: Some(get_device_mr),
+    irecvConsumed: Some(irecv_consumed),
+};
+
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// Runs one entry point: maps errors to ncclResult_t with a WARN line, and panics to
+/// ncclInternalError with the comm poisoned.
+fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) -> NcclResult {
+    let run = || {
+        if debug_panic_call() == Some(call) {
+            panic!("{}={call} asked for a panic", crate::config::DEBUG_PANIC.name);
+        }
+        f()
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(())) => ncclResult_t::ncclSuccess,
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            if msg.starts_with(call) {
+                log::warn!("{msg}");
+            } else {
+                log::warn!("{call}: {msg}");
+            }
+            e.code()
+        }
+        Err(p) => {
+            log::warn!(
+                "{call}: internal error (panic: {}); the comm is now unusable. Please report this with the NCCL_DEBUG=INFO log",
+                panic_message(&*p)
+            );
+            shim::poison(comm);
+            ncclResult_t::ncclInternalError
+        }
+    }
+}
+
+fn the_shim(call: &str) -> Result<&'static Shim> {
+    shim::try_global().ok_or_else(|| Error::InvalidUsage(format!("{call} called before init")))
+}
+
+fn non_null<T>(call: &str, what: &str, p: *mut T) -> Result<*mut T> {
+    if p.is_null() {
+        Err(Error::InvalidArgument(format!("{call}: {what} is NULL")))
+    } else {
+        Ok(p)
+    }
+}
+
+fn opaque(call: &str, what: &str, p: *mut c_void) -> Result<Opaque> {
+    Opaque::from_ptr(p).ok_or_else(|| Error::InvalidArgument(format!("{call}: {what} is NULL")))
+}
+
+fn handle_mut<'a>(call: &str, p: *mut c_void) -> Result<&'a mut [u8]> {
+    let p = non_null(call, "handle", p)?;
+    // SAFETY: NCCL's handles are NCCL_NET_HANDLE_MAXSIZE-byte buffers it owns for the call.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, HANDLE_SIZE) })
+}
+
+/// Property strings must outlive the call: NCCL keeps the pointers. Each distinct string is
+/// kept once for the life of the process.
+fn intern(s: &str) -> *mut c_char {
+    static STRINGS: Mutex<Vec<&'static CStr>> = Mutex::new(Vec::new());
+    let mut v = STRINGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = v.iter().find(|c| c.to_bytes() == s.as_bytes()) {
+        return c.as_ptr() as *mut c_char;
+    }
+    let c: &'static CStr = Box::leak(CString::new(s.replace('\0', "")).unwrap_or_default().into_boxed_c_str());
+    v.push(c);
+    c.as_ptr() as *mut c_char
+}
+
+fn to_v7(p: &Properties) -> ncclNetProperties_v7_t {
+    ncclNetProperties_v7_t {
+        name: intern(&p.name),
+        pciPath: p.pci_path.as_deref().map_or(null_mut(), intern),
+        guid: p.guid,
+        ptrSupport: p.ptr_support,
+        speed: p.speed_mbps,
+        port: p.port,
+        latency: p.latency_us,
+        maxComms: p.max_comms,
+        maxRecvs: p.max_recvs,
+        netDeviceType: p.device_type.raw(),
+        netDeviceVersion: p.device_version,
+    }
+}
+
+extern "C" fn init(logger: ncclDebugLogger_t) -> NcclResult {
+    crate::logging::install(logger);
+    guard("init", null_mut(), || {
+        shim::set_own_table(addr_of!(ncclNetPlugin_v7) as *const c_void);
+        let s = shim::global()?;
+        let name = intern(s.name());
+        let dmabuf = s.has_dmabuf();
+        // SAFETY: NCCL calls init once, before it reads the table's name or copies the function
+        // pointers; writing two fields of our own static through a raw pointer forms no reference.
+        unsafe {
+            let t = addr_of_mut!(ncclNetPlugin_v7);
+            (*t).name = name;
+            if !dmabuf {
+                (*t).regMrDmaBuf = None;
+            }
+        }
+        Ok(())
+    })
+}
+
+extern "C" fn devices(ndev: *mut c_int) -> NcclResult {
+    guard("devices", null_mut(), || {
+        let ndev = non_null("devices", "ndev", ndev)?;
+        let n = the_shim("devices")?.devices()?;
+        // SAFETY: non-NULL pointer to an int NCCL owns.
+        unsafe { *ndev = n };
+        Ok(())
+    })
+}
+
+extern "C" fn get_properties(dev: c_int, props: *mut ncclNetProperties_v7_t) -> NcclResult {
+    guard("getProperties", null_mut(), || {
+        let props = non_null("getProperties", "props", props)?;
+        let p = the_shim("getProperties")?.properties(dev)?;
+        // SAFETY: non-NULL pointer to a v7 properties struct NCCL owns.
+        unsafe { *props = to_v7(&p) };
+        Ok(())
+    })
+}
+
+extern "C" fn listen(dev: c_int, handle: *mut c_void, listen_comm: *mut *mut c_void) -> NcclResult {
+    guard("listen", null_mut(), || {
+        let out = non_null("listen", "listenComm", listen_comm)?;
+        let h = handle_mut("listen", handle)?;
+        let comm = the_shim("listen")?.listen(dev, h)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL.
+        unsafe { *out = comm.as_ptr() };
+        Ok(())
+    })
+}
+
+extern "C" fn connect(
+    dev: c_int,
+    handle: *mut c_void,
+    send_comm: *mut *mut c_void,
+    send_dev_comm: *mut *mut ncclNetDeviceHandle_v7_t,
+) -> NcclResult {
+    guard("connect", null_mut(), || {
+        let out = non_null("connect", "sendComm", send_comm)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL; NULL means "not connected yet".
+        unsafe { *out = null_mut() };
+        let h = handle_mut("connect", handle)?;
+        let comm = the_shim("connect")?.connect(dev, h, send_dev_comm)?;
+        // SAFETY: as above.
+        unsafe { *out = Opaque::opt_ptr(comm) };
+        Ok(())
+    })
+}
+
+extern "C" fn accept(
+    listen_comm: *mut c_void,
+    recv_comm: *mut *mut c_void,
+    recv_dev_comm: *mut *mut ncclNetDeviceHandle_v7_t,
+) -> NcclResult {
+    guard("accept", null_mut(), || {
+        let out = non_null("accept", "recvComm", recv_comm)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL; NULL means "nothing accepted yet".
+        unsafe { *out = null_mut() };
+        let l = opaque("accept", "listenComm", listen_comm)?;
+        let comm = the_shim("accept")?.accept(l, recv_dev_comm)?;
+        // SAFETY: as above.
+        unsafe { *out = Opaque::opt_ptr(comm) };
+        Ok(())
+    })
+}
+
+fn check_ptr_type(call: &str, ptr_type: c_int) -> Result<()> {
+    let known = (NCCL_PTR_HOST | NCCL_PTR_CUDA | NCCL_PTR_DMABUF) as c_int;
+    if ptr_type == 0 || ptr_type & !known != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{call}: memory type {ptr_type:#x} is not NCCL_PTR_HOST (1), NCCL_PTR_CUDA (2) or NCCL_PTR_DMABUF (4)"
+        )));
+    }
+    Ok(())
+}
+
+extern "C" fn reg_mr(comm: *mut c_void, data: *mut c_void, size: c_int, ptr_type: c_int, mhandle: *mut *mut c_void) -> NcclResult {
+    guard("regMr", comm, || {
+        let out = non_null("regMr", "mhandle", mhandle)?;
+        let c = opaque("regMr", "comm", comm)?;
+        if size < 0 {
+            return Err(Error::InvalidArgument(format!("regMr: negative size {size}")));
+        }
+        if data.is_null() && size > 0 {
+            return Err(Error::InvalidArgument(format!("regMr: data is NULL for {size} bytes")));
+        }
+        check_ptr_type("regMr", ptr_type)?;
+        let mr = the_shim("regMr")?.reg_mr(c, data, size as usize, ptr_type)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL.
+        unsafe { *out = mr.as_ptr() };
+        Ok(())
+    })
+}
+
+extern "C" fn reg_mr_dmabuf(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: usize,
+    ptr_type: c_int,
+    offset: u64,
+    fd: c_int,
+    mhandle: *mut *mut c_void,
+) -> NcclResult {
+    guard("regMrDmaBuf", comm, || {
+        let out = non_null("regMrDmaBuf", "mhandle", mhandle)?;
+        let c = opaque("regMrDmaBuf", "comm", comm)?;
+        check_ptr_type("regMrDmaBuf", ptr_type)?;
+        let mr = the_shim("regMrDmaBuf")?.reg_mr_dmabuf(c, data, size, ptr_type, offset, fd)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL.
+        unsafe { *out = mr.as_ptr() };
+        Ok(())
+    })
+}
+
+extern "C" fn dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> NcclResult {
+    guard("deregMr", comm, || {
+        let c = opaque("deregMr", "comm", comm)?;
+        let m = opaque("deregMr", "mhandle", mhandle)?;
+        the_shim("deregMr")?.dereg_mr(c, m)
+    })
+}
+
+extern "C" fn isend(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: c_int,
+    tag: c_int,
+    mhandle: *mut c_void,
+    request: *mut *mut c_void,
+) -> NcclResult {
+    guard("isend", comm, || {
+        let out = non_null("isend", "request", request)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL; NULL means "try again".
+        unsafe { *out = null_mut() };
+        let c = opaque("isend", "sendComm", comm)?;
+        if size < 0 {
+            return Err(Error::InvalidArgument(format!("isend: negative size {size}")));
+        }
+        if data.is_null() && size > 0 {
+            return Err(Error::InvalidArgument(format!("isend: data is NULL for {size} bytes")));
+        }
+        let r = the_shim("isend")?.isend(c, data, size, tag, Opaque::from_ptr(mhandle))?;
+        // SAFETY: as above.
+        unsafe { *out = Opaque::opt_ptr(r) };
+        Ok(())
+    })
+}
+
+/// NCCL's grouped-receive arrays, copied and checked.
+struct RecvArgs {
+    data: Vec<*mut c_void>,
+    sizes: Vec<i32>,
+    tags: Vec<i32>,
+    mrs: Vec<Option<Opaque>>,
+}
+
+/// Copies NCCL's grouped-receive arrays, checking every pointer and count.
+fn recv_args(
+    call: &str,
+    n: c_int,
+    data: *mut *mut c_void,
+    sizes: *mut c_int,
+    tags: *mut c_int,
+    mhandles: *mut *mut c_void,
+) -> Result<RecvArgs> {
+    if !(1..=8).contains(&n) {
+        return Err(Error::InvalidArgument(format!("{call}: n={n} is out of range (1 to 8)")));
+    }
+    let n = n as usize;
+    let data = non_null(call, "data", data)?;
+    let sizes = non_null(call, "sizes", sizes)?;
+    // SAFETY: NCCL passes arrays of n entries for data, sizes, and (when non-NULL) tags and mhandles.
+    let (d, s) = unsafe { (std::slice::from_raw_parts(data, n).to_vec(), std::slice::from_raw_parts(sizes, n).to_vec()) };
+    let t = if tags.is_null() {
+        vec![0; n]
+    } else {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(tags, n).to_vec() }
+    };
+    let m = if mhandles.is_null() {
+        vec![None; n]
+    } else {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(mhandles, n) }.iter().map(|&p| Opaque::from_ptr(p)).collect()
+    };
+    for (i, (&p, &sz)) in d.iter().zip(&s).enumerate() {
+        if sz < 0 {
+            return Err(Error::InvalidArgument(format!("{call}: sizes[{i}] is negative ({sz})")));
+        }
+        if p.is_null() && sz > 0 {
+            return Err(Error::InvalidArgument(format!("{call}: data[{i}] is NULL for {sz} bytes")));
+        }
+    }
+    Ok(RecvArgs { data: d, sizes: s, tags: t, mrs: m })
+}
+
+extern "C" fn irecv(
+    comm: *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    sizes: *mut c_int,
+    tags: *mut c_int,
+    mhandles: *mut *mut c_void,
+    request: *mut *mut c_void,
+) -> NcclResult {
+    guard("irecv", comm, || {
+        let out = non_null("irecv", "request", request)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL (it may hold NCCL_NET_OPTIONAL_RECV_COMPLETION
+        // on entry, which is only a hint); NULL means "try again".
+        unsafe { *out = null_mut() };
+        let c = opaque("irecv", "recvComm", comm)?;
+        let a = recv_args("irecv", n, data, sizes, tags, mhandles)?;
+        let r = the_shim("irecv")?.irecv(c, &a.data, &a.sizes, &a.tags, &a.mrs)?;
+        // SAFETY: as above.
+        unsafe { *out = Opaque::opt_ptr(r) };
+        Ok(())
+    })
+}
+
+extern "C" fn iflush(
+    comm: *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    sizes: *mut c_int,
+    mhandles: *mut *mut c_void,
+    request: *mut *mut c_void,
+) -> NcclResult {
+    guard("iflush", comm, || {
+        let out = non_null("iflush", "request", request)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL.
+        unsafe { *out = null_mut() };
+        let c = opaque("iflush", "recvComm", comm)?;
+        let a = recv_args("iflush", n, data, sizes, null_mut(), mhandles)?;
+        let r = the_shim("iflush")?.iflush(c, &a.data, &a.sizes, &a.mrs)?;
+        // SAFETY: as above.
+        unsafe { *out = Opaque::opt_ptr(r) };
+        Ok(())
+    })
+}
+
+extern "C" fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> NcclResult {
+    guard("test", shim::comm_of_request(request), || {
+        let done = non_null("test", "done", done)?;
+        // SAFETY: non-NULL pointer to an int NCCL owns.
+        unsafe { *done = 0 };
+        let r = opaque("test", "request", request)?;
+        let n = shim::request_len(r)?;
+        let sizes = if sizes.is_null() {
+            None
+        } else {
+            // SAFETY: NCCL passes room for one size per grouped receive of this request.
+            Some(unsafe { std::slice::from_raw_parts_mut(sizes, n) })
+        };
+        let finished = the_shim("test")?.test(r, sizes)?;
+        // SAFETY: as above.
+        unsafe { *done = finished as c_int };
+        Ok(())
+    })
+}
+
+extern "C" fn close_send(comm: *mut c_void) -> NcclResult {
+    guard("closeSend", comm, || the_shim("closeSend")?.close_send(opaque("closeSend", "sendComm", comm)?))
+}
+
+extern "C" fn close_recv(comm: *mut c_void) -> NcclResult {
+    guard("closeRecv", comm, || the_shim("closeRecv")?.close_recv(opaque("closeRecv", "recvComm", comm)?))
+}
+
+extern "C" fn close_listen(comm: *mut c_void) -> NcclResult {
+    guard("closeListen", comm, || the_shim("closeListen")?.close_listen(opaque("closeListen", "listenComm", comm)?))
+}
+
+extern "C" fn get_device_mr(comm: *mut c_void, mhandle: *mut c_void, dptr_mhandle: *mut *mut c_void) -> NcclResult {
+    guard("getDeviceMr", comm, || {
+        let out = non_null("getDeviceMr", "dptr_mhandle", dptr_mhandle)?;
+        let c = opaque("getDeviceMr", "comm", comm)?;
+        let m = opaque("getDeviceMr", "mhandle", mhandle)?;
+        let d = the_shim("getDeviceMr")?.get_device_mr(c, m)?;
+        // SAFETY: non-NULL out-pointer owned by NCCL.
+        unsafe { *out = Opaque::opt_ptr(d) };
+        Ok(())
+    })
+}
+
+extern "C" fn irecv_consumed(comm: *mut c_void, n: c_int, request: *mut c_void) -> NcclResult {
+    guard("irecvConsumed", comm, || {
+        let c = opaque("irecvConsumed", "recvComm", comm)?;
+        the_shim("irecvConsumed")?.irecv_consumed(c, n, Opaque::from_ptr(request))
+    })
+}

@@ -1,0 +1,93 @@
+//! Counters the shim keeps per connection and per process. The full metrics layer (exporters,
+//! latency histograms, stuck-request detection) grows from here.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Counters of one connection, updated on the data path with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct CommCounters {
+    /// Completed messages.
+    pub messages: AtomicU64,
+    /// Completed payload bytes.
+    pub bytes: AtomicU64,
+    /// Failed calls and requests.
+    pub errors: AtomicU64,
+}
+
+/// A point-in-time copy of [`CommCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Completed messages.
+    pub messages: u64,
+    /// Completed payload bytes.
+    pub bytes: u64,
+    /// Failed calls and requests.
+    pub errors: u64,
+}
+
+impl CommCounters {
+    /// Records one completed message of `bytes` bytes.
+    pub fn complete(&self, bytes: u64) {
+        self.messages.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+        TOTALS.messages.fetch_add(1, Relaxed);
+        TOTALS.bytes.fetch_add(bytes, Relaxed);
+    }
+    /// Records one error.
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Relaxed);
+        TOTALS.errors.fetch_add(1, Relaxed);
+    }
+    /// Reads the counters.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            messages: self.messages.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
+}
+
+/// Totals over every connection of the process.
+pub static TOTALS: CommCounters =
+    CommCounters { messages: AtomicU64::new(0), bytes: AtomicU64::new(0), errors: AtomicU64::new(0) };
+
+/// Bytes in human units ("1.50 GiB").
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_accumulate_and_feed_totals() {
+        let before = TOTALS.snapshot();
+        let c = CommCounters::default();
+        c.complete(10);
+        c.complete(5);
+        c.error();
+        assert_eq!(c.snapshot(), CounterSnapshot { messages: 2, bytes: 15, errors: 1 });
+        let after = TOTALS.snapshot();
+        assert!(after.messages >= before.messages + 2 && after.bytes >= before.bytes + 15);
+    }
+
+    #[test]
+    fn human_bytes_picks_units() {
+        assert_eq!(human_bytes(17), "17 B");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.00 GiB");
+    }
+}
