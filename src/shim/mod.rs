@@ -616,6 +616,10 @@ impl Transport for Shim {
 
     fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
         let c = comm_ref("irecvConsumed", comm, Kind::Recv)?;
+        if !c.unpack {
+            // Host-type transports deliver into the destination buffer: nothing to release.
+            return Ok(());
+        }
         let inner_req = match req {
             Some(r) => {
                 let mut q = c.consumed.lock().unwrap_or_else(|e| e.into_inner());
