@@ -7,7 +7,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// Every failure tcpxshim reports. The message names the call, the peer and, where one
 /// helps, the setting to change.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A NULL pointer, a bad device index, a malformed handle.
     #[error("{0}")]
@@ -24,9 +24,11 @@ pub enum Error {
     /// A bug or a poisoned object.
     #[error("{0}")]
     Internal(String),
-    /// The inner plugin returned an error code.
-    #[error("inner plugin {call} returned {code} ({})", result_name(*.code))]
+    /// The inner plugin returned an error code (passed on to NCCL unchanged).
+    #[error("{context}inner plugin {call} returned {code} ({})", result_name(*.code))]
     Inner {
+        /// What the shim was doing, ending in ": " (or empty).
+        context: String,
         /// Which plugin function failed.
         call: &'static str,
         /// The ncclResult_t it returned.
@@ -60,7 +62,7 @@ impl Error {
             Error::System(m) => Error::System(format!("{ctx}: {m}")),
             Error::Remote(m) => Error::Remote(format!("{ctx}: {m}")),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
-            e @ Error::Inner { .. } => Error::Internal(format!("{ctx}: {e}")),
+            Error::Inner { context, call, code } => Error::Inner { context: format!("{ctx}: {context}"), call, code },
         }
     }
 }
@@ -85,6 +87,6 @@ pub fn check(call: &'static str, code: NcclResult) -> Result<()> {
     if code == ncclResult_t::ncclSuccess {
         Ok(())
     } else {
-        Err(Error::Inner { call, code })
+        Err(Error::Inner { context: String::new(), call, code })
     }
 }

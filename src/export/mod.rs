@@ -57,6 +57,23 @@ fn panic_message(p: &(dyn Any + Send)) -> String {
     }
 }
 
+thread_local! {
+    /// Where the last panic on this thread happened, recorded by the panic hook for the WARN line.
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Replaces the default panic hook (which prints to stderr) in this library's copy of std: the
+/// location is kept for the guard's WARN line instead.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_AT.with(|p| *p.borrow_mut() = at);
+        }))
+    });
+}
+
 /// Runs one entry point: maps errors to ncclResult_t with a WARN line, and panics to
 /// ncclInternalError with the comm poisoned.
 fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) -> NcclResult {
@@ -78,8 +95,10 @@ fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) 
             e.code()
         }
         Err(p) => {
+            let at = PANIC_AT.with(|a| a.borrow_mut().take()).unwrap_or_else(|| "unknown location".into());
             log::warn!(
-                "{call}: internal error (panic: {}); the comm is now unusable. Please report this with the NCCL_DEBUG=INFO log",
+                "{call}: internal error (panic at {at}: {}); the comm is now unusable. Please report this with the \
+                 NCCL_DEBUG=INFO log",
                 panic_message(&*p)
             );
             shim::poison(comm);
@@ -141,6 +160,7 @@ fn to_v7(p: &Properties) -> ncclNetProperties_v7_t {
 
 extern "C" fn init(logger: ncclDebugLogger_t) -> NcclResult {
     crate::logging::install(logger);
+    install_panic_hook();
     guard("init", null_mut(), || {
         shim::set_own_table(addr_of!(ncclNetPlugin_v7) as *const c_void);
         let s = shim::global()?;

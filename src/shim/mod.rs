@@ -305,7 +305,7 @@ impl Shim {
     }
 
     fn close(&self, call: &str, comm: Opaque, kind: Kind) -> Result<()> {
-        let c = comm_ref(call, comm, kind)?;
+        let c = open_comm_ref(call, comm, kind)?;
         let result = match kind {
             Kind::Send => self.inner.close_send(c.inner),
             Kind::Recv => self.inner.close_recv(c.inner),
@@ -370,8 +370,16 @@ impl Shim {
     }
 }
 
-/// Looks up a comm NCCL handed back, checking that it is live and of the expected kind.
+/// Looks up a comm NCCL handed back, checking that it is live, of the expected kind, and not
+/// poisoned.
 fn comm_ref<'a>(call: &str, comm: Opaque, kind: Kind) -> Result<&'a ShimComm> {
+    let c = open_comm_ref(call, comm, kind)?;
+    c.check_live(call)?;
+    Ok(c)
+}
+
+/// Like [`comm_ref`], but also accepts a poisoned comm (closing one must still release it).
+fn open_comm_ref<'a>(call: &str, comm: Opaque, kind: Kind) -> Result<&'a ShimComm> {
     // SAFETY: NCCL passes back pointers the shim returned; the magic tells a live ShimComm from a
     // closed or foreign one before any other field is trusted.
     let c = unsafe { &*(comm.as_ptr() as *const ShimComm) };
@@ -385,7 +393,6 @@ fn comm_ref<'a>(call: &str, comm: Opaque, kind: Kind) -> Result<&'a ShimComm> {
             c.label()
         )));
     }
-    c.check_live(call)?;
     Ok(c)
 }
 
