@@ -1,0 +1,331 @@
+//! The shim's overhead over the plugin it wraps.
+//!
+//! Runs the same workload (a) on the generic v7 fixture loaded directly and (b) through the shim
+//! (`libtcpxshim.so`) wrapping that fixture (`NCCL_TCPXSHIM_PLUGIN`), alternating repetitions
+//! (a b b a a b ...) so that drift and noise hit both alike, then prints one table.
+//!
+//! Workloads, one connection on device 0, single thread:
+//! - small-message round: irecv + isend of 8 bytes, then test both until done; ns per round;
+//! - bandwidth: 64 MiB messages (irecv + isend + test until done), GB/s.
+//!
+//! Run with `cargo bench --bench overhead` (Cargo.toml: `[[bench]] name = "overhead" harness = false`).
+//! `TCPXSHIM_BENCH_QUICK=1` shrinks the iteration counts for a smoke run. If the shim is not built,
+//! only (a) runs.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+struct Params {
+    reps: usize,
+    lat_warmup: usize,
+    lat_iters: usize,
+    bw_size: usize,
+    bw_warmup: usize,
+    bw_iters: usize,
+}
+
+const SMALL: usize = 8;
+
+/// One connection of one plugin with its buffers registered once.
+struct Bench {
+    label: &'static str,
+    net: Net,
+    send: Comm,
+    recv: Comm,
+    small_s: AlignedBuf,
+    small_r: AlignedBuf,
+    big_s: AlignedBuf,
+    big_r: AlignedBuf,
+    mrs: [Mr; 4],
+}
+
+impl Bench {
+    fn new(label: &'static str, net: Net, p: &Params) -> Result<Bench, String> {
+        net.init()
+            .map_err(|e| format!("{label}: init failed: {}", result_name(e)))?;
+        let ndev = net
+            .devices()
+            .map_err(|e| format!("{label}: devices failed: {}", result_name(e)))?;
+        if ndev < 1 {
+            return Err(format!("{label}: no devices"));
+        }
+        let (send, recv) = net.connect_pair(0);
+        let mut small_s = AlignedBuf::new(SMALL);
+        small_s.fill_pattern(1);
+        let small_r = AlignedBuf::new(SMALL);
+        let mut big_s = AlignedBuf::new(p.bw_size);
+        big_s.fill_pattern(2);
+        let mut big_r = AlignedBuf::new(p.bw_size);
+        big_r.as_mut_slice().fill(0xee); // fault the pages in before timing
+        let reg = |c: Comm, b: &AlignedBuf| {
+            net.reg_buf(c, b, PTR_HOST)
+                .map_err(|e| format!("{label}: regMr failed: {}", result_name(e)))
+        };
+        let mrs = [
+            reg(send, &small_s)?,
+            reg(recv, &small_r)?,
+            reg(send, &big_s)?,
+            reg(recv, &big_r)?,
+        ];
+        Ok(Bench {
+            label,
+            net,
+            send,
+            recv,
+            small_s,
+            small_r,
+            big_s,
+            big_r,
+            mrs,
+        })
+    }
+
+    /// One message: irecv + isend + test both until done. Returns the received size.
+    #[inline(always)]
+    fn round(&self, sbuf: &AlignedBuf, rbuf: &AlignedBuf, smr: Mr, rmr: Mr, size: i32) -> i32 {
+        let net = &self.net;
+        let rreq = spin(self.label, "irecv", || {
+            net.irecv(self.recv, rbuf.as_ptr(), size, 0, rmr).unwrap()
+        });
+        let sreq = spin(self.label, "isend", || {
+            net.isend(self.send, sbuf.as_ptr(), size, 0, smr).unwrap()
+        });
+        spin(self.label, "send completion", || net.test(sreq).unwrap());
+        let got = spin(self.label, "recv completion", || net.test(rreq).unwrap());
+        net.irecv_consumed(self.recv, rreq).unwrap();
+        got
+    }
+
+    /// Nanoseconds per small round, one sample per round.
+    fn latency(&self, p: &Params) -> Vec<u64> {
+        let [s, r, _, _] = self.mrs;
+        for _ in 0..p.lat_warmup {
+            self.round(&self.small_s, &self.small_r, s, r, SMALL as i32);
+        }
+        let mut samples = Vec::with_capacity(p.lat_iters);
+        for _ in 0..p.lat_iters {
+            let t = Instant::now();
+            let got = self.round(&self.small_s, &self.small_r, s, r, SMALL as i32);
+            samples.push(t.elapsed().as_nanos() as u64);
+            debug_assert_eq!(got, SMALL as i32);
+        }
+        assert_eq!(
+            self.small_r.find_mismatch(1, 0..SMALL),
+            None,
+            "{}: small message corrupted",
+            self.label
+        );
+        samples
+    }
+
+    /// GB/s (1e9 bytes per second) over bw_iters messages of bw_size bytes.
+    fn bandwidth(&mut self, p: &Params, check: bool) -> f64 {
+        let [_, _, s, r] = self.mrs;
+        let size = p.bw_size as i32;
+        for _ in 0..p.bw_warmup {
+            self.round(&self.big_s, &self.big_r, s, r, size);
+        }
+        if check {
+            assert_eq!(
+                self.big_r.find_mismatch(2, 0..p.bw_size),
+                None,
+                "{}: large message corrupted",
+                self.label
+            );
+        }
+        let t = Instant::now();
+        for _ in 0..p.bw_iters {
+            let got = self.round(&self.big_s, &self.big_r, s, r, size);
+            assert_eq!(got, size);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        (p.bw_size * p.bw_iters) as f64 / secs / 1e9
+    }
+
+    fn close(self) {
+        let [ss, sr, bs, br] = self.mrs;
+        for (c, m) in [(self.send, ss), (self.recv, sr), (self.send, bs), (self.recv, br)] {
+            self.net.dereg_mr(c, m).unwrap();
+        }
+        self.net.close_send(self.send).unwrap();
+        self.net.close_recv(self.recv).unwrap();
+    }
+}
+
+/// Calls `f` until it returns Some; panics after 10 s (checked every 4096 calls, to keep timing clean).
+#[inline(always)]
+fn spin<T>(label: &str, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let mut n = 0u32;
+    let mut start: Option<Instant> = None;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        n = n.wrapping_add(1);
+        if n % 4096 == 0 {
+            let s = *start.get_or_insert_with(Instant::now);
+            if s.elapsed() > Duration::from_secs(10) {
+                panic!("{label}: timed out waiting for {what}");
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+fn mean(v: &[u64]) -> f64 {
+    v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64
+}
+
+fn percentile(v: &mut [u64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * q).round() as usize] as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+#[derive(Default)]
+struct Results {
+    lat: Vec<u64>,
+    lat_rep_means: Vec<f64>,
+    bw: Vec<f64>,
+}
+
+fn main() {
+    let quick = std::env::var_os("TCPXSHIM_BENCH_QUICK").is_some_and(|v| v != "0");
+    let p = if quick {
+        Params {
+            reps: 2,
+            lat_warmup: 200,
+            lat_iters: 2_000,
+            bw_size: 8 << 20,
+            bw_warmup: 1,
+            bw_iters: 5,
+        }
+    } else {
+        Params {
+            reps: 3,
+            lat_warmup: 2_000,
+            lat_iters: 20_000,
+            bw_size: 64 << 20,
+            bw_warmup: 3,
+            bw_iters: 50,
+        }
+    };
+
+    // Before anything is loaded: the shim reads NCCL_TCPXSHIM_PLUGIN at init.
+    let fixture = fixture_lib(Fixture::V7);
+    std::env::set_var("NCCL_TCPXSHIM_PLUGIN", &fixture);
+
+    // The direct side uses a private copy, so the fixture instance at `fixture` belongs to the shim alone.
+    let direct = Bench::new("direct", Net::open_private(&fixture), &p).unwrap_or_else(|e| panic!("{e}"));
+    let shim_path = shim_lib();
+    let shim = if !shim_path.exists() {
+        println!(
+            "note: {} is not built; measuring the direct path only",
+            shim_path.display()
+        );
+        None
+    } else {
+        match Net::try_open(&shim_path).and_then(|n| Bench::new("shim", n, &p)) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                println!("note: cannot use the shim ({e}); measuring the direct path only");
+                None
+            }
+        }
+    };
+    if let Some(s) = &shim {
+        println!(
+            "shim: {} (name {:?}) wrapping {}",
+            shim_path.display(),
+            s.net.name(),
+            fixture.display()
+        );
+    }
+
+    let mut benches: Vec<Bench> = std::iter::once(direct).chain(shim).collect();
+    let mut results: Vec<Results> = benches.iter().map(|_| Results::default()).collect();
+    for rep in 0..p.reps {
+        // a b, then b a, ...
+        let mut order: Vec<usize> = (0..benches.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for &i in &order {
+            let s = benches[i].latency(&p);
+            let m = mean(&s);
+            results[i].lat_rep_means.push(m);
+            results[i].lat.extend(s);
+            println!("rep {rep} {:>6}: {SMALL} B round mean {m:.0} ns", benches[i].label);
+        }
+        for &i in &order {
+            let gbs = benches[i].bandwidth(&p, rep == 0);
+            results[i].bw.push(gbs);
+            println!(
+                "rep {rep} {:>6}: {} MiB messages {gbs:.2} GB/s",
+                benches[i].label,
+                p.bw_size >> 20
+            );
+        }
+    }
+
+    let rows: Vec<(String, Vec<f64>)> = vec![
+        (
+            format!("{SMALL} B round, mean ns"),
+            results.iter().map(|r| mean(&r.lat)).collect(),
+        ),
+        (
+            format!("{SMALL} B round, p50 ns"),
+            results.iter_mut().map(|r| percentile(&mut r.lat, 0.5)).collect(),
+        ),
+        (
+            format!("{SMALL} B round, p99 ns"),
+            results.iter_mut().map(|r| percentile(&mut r.lat, 0.99)).collect(),
+        ),
+        (
+            format!("{} MiB, GB/s (median of {})", p.bw_size >> 20, p.reps),
+            results.iter_mut().map(|r| median(&mut r.bw)).collect(),
+        ),
+    ];
+    println!();
+    println!(
+        "{:<32} {:>12} {:>14} {:>12}",
+        "workload", "direct", "through shim", "shim/direct"
+    );
+    for (name, v) in &rows {
+        let direct = v[0];
+        match v.get(1) {
+            Some(&shim) => println!("{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3}", shim / direct),
+            None => println!("{name:<32} {direct:>12.1} {:>14} {:>12}", "-", "-"),
+        }
+    }
+    println!("(a round is irecv + isend + test until both complete; for GB/s a ratio below 1 is the shim's cost)");
+
+    let had_shim = benches.len() > 1;
+    for b in benches.drain(..) {
+        b.close();
+    }
+    if had_shim {
+        let ctl = FixtureCtl::open(&fixture);
+        println!(
+            "inner fixture after closing: {} violation(s), {} live object(s)",
+            ctl.violations(),
+            ctl.live_objects()
+        );
+        if ctl.violations() != 0 {
+            println!("last violation: {}", ctl.last_violation());
+        }
+    }
+}
