@@ -5,7 +5,14 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod handle;
+pub mod p2p;
 pub mod tcp;
 pub mod transport;
+
+pub mod export;
+pub mod logging;
+pub mod metrics;
+pub mod plugin;
+pub mod shim;
 
 pub use error::{Error, Result};

@@ -1,0 +1,634 @@
+//! The two-node connection test behind `tcpxshim serve` / `connect` / `demo`: byte-verified
+//! transfers in both directions, then a size sweep measuring ping-pong latency and pipelined
+//! bandwidth. The client decides the plan and sends it to the server over the control connection.
+
+use super::conn::{Conn, MAX_INFLIGHT};
+use super::endpoint::Endpoint;
+use crate::error::{Error, Result};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Message sizes of the sweep, ascending.
+    pub sizes: Vec<usize>,
+    /// Sizes checked byte by byte before the sweep (the sweep sizes plus odd ones).
+    pub verify_sizes: Vec<usize>,
+    /// Ping-pong iterations for small sizes (large sizes run fewer, bounded by `bytes`).
+    pub iters: usize,
+    /// Rough bytes moved per size and measurement; bounds the iterations of large sizes.
+    pub bytes: u64,
+    /// Messages in flight in the bandwidth test (1 to [`MAX_INFLIGHT`]).
+    pub depth: usize,
+    /// Messages per size and direction in the verification.
+    pub verify_iters: usize,
+}
+
+impl Plan {
+    /// Sizes `min, 4*min, 16*min, ...` up to `max`, plus `max` itself.
+    pub fn new(min: usize, max: usize, iters: usize, bytes: u64, depth: usize, verify_iters: usize) -> Result<Plan> {
+        if min == 0 || min > max {
+            return Err(Error::InvalidArgument(format!(
+                "size range {min}..{max} is empty (need 1 <= min-size <= max-size)"
+            )));
+        }
+        if max > i32::MAX as usize {
+            return Err(Error::InvalidArgument(format!(
+                "max size {max} exceeds the v7 message limit of 2^31-1 bytes"
+            )));
+        }
+        if !(1..=MAX_INFLIGHT).contains(&depth) {
+            return Err(Error::InvalidArgument(format!(
+                "depth {depth} is out of range (1 to {MAX_INFLIGHT})"
+            )));
+        }
+        if iters == 0 || verify_iters == 0 {
+            return Err(Error::InvalidArgument("iterations must be at least 1".into()));
+        }
+        let mut sizes = Vec::new();
+        let mut s = min;
+        while s <= max {
+            sizes.push(s);
+            s = match s.checked_mul(4) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+        if sizes.last() != Some(&max) {
+            sizes.push(max);
+        }
+        let mut verify_sizes: Vec<usize> = sizes.clone();
+        verify_sizes.extend([0, 1, 7, 4099, 65537, (1 << 20) + 13].iter().filter(|&&v| v <= max));
+        verify_sizes.sort_unstable();
+        verify_sizes.dedup();
+        Ok(Plan {
+            sizes,
+            verify_sizes,
+            iters,
+            bytes: bytes.max(1),
+            depth,
+            verify_iters,
+        })
+    }
+
+    /// The largest message.
+    pub fn max_size(&self) -> usize {
+        self.sizes.iter().chain(&self.verify_sizes).copied().max().unwrap_or(0)
+    }
+
+    /// Ping-pong iterations at `size`.
+    pub fn lat_iters(&self, size: usize) -> usize {
+        let by_bytes = (self.bytes / 4 / size.max(1) as u64) as usize;
+        self.iters.min(by_bytes.max(2))
+    }
+
+    /// Messages in the bandwidth test at `size`.
+    pub fn bw_msgs(&self, size: usize) -> usize {
+        let by_bytes = (self.bytes / size.max(1) as u64) as usize;
+        by_bytes.clamp(4, 10 * self.iters.max(1))
+    }
+
+    fn encode(&self) -> String {
+        let list = |v: &[usize]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+        format!(
+            "plan sizes={} verify={} iters={} bytes={} depth={} verify_iters={}",
+            list(&self.sizes),
+            list(&self.verify_sizes),
+            self.iters,
+            self.bytes,
+            self.depth,
+            self.verify_iters
+        )
+    }
+
+    fn decode(text: &str) -> Result<Plan> {
+        let bad = || Error::Remote(format!("peer sent a malformed test plan: {text:?}"));
+        let rest = text.strip_prefix("plan ").ok_or_else(bad)?;
+        let (mut sizes, mut verify, mut iters, mut bytes, mut depth, mut viters) = (None, None, None, None, None, None);
+        for kv in rest.split_whitespace() {
+            let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+            let list = |v: &str| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse::<usize>())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            };
+            match k {
+                "sizes" => sizes = Some(list(v).map_err(|_| bad())?),
+                "verify" => verify = Some(list(v).map_err(|_| bad())?),
+                "iters" => iters = Some(v.parse().map_err(|_| bad())?),
+                "bytes" => bytes = Some(v.parse().map_err(|_| bad())?),
+                "depth" => depth = Some(v.parse().map_err(|_| bad())?),
+                "verify_iters" => viters = Some(v.parse().map_err(|_| bad())?),
+                _ => {} // newer keys are ignored
+            }
+        }
+        let plan = Plan {
+            sizes: sizes.ok_or_else(bad)?,
+            verify_sizes: verify.ok_or_else(bad)?,
+            iters: iters.ok_or_else(bad)?,
+            bytes: bytes.ok_or_else(bad)?,
+            depth: depth.ok_or_else(bad)?,
+            verify_iters: viters.ok_or_else(bad)?,
+        };
+        if plan.max_size() > i32::MAX as usize || !(1..=MAX_INFLIGHT).contains(&plan.depth) || plan.iters == 0 {
+            return Err(bad());
+        }
+        Ok(plan)
+    }
+}
+
+/// One line of the sweep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Message size in bytes.
+    pub size: usize,
+    /// Ping-pong iterations timed.
+    pub lat_iters: usize,
+    /// Half round trip, microseconds.
+    pub lat_us: f64,
+    /// Messages in the bandwidth test.
+    pub bw_msgs: usize,
+    /// Messages in flight.
+    pub depth: usize,
+    /// Bandwidth, GB/s (10^9 bytes per second).
+    pub gbps: f64,
+}
+
+impl Row {
+    fn encode(&self) -> String {
+        format!(
+            "row {} {} {} {} {} {}",
+            self.size, self.lat_iters, self.lat_us, self.bw_msgs, self.depth, self.gbps
+        )
+    }
+    fn decode(text: &str) -> Result<Row> {
+        let bad = || Error::Remote(format!("peer sent a malformed result: {text:?}"));
+        let f: Vec<&str> = text.strip_prefix("row ").ok_or_else(bad)?.split_whitespace().collect();
+        if f.len() < 6 {
+            return Err(bad());
+        }
+        Ok(Row {
+            size: f[0].parse().map_err(|_| bad())?,
+            lat_iters: f[1].parse().map_err(|_| bad())?,
+            lat_us: f[2].parse().map_err(|_| bad())?,
+            bw_msgs: f[3].parse().map_err(|_| bad())?,
+            depth: f[4].parse().map_err(|_| bad())?,
+            gbps: f[5].parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// What the verification covered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// Distinct sizes.
+    pub sizes: usize,
+    /// Messages checked (both directions).
+    pub messages: u64,
+    /// Bytes checked (both directions).
+    pub bytes: u64,
+}
+
+/// The outcome of a test.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    /// The verification.
+    pub verified: Verified,
+    /// The sweep.
+    pub rows: Vec<Row>,
+}
+
+/// Progress of a test, for printing.
+pub enum Event<'r> {
+    /// The plan (the server learns it from the client).
+    Plan(&'r Plan),
+    /// The verification passed.
+    Verified(&'r Verified),
+    /// A sweep size starts.
+    SizeStart {
+        /// 1-based position.
+        index: usize,
+        /// Number of sizes.
+        total: usize,
+        /// Message size.
+        size: usize,
+    },
+    /// A sweep size finished.
+    Row(&'r Row),
+}
+
+/// Human-readable byte counts: 8 B, 4 KiB, 1.5 MiB.
+pub fn fmt_size(n: usize) -> String {
+    const UNITS: [(usize, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (u, name) in UNITS {
+        if n >= u {
+            return if n % u == 0 {
+                format!("{} {name}", n / u)
+            } else {
+                format!("{:.1} {name}", n as f64 / u as f64)
+            };
+        }
+    }
+    format!("{n} B")
+}
+
+/// Parses "4096", "64K", "64KiB", "1M", "2G" (binary multiples).
+pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 4096, 64K, 1M, 2G)"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// The seed of message `iter` of `size` bytes in direction `dir` (0: client to server).
+pub fn pattern_seed(size: usize, iter: usize, dir: u8) -> u64 {
+    let mut x = (size as u64) ^ ((iter as u64) << 36) ^ ((dir as u64) << 62) ^ 0x5EED_7C95_0000_0000;
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[inline]
+fn word(seed: u64, w: usize) -> u64 {
+    seed ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Fills `buf` with the pattern of `seed`: every 8-byte word differs with its position.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    for (w, chunk) in buf.chunks_mut(8).enumerate() {
+        let v = word(seed, w).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// Where received data differs from the pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// First differing byte.
+    pub offset: usize,
+    /// The byte expected there.
+    pub expected: u8,
+    /// The byte received.
+    pub got: u8,
+    /// How many bytes differ in all.
+    pub bad_bytes: usize,
+}
+
+/// Compares `buf` with the pattern of `seed`.
+pub fn check_pattern(buf: &[u8], seed: u64) -> Option<Mismatch> {
+    let mut first: Option<Mismatch> = None;
+    let mut bad = 0usize;
+    for (w, chunk) in buf.chunks(8).enumerate() {
+        let v = word(seed, w).to_le_bytes();
+        if chunk != &v[..chunk.len()] {
+            for (k, (&got, &expected)) in chunk.iter().zip(&v).enumerate() {
+                if got != expected {
+                    bad += 1;
+                    first.get_or_insert(Mismatch {
+                        offset: w * 8 + k,
+                        expected,
+                        got,
+                        bad_bytes: 0,
+                    });
+                }
+            }
+        }
+    }
+    first.map(|m| Mismatch { bad_bytes: bad, ..m })
+}
+
+/// Buffers and registrations of one side.
+struct Buffers {
+    send: Vec<u8>,
+    recv: Vec<u8>,
+}
+
+impl Buffers {
+    fn for_plan(plan: &Plan) -> Buffers {
+        let max = plan.max_size().max(64);
+        // Receives need one slot per message in flight; cap the memory for big messages at 2 slots.
+        let recv_len = (2 * max).max((MAX_INFLIGHT * max).min(32 << 20));
+        Buffers {
+            send: vec![0u8; max],
+            recv: vec![0u8; recv_len],
+        }
+    }
+}
+
+const DIR_C2S: u8 = 0;
+const DIR_S2C: u8 = 1;
+const OK: &[u8] = b"verified";
+
+/// Tracks whether a failure came from the peer (then it is not reported back to it).
+struct Side<'e, 'a> {
+    ep: &'e Endpoint<'a>,
+    timeout: Duration,
+    peer_failed: Cell<bool>,
+}
+
+impl Side<'_, '_> {
+    fn recv_ctrl(&self, what: &str) -> Result<Vec<u8>> {
+        self.ep
+            .recv_ctrl(self.timeout, what)
+            .inspect_err(|_| self.peer_failed.set(true))
+    }
+    fn expect(&self, want: &[u8], what: &str) -> Result<()> {
+        let got = self.recv_ctrl(what)?;
+        if got != want {
+            return Err(Error::Remote(format!(
+                "peer at {}: expected {what}, got {:?}",
+                self.ep.peer().addr,
+                String::from_utf8_lossy(&got)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Turns a local failure into the peer's error when the peer failed first.
+    fn finish<T>(&self, res: Result<T>) -> Result<T> {
+        let e = match res {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if self.peer_failed.get() {
+            return Err(e);
+        }
+        // A transfer error is often the consequence of the peer's failure: prefer its report.
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(pe) = self.ep.peer_error() {
+            if pe.to_string().contains("failed:") {
+                return Err(Error::Remote(format!("{pe} (here: {e})")));
+            }
+        }
+        self.ep.report_error(&e.to_string());
+        Err(e)
+    }
+
+    fn send_verified(&self, buf: &mut [u8], mr: &super::conn::Mr<'_>, plan: &Plan, size: usize, dir: u8) -> Result<()> {
+        let mut fill = |i: usize, slot: &mut [u8]| fill_pattern(slot, pattern_seed(size, i, dir));
+        self.ep.send_conn().send_stream(
+            buf,
+            size,
+            plan.verify_iters,
+            plan.depth,
+            mr,
+            self.timeout,
+            Some(&mut fill),
+        )
+    }
+
+    fn recv_verified(&self, buf: &mut [u8], mr: &super::conn::Mr<'_>, plan: &Plan, size: usize, dir: u8) -> Result<()> {
+        let peer = self.ep.peer().addr;
+        let mut check = |i: usize, data: &[u8]| match check_pattern(data, pattern_seed(size, i, dir)) {
+            None => Ok(()),
+            Some(m) => Err(Error::Remote(format!(
+                "data mismatch in message {i} of {} B from {peer}: first bad byte at offset {} (expected {:#04x}, got \
+                 {:#04x}), {} bad byte(s) in all",
+                size, m.offset, m.expected, m.got, m.bad_bytes
+            ))),
+        };
+        self.ep
+            .recv_conn()
+            .recv_stream(buf, size, plan.verify_iters, plan.depth, mr, self.timeout, &mut check)
+    }
+}
+
+/// Runs the test as the client: sends `plan`, verifies, sweeps. The server runs [`run_server`].
+pub fn run_client(ep: &Endpoint<'_>, plan: &Plan, timeout: Duration, on: &mut dyn FnMut(Event<'_>)) -> Result<Report> {
+    let side = Side {
+        ep,
+        timeout,
+        peer_failed: Cell::new(false),
+    };
+    let res = client_inner(&side, plan, on);
+    side.finish(res)
+}
+
+fn client_inner(side: &Side<'_, '_>, plan: &Plan, on: &mut dyn FnMut(Event<'_>)) -> Result<Report> {
+    let ep = side.ep;
+    let timeout = side.timeout;
+    on(Event::Plan(plan));
+    let mut bufs = Buffers::for_plan(plan);
+    let (send, recv) = (ep.send_conn(), ep.recv_conn());
+    let mr_s = send.reg(&mut bufs.send)?;
+    let mr_r = recv.reg(&mut bufs.recv)?;
+    ep.send_ctrl(plan.encode().as_bytes())?;
+    side.expect(b"plan-ok", "the peer's acceptance of the test plan")?;
+
+    let mut report = Report::default();
+    for &size in &plan.verify_sizes {
+        side.send_verified(&mut bufs.send, &mr_s, plan, size, DIR_C2S)?;
+        side.expect(OK, &format!("the peer's verification of {} messages", fmt_size(size)))?;
+        side.recv_verified(&mut bufs.recv, &mr_r, plan, size, DIR_S2C)?;
+        ep.send_ctrl(OK)?;
+        report.verified.sizes += 1;
+        report.verified.messages += 2 * plan.verify_iters as u64;
+        report.verified.bytes += 2 * (plan.verify_iters * size) as u64;
+    }
+    on(Event::Verified(&report.verified));
+
+    for (k, &size) in plan.sizes.iter().enumerate() {
+        on(Event::SizeStart {
+            index: k + 1,
+            total: plan.sizes.len(),
+            size,
+        });
+        // Ping-pong: one untimed round trip, then `lat_iters` timed ones.
+        let lat_iters = plan.lat_iters(size);
+        let mut start = Instant::now();
+        for it in 0..=lat_iters {
+            if it == 1 {
+                start = Instant::now();
+            }
+            let pending = recv.irecv(&mut bufs.recv[..size], &mr_r, timeout)?;
+            send.send(&bufs.send[..size], &mr_s, timeout)?;
+            let (n, _) = pending.wait(timeout)?;
+            if n != size {
+                return Err(Error::Remote(format!(
+                    "ping-pong at {}: the echo had {n} B",
+                    fmt_size(size)
+                )));
+            }
+        }
+        let lat_us = start.elapsed().as_secs_f64() * 1e6 / lat_iters as f64 / 2.0;
+
+        // Bandwidth: `bw_msgs` messages with `depth` in flight, timed until the receiver's ack.
+        let bw_msgs = plan.bw_msgs(size);
+        let ack = recv.irecv(&mut bufs.recv[..8], &mr_r, timeout)?;
+        let start = Instant::now();
+        send.send_stream(&mut bufs.send, size, bw_msgs, plan.depth, &mr_s, timeout, None)?;
+        ack.wait(timeout)?;
+        let secs = start.elapsed().as_secs_f64();
+        let row = Row {
+            size,
+            lat_iters,
+            lat_us,
+            bw_msgs,
+            depth: plan.depth,
+            gbps: (size * bw_msgs) as f64 / secs / 1e9,
+        };
+        ep.send_ctrl(row.encode().as_bytes())?;
+        on(Event::Row(&row));
+        report.rows.push(row);
+    }
+    ep.send_ctrl(b"done")?;
+    side.expect(b"done", "the peer's goodbye")?;
+    Ok(report)
+}
+
+/// Runs the test as the server: receives the plan from the client and follows it.
+pub fn run_server(ep: &Endpoint<'_>, timeout: Duration, on: &mut dyn FnMut(Event<'_>)) -> Result<Report> {
+    let side = Side {
+        ep,
+        timeout,
+        peer_failed: Cell::new(false),
+    };
+    let res = server_inner(&side, on);
+    side.finish(res)
+}
+
+fn server_inner(side: &Side<'_, '_>, on: &mut dyn FnMut(Event<'_>)) -> Result<Report> {
+    let ep = side.ep;
+    let timeout = side.timeout;
+    let text = side.recv_ctrl("the test plan")?;
+    let plan = Plan::decode(&String::from_utf8_lossy(&text))?;
+    on(Event::Plan(&plan));
+    let mut bufs = Buffers::for_plan(&plan);
+    let (send, recv) = (ep.send_conn(), ep.recv_conn());
+    let mr_s = send.reg(&mut bufs.send)?;
+    let mr_r = recv.reg(&mut bufs.recv)?;
+    ep.send_ctrl(b"plan-ok")?;
+
+    let mut report = Report::default();
+    for &size in &plan.verify_sizes {
+        side.recv_verified(&mut bufs.recv, &mr_r, &plan, size, DIR_C2S)?;
+        ep.send_ctrl(OK)?;
+        side.send_verified(&mut bufs.send, &mr_s, &plan, size, DIR_S2C)?;
+        side.expect(OK, &format!("the peer's verification of {} messages", fmt_size(size)))?;
+        report.verified.sizes += 1;
+        report.verified.messages += 2 * plan.verify_iters as u64;
+        report.verified.bytes += 2 * (plan.verify_iters * size) as u64;
+    }
+    on(Event::Verified(&report.verified));
+
+    for (k, &size) in plan.sizes.iter().enumerate() {
+        on(Event::SizeStart {
+            index: k + 1,
+            total: plan.sizes.len(),
+            size,
+        });
+        for _ in 0..=plan.lat_iters(size) {
+            let n = recv.recv(&mut bufs.recv[..size], &mr_r, timeout)?;
+            if n != size {
+                return Err(Error::Remote(format!(
+                    "ping-pong at {}: received {n} B",
+                    fmt_size(size)
+                )));
+            }
+            send.send(&bufs.send[..size], &mr_s, timeout)?;
+        }
+        let bw_msgs = plan.bw_msgs(size);
+        recv.recv_stream(
+            &mut bufs.recv,
+            size,
+            bw_msgs,
+            plan.depth,
+            &mr_r,
+            timeout,
+            &mut |_, _| Ok(()),
+        )?;
+        send.send(&bufs.send[..8], &mr_s, timeout)?;
+        let text = side.recv_ctrl(&format!("the result for {}", fmt_size(size)))?;
+        let row = Row::decode(&String::from_utf8_lossy(&text))?;
+        on(Event::Row(&row));
+        report.rows.push(row);
+    }
+    side.expect(b"done", "the end of the test")?;
+    ep.send_ctrl(b"done")?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_powers_of_four_plus_the_max() {
+        let p = Plan::new(8, 64 << 20, 10, 1 << 20, 4, 2).unwrap();
+        assert_eq!(p.sizes.first(), Some(&8));
+        assert_eq!(p.sizes[1], 32);
+        assert_eq!(p.sizes.last(), Some(&(64 << 20)));
+        assert_eq!(p.sizes[p.sizes.len() - 2], 32 << 20);
+        assert!(p.verify_sizes.contains(&0) && p.verify_sizes.contains(&4099));
+        assert_eq!(Plan::decode(&p.encode()).unwrap(), p);
+        assert!(Plan::new(0, 8, 1, 1, 1, 1).is_err());
+        assert!(Plan::new(16, 8, 1, 1, 1, 1).is_err());
+        assert!(Plan::new(8, 8, 1, 1, 9, 1).is_err());
+    }
+
+    #[test]
+    fn iterations_shrink_with_size() {
+        let p = Plan::new(8, 64 << 20, 100, 256 << 20, 8, 2).unwrap();
+        assert_eq!(p.lat_iters(8), 100);
+        assert_eq!(p.lat_iters(64 << 20), 2);
+        assert_eq!(p.bw_msgs(8), 1000);
+        assert_eq!(p.bw_msgs(64 << 20), 4);
+        assert_eq!(p.bw_msgs(1 << 20), 256);
+    }
+
+    #[test]
+    fn pattern_detects_changes_and_names_the_offset() {
+        let mut b = vec![0u8; 1003];
+        let seed = pattern_seed(1003, 1, 0);
+        fill_pattern(&mut b, seed);
+        assert_eq!(check_pattern(&b, seed), None);
+        assert!(
+            check_pattern(&b, pattern_seed(1003, 2, 0)).is_some(),
+            "iteration changes the pattern"
+        );
+        assert!(
+            check_pattern(&b, pattern_seed(1004, 1, 0)).is_some(),
+            "size changes the pattern"
+        );
+        let expected = b[517];
+        b[517] ^= 0x40;
+        b[1002] ^= 1;
+        let m = check_pattern(&b, seed).unwrap();
+        assert_eq!(
+            (m.offset, m.expected, m.got, m.bad_bytes),
+            (517, expected, expected ^ 0x40, 2)
+        );
+        // A block moved by 64 KiB is caught: every word depends on its position.
+        let mut big = vec![0u8; 3 << 16];
+        let s = pattern_seed(big.len(), 0, 1);
+        fill_pattern(&mut big, s);
+        big.copy_within(0..1 << 16, 1 << 16);
+        let off = check_pattern(&big, s).unwrap().offset;
+        assert!((1 << 16..(1 << 16) + 8).contains(&off), "{off}");
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1KiB"), Ok(1024));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12Q").is_err() && parse_size("x").is_err());
+        assert_eq!(fmt_size(8), "8 B");
+        assert_eq!(fmt_size(64 << 20), "64 MiB");
+        assert_eq!(fmt_size(1536), "1.5 KiB");
+    }
+}
