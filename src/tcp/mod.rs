@@ -1,1 +1,449 @@
-//! The built-in kernel-TCP transport (under construction).
+//! The built-in kernel-TCP transport.
+//!
+//! One device per selected network interface. A connection is one control socket plus
+//! `NCCL_TCPXSHIM_TCP_STREAMS` data sockets, all opened by the sending rank to the receiving
+//! rank's listener; each socket starts with a 32-byte hello (magic, socket index, stream count,
+//! inline threshold, a per-connection nonce and the listener's token) so the acceptor can group
+//! sockets into connections without any reply.
+//!
+//! Every message starts with a 32-byte header on the control socket (magic, flags, sequence
+//! number, size, striping chunk, check word). Messages up to `NCCL_TCPXSHIM_TCP_INLINE` bytes
+//! follow their header on the control socket and are written and read by the calling thread:
+//! no hand-off, no wake-up, one `sendmsg` for header and payload. Larger messages are cut into at
+//! most one chunk per data socket (chunk = max(min chunk, size / streams), page aligned), the
+//! first chunk on stream `seq % streams`; both sides derive the layout from the header. The
+//! receiver queues chunk reads only after it matched the header to a posted receive, so a send
+//! larger than its receive is caught before any payload is read.
+//!
+//! Data sockets are driven by a fixed pool of `NCCL_TCPXSHIM_TCP_WORKERS` threads (mio/epoll),
+//! created once per transport, which move bytes straight between the sockets and NCCL's buffers.
+
+mod comm;
+mod conn;
+mod iface;
+mod sys;
+#[cfg(test)]
+mod tests;
+mod wire;
+mod worker;
+
+use crate::config::TcpConfig;
+use crate::error::{Error, Result};
+use crate::ffi::{DevHandle, NCCL_PTR_HOST};
+use crate::transport::{DeviceType, Opaque, Properties, Transport};
+use comm::{Comm, CommParams, TAG_RECV, TAG_SEND};
+use conn::{ListenComm, ListenParams, PendingConnect, TAG_LISTEN};
+use iface::Device;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use wire::{ListenHandle, HANDLE_LEN};
+use worker::{Dir, Pool};
+
+/// Tag of a memory registration (first word, like every object this transport hands out).
+const TAG_MR: u64 = u64::from_le_bytes(*b"txsMR\0\0\0");
+
+/// Distinguishes transports of one process (thread names, tests).
+static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A memory registration: host memory needs nothing, but NCCL wants a handle.
+#[repr(C)]
+struct Mr {
+    tag: u64,
+    data: usize,
+    size: usize,
+}
+
+/// The built-in kernel-TCP transport.
+pub struct TcpTransport {
+    cfg: TcpConfig,
+    devices: Vec<Device>,
+    pool: Arc<Pool>,
+    pending: Mutex<HashMap<u64, PendingConnect>>,
+    next_pending: AtomicU64,
+}
+
+/// A random 64-bit value (connection nonces, listener tokens); unique, not secret.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+impl TcpTransport {
+    /// Discovers devices and starts the I/O workers.
+    pub fn new(cfg: &TcpConfig) -> Result<TcpTransport> {
+        let seen = iface::list_interfaces()?;
+        let devices = iface::select(cfg.ifname.as_deref(), &seen)?;
+        TcpTransport::with_devices(cfg, devices)
+    }
+
+    fn with_devices(cfg: &TcpConfig, devices: Vec<Device>) -> Result<TcpTransport> {
+        let check = |ok: bool, setting: &str, value: usize, range: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "built-in TCP transport: {setting}={value} is out of range (expected {range})"
+                )))
+            }
+        };
+        check(
+            (1..=64).contains(&cfg.streams),
+            "NCCL_TCPXSHIM_TCP_STREAMS",
+            cfg.streams,
+            "1 to 64",
+        )?;
+        check(
+            (1..=64).contains(&cfg.workers),
+            "NCCL_TCPXSHIM_TCP_WORKERS",
+            cfg.workers,
+            "1 to 64",
+        )?;
+        check(
+            (1..=i32::MAX as usize).contains(&cfg.min_chunk),
+            "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
+            cfg.min_chunk,
+            "1 to 2147483647",
+        )?;
+        check(
+            cfg.inline_max <= i32::MAX as usize,
+            "NCCL_TCPXSHIM_TCP_INLINE",
+            cfg.inline_max,
+            "0 to 2147483647",
+        )?;
+        let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
+        let pool = Arc::new(Pool::new(cfg.workers, id)?);
+        log::info!(
+            "built-in TCP transport: devices [{}], {} streams, {} workers, inline up to {} bytes",
+            devices
+                .iter()
+                .map(|d| format!("{} {}", d.name, d.addr))
+                .collect::<Vec<_>>()
+                .join(", "),
+            cfg.streams,
+            cfg.workers,
+            cfg.inline_max
+        );
+        Ok(TcpTransport {
+            cfg: cfg.clone(),
+            devices,
+            pool,
+            pending: Mutex::new(HashMap::new()),
+            next_pending: AtomicU64::new(1),
+        })
+    }
+
+    /// The address device `dev` listens on.
+    pub fn device_address(&self, dev: i32) -> Option<IpAddr> {
+        usize::try_from(dev)
+            .ok()
+            .and_then(|d| self.devices.get(d))
+            .map(|d| d.addr)
+    }
+
+    fn device(&self, dev: i32, call: &str) -> Result<&Device> {
+        usize::try_from(dev)
+            .ok()
+            .and_then(|d| self.devices.get(d))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{call}: device {dev} does not exist (the built-in TCP transport has {} device(s): {})",
+                    self.devices.len(),
+                    self.devices
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    fn params(&self) -> CommParams {
+        CommParams {
+            streams: self.cfg.streams,
+            inline_max: self.cfg.inline_max,
+            min_chunk: self.cfg.min_chunk,
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, PendingConnect>> {
+        // The map holds no invariant a panic could break half-way.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tag word of an object this transport handed out.
+    ///
+    /// # Safety
+    /// `o` must point at a live object of this transport.
+    unsafe fn tag(o: Opaque) -> u64 {
+        // SAFETY: all our objects are #[repr(C)] with a u64 tag first (caller's contract for liveness).
+        unsafe { *(o.as_ptr() as *const u64) }
+    }
+
+    fn listen_comm<'a>(o: Opaque, call: &str) -> Result<&'a ListenComm> {
+        // SAFETY: NCCL passes back the listen comm this transport returned and has not closed it.
+        if unsafe { TcpTransport::tag(o) } != TAG_LISTEN {
+            return Err(Error::InvalidArgument(format!(
+                "{call}: {:p} is not a listen comm of the built-in TCP transport",
+                o.as_ptr()
+            )));
+        }
+        // SAFETY: the tag identifies a live ListenComm.
+        Ok(unsafe { &*(o.as_ptr() as *const ListenComm) })
+    }
+
+    /// Raw fds a comm or listen comm holds (tests check they are all closed afterwards).
+    #[cfg(test)]
+    fn comm_fds(&self, o: Opaque) -> Vec<std::os::fd::RawFd> {
+        // SAFETY: tests pass live objects of this transport.
+        match unsafe { TcpTransport::tag(o) } {
+            // SAFETY: as above.
+            TAG_SEND | TAG_RECV => unsafe { &*(o.as_ptr() as *const Comm) }.fds().to_vec(),
+            // SAFETY: as above.
+            TAG_LISTEN => unsafe { &*(o.as_ptr() as *const ListenComm) }.fds(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.pool.stop();
+        self.pending().clear();
+    }
+}
+
+impl Transport for TcpTransport {
+    fn name(&self) -> &str {
+        "tcpxshim"
+    }
+
+    fn handle_size(&self) -> usize {
+        HANDLE_LEN
+    }
+
+    fn devices(&self) -> Result<i32> {
+        Ok(self.devices.len() as i32)
+    }
+
+    fn properties(&self, dev: i32) -> Result<Properties> {
+        let d = self.device(dev, "getProperties")?;
+        Ok(Properties {
+            name: d.name.clone(),
+            pci_path: iface::pci_path(&d.name),
+            guid: dev as u64,
+            ptr_support: NCCL_PTR_HOST as i32,
+            speed_mbps: iface::speed_mbps(&d.name),
+            port: 0,
+            latency_us: 0.0,
+            max_comms: 65536,
+            max_recvs: 1,
+            device_type: DeviceType::Host,
+            device_version: 0,
+        })
+    }
+
+    fn listen(&self, dev: i32, handle: &mut [u8]) -> Result<Opaque> {
+        let d = self.device(dev, "listen")?;
+        if handle.len() < HANDLE_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "listen: handle buffer is {} bytes, the built-in TCP transport needs {HANDLE_LEN}",
+                handle.len()
+            )));
+        }
+        let params = ListenParams {
+            streams: self.cfg.streams as u16,
+            inline_max: self.cfg.inline_max as u32,
+            token: random_u64(),
+        };
+        // Room for many peers connecting at once, each with 1 + streams sockets.
+        let backlog = (128 * (1 + self.cfg.streams)).min(65535) as i32;
+        let lc =
+            ListenComm::bind(d.addr, backlog, params).map_err(|e| e.context(format!("device {dev} ({})", d.name)))?;
+        ListenHandle {
+            addr: lc.addr,
+            streams: params.streams,
+            inline_max: params.inline_max,
+            token: params.token,
+        }
+        .write(handle)?;
+        Ok(Opaque::from_box(Box::new(lc)))
+    }
+
+    fn connect(&self, dev: i32, handle: &mut [u8], _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+        self.device(dev, "connect")?;
+        let lh = ListenHandle::read(handle)?;
+        if lh.streams as usize != self.cfg.streams {
+            return Err(Error::InvalidUsage(format!(
+                "connect: peer {} expects {} data streams but this rank uses {}; NCCL_TCPXSHIM_TCP_STREAMS must \
+                 match on every rank",
+                lh.addr, lh.streams, self.cfg.streams
+            )));
+        }
+        if lh.inline_max as usize != self.cfg.inline_max {
+            return Err(Error::InvalidUsage(format!(
+                "connect: peer {} inlines messages up to {} bytes but this rank up to {}; NCCL_TCPXSHIM_TCP_INLINE \
+                 must match on every rank",
+                lh.addr, lh.inline_max, self.cfg.inline_max
+            )));
+        }
+        let mut id = wire::connect_state(handle);
+        let mut pend = if id == 0 {
+            id = self.next_pending.fetch_add(1, Ordering::Relaxed);
+            let p = PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, random_u64())?;
+            wire::set_connect_state(handle, id);
+            p
+        } else {
+            self.pending().remove(&id).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "connect: the handle's connect state ({id:#x}) names no connection to {} in progress in this \
+                     process (corrupted handle, or one reused after its connect finished or failed)",
+                    lh.addr
+                ))
+            })?
+        };
+        match pend.progress() {
+            Err(e) => {
+                wire::set_connect_state(handle, 0);
+                Err(e)
+            }
+            Ok(false) => {
+                self.pending().insert(id, pend);
+                Ok(None)
+            }
+            Ok(true) => {
+                wire::set_connect_state(handle, 0);
+                let peer = pend.peer;
+                let (ctrl, data) = pend.into_sockets()?;
+                Comm::create(Dir::Send, &self.pool, peer, ctrl, data, self.params()).map(Some)
+            }
+        }
+    }
+
+    fn accept(&self, listen: Opaque, _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+        let lc = TcpTransport::listen_comm(listen, "accept")?;
+        match lc.poll_accept()? {
+            None => Ok(None),
+            Some(a) => Comm::create(Dir::Recv, &self.pool, a.peer, a.ctrl, a.data, self.params()).map(Some),
+        }
+    }
+
+    fn reg_mr(&self, _comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
+        if ptr_type != NCCL_PTR_HOST as i32 {
+            return Err(Error::InvalidArgument(format!(
+                "regMr: built-in TCP transport supports host memory only (ptrSupport NCCL_PTR_HOST); got pointer \
+                 type {ptr_type}"
+            )));
+        }
+        Ok(Opaque::from_box(Box::new(Mr {
+            tag: TAG_MR,
+            data: data as usize,
+            size,
+        })))
+    }
+
+    fn dereg_mr(&self, _comm: Opaque, mr: Opaque) -> Result<()> {
+        // SAFETY: NCCL passes back a registration this transport returned and has not deregistered.
+        if unsafe { TcpTransport::tag(mr) } != TAG_MR {
+            return Err(Error::InvalidArgument(format!(
+                "deregMr: {:p} is not a memory handle of the built-in TCP transport",
+                mr.as_ptr()
+            )));
+        }
+        // SAFETY: the tag identifies an Mr made by Opaque::from_box in reg_mr; NCCL frees it once.
+        let m = unsafe { Box::from_raw(mr.as_ptr() as *mut Mr) };
+        log::trace!("deregMr: {:#x} ({} bytes)", m.data, m.size);
+        Ok(())
+    }
+
+    fn isend(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: i32,
+        _tag: i32,
+        _mr: Option<Opaque>,
+    ) -> Result<Option<Opaque>> {
+        // SAFETY: NCCL passes back a send comm this transport returned and has not closed.
+        let c = unsafe { Comm::from_opaque(comm, TAG_SEND, "isend")? };
+        c.isend(data as *const u8, size).map(Some)
+    }
+
+    fn irecv(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        _tags: &[i32],
+        _mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>> {
+        // SAFETY: NCCL passes back a receive comm this transport returned and has not closed.
+        let c = unsafe { Comm::from_opaque(comm, TAG_RECV, "irecv")? };
+        if data.len() != 1 || sizes.len() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "irecv: {} grouped receives requested ({} sizes), but the built-in TCP transport reports maxRecvs 1 \
+                 ({})",
+                data.len(),
+                sizes.len(),
+                c.describe()
+            )));
+        }
+        c.irecv(data[0] as *mut u8, sizes[0]).map(Some)
+    }
+
+    fn iflush(
+        &self,
+        _comm: Opaque,
+        _data: &[*mut c_void],
+        _sizes: &[i32],
+        _mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>> {
+        Ok(None)
+    }
+
+    fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
+        // SAFETY: NCCL passes back a request this transport returned, not yet completed, on an open comm.
+        unsafe { comm::test_request(req, sizes) }
+    }
+
+    fn close_send(&self, comm: Opaque) -> Result<()> {
+        // SAFETY: NCCL closes a send comm this transport returned, once.
+        unsafe { Comm::close(comm, TAG_SEND, "closeSend") }
+    }
+
+    fn close_recv(&self, comm: Opaque) -> Result<()> {
+        // SAFETY: NCCL closes a receive comm this transport returned, once.
+        unsafe { Comm::close(comm, TAG_RECV, "closeRecv") }
+    }
+
+    fn close_listen(&self, comm: Opaque) -> Result<()> {
+        TcpTransport::listen_comm(comm, "closeListen")?;
+        // SAFETY: the tag identifies a ListenComm made by Opaque::from_box in listen; NCCL closes it once.
+        drop(unsafe { Box::from_raw(comm.as_ptr() as *mut ListenComm) });
+        Ok(())
+    }
+
+    fn describe_comm(&self, comm: Opaque) -> Option<String> {
+        // SAFETY: NCCL (or the shim) passes a live comm of this transport.
+        match unsafe { TcpTransport::tag(comm) } {
+            // SAFETY: the tag identifies a live Comm.
+            TAG_SEND | TAG_RECV => Some(unsafe { &*(comm.as_ptr() as *const Comm) }.describe()),
+            TAG_LISTEN => {
+                // SAFETY: the tag identifies a live ListenComm.
+                let lc = unsafe { &*(comm.as_ptr() as *const ListenComm) };
+                Some(format!("listening on {}, {} streams", lc.addr, self.cfg.streams))
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,875 @@
+//! Send and receive comms: request slots, the control-socket path and striping over data sockets.
+//!
+//! The control socket belongs to the calling (NCCL proxy) thread: headers and inline payloads are
+//! written and read there, without any hand-off. Data sockets belong to workers. A comm's mutable
+//! state sits behind a mutex that only the calling thread takes (workers never do), so it is never
+//! contended; `try_lock` turns a caller that breaks NCCL's one-thread-per-comm rule into an error.
+
+use super::sys;
+use super::wire::{self, Header, FLAG_INLINE, HEADER_LEN};
+use super::worker::{Dir, Pool, Task};
+use crate::error::{Error, Result};
+use crate::transport::Opaque;
+use socket2::Socket;
+use std::io::{IoSlice, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+/// Outstanding requests per comm (NCCL_NET_MAX_REQUESTS).
+pub const MAX_REQUESTS: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
+const _: () = assert!(MAX_REQUESTS <= 32, "free-slot bitmask is a u32");
+
+/// First word of every object this transport hands out, so a mixed-up pointer is caught.
+pub const TAG_SEND: u64 = u64::from_le_bytes(*b"txsSEND\0");
+/// Tag of a receive comm.
+pub const TAG_RECV: u64 = u64::from_le_bytes(*b"txsRECV\0");
+/// Tag of a request slot.
+const TAG_REQ: u64 = u64::from_le_bytes(*b"txsREQ\0\0");
+
+/// Control-socket staging buffer: headers and small payloads are read in bulk into it.
+const STAGE_LEN: usize = 64 << 10;
+/// Inline payload remainders at least this big are read straight into NCCL's buffer.
+const DIRECT_READ_MIN: usize = 16 << 10;
+/// Most messages gathered into one sendmsg on the control socket.
+const MAX_IOV: usize = 64;
+
+/// The part of a comm that workers see.
+pub struct Shared {
+    /// The remote end of the connection.
+    pub peer: SocketAddr,
+    pending: [AtomicU32; MAX_REQUESTS],
+    failed: AtomicBool,
+    failure: Mutex<Option<Error>>,
+}
+
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::InvalidUsage(m) => Error::InvalidUsage(m.clone()),
+        Error::System(m) => Error::System(m.clone()),
+        Error::Remote(m) => Error::Remote(m.clone()),
+        Error::Internal(m) => Error::Internal(m.clone()),
+        Error::Inner { .. } => e.clone(),
+    }
+}
+
+impl Shared {
+    /// A fresh shared part for a connection to `peer`.
+    pub fn new(peer: SocketAddr) -> Shared {
+        Shared {
+            peer,
+            pending: std::array::from_fn(|_| AtomicU32::new(0)),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// A worker finished one chunk of the request in `slot`.
+    pub fn chunk_done(&self, slot: u8) {
+        // Release: the chunk's bytes are in place before the count says so.
+        self.pending[slot as usize].fetch_sub(1, Ordering::Release);
+    }
+
+    /// Records the first failure; the comm is unusable afterwards.
+    pub fn fail(&self, err: Error) {
+        let mut f = match self.failure.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if f.is_none() {
+            *f = Some(err);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// The recorded failure, if any.
+    pub fn failure(&self) -> Option<Error> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let f = match self.failure.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f.as_ref().map(clone_error)
+    }
+
+    fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+}
+
+/// What NCCL holds as a request: a fixed slot of its comm.
+#[repr(C)]
+struct Slot {
+    tag: u64,
+    comm: *const Comm,
+    index: u8,
+}
+
+/// A data socket as the comm knows it: which worker owns it, under which token.
+struct DataSock {
+    worker: usize,
+    token: usize,
+}
+
+#[derive(Clone, Copy)]
+struct SendReq {
+    ptr: *const u8,
+    size: usize,
+    seq: u64,
+    hdr: [u8; HEADER_LEN],
+    /// Header plus inline payload bytes to write on the control socket.
+    ctrl_len: usize,
+    ctrl_done: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the header of its message.
+    Header,
+    /// Reading the inline payload from the control socket.
+    Inline { done: usize },
+    /// Chunks are with the workers.
+    Striped,
+    /// All bytes are in.
+    Done,
+}
+
+#[derive(Clone, Copy)]
+struct RecvReq {
+    ptr: *mut u8,
+    cap: usize,
+    size: usize,
+    seq: u64,
+    phase: Phase,
+}
+
+/// A FIFO of slot indices; never holds more than MAX_REQUESTS.
+struct Ring {
+    buf: [u8; MAX_REQUESTS],
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        Ring {
+            buf: [0; MAX_REQUESTS],
+            head: 0,
+            len: 0,
+        }
+    }
+    fn push(&mut self, v: u8) {
+        debug_assert!(self.len < MAX_REQUESTS);
+        self.buf[(self.head + self.len) % MAX_REQUESTS] = v;
+        self.len += 1;
+    }
+    fn front(&self) -> Option<u8> {
+        (self.len > 0).then(|| self.buf[self.head])
+    }
+    fn get(&self, i: usize) -> u8 {
+        self.buf[(self.head + i) % MAX_REQUESTS]
+    }
+    fn pop(&mut self) {
+        if self.len > 0 {
+            self.head = (self.head + 1) % MAX_REQUESTS;
+            self.len -= 1;
+        }
+    }
+}
+
+/// Free request slots, one bit each.
+struct Slots(u32);
+
+impl Slots {
+    fn all_free() -> Slots {
+        Slots(u32::MAX >> (32 - MAX_REQUESTS))
+    }
+    fn take(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let i = self.0.trailing_zeros() as usize;
+        self.0 &= !(1 << i);
+        Some(i)
+    }
+    fn release(&mut self, i: usize) {
+        self.0 |= 1 << i;
+    }
+    fn is_busy(&self, i: usize) -> bool {
+        self.0 & (1 << i) == 0
+    }
+}
+
+struct SendSide {
+    ctrl: Socket,
+    next_seq: u64,
+    slots: Slots,
+    reqs: [SendReq; MAX_REQUESTS],
+    /// Requests with control bytes still to write, in posting order.
+    queue: Ring,
+}
+
+struct RecvSide {
+    ctrl: Socket,
+    next_seq: u64,
+    slots: Slots,
+    reqs: [RecvReq; MAX_REQUESTS],
+    /// Requests waiting for a header, in posting order.
+    waiting: Ring,
+    /// The request whose inline payload is being read.
+    cur: Option<usize>,
+    stage: Box<[u8]>,
+    lo: usize,
+    hi: usize,
+}
+
+// The comm is boxed already; boxing a variant too would only add a pointer chase per call.
+#[allow(clippy::large_enum_variant)]
+enum Side {
+    Send(SendSide),
+    Recv(RecvSide),
+}
+
+/// A send or receive comm.
+#[repr(C)]
+pub struct Comm {
+    tag: u64,
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    data: Vec<DataSock>,
+    streams: usize,
+    inline_max: usize,
+    min_chunk: usize,
+    fds: Vec<RawFd>,
+    state: Mutex<Side>,
+    slots: [Slot; MAX_REQUESTS],
+}
+
+/// Settings a comm needs from the transport.
+#[derive(Clone, Copy)]
+pub struct CommParams {
+    /// Data sockets.
+    pub streams: usize,
+    /// Inline threshold.
+    pub inline_max: usize,
+    /// Smallest striping chunk.
+    pub min_chunk: usize,
+}
+
+impl Comm {
+    /// Builds a comm from connected sockets (hellos already exchanged), handing data sockets to workers.
+    pub fn create(
+        dir: Dir,
+        pool: &Arc<Pool>,
+        peer: SocketAddr,
+        ctrl: Socket,
+        data: Vec<Socket>,
+        p: CommParams,
+    ) -> Result<Opaque> {
+        let shared = Arc::new(Shared::new(peer));
+        let mut fds = vec![ctrl.as_raw_fd()];
+        let mut socks: Vec<DataSock> = Vec::with_capacity(data.len());
+        let call = if dir == Dir::Send { "connect" } else { "accept" };
+        for (i, s) in data.into_iter().enumerate() {
+            fds.push(s.as_raw_fd());
+            let stream = mio::net::TcpStream::from_std(std::net::TcpStream::from(s));
+            let w = pool.pick();
+            match pool.add(w, stream, dir, i, shared.clone()) {
+                Ok(token) => socks.push(DataSock { worker: w, token }),
+                Err(e) => {
+                    if let Err(e2) = remove_all(pool, &socks) {
+                        log::warn!("{call}: cleaning up after a failed registration: {e2}");
+                    }
+                    return Err(e.context(format!("{call}: connection to {peer}")));
+                }
+            }
+        }
+        let side = match dir {
+            Dir::Send => Side::Send(SendSide {
+                ctrl,
+                next_seq: 0,
+                slots: Slots::all_free(),
+                reqs: [SendReq {
+                    ptr: std::ptr::null(),
+                    size: 0,
+                    seq: 0,
+                    hdr: [0; HEADER_LEN],
+                    ctrl_len: 0,
+                    ctrl_done: 0,
+                }; MAX_REQUESTS],
+                queue: Ring::new(),
+            }),
+            Dir::Recv => Side::Recv(RecvSide {
+                ctrl,
+                next_seq: 0,
+                slots: Slots::all_free(),
+                reqs: [RecvReq {
+                    ptr: std::ptr::null_mut(),
+                    cap: 0,
+                    size: 0,
+                    seq: 0,
+                    phase: Phase::Done,
+                }; MAX_REQUESTS],
+                waiting: Ring::new(),
+                cur: None,
+                stage: vec![0u8; STAGE_LEN].into_boxed_slice(),
+                lo: 0,
+                hi: 0,
+            }),
+        };
+        let comm = Box::new(Comm {
+            tag: if dir == Dir::Send { TAG_SEND } else { TAG_RECV },
+            shared,
+            pool: pool.clone(),
+            data: socks,
+            streams: p.streams,
+            inline_max: p.inline_max,
+            min_chunk: p.min_chunk,
+            fds,
+            state: Mutex::new(side),
+            slots: std::array::from_fn(|i| Slot {
+                tag: TAG_REQ,
+                comm: std::ptr::null(),
+                index: i as u8,
+            }),
+        });
+        let raw = Box::into_raw(comm);
+        for i in 0..MAX_REQUESTS {
+            // SAFETY: `raw` is the live, uniquely owned allocation just made; the back pointers are
+            // written through it so they stay valid for as long as the comm is.
+            unsafe { std::ptr::addr_of_mut!((*raw).slots[i].comm).write(raw) };
+        }
+        Opaque::from_ptr(raw.cast()).ok_or_else(|| Error::Internal(format!("{call}: comm allocation returned NULL")))
+    }
+
+    /// The comm behind `o`, checking that it is one of ours of the expected kind.
+    ///
+    /// # Safety
+    /// `o` must be a pointer this transport returned (a comm, listen comm, memory handle or
+    /// request) that has not been closed or freed.
+    pub unsafe fn from_opaque<'a>(o: Opaque, tag: u64, call: &str) -> Result<&'a Comm> {
+        // SAFETY: every object this transport hands out is #[repr(C)] with a u64 tag first.
+        let t = unsafe { *(o.as_ptr() as *const u64) };
+        if t != tag {
+            let want = if tag == TAG_SEND { "send" } else { "receive" };
+            return Err(Error::InvalidArgument(format!(
+                "{call}: {:p} is not a {want} comm of the built-in TCP transport",
+                o.as_ptr()
+            )));
+        }
+        // SAFETY: the tag says this is a live Comm (caller's contract).
+        Ok(unsafe { &*(o.as_ptr() as *const Comm) })
+    }
+
+    /// "peer 10.0.0.2:41234, 4 streams".
+    pub fn describe(&self) -> String {
+        format!("peer {}, {} streams", self.shared.peer, self.streams)
+    }
+
+    /// Raw fds of the control and data sockets (tests check they get closed).
+    #[cfg(test)]
+    pub fn fds(&self) -> &[RawFd] {
+        &self.fds
+    }
+
+    fn lock(&self, call: &str) -> Result<MutexGuard<'_, Side>> {
+        match self.state.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(Error::InvalidUsage(format!(
+                "{call}: comm to {} is in use by another thread (NCCL drives each comm from one thread at a time)",
+                self.shared.peer
+            ))),
+            Err(TryLockError::Poisoned(_)) => Err(Error::Internal(format!(
+                "{call}: comm to {} is poisoned by an earlier panic",
+                self.shared.peer
+            ))),
+        }
+    }
+
+    fn check_failed(&self, call: &str) -> Result<()> {
+        match self.shared.failure() {
+            Some(e) => Err(e.context(format!("{call}: comm already failed"))),
+            None => Ok(()),
+        }
+    }
+
+    fn slot_opaque(&self, i: usize) -> Result<Opaque> {
+        Opaque::from_ptr(&self.slots[i] as *const Slot as *mut std::ffi::c_void)
+            .ok_or_else(|| Error::Internal("request slot address is NULL".into()))
+    }
+
+    fn too_many(&self, call: &str) -> Error {
+        Error::InvalidUsage(format!(
+            "{call}: {MAX_REQUESTS} requests already outstanding on the connection to {} \
+             (NCCL_NET_MAX_REQUESTS is {MAX_REQUESTS}; test() completed requests before posting more)",
+            self.shared.peer
+        ))
+    }
+
+    /// Posts a send of `size` bytes at `data`.
+    pub fn isend(&self, data: *const u8, size: i32) -> Result<Opaque> {
+        let peer = self.shared.peer;
+        let size = usize::try_from(size)
+            .map_err(|_| Error::InvalidArgument(format!("isend: negative size {size} (connection to {peer})")))?;
+        if size > 0 && data.is_null() {
+            return Err(Error::InvalidArgument(format!(
+                "isend: NULL buffer for {size} bytes (connection to {peer})"
+            )));
+        }
+        self.check_failed("isend")?;
+        let mut g = self.lock("isend")?;
+        let Side::Send(s) = &mut *g else {
+            return Err(Error::Internal("isend: comm state is not a send side".into()));
+        };
+        let i = s.slots.take().ok_or_else(|| self.too_many("isend"))?;
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        let inline = size <= self.inline_max;
+        let chunk = if inline {
+            0
+        } else {
+            wire::chunk_size(size, self.streams, self.min_chunk)
+        };
+        let hdr = Header {
+            seq,
+            size: size as u64,
+            chunk: chunk as u32,
+            flags: if inline { FLAG_INLINE } else { 0 },
+        };
+        s.reqs[i] = SendReq {
+            ptr: data,
+            size,
+            seq,
+            hdr: hdr.encode(),
+            ctrl_len: HEADER_LEN + if inline { size } else { 0 },
+            ctrl_done: 0,
+        };
+        if inline {
+            self.shared.pending[i].store(0, Ordering::Relaxed);
+        } else {
+            // Post chunks before writing the header: workers start moving data while we write it.
+            let n = wire::chunks(seq, size, chunk, self.streams).count() as u32;
+            self.shared.pending[i].store(n, Ordering::Release);
+            for (stream, off, len) in wire::chunks(seq, size, chunk, self.streams) {
+                let d = &self.data[stream];
+                let task = Task {
+                    // SAFETY: off < size and NCCL's buffer holds `size` bytes.
+                    ptr: unsafe { data.add(off) } as *mut u8,
+                    len,
+                    done: 0,
+                    slot: i as u8,
+                    seq,
+                };
+                if let Err(e) = self.pool.post(d.worker, d.token, task) {
+                    let e = e.context(format!("isend: connection to {peer}"));
+                    self.shared.fail(clone_error(&e));
+                    s.slots.release(i);
+                    return Err(e);
+                }
+            }
+        }
+        s.queue.push(i as u8);
+        self.flush_ctrl(s);
+        drop(g);
+        self.slot_opaque(i)
+    }
+
+    /// Writes as much queued control data (headers, inline payloads) as the socket takes.
+    fn flush_ctrl(&self, s: &mut SendSide) {
+        while s.queue.len > 0 && !self.shared.is_failed() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut k = 0;
+            for q in 0..s.queue.len {
+                if k + 2 > MAX_IOV {
+                    break;
+                }
+                let r = &s.reqs[s.queue.get(q) as usize];
+                if r.ctrl_done < HEADER_LEN {
+                    iov[k] = IoSlice::new(&r.hdr[r.ctrl_done..]);
+                    k += 1;
+                }
+                let inline_len = r.ctrl_len - HEADER_LEN;
+                let from = r.ctrl_done.saturating_sub(HEADER_LEN);
+                if from < inline_len {
+                    // SAFETY: NCCL's send buffer holds `size` (= inline_len) readable bytes until the
+                    // request completes, and nothing writes it meanwhile.
+                    let payload = unsafe { std::slice::from_raw_parts(r.ptr.add(from), inline_len - from) };
+                    iov[k] = IoSlice::new(payload);
+                    k += 1;
+                }
+            }
+            match s.ctrl.send_vectored_with_flags(&iov[..k], libc::MSG_NOSIGNAL) {
+                Ok(0) => return,
+                Ok(mut n) => {
+                    while n > 0 {
+                        let Some(q) = s.queue.front() else { break };
+                        let r = &mut s.reqs[q as usize];
+                        let left = r.ctrl_len - r.ctrl_done;
+                        if n >= left {
+                            r.ctrl_done = r.ctrl_len;
+                            n -= left;
+                            s.queue.pop();
+                        } else {
+                            r.ctrl_done += n;
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if sys::is_would_block(&e) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let seq = s.queue.front().map_or(s.next_seq, |q| s.reqs[q as usize].seq);
+                    let msg = format!(
+                        "isend: connection to {} failed while sending message {seq} on the control socket: {e}",
+                        self.shared.peer
+                    );
+                    self.shared.fail(if sys::is_peer_gone(&e) {
+                        Error::Remote(msg)
+                    } else {
+                        Error::System(msg)
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Posts a receive into `cap` bytes at `data`.
+    pub fn irecv(&self, data: *mut u8, cap: i32) -> Result<Opaque> {
+        let peer = self.shared.peer;
+        let cap = usize::try_from(cap)
+            .map_err(|_| Error::InvalidArgument(format!("irecv: negative size {cap} (connection to {peer})")))?;
+        if cap > 0 && data.is_null() {
+            return Err(Error::InvalidArgument(format!(
+                "irecv: NULL buffer for {cap} bytes (connection to {peer})"
+            )));
+        }
+        self.check_failed("irecv")?;
+        let mut g = self.lock("irecv")?;
+        let Side::Recv(r) = &mut *g else {
+            return Err(Error::Internal("irecv: comm state is not a receive side".into()));
+        };
+        let i = r.slots.take().ok_or_else(|| self.too_many("irecv"))?;
+        r.reqs[i] = RecvReq {
+            ptr: data,
+            cap,
+            size: 0,
+            seq: 0,
+            phase: Phase::Header,
+        };
+        r.waiting.push(i as u8);
+        self.progress_recv(r);
+        drop(g);
+        self.slot_opaque(i)
+    }
+
+    /// Reads more control bytes into the staging buffer. Ok(false): nothing available now.
+    fn fill_stage(&self, r: &mut RecvSide, seq: u64) -> bool {
+        // Callers consume the stage before refilling it, so at most a partial header moves here.
+        if r.lo > 0 {
+            r.stage.copy_within(r.lo..r.hi, 0);
+            r.hi -= r.lo;
+            r.lo = 0;
+        }
+        if r.hi == r.stage.len() {
+            return true;
+        }
+        loop {
+            match (&r.ctrl).read(&mut r.stage[r.hi..]) {
+                Ok(0) => {
+                    self.shared.fail(Error::Remote(format!(
+                        "irecv: connection to {} closed while receiving message {seq}",
+                        self.shared.peer
+                    )));
+                    return false;
+                }
+                Ok(n) => {
+                    r.hi += n;
+                    return true;
+                }
+                Err(e) if sys::is_would_block(&e) => return false,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.fail_io(e, seq);
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn fail_io(&self, e: std::io::Error, seq: u64) {
+        let msg = format!(
+            "irecv: connection to {} failed while receiving message {seq}: {e}",
+            self.shared.peer
+        );
+        self.shared.fail(if sys::is_peer_gone(&e) {
+            Error::Remote(msg)
+        } else {
+            Error::System(msg)
+        });
+    }
+
+    /// Reads headers and inline payloads for posted receives, in order, and hands striped
+    /// messages' chunks to the workers. Failures are recorded on the comm for test() to report.
+    fn progress_recv(&self, r: &mut RecvSide) {
+        let peer = self.shared.peer;
+        while !self.shared.is_failed() {
+            if let Some(i) = r.cur {
+                let req = &mut r.reqs[i];
+                let Phase::Inline { mut done } = req.phase else {
+                    r.cur = None;
+                    continue;
+                };
+                let take = (req.size - done).min(r.hi - r.lo);
+                if take > 0 {
+                    // SAFETY: done + take <= size <= cap, the posted buffer's length; the stage range is
+                    // initialised bytes of our own buffer, which cannot overlap NCCL's.
+                    unsafe { std::ptr::copy_nonoverlapping(r.stage[r.lo..].as_ptr(), req.ptr.add(done), take) };
+                    done += take;
+                    r.lo += take;
+                    req.phase = Phase::Inline { done };
+                }
+                let left = req.size - done;
+                if left == 0 {
+                    req.phase = Phase::Done;
+                    r.cur = None;
+                    continue;
+                }
+                let seq = req.seq;
+                if left >= DIRECT_READ_MIN {
+                    // SAFETY: the range lies in the posted buffer (done + left = size <= cap), which
+                    // only this comm writes while the request is outstanding.
+                    match unsafe { sys::recv_raw(r.ctrl.as_raw_fd(), req.ptr.add(done), left) } {
+                        Ok(0) => {
+                            self.shared.fail(Error::Remote(format!(
+                                "irecv: connection to {peer} closed while receiving message {seq}"
+                            )));
+                            return;
+                        }
+                        Ok(n) => req.phase = Phase::Inline { done: done + n },
+                        Err(e) if sys::is_would_block(&e) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            self.fail_io(e, seq);
+                            return;
+                        }
+                    }
+                } else if !self.fill_stage(r, seq) {
+                    return;
+                }
+                continue;
+            }
+            let Some(i) = r.waiting.front() else { return };
+            let i = i as usize;
+            if r.hi - r.lo < HEADER_LEN {
+                if !self.fill_stage(r, r.next_seq) {
+                    return;
+                }
+                continue;
+            }
+            let Some(h) = Header::decode(&r.stage[r.lo..r.hi]) else {
+                self.shared.fail(Error::Remote(format!(
+                    "irecv: malformed message header {} from {peer} (stream out of sync: does the peer run \
+                     the same tcpxshim version?)",
+                    r.next_seq
+                )));
+                return;
+            };
+            if let Err(e) = self.check_header(&h, r.next_seq, r.reqs[i].cap) {
+                self.shared.fail(e);
+                return;
+            }
+            r.lo += HEADER_LEN;
+            r.waiting.pop();
+            r.next_seq += 1;
+            let size = h.size as usize;
+            let req = &mut r.reqs[i];
+            req.seq = h.seq;
+            req.size = size;
+            if h.flags & FLAG_INLINE != 0 {
+                req.phase = Phase::Inline { done: 0 };
+                r.cur = Some(i);
+                continue;
+            }
+            req.phase = Phase::Striped;
+            let chunk = h.chunk as usize;
+            let n = wire::chunks(h.seq, size, chunk, self.streams).count() as u32;
+            self.shared.pending[i].store(n, Ordering::Release);
+            for (stream, off, len) in wire::chunks(h.seq, size, chunk, self.streams) {
+                let d = &self.data[stream];
+                let task = Task {
+                    // SAFETY: off < size <= cap, inside the posted buffer.
+                    ptr: unsafe { req.ptr.add(off) },
+                    len,
+                    done: 0,
+                    slot: i as u8,
+                    seq: h.seq,
+                };
+                if let Err(e) = self.pool.post(d.worker, d.token, task) {
+                    self.shared.fail(e.context(format!("irecv: connection to {peer}")));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check_header(&self, h: &Header, want_seq: u64, cap: usize) -> Result<()> {
+        let peer = self.shared.peer;
+        if h.seq != want_seq {
+            return Err(Error::Remote(format!(
+                "irecv: header from {peer} is for message {} but message {want_seq} was expected (stream out of sync)",
+                h.seq
+            )));
+        }
+        if h.size > i32::MAX as u64 {
+            return Err(Error::Remote(format!(
+                "irecv: header of message {want_seq} from {peer} announces {} bytes, more than the 2^31-1 NCCL allows",
+                h.size
+            )));
+        }
+        let size = h.size as usize;
+        if h.flags & FLAG_INLINE != 0 {
+            if size > self.inline_max {
+                return Err(Error::InvalidUsage(format!(
+                    "irecv: message {want_seq} from {peer} is sent inline with {size} bytes but this rank inlines at \
+                     most {} (NCCL_TCPXSHIM_TCP_INLINE must match on every rank)",
+                    self.inline_max
+                )));
+            }
+        } else {
+            let chunk = h.chunk as usize;
+            if chunk == 0 || size == 0 || size.div_ceil(chunk) > self.streams {
+                return Err(Error::Remote(format!(
+                    "irecv: message {want_seq} from {peer} has {size} bytes in chunks of {chunk}, which does not fit \
+                     {} data streams (NCCL_TCPXSHIM_TCP_STREAMS must match on every rank)",
+                    self.streams
+                )));
+            }
+        }
+        if size > cap {
+            return Err(Error::InvalidUsage(format!(
+                "irecv: message {want_seq} from {peer} is {size} bytes but the posted receive buffer is only {cap} \
+                 bytes (a send larger than its matching receive)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tests request slot `i`; true (and the slot freed) when complete.
+    fn test_slot(&self, i: usize, sizes: Option<&mut [i32]>) -> Result<bool> {
+        let mut g = self.lock("test")?;
+        let done_size = match &mut *g {
+            Side::Send(s) => {
+                if !s.slots.is_busy(i) {
+                    return Err(self.not_outstanding());
+                }
+                if s.queue.len > 0 {
+                    self.flush_ctrl(s);
+                }
+                let r = &s.reqs[i];
+                (r.ctrl_done == r.ctrl_len && self.shared.pending[i].load(Ordering::Acquire) == 0).then(|| {
+                    s.slots.release(i);
+                    r.size
+                })
+            }
+            Side::Recv(r) => {
+                if !r.slots.is_busy(i) {
+                    return Err(self.not_outstanding());
+                }
+                if r.cur.is_some() || r.waiting.len > 0 {
+                    self.progress_recv(r);
+                }
+                let q = &r.reqs[i];
+                let done = match q.phase {
+                    Phase::Done => true,
+                    Phase::Striped => self.shared.pending[i].load(Ordering::Acquire) == 0,
+                    _ => false,
+                };
+                done.then(|| {
+                    r.slots.release(i);
+                    q.size
+                })
+            }
+        };
+        match done_size {
+            Some(n) => {
+                if let Some(first) = sizes.and_then(|s| s.first_mut()) {
+                    *first = n as i32;
+                }
+                Ok(true)
+            }
+            None => match self.shared.failure() {
+                Some(e) => Err(e),
+                None => Ok(false),
+            },
+        }
+    }
+
+    fn not_outstanding(&self) -> Error {
+        Error::InvalidArgument(format!(
+            "test: request on the connection to {} is not outstanding (tested again after completion?)",
+            self.shared.peer
+        ))
+    }
+
+    /// Takes the comm's data sockets away from the workers (waiting until they let go), then frees it.
+    ///
+    /// # Safety
+    /// `o` must be a live comm of this transport; it is freed and must not be used afterwards.
+    pub unsafe fn close(o: Opaque, tag: u64, call: &str) -> Result<()> {
+        // SAFETY: forwarded caller contract.
+        let c = unsafe { Comm::from_opaque(o, tag, call)? };
+        log::debug!("{call}: closing {} (fds {:?})", c.describe(), c.fds);
+        if let Err(e) = remove_all(&c.pool, &c.data) {
+            // A worker may still touch the comm or NCCL's buffers: leaking is the only safe choice.
+            return Err(e.context(format!("{call}: connection to {} (comm leaked)", c.shared.peer)));
+        }
+        // SAFETY: the comm came from Box::into_raw in `create`, no worker refers to it any more, and
+        // NCCL does not use a comm after closing it.
+        drop(unsafe { Box::from_raw(o.as_ptr() as *mut Comm) });
+        Ok(())
+    }
+}
+
+/// Tests the request `req` (a slot of some comm).
+///
+/// # Safety
+/// `req` must be a request returned by isend/irecv of a comm that is still open.
+pub unsafe fn test_request(req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
+    // SAFETY: requests are #[repr(C)] Slots with the tag first (caller's contract).
+    let tag = unsafe { *(req.as_ptr() as *const u64) };
+    if tag != TAG_REQ {
+        return Err(Error::InvalidArgument(format!(
+            "test: {:p} is not a request of the built-in TCP transport",
+            req.as_ptr()
+        )));
+    }
+    // SAFETY: the tag identifies a Slot inside a live comm; its back pointer was set at creation.
+    let slot = unsafe { &*(req.as_ptr() as *const Slot) };
+    // SAFETY: slots live inside their comm, so the comm is live too.
+    let comm = unsafe { &*slot.comm };
+    comm.test_slot(slot.index as usize, sizes)
+}
+
+fn remove_all(pool: &Pool, socks: &[DataSock]) -> Result<()> {
+    let mut by_worker: Vec<Vec<usize>> = Vec::new();
+    for d in socks {
+        if by_worker.len() <= d.worker {
+            by_worker.resize_with(d.worker + 1, Vec::new);
+        }
+        by_worker[d.worker].push(d.token);
+    }
+    let mut first_err = None;
+    for (w, tokens) in by_worker.into_iter().enumerate() {
+        if !tokens.is_empty() {
+            if let Err(e) = pool.remove(w, tokens) {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}

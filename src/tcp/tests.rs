@@ -1,0 +1,940 @@
+//! Loopback tests of the built-in TCP transport. Every wait is bounded by [`DEADLINE`].
+
+use super::*;
+use std::collections::HashSet;
+use std::ptr::null_mut;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn lo_cfg() -> TcpConfig {
+    TcpConfig {
+        ifname: Some("lo".into()),
+        ..Default::default()
+    }
+}
+
+fn transport() -> TcpTransport {
+    TcpTransport::new(&lo_cfg()).expect("transport on lo")
+}
+
+/// Polls `f` until it yields a value; panics after [`DEADLINE`].
+fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    for i in 0u64.. {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        if i < 200 {
+            std::hint::spin_loop();
+        } else if i < 2000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    unreachable!()
+}
+
+/// Listens on device 0 and drives connect/accept until both sides have a comm.
+fn pair(t: &TcpTransport) -> (Opaque, Opaque, Opaque) {
+    let mut h = [0u8; 128];
+    let l = t.listen(0, &mut h).expect("listen");
+    let (mut s, mut r) = (None, None);
+    wait("connect/accept", || {
+        if s.is_none() {
+            s = t.connect(0, &mut h, null_mut()).expect("connect");
+        }
+        if r.is_none() {
+            r = t.accept(l, null_mut()).expect("accept");
+        }
+        (s.is_some() && r.is_some()).then_some(())
+    });
+    (s.unwrap(), r.unwrap(), l)
+}
+
+fn close_pair(t: &TcpTransport, (s, r, l): (Opaque, Opaque, Opaque)) {
+    t.close_send(s).unwrap();
+    t.close_recv(r).unwrap();
+    t.close_listen(l).unwrap();
+}
+
+fn pattern(n: usize, seed: u32) -> Vec<u8> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+/// Tests `req` until done: Ok(size reported) or the error.
+fn finish(t: &TcpTransport, req: Opaque, what: &str) -> Result<i32> {
+    let mut sz = [-1i32];
+    wait(what, || match t.test(req, Some(&mut sz)) {
+        Ok(true) => Some(Ok(sz[0])),
+        Ok(false) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
+
+/// Tests a send and a receive together until both finished (either may fail).
+fn finish_both(t: &TcpTransport, sreq: Opaque, rreq: Opaque) -> (Result<i32>, Result<i32>) {
+    let (mut so, mut ro) = (None, None);
+    let step = |req: Opaque, out: &mut Option<Result<i32>>| {
+        if out.is_none() {
+            let mut sz = [-1i32];
+            match t.test(req, Some(&mut sz)) {
+                Ok(true) => *out = Some(Ok(sz[0])),
+                Ok(false) => {}
+                Err(e) => *out = Some(Err(e)),
+            }
+        }
+    };
+    wait("send and receive to complete", || {
+        step(sreq, &mut so);
+        step(rreq, &mut ro);
+        (so.is_some() && ro.is_some()).then_some(())
+    });
+    (so.unwrap(), ro.unwrap())
+}
+
+/// Sends `send` and receives into a buffer of `cap` bytes; returns (send result, recv result, buffer).
+fn transfer(
+    t: &TcpTransport,
+    s: Opaque,
+    r: Opaque,
+    send: &mut [u8],
+    cap: usize,
+) -> (Result<i32>, Result<i32>, Vec<u8>) {
+    let mut buf = vec![0xEEu8; cap];
+    let rreq = t
+        .irecv(r, &[buf.as_mut_ptr().cast()], &[cap as i32], &[0], &[None])
+        .unwrap()
+        .unwrap();
+    let sreq = t
+        .isend(s, send.as_mut_ptr().cast(), send.len() as i32, 0, None)
+        .unwrap()
+        .unwrap();
+    let (a, b) = finish_both(t, sreq, rreq);
+    (a, b, buf)
+}
+
+fn check_transfer(t: &TcpTransport, s: Opaque, r: Opaque, size: usize, cap: usize) {
+    let mut data = pattern(size, size as u32);
+    let (sr, rr, buf) = transfer(t, s, r, &mut data, cap);
+    assert_eq!(sr.unwrap(), size as i32, "send of {size} reports its size");
+    assert_eq!(
+        rr.unwrap(),
+        size as i32,
+        "receive of {size} (posted {cap}) reports the sent size"
+    );
+    assert!(buf[..size] == data[..], "payload of {size} bytes corrupted");
+    assert!(
+        buf[size..].iter().all(|&b| b == 0xEE),
+        "receive of {size} wrote past the message"
+    );
+}
+
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end().starts_with(prefix))
+        .count()
+}
+
+fn worker_prefix(t: &TcpTransport) -> String {
+    format!("txs{}-io", t.pool.id)
+}
+
+/// The "socket:[inode]" identities of fds, which stay unique while the sockets live.
+fn socket_ids(fds: &[std::os::fd::RawFd]) -> Vec<String> {
+    fds.iter()
+        .map(|fd| {
+            let l = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+            let l = l.to_string_lossy().into_owned();
+            assert!(l.starts_with("socket:"), "fd {fd} is {l}");
+            l
+        })
+        .collect()
+}
+
+fn open_fd_ids() -> HashSet<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn properties_and_devices_on_loopback() {
+    let t = transport();
+    assert_eq!(t.name(), "tcpxshim");
+    assert!(t.handle_size() <= crate::handle::INNER_HANDLE_SIZE);
+    assert_eq!(t.devices().unwrap(), 1);
+    let p = t.properties(0).unwrap();
+    assert_eq!(p.name, "lo");
+    assert_eq!(p.pci_path, None);
+    assert_eq!((p.guid, p.ptr_support, p.speed_mbps, p.max_recvs), (0, 1, 10_000, 1));
+    assert_eq!(p.device_type, DeviceType::Host);
+    assert_eq!(t.device_address(0), Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(t.device_address(1), None);
+}
+
+#[test]
+fn bad_device_index_is_rejected() {
+    let t = transport();
+    for dev in [1, -1, 99] {
+        let err = t.properties(dev).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let m = err.to_string();
+        assert!(m.contains(&format!("device {dev}")) && m.contains("1 device"), "{m}");
+        let mut h = [0u8; 128];
+        assert!(matches!(t.listen(dev, &mut h), Err(Error::InvalidArgument(_))));
+    }
+}
+
+#[test]
+fn no_matching_interface_names_the_settings() {
+    let cfg = TcpConfig {
+        ifname: Some("=no-such-if0".into()),
+        ..Default::default()
+    };
+    let err = TcpTransport::new(&cfg).err().expect("no device").to_string();
+    assert!(
+        err.contains("NCCL_TCPXSHIM_TCP_IFNAME") && err.contains("lo (up"),
+        "{err}"
+    );
+}
+
+#[test]
+fn connect_accept_and_describe() {
+    let t = transport();
+    let p = pair(&t);
+    let d = t.describe_comm(p.0).unwrap();
+    assert!(d.starts_with("peer 127.0.0.1:") && d.ends_with(", 4 streams"), "{d}");
+    let d = t.describe_comm(p.1).unwrap();
+    assert!(d.starts_with("peer 127.0.0.1:"), "{d}");
+    assert!(t.describe_comm(p.2).unwrap().starts_with("listening on 127.0.0.1:"));
+    close_pair(&t, p);
+}
+
+#[test]
+fn transfers_of_all_sizes_arrive_intact() {
+    let t = transport();
+    let p = pair(&t);
+    for size in [
+        0,
+        1,
+        3,
+        4095,
+        4096,
+        16384,
+        16385,
+        65537,
+        (1 << 20) + 7,
+        16 << 20,
+        64 << 20,
+    ] {
+        check_transfer(&t, p.0, p.1, size, size + 64);
+    }
+    close_pair(&t, p);
+}
+
+#[test]
+fn other_settings_transfer_correctly() {
+    let cfgs = [
+        TcpConfig {
+            streams: 1,
+            inline_max: 0,
+            workers: 1,
+            ..lo_cfg()
+        },
+        TcpConfig {
+            streams: 7,
+            min_chunk: 4096,
+            inline_max: 1,
+            workers: 3,
+            ..lo_cfg()
+        },
+        TcpConfig {
+            streams: 64,
+            min_chunk: 4096,
+            workers: 2,
+            inline_max: 1 << 20,
+            ..lo_cfg()
+        },
+    ];
+    for cfg in cfgs {
+        let t = TcpTransport::new(&cfg).unwrap();
+        let p = pair(&t);
+        for size in [0, 1, 4097, 100_000, (1 << 20) + 3, (3 << 20) + 1] {
+            check_transfer(&t, p.0, p.1, size, size);
+        }
+        close_pair(&t, p);
+    }
+}
+
+#[test]
+fn larger_receive_reports_the_send_size() {
+    let t = transport();
+    let p = pair(&t);
+    check_transfer(&t, p.0, p.1, 1000, 5000);
+    check_transfer(&t, p.0, p.1, 300_000, 1 << 20);
+    check_transfer(&t, p.0, p.1, 0, 4096);
+    close_pair(&t, p);
+}
+
+#[test]
+fn smaller_receive_is_an_error_naming_both_sizes() {
+    let t = transport();
+    for (send, cap) in [(200usize, 100usize), (1 << 20, 65536)] {
+        let p = pair(&t);
+        // A good message first: the failure must hit exactly the oversized one.
+        check_transfer(&t, p.0, p.1, 10, 10);
+        let mut data = pattern(send, 1);
+        let (_, rr, buf) = transfer_or_recv_error(&t, p.0, p.1, &mut data, cap);
+        let err = rr.unwrap_err();
+        assert!(matches!(err, Error::InvalidUsage(_)), "{err}");
+        let m = err.to_string();
+        for want in [
+            send.to_string(),
+            cap.to_string(),
+            "127.0.0.1:".to_string(),
+            "message 1".to_string(),
+        ] {
+            assert!(m.contains(&want), "{want:?} missing from {m}");
+        }
+        assert!(
+            buf.iter().all(|&b| b == 0xEE),
+            "no payload may land in a too-small buffer"
+        );
+        let mut other = [0u8; 8];
+        let later = t.irecv(p.1, &[other.as_mut_ptr().cast()], &[8], &[0], &[None]);
+        assert!(later.is_err(), "the comm is failed after an oversized message");
+        close_pair(&t, p);
+    }
+}
+
+/// Like `transfer`, but only waits for the receive (the send may never complete).
+fn transfer_or_recv_error(
+    t: &TcpTransport,
+    s: Opaque,
+    r: Opaque,
+    send: &mut [u8],
+    cap: usize,
+) -> (Option<Opaque>, Result<i32>, Vec<u8>) {
+    let mut buf = vec![0xEEu8; cap];
+    let rreq = t
+        .irecv(r, &[buf.as_mut_ptr().cast()], &[cap as i32], &[0], &[None])
+        .unwrap()
+        .unwrap();
+    let sreq = t
+        .isend(s, send.as_mut_ptr().cast(), send.len() as i32, 0, None)
+        .unwrap();
+    let rr = finish(t, rreq, "oversized receive to fail");
+    (sreq, rr, buf)
+}
+
+#[test]
+fn thirty_two_outstanding_requests_each_way() {
+    let t = transport();
+    let a = pair(&t);
+    let b = pair(&t);
+    for (s, r) in [(a.0, a.1), (b.0, b.1)] {
+        let sizes: Vec<usize> = (0..32).map(|i| [7, 20_000, 300_000, 0][i % 4] + i).collect();
+        let mut sends: Vec<Vec<u8>> = sizes.iter().map(|&n| pattern(n, n as u32)).collect();
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xEE; n]).collect();
+        let rreqs: Vec<Opaque> = bufs
+            .iter_mut()
+            .map(|b| {
+                t.irecv(r, &[b.as_mut_ptr().cast()], &[b.len() as i32], &[0], &[None])
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let sreqs: Vec<Opaque> = sends
+            .iter_mut()
+            .map(|d| {
+                t.isend(s, d.as_mut_ptr().cast(), d.len() as i32, 0, None)
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        // Complete in reverse order: completion must not depend on test order.
+        for i in (0..32).rev() {
+            let (sr, rr) = finish_both(&t, sreqs[i], rreqs[i]);
+            assert_eq!(sr.unwrap(), sizes[i] as i32);
+            assert_eq!(rr.unwrap(), sizes[i] as i32);
+            assert!(bufs[i] == sends[i], "message {i} corrupted");
+        }
+    }
+    close_pair(&t, a);
+    close_pair(&t, b);
+}
+
+#[test]
+fn request_33_is_rejected() {
+    let t = transport();
+    let p = pair(&t);
+    let mut bufs = vec![[0u8; 16]; 33];
+    for (i, b) in bufs.iter_mut().enumerate() {
+        let r = t.irecv(p.1, &[b.as_mut_ptr().cast()], &[16], &[0], &[None]);
+        if i < 32 {
+            assert!(r.unwrap().is_some());
+        } else {
+            let err = r.unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidUsage(_)) && err.to_string().contains("32"),
+                "{err}"
+            );
+        }
+    }
+    let mut data = vec![1u8; 8];
+    for i in 0..33 {
+        let r = t.isend(p.0, data.as_mut_ptr().cast(), 8, 0, None);
+        if i < 32 {
+            assert!(r.unwrap().is_some());
+        } else {
+            let err = r.unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidUsage(_)) && err.to_string().contains("32"),
+                "{err}"
+            );
+        }
+    }
+    close_pair(&t, p);
+}
+
+#[test]
+fn irecv_rejects_grouped_receives() {
+    let t = transport();
+    let p = pair(&t);
+    let mut a = [0u8; 4];
+    let mut b = [0u8; 4];
+    let err = t
+        .irecv(
+            p.1,
+            &[a.as_mut_ptr().cast(), b.as_mut_ptr().cast()],
+            &[4, 4],
+            &[0, 0],
+            &[None, None],
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("maxRecvs 1"),
+        "{err}"
+    );
+    close_pair(&t, p);
+}
+
+#[test]
+fn reg_mr_accepts_host_memory_only() {
+    let t = transport();
+    let p = pair(&t);
+    let mut buf = [0u8; 64];
+    let mr = t
+        .reg_mr(p.0, buf.as_mut_ptr().cast(), 64, crate::ffi::NCCL_PTR_HOST as i32)
+        .unwrap();
+    t.dereg_mr(p.0, mr).unwrap();
+    let err = t
+        .reg_mr(p.0, buf.as_mut_ptr().cast(), 64, crate::ffi::NCCL_PTR_CUDA as i32)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("NCCL_PTR_HOST"),
+        "{err}"
+    );
+    assert!(t.iflush(p.1, &[], &[], &[]).unwrap().is_none());
+    close_pair(&t, p);
+}
+
+#[test]
+fn sixty_four_connections_at_once_without_new_threads() {
+    let t = transport();
+    let prefix = worker_prefix(&t);
+    assert_eq!(threads_named(&prefix), 4, "one thread per worker");
+    let n = 64;
+    let mut handles = vec![[0u8; 128]; n];
+    let listens: Vec<Opaque> = handles.iter_mut().map(|h| t.listen(0, h).unwrap()).collect();
+    let mut sends: Vec<Option<Opaque>> = vec![None; n];
+    let mut recvs: Vec<Option<Opaque>> = vec![None; n];
+    wait("64 connections", || {
+        for i in 0..n {
+            if sends[i].is_none() {
+                sends[i] = t.connect(0, &mut handles[i], null_mut()).unwrap();
+            }
+        }
+        for i in 0..n {
+            if recvs[i].is_none() {
+                recvs[i] = t.accept(listens[i], null_mut()).unwrap();
+            }
+        }
+        (sends.iter().all(Option::is_some) && recvs.iter().all(Option::is_some)).then_some(())
+    });
+    assert_eq!(threads_named(&prefix), 4, "no thread per connection");
+    let size = |i: usize| if i % 2 == 0 { 1000 + i } else { 256 << 10 };
+    let mut data: Vec<Vec<u8>> = (0..n).map(|i| pattern(size(i), i as u32)).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![0u8; size(i)]).collect();
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        let r = t
+            .irecv(
+                recvs[i].unwrap(),
+                &[bufs[i].as_mut_ptr().cast()],
+                &[size(i) as i32],
+                &[0],
+                &[None],
+            )
+            .unwrap()
+            .unwrap();
+        let s = t
+            .isend(sends[i].unwrap(), data[i].as_mut_ptr().cast(), size(i) as i32, 0, None)
+            .unwrap()
+            .unwrap();
+        reqs.push((s, r));
+    }
+    for (i, &(s, r)) in reqs.iter().enumerate() {
+        let (a, b) = finish_both(&t, s, r);
+        assert_eq!((a.unwrap(), b.unwrap()), (size(i) as i32, size(i) as i32));
+        assert!(bufs[i] == data[i], "connection {i} corrupted its message");
+    }
+    assert_eq!(threads_named(&prefix), 4);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.extend(socket_ids(&t.comm_fds(sends[i].unwrap())));
+        ids.extend(socket_ids(&t.comm_fds(recvs[i].unwrap())));
+        ids.extend(socket_ids(&t.comm_fds(listens[i])));
+        close_pair(&t, (sends[i].unwrap(), recvs[i].unwrap(), listens[i]));
+    }
+    assert_eq!(ids.len(), n * (2 * 5 + 1));
+    let open = open_fd_ids();
+    assert!(ids.iter().all(|id| !open.contains(id)), "sockets left open after close");
+    drop(t);
+    assert_eq!(threads_named(&prefix), 0, "dropping the transport joins its workers");
+}
+
+#[test]
+fn closing_the_receiver_with_requests_in_flight_fails_the_sender() {
+    let t = transport();
+    let p = pair(&t);
+    let size = 64 << 20;
+    let mut data = pattern(size, 3);
+    let mut buf = vec![0u8; size];
+    let _rreq = t
+        .irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+        .unwrap()
+        .unwrap();
+    let sreq = t
+        .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    t.close_recv(p.1).unwrap();
+    // The workers no longer write into `buf`: changing it now is safe, and must stay as we leave it.
+    buf.fill(0x11);
+    let err = finish(&t, sreq, "the send to fail after the receiver closed").unwrap_err();
+    assert!(matches!(err, Error::Remote(_)), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:"), "{err}");
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        buf.iter().all(|&b| b == 0x11),
+        "a worker wrote into a closed comm's buffer"
+    );
+    t.close_send(p.0).unwrap();
+    t.close_listen(p.2).unwrap();
+}
+
+#[test]
+fn closing_the_sender_with_requests_in_flight_fails_the_receiver() {
+    let t = transport();
+    let p = pair(&t);
+    let size = 64 << 20;
+    let mut data = pattern(size, 4);
+    let mut buf = vec![0u8; size];
+    let rreq = t
+        .irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+        .unwrap()
+        .unwrap();
+    let _sreq = t
+        .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
+        .unwrap()
+        .unwrap();
+    // The receiver has not read anything yet, so at most the socket buffers' worth (a few MiB) can have
+    // left: the 64 MiB send is certainly in flight when it is closed.
+    t.close_send(p.0).unwrap();
+    data.fill(0); // the send side's workers have let go of it
+    let err = finish(&t, rreq, "the receive to fail after the sender closed").unwrap_err();
+    assert!(matches!(err, Error::Remote(_)), "{err}");
+    assert!(err.to_string().contains("closed while receiving message 0"), "{err}");
+    t.close_recv(p.1).unwrap();
+    t.close_listen(p.2).unwrap();
+}
+
+#[test]
+fn closing_a_receiver_while_workers_fill_its_buffer_is_safe() {
+    let t = transport();
+    let mut h = [0u8; 128];
+    let l = t.listen(0, &mut h).unwrap();
+    let lh = ListenHandle::read(&h).unwrap();
+    // A hand-made sender that announces 1 MiB but delivers only half of each chunk.
+    let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 42).unwrap();
+    let mut r = None;
+    wait("hand-made sender to connect", || {
+        let sent = fake.progress().unwrap();
+        if r.is_none() {
+            r = t.accept(l, null_mut()).unwrap();
+        }
+        (sent && r.is_some()).then_some(())
+    });
+    let r = r.unwrap();
+    let (ctrl, data) = fake.into_sockets().unwrap();
+    let size = 1usize << 20;
+    let chunk = wire::chunk_size(size, lh.streams as usize, 65536);
+    let send_all = |s: &socket2::Socket, mut b: &[u8]| {
+        s.set_nonblocking(false).unwrap();
+        while !b.is_empty() {
+            let n = s.send(b).unwrap();
+            b = &b[n..];
+        }
+    };
+    let header = wire::Header {
+        seq: 0,
+        size: size as u64,
+        chunk: chunk as u32,
+        flags: 0,
+    };
+    send_all(&ctrl, &header.encode());
+    for (stream, _, len) in wire::chunks(0, size, chunk, lh.streams as usize) {
+        send_all(&data[stream], &vec![7u8; len / 2]);
+    }
+    let mut buf = vec![0u8; size];
+    let rq = t
+        .irecv(r, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+        .unwrap()
+        .unwrap();
+    for _ in 0..50 {
+        assert!(!t.test(rq, None).unwrap(), "only half the message was sent");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ids = socket_ids(&t.comm_fds(r));
+    t.close_recv(r).unwrap();
+    // From here on no worker may touch `buf`, even when the rest of the data turns up.
+    buf.fill(0x11);
+    for (stream, _, len) in wire::chunks(0, size, chunk, lh.streams as usize) {
+        let _ = data[stream].send(&vec![7u8; len - len / 2]);
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        buf.iter().all(|&b| b == 0x11),
+        "a worker wrote into a closed comm's buffer"
+    );
+    let open = open_fd_ids();
+    assert!(ids.iter().all(|id| !open.contains(id)), "closeRecv left sockets open");
+    t.close_listen(l).unwrap();
+}
+
+#[test]
+fn zero_byte_messages_may_use_null_buffers() {
+    let t = transport();
+    let p = pair(&t);
+    for _ in 0..3 {
+        let rq = t.irecv(p.1, &[null_mut()], &[0], &[0], &[None]).unwrap().unwrap();
+        let sq = t.isend(p.0, null_mut(), 0, 0, None).unwrap().unwrap();
+        let (a, b) = finish_both(&t, sq, rq);
+        assert_eq!((a.unwrap(), b.unwrap()), (0, 0));
+    }
+    let err = t.isend(p.0, null_mut(), 5, 0, None).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let err = t.irecv(p.1, &[null_mut()], &[-1], &[0], &[None]).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    close_pair(&t, p);
+}
+
+#[test]
+fn peer_close_is_an_error_not_a_hang() {
+    let t = transport();
+    let p = pair(&t);
+    check_transfer(&t, p.0, p.1, 100, 100);
+    t.close_send(p.0).unwrap();
+    for size in [64, 1 << 20] {
+        let mut buf = vec![0u8; size];
+        let r = t.irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None]);
+        let err = match r {
+            Ok(Some(req)) => finish(&t, req, "receive from a closed peer to fail").unwrap_err(),
+            Ok(None) => panic!("irecv returned no request"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, Error::Remote(_)), "{err}");
+        assert!(err.to_string().contains("closed while receiving message 1"), "{err}");
+    }
+    t.close_recv(p.1).unwrap();
+    t.close_listen(p.2).unwrap();
+
+    // And the other way round: sending to a closed receiver.
+    let p = pair(&t);
+    t.close_recv(p.1).unwrap();
+    let size = 16 << 20;
+    let mut data = pattern(size, 5);
+    let err = wait("sends to a closed receiver to fail", || {
+        match t.isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None) {
+            Err(e) => Some(e),
+            Ok(Some(req)) => finish(&t, req, "send to a closed receiver").err(),
+            Ok(None) => None,
+        }
+    });
+    assert!(matches!(err, Error::Remote(_)), "{err}");
+    t.close_send(p.0).unwrap();
+    t.close_listen(p.2).unwrap();
+}
+
+#[test]
+fn listen_comm_accepts_several_connections_and_closes_leftovers() {
+    let t = transport();
+    let mut h = [0u8; 128];
+    let l = t.listen(0, &mut h).unwrap();
+    let mut h1 = h;
+    let mut h2 = h;
+    let (mut s1, mut s2) = (None, None);
+    let mut recvs = Vec::new();
+    wait("two connections on one listen comm", || {
+        if s1.is_none() {
+            s1 = t.connect(0, &mut h1, null_mut()).unwrap();
+        }
+        if s2.is_none() {
+            s2 = t.connect(0, &mut h2, null_mut()).unwrap();
+        }
+        if let Some(r) = t.accept(l, null_mut()).unwrap() {
+            recvs.push(r);
+        }
+        (s1.is_some() && s2.is_some() && recvs.len() == 2).then_some(())
+    });
+    // A third connection left half-accepted, then the listen comm closed under it.
+    let mut h3 = h;
+    let s3 = wait("third connect", || t.connect(0, &mut h3, null_mut()).unwrap());
+    let _ = t.accept(l, null_mut()).unwrap();
+    let mut ids = socket_ids(&t.comm_fds(l));
+    t.close_listen(l).unwrap();
+    ids.retain(|id| open_fd_ids().contains(id));
+    assert!(ids.is_empty(), "closeListen left sockets open: {ids:?}");
+    // Each accepted comm pairs with one of the two send comms (which one is up to the network).
+    let mut x = [pattern(10, 7), pattern(10, 8)];
+    let mut b = [vec![0u8; 10], vec![0u8; 10]];
+    let rq: Vec<Opaque> = (0..2)
+        .map(|i| {
+            t.irecv(recvs[i], &[b[i].as_mut_ptr().cast()], &[10], &[0], &[None])
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let sq: Vec<Opaque> = [s1.unwrap(), s2.unwrap()]
+        .iter()
+        .zip(x.iter_mut())
+        .map(|(&s, x)| t.isend(s, x.as_mut_ptr().cast(), 10, 0, None).unwrap().unwrap())
+        .collect();
+    for i in 0..2 {
+        let (a, c) = finish_both(&t, sq[i], rq[i]);
+        assert_eq!((a.unwrap(), c.unwrap()), (10, 10));
+    }
+    assert!(
+        (b[0] == x[0] && b[1] == x[1]) || (b[0] == x[1] && b[1] == x[0]),
+        "the two connections' messages got mixed up"
+    );
+    for s in [s1.unwrap(), s2.unwrap(), s3] {
+        t.close_send(s).unwrap();
+    }
+    for r in recvs {
+        t.close_recv(r).unwrap();
+    }
+}
+
+#[test]
+fn connect_to_a_closed_listener_fails_naming_the_address() {
+    let t = transport();
+    let mut h = [0u8; 128];
+    let l = t.listen(0, &mut h).unwrap();
+    let addr = ListenHandle::read(&h).unwrap().addr;
+    t.close_listen(l).unwrap();
+    let err = wait("connect to a closed port to fail", || {
+        t.connect(0, &mut h, null_mut()).err()
+    });
+    assert!(matches!(err, Error::System(_)), "{err}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert_eq!(wire::connect_state(&h), 0, "a failed connect clears its state");
+}
+
+#[test]
+fn bad_handles_are_rejected() {
+    let t = transport();
+    let mut garbage = [0x5Au8; 128];
+    let err = t.connect(0, &mut garbage, null_mut()).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+
+    let mut h = [0u8; 128];
+    let l = t.listen(0, &mut h).unwrap();
+    wire::set_connect_state(&mut h, 0xdead_beef_0bad_f00d);
+    let err = t.connect(0, &mut h, null_mut()).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("connect state"),
+        "{err}"
+    );
+    t.close_listen(l).unwrap();
+}
+
+#[test]
+fn mismatched_settings_give_clear_errors_on_both_sides() {
+    let t4 = transport();
+    let t2 = TcpTransport::new(&TcpConfig { streams: 2, ..lo_cfg() }).unwrap();
+    let mut h = [0u8; 128];
+    let l = t4.listen(0, &mut h).unwrap();
+    let err = t2.connect(0, &mut h, null_mut()).unwrap_err();
+    assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_STREAMS"), "{err}");
+
+    // Forge the handle so the connecting side goes ahead: the acceptor must catch it from the hello.
+    h[26..28].copy_from_slice(&2u16.to_le_bytes());
+    let mut s = None;
+    let err = wait("accept to notice the stream mismatch", || {
+        if s.is_none() {
+            s = t2.connect(0, &mut h, null_mut()).unwrap();
+        }
+        t4.accept(l, null_mut()).err()
+    });
+    assert!(matches!(err, Error::InvalidUsage(_)), "{err}");
+    assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_STREAMS"), "{err}");
+    let t_inline = TcpTransport::new(&TcpConfig {
+        inline_max: 5,
+        ..lo_cfg()
+    })
+    .unwrap();
+    let mut h2 = [0u8; 128];
+    let l2 = t4.listen(0, &mut h2).unwrap();
+    let err = t_inline.connect(0, &mut h2, null_mut()).unwrap_err();
+    assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_INLINE"), "{err}");
+    if let Some(s) = s {
+        t2.close_send(s).unwrap();
+    }
+    t4.close_listen(l).unwrap();
+    t4.close_listen(l2).unwrap();
+}
+
+#[test]
+fn ipv6_loopback_works() {
+    let dev = Device {
+        name: "lo".into(),
+        addr: "::1".parse().unwrap(),
+    };
+    let t = TcpTransport::with_devices(&lo_cfg(), vec![dev]).unwrap();
+    let mut h = [0u8; 128];
+    let l = match t.listen(0, &mut h) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipping: no IPv6 loopback here ({e})");
+            return;
+        }
+    };
+    t.close_listen(l).unwrap();
+    let p = pair(&t);
+    assert!(t.describe_comm(p.0).unwrap().starts_with("peer [::1]:"));
+    for size in [5, 200_000] {
+        check_transfer(&t, p.0, p.1, size, size);
+    }
+    close_pair(&t, p);
+}
+
+#[test]
+fn comms_are_driven_from_several_threads_at_once() {
+    let t = transport();
+    std::thread::scope(|sc| {
+        for k in 0..4u32 {
+            let t = &t;
+            sc.spawn(move || {
+                let p = pair(t);
+                for i in 0..20 {
+                    let size = [0, 33, 17_000, 250_000, 1 << 20][(i + k as usize) % 5];
+                    check_transfer(t, p.0, p.1, size, size + 1);
+                }
+                close_pair(t, p);
+            });
+        }
+    });
+}
+
+/// Raw blocking TCP over loopback, one stream, for comparison with the transport.
+fn raw_tcp_gbps(size: usize, total: usize) -> f64 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    let tx = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(a).unwrap();
+        s.set_nodelay(true).unwrap();
+        let buf = vec![1u8; size];
+        for _ in 0..total / size {
+            s.write_all(&buf).unwrap();
+        }
+    });
+    let (mut c, _) = l.accept().unwrap();
+    let mut buf = vec![0u8; size];
+    let start = Instant::now();
+    for _ in 0..total / size {
+        c.read_exact(&mut buf).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tx.join().unwrap();
+    (total / size * size) as f64 / secs / 1e9
+}
+
+/// Loopback throughput of the transport next to raw TCP; run with
+/// `cargo test --release --lib tcp::tests::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput() {
+    for size in [4096usize, 65536, 1 << 20, 16 << 20] {
+        println!(
+            "raw TCP 1 stream size {size:>9}: {:8.2} GB/s",
+            raw_tcp_gbps(size, 1 << 30)
+        );
+    }
+    for streams in [1, 2, 4] {
+        let t = TcpTransport::new(&TcpConfig { streams, ..lo_cfg() }).unwrap();
+        let p = pair(&t);
+        for size in [4096usize, 65536, 1 << 20, 16 << 20] {
+            let mut data = pattern(size, 1);
+            let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; size]).collect();
+            let iters = ((1usize << 30) / size).clamp(8, 20_000);
+            let start = Instant::now();
+            let mut inflight = std::collections::VecDeque::new();
+            for i in 0..iters {
+                if inflight.len() == 8 {
+                    let (s, r) = inflight.pop_front().unwrap();
+                    let (a, b) = finish_both(&t, s, r);
+                    a.unwrap();
+                    b.unwrap();
+                }
+                let b = &mut bufs[i % 8];
+                let r = t
+                    .irecv(p.1, &[b.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+                    .unwrap()
+                    .unwrap();
+                let s = t
+                    .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
+                    .unwrap()
+                    .unwrap();
+                inflight.push_back((s, r));
+            }
+            for (s, r) in inflight {
+                let (a, b) = finish_both(&t, s, r);
+                a.unwrap();
+                b.unwrap();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "streams {streams} size {size:>9}: {:8.2} GB/s, {:8.1} us/msg",
+                (iters * size) as f64 / secs / 1e9,
+                secs * 1e6 / iters as f64
+            );
+        }
+        close_pair(&t, p);
+    }
+}

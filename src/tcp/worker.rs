@@ -1,0 +1,458 @@
+//! The fixed pool of I/O worker threads that move striped chunks over data sockets.
+//!
+//! Each data socket belongs to one worker for its whole life. A worker keeps a FIFO of chunk
+//! tasks per socket and moves bytes straight between the socket and NCCL's buffer. Comms talk to
+//! workers only through a command channel; adding and removing sockets is acknowledged, so a comm
+//! knows when no worker will touch its sockets or buffers again.
+
+use super::comm::Shared;
+use super::sys;
+use crate::error::{Error, Result};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use mio::{Events, Interest, Poll, Token, Waker};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Token of the waker; socket tokens are slab indices, far below it.
+const WAKER: Token = Token(usize::MAX);
+/// Bytes moved on one socket before the worker turns to its other sockets.
+const BUDGET: usize = 8 << 20;
+/// How long a comm waits for a worker to acknowledge adding or removing sockets.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which way a data socket carries bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Bytes go from NCCL's buffer to the socket.
+    Send,
+    /// Bytes go from the socket to NCCL's buffer.
+    Recv,
+}
+
+/// One chunk of one message on one socket.
+pub struct Task {
+    /// Start of the chunk in NCCL's buffer.
+    pub ptr: *mut u8,
+    /// Chunk length (never 0).
+    pub len: usize,
+    /// Bytes already moved.
+    pub done: usize,
+    /// Request slot whose pending count drops when the chunk is done.
+    pub slot: u8,
+    /// Message number, for error messages.
+    pub seq: u64,
+}
+
+// SAFETY: the pointer is NCCL's buffer, which stays valid until the request completes or the comm
+// is closed; closing removes the socket and its tasks from the worker (acknowledged) first.
+unsafe impl Send for Task {}
+
+enum Cmd {
+    Add {
+        stream: mio::net::TcpStream,
+        dir: Dir,
+        index: usize,
+        shared: Arc<Shared>,
+        ack: Sender<io::Result<usize>>,
+    },
+    Task {
+        token: usize,
+        task: Task,
+    },
+    Remove {
+        tokens: Vec<usize>,
+        ack: Sender<()>,
+    },
+    Stop,
+}
+
+struct WorkerRef {
+    tx: Sender<Cmd>,
+    waker: Waker,
+    sleeping: Arc<AtomicBool>,
+}
+
+/// The workers of one transport.
+pub struct Pool {
+    workers: Vec<WorkerRef>,
+    next: AtomicUsize,
+    joins: Mutex<Vec<JoinHandle<()>>>,
+    /// Distinguishes this pool's thread names ("txs<id>-io<n>") from other transports'.
+    pub id: u64,
+}
+
+impl Pool {
+    /// Starts `n` worker threads.
+    pub fn new(n: usize, id: u64) -> Result<Pool> {
+        let mut pool = Pool {
+            workers: Vec::with_capacity(n),
+            next: AtomicUsize::new(0),
+            joins: Mutex::new(Vec::with_capacity(n)),
+            id,
+        };
+        for i in 0..n.max(1) {
+            let poll = Poll::new().map_err(|e| Error::io("built-in TCP transport: creating epoll instance", e))?;
+            let waker = Waker::new(poll.registry(), WAKER)
+                .map_err(|e| Error::io("built-in TCP transport: creating worker waker", e))?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let sleeping = Arc::new(AtomicBool::new(false));
+            let sl = sleeping.clone();
+            let (started_tx, started) = crossbeam_channel::bounded(1);
+            let join = std::thread::Builder::new()
+                .name(format!("txs{id}-io{i}"))
+                .spawn(move || {
+                    let _ = started_tx.send(());
+                    Worker::new(poll, rx, sl).run()
+                })
+                .map_err(|e| {
+                    Error::io(
+                        format!("built-in TCP transport: starting I/O worker {i} (NCCL_TCPXSHIM_TCP_WORKERS)"),
+                        e,
+                    )
+                })?;
+            pool.workers.push(WorkerRef { tx, waker, sleeping });
+            if let Ok(mut j) = pool.joins.lock() {
+                j.push(join);
+            }
+            // Wait until the thread runs, so a transport that exists has all its workers (and thread names).
+            started.recv_timeout(ACK_TIMEOUT).map_err(|_| {
+                Error::Internal(format!(
+                    "built-in TCP transport: I/O worker {i} did not start within {ACK_TIMEOUT:?}"
+                ))
+            })?;
+        }
+        Ok(pool)
+    }
+
+    /// The worker the next socket goes to (round robin over the whole transport).
+    pub fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
+    }
+
+    fn send(&self, w: usize, cmd: Cmd) -> Result<()> {
+        let wr = &self.workers[w];
+        wr.tx
+            .send(cmd)
+            .map_err(|_| Error::Internal(format!("built-in TCP transport: I/O worker {w} has stopped")))?;
+        // Pairs with the fence in the worker: either it sees the command before sleeping, or we see it asleep.
+        fence(Ordering::SeqCst);
+        if wr.sleeping.load(Ordering::SeqCst) {
+            wr.waker
+                .wake()
+                .map_err(|e| Error::io(format!("built-in TCP transport: waking I/O worker {w}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Hands a data socket to worker `w`; returns its token there.
+    pub fn add(
+        &self,
+        w: usize,
+        stream: mio::net::TcpStream,
+        dir: Dir,
+        index: usize,
+        shared: Arc<Shared>,
+    ) -> Result<usize> {
+        let (ack, done) = crossbeam_channel::bounded(1);
+        self.send(
+            w,
+            Cmd::Add {
+                stream,
+                dir,
+                index,
+                shared,
+                ack,
+            },
+        )?;
+        match done.recv_timeout(ACK_TIMEOUT) {
+            Ok(r) => r.map_err(|e| {
+                Error::io(
+                    format!("built-in TCP transport: registering data socket with worker {w}"),
+                    e,
+                )
+            }),
+            Err(_) => Err(Error::Internal(format!(
+                "built-in TCP transport: I/O worker {w} did not register a data socket within {ACK_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Queues a chunk on a socket of worker `w`.
+    pub fn post(&self, w: usize, token: usize, task: Task) -> Result<()> {
+        self.send(w, Cmd::Task { token, task })
+    }
+
+    /// Removes sockets (and their queued tasks) from worker `w` and closes them; returns once the
+    /// worker has let go of them, so their buffers and comm may be freed.
+    pub fn remove(&self, w: usize, tokens: Vec<usize>) -> Result<()> {
+        let (ack, done) = crossbeam_channel::bounded(1);
+        if self.send(w, Cmd::Remove { tokens, ack }).is_err() {
+            // A stopped worker has dropped every socket it had.
+            return Ok(());
+        }
+        match done.recv_timeout(ACK_TIMEOUT) {
+            Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Ok(()),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::Internal(format!(
+                "built-in TCP transport: I/O worker {w} did not release sockets within {ACK_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Stops and joins all workers; they close every socket they still own. Idempotent.
+    pub fn stop(&self) {
+        log::debug!("built-in TCP transport: stopping I/O workers txs{}-io*", self.id);
+        for w in 0..self.workers.len() {
+            let _ = self.send(w, Cmd::Stop);
+        }
+        let joins = match self.joins.lock() {
+            Ok(mut j) => std::mem::take(&mut *j),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        for j in joins {
+            if j.join().is_err() {
+                log::error!("built-in TCP transport: an I/O worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Entry {
+    stream: mio::net::TcpStream,
+    fd: RawFd,
+    dir: Dir,
+    index: usize,
+    shared: Arc<Shared>,
+    tasks: VecDeque<Task>,
+    /// False after an I/O call returned EWOULDBLOCK, until the next readiness event.
+    ready: bool,
+    /// In the worker's active list.
+    queued: bool,
+    /// Failed; its tasks are dropped and the comm reports the error.
+    dead: bool,
+}
+
+impl Entry {
+    /// Moves bytes for queued tasks until the socket blocks, the queue empties or the budget is spent.
+    fn progress(&mut self) {
+        let mut moved = 0usize;
+        while let Some(t) = self.tasks.front_mut() {
+            // SAFETY: the task's range lies inside NCCL's buffer for an outstanding request (see `Task`);
+            // on the receive side no one else touches it until the request completes.
+            let r = unsafe {
+                let p = t.ptr.add(t.done);
+                match self.dir {
+                    Dir::Send => sys::send_raw(self.fd, p, t.len - t.done),
+                    Dir::Recv => sys::recv_raw(self.fd, p, t.len - t.done),
+                }
+            };
+            match r {
+                Ok(0) => {
+                    let (seq, peer, i) = (t.seq, self.shared.peer, self.index);
+                    let what = if self.dir == Dir::Recv { "receiving" } else { "sending" };
+                    self.fail(Error::Remote(format!(
+                        "connection to {peer} closed while {what} message {seq} (data stream {i})"
+                    )));
+                    return;
+                }
+                Ok(n) => {
+                    t.done += n;
+                    moved += n;
+                    if t.done == t.len {
+                        let slot = t.slot;
+                        self.tasks.pop_front();
+                        self.shared.chunk_done(slot);
+                    }
+                    if moved >= BUDGET {
+                        return;
+                    }
+                }
+                Err(e) if sys::is_would_block(&e) => {
+                    self.ready = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let (seq, peer, i) = (t.seq, self.shared.peer, self.index);
+                    let what = if self.dir == Dir::Recv { "receiving" } else { "sending" };
+                    let msg = format!("connection to {peer} failed while {what} message {seq} (data stream {i}): {e}");
+                    self.fail(if sys::is_peer_gone(&e) {
+                        Error::Remote(msg)
+                    } else {
+                        Error::System(msg)
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, err: Error) {
+        log::warn!("built-in TCP transport: {err}");
+        self.shared.fail(err);
+        self.dead = true;
+        self.tasks.clear();
+    }
+}
+
+struct Worker {
+    poll: Poll,
+    rx: Receiver<Cmd>,
+    sleeping: Arc<AtomicBool>,
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    active: VecDeque<usize>,
+}
+
+impl Worker {
+    fn new(poll: Poll, rx: Receiver<Cmd>, sleeping: Arc<AtomicBool>) -> Worker {
+        Worker {
+            poll,
+            rx,
+            sleeping,
+            entries: Vec::new(),
+            free: Vec::new(),
+            active: VecDeque::new(),
+        }
+    }
+
+    fn activate(&mut self, token: usize) {
+        if let Some(Some(e)) = self.entries.get_mut(token) {
+            if e.ready && !e.queued && !e.dead && !e.tasks.is_empty() {
+                e.queued = true;
+                self.active.push_back(token);
+            }
+        }
+    }
+
+    /// Handles one command; false on Stop.
+    fn command(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Add {
+                mut stream,
+                dir,
+                index,
+                shared,
+                ack,
+            } => {
+                let token = self.free.pop().unwrap_or(self.entries.len());
+                let interest = match dir {
+                    Dir::Send => Interest::WRITABLE,
+                    Dir::Recv => Interest::READABLE,
+                };
+                let r = self.poll.registry().register(&mut stream, Token(token), interest);
+                let reply = r.map(|()| {
+                    let entry = Entry {
+                        fd: stream.as_raw_fd(),
+                        stream,
+                        dir,
+                        index,
+                        shared,
+                        tasks: VecDeque::with_capacity(crate::ffi::NCCL_NET_MAX_REQUESTS as usize),
+                        ready: true,
+                        queued: false,
+                        dead: false,
+                    };
+                    if token == self.entries.len() {
+                        self.entries.push(Some(entry));
+                    } else {
+                        self.entries[token] = Some(entry);
+                    }
+                    token
+                });
+                if reply.is_err() && token != self.entries.len() {
+                    self.free.push(token);
+                }
+                let _ = ack.send(reply);
+            }
+            Cmd::Task { token, task } => match self.entries.get_mut(token) {
+                Some(Some(e)) if !e.dead => {
+                    e.tasks.push_back(task);
+                    self.activate(token);
+                }
+                Some(Some(_)) => {}
+                _ => log::error!("built-in TCP transport: I/O worker got a chunk for unknown socket {token}"),
+            },
+            Cmd::Remove { tokens, ack } => {
+                for &t in &tokens {
+                    if let Some(slot) = self.entries.get_mut(t) {
+                        if let Some(mut e) = slot.take() {
+                            let _ = self.poll.registry().deregister(&mut e.stream);
+                            self.free.push(t);
+                        }
+                    }
+                }
+                self.active.retain(|t| !tokens.contains(t));
+                let _ = ack.send(());
+            }
+            Cmd::Stop => return false,
+        }
+        true
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.command(cmd) {
+                            return;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            for _ in 0..self.active.len() {
+                let Some(token) = self.active.pop_front() else { break };
+                if let Some(Some(e)) = self.entries.get_mut(token) {
+                    e.queued = false;
+                    e.progress();
+                }
+                self.activate(token);
+            }
+            let timeout = if self.active.is_empty() {
+                self.sleeping.store(true, Ordering::SeqCst);
+                // Pairs with the fence in Pool::send (store-buffering pattern).
+                fence(Ordering::SeqCst);
+                if !self.rx.is_empty() {
+                    self.sleeping.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                None
+            } else {
+                Some(Duration::ZERO)
+            };
+            let r = self.poll.poll(&mut events, timeout);
+            self.sleeping.store(false, Ordering::SeqCst);
+            if let Err(e) = r {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("built-in TCP transport: I/O worker poll failed: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            for ev in events.iter() {
+                let token = ev.token().0;
+                if ev.token() == WAKER {
+                    continue;
+                }
+                if let Some(Some(e)) = self.entries.get_mut(token) {
+                    e.ready = true;
+                }
+                self.activate(token);
+            }
+        }
+    }
+}
