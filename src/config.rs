@@ -73,8 +73,16 @@ pub const DEBUG_PANIC: Setting = Setting {
 };
 
 /// All settings, in documentation order.
-pub const SETTINGS: &[Setting] =
-    &[PLUGIN, NAME, TCP_IFNAME, TCP_STREAMS, TCP_WORKERS, TCP_MIN_CHUNK, TCP_INLINE, DEBUG_PANIC];
+pub const SETTINGS: &[Setting] = &[
+    PLUGIN,
+    NAME,
+    TCP_IFNAME,
+    TCP_STREAMS,
+    TCP_WORKERS,
+    TCP_MIN_CHUNK,
+    TCP_INLINE,
+    DEBUG_PANIC,
+];
 
 /// The value of a variable, if set and not empty.
 pub fn var(name: &str) -> Option<String> {

@@ -62,7 +62,11 @@ impl Error {
             Error::System(m) => Error::System(format!("{ctx}: {m}")),
             Error::Remote(m) => Error::Remote(format!("{ctx}: {m}")),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
-            Error::Inner { context, call, code } => Error::Inner { context: format!("{ctx}: {context}"), call, code },
+            Error::Inner { context, call, code } => Error::Inner {
+                context: format!("{ctx}: {context}"),
+                call,
+                code,
+            },
         }
     }
 }
@@ -87,6 +91,10 @@ pub fn check(call: &'static str, code: NcclResult) -> Result<()> {
     if code == ncclResult_t::ncclSuccess {
         Ok(())
     } else {
-        Err(Error::Inner { context: String::new(), call, code })
+        Err(Error::Inner {
+            context: String::new(),
+            call,
+            code,
+        })
     }
 }

@@ -42,7 +42,14 @@ impl log::Log for NcclLogger {
         // SAFETY: NCCL's logger is a printf-style variadic function; "%s" with one valid C string
         // is a well-formed call, and every pointer outlives the call.
         unsafe {
-            logger(level, ncclDebugLogSubSys::NCCL_NET as c_ulong, file.as_ptr(), line, c"%s".as_ptr(), msg.as_ptr())
+            logger(
+                level,
+                ncclDebugLogSubSys::NCCL_NET as c_ulong,
+                file.as_ptr(),
+                line,
+                c"%s".as_ptr(),
+                msg.as_ptr(),
+            )
         };
     }
 

@@ -16,7 +16,12 @@ fn exports_ncclnetplugin_v7_as_its_only_plugin_symbol() {
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect();
     let plugin_symbols: Vec<&String> = exported.iter().filter(|n| n.starts_with("ncclNet")).collect();
-    assert_eq!(plugin_symbols, vec!["ncclNetPlugin_v7"], "plugin symbols in {}: {exported:?}", path.display());
+    assert_eq!(
+        plugin_symbols,
+        vec!["ncclNetPlugin_v7"],
+        "plugin symbols in {}: {exported:?}",
+        path.display()
+    );
     // Nothing else of ours leaks into NCCL's namespace either.
     assert_eq!(exported, vec!["ncclNetPlugin_v7"], "every exported definition");
 }
@@ -30,5 +35,8 @@ fn loads_under_the_name_nccl_looks_for() {
     let net = common::Net::open(&installed);
     assert_eq!(net.name(), "tcpxshim", "the name before init is the shim's own");
     let t = net.table();
-    assert!(t.init.is_some() && t.isend.is_some() && t.irecvConsumed.is_some(), "the v7 table is complete");
+    assert!(
+        t.init.is_some() && t.isend.is_some() && t.irecvConsumed.is_some(),
+        "the v7 table is complete"
+    );
 }

@@ -22,7 +22,8 @@ fn a_panic_becomes_an_internal_error_and_poisons_the_comm() {
     assert_eq!(net.isend(send, buf.as_ptr(), 64, 0, mr).err(), Some(ncclInternalError));
     let log = net.captured_log();
     assert!(
-        log.iter().any(|l| l.starts_with("WARN") && l.contains("isend: internal error (panic")),
+        log.iter()
+            .any(|l| l.starts_with("WARN") && l.contains("isend: internal error (panic")),
         "the panic is reported as a WARN line naming the call: {log:?}"
     );
 
@@ -30,12 +31,17 @@ fn a_panic_becomes_an_internal_error_and_poisons_the_comm() {
     let again = net.reg_buf(send, &buf, PTR_HOST);
     assert_eq!(again.err(), Some(ncclInternalError));
     let log = net.captured_log();
-    assert!(log.iter().any(|l| l.contains("unusable after an earlier internal error")), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("unusable after an earlier internal error")),
+        "{log:?}"
+    );
 
     // Other comms are unaffected, and the poisoned one can still be closed.
     let rbuf = AlignedBuf::new(64);
     let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
     net.dereg_mr(recv, rmr).unwrap();
     net.close_recv(recv).unwrap();
-    net.close_send(send).expect("a poisoned comm can still be closed, releasing its resources");
+    net.close_send(send)
+        .expect("a poisoned comm can still be closed, releasing its resources");
 }

@@ -22,18 +22,25 @@ fn init_with_plugin(plugin: Option<&str>) -> (Net, Result<(), u32>, Vec<String>)
 }
 
 fn warned(log: &[String], words: &[&str]) -> bool {
-    log.iter().any(|l| l.starts_with("WARN") && words.iter().all(|w| l.contains(w)))
+    log.iter()
+        .any(|l| l.starts_with("WARN") && words.iter().all(|w| l.contains(w)))
 }
 
 #[test]
 fn unset_falls_back_to_the_builtin_transport_when_tcpx_is_absent() {
     for path in tcpxshim::plugin::KNOWN_TCPX_PATHS {
-        assert!(!std::path::Path::new(path).exists(), "this test expects a machine without TCPX ({path})");
+        assert!(
+            !std::path::Path::new(path).exists(),
+            "this test expects a machine without TCPX ({path})"
+        );
     }
     let (net, res, log) = init_with_plugin(None);
     assert_eq!(res, Ok(()));
     assert_eq!(net.name(), "tcpxshim");
-    assert!(log.iter().any(|l| l.contains("loaded tcpxshim from built-in")), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("loaded tcpxshim from built-in")),
+        "{log:?}"
+    );
 }
 
 #[test]
@@ -47,10 +54,23 @@ fn builtin_selects_the_builtin_transport() {
 fn a_missing_plugin_is_an_error_naming_the_setting() {
     let (_, res, log) = init_with_plugin(Some("/nonexistent/libnccl-net-nothing.so"));
     assert_eq!(res, Err(ncclSystemError));
-    assert!(warned(&log, &["init", "NCCL_TCPXSHIM_PLUGIN=/nonexistent/libnccl-net-nothing.so", "cannot load"]), "{log:?}");
+    assert!(
+        warned(
+            &log,
+            &[
+                "init",
+                "NCCL_TCPXSHIM_PLUGIN=/nonexistent/libnccl-net-nothing.so",
+                "cannot load"
+            ]
+        ),
+        "{log:?}"
+    );
     let (_, res, log) = init_with_plugin(Some("nothing"));
     assert_eq!(res, Err(ncclSystemError));
-    assert!(warned(&log, &["libnccl-net-nothing.so"]), "a short name is tried as libnccl-net-<name>.so: {log:?}");
+    assert!(
+        warned(&log, &["libnccl-net-nothing.so"]),
+        "a short name is tried as libnccl-net-<name>.so: {log:?}"
+    );
 }
 
 #[test]

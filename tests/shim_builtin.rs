@@ -41,13 +41,19 @@ fn warns_of<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     net().captured_log();
     let out = f();
-    let warns = net().captured_log().into_iter().filter(|l| l.starts_with("WARN")).collect();
+    let warns = net()
+        .captured_log()
+        .into_iter()
+        .filter(|l| l.starts_with("WARN"))
+        .collect();
     (out, warns)
 }
 
 fn assert_warned(warns: &[String], call: &str, words: &str) {
     assert!(
-        warns.iter().any(|l| l.contains("NET/TCPXSHIM") && l.contains(call) && l.contains(words)),
+        warns
+            .iter()
+            .any(|l| l.contains("NET/TCPXSHIM") && l.contains(call) && l.contains(words)),
         "expected a WARN line naming {call} with {words:?}, got {warns:?}"
     );
 }
@@ -56,17 +62,31 @@ fn assert_warned(warns: &[String], call: &str, words: &str) {
 fn init_reports_the_builtin_transport_its_devices_and_properties() {
     let net = net();
     assert_eq!(net.name(), "tcpxshim");
-    let info = setup().init_log.iter().find(|l| l.contains("NET/TCPXSHIM loaded")).cloned();
+    let info = setup()
+        .init_log
+        .iter()
+        .find(|l| l.contains("NET/TCPXSHIM loaded"))
+        .cloned();
     let info = info.unwrap_or_else(|| panic!("no INFO line about what was loaded: {:?}", setup().init_log));
-    assert!(info.starts_with("INFO") && info.contains("built-in") && info.contains("1 device(s)"), "{info}");
-    assert_eq!(net.devices().unwrap(), 1, "NCCL_TCPXSHIM_TCP_IFNAME=lo gives one device");
+    assert!(
+        info.starts_with("INFO") && info.contains("built-in") && info.contains("1 device(s)"),
+        "{info}"
+    );
+    assert_eq!(
+        net.devices().unwrap(),
+        1,
+        "NCCL_TCPXSHIM_TCP_IFNAME=lo gives one device"
+    );
     let p = net.properties(0).unwrap();
     assert_eq!(p.name, "lo");
     assert_eq!(p.ptr_support, PTR_HOST);
     assert_eq!(p.max_recvs, 1);
     assert_eq!(p.net_device_type, 0, "HOST device type");
     assert!(p.speed > 0, "speed in Mbps: {}", p.speed);
-    assert!(net.table().regMrDmaBuf.is_none(), "no DMA-BUF: the built-in transport cannot register it");
+    assert!(
+        net.table().regMrDmaBuf.is_none(),
+        "no DMA-BUF: the built-in transport cannot register it"
+    );
 }
 
 #[test]
@@ -76,7 +96,11 @@ fn connect_and_accept_do_not_block() {
     // Nothing has connected: accept must return at once with no comm.
     let t = std::time::Instant::now();
     assert!(net.accept(listen).unwrap().is_none());
-    assert!(t.elapsed() < std::time::Duration::from_secs(1), "accept blocked for {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "accept blocked for {:?}",
+        t.elapsed()
+    );
     let (send, (recv, _)) = net.connect_accept(0, &mut handle, listen);
     net.transfer(send, recv, 1000);
     net.close_send(send).unwrap();
@@ -137,7 +161,11 @@ fn thirty_two_outstanding_requests_each_way() {
         assert_eq!(net.wait_both(s, r).unwrap(), (size as i32, size as i32));
     }
     for (i, rb) in rbufs.iter().enumerate() {
-        assert_eq!(rb.find_mismatch(i as u64 + 1, 0..size), None, "message {i} arrived intact and in order");
+        assert_eq!(
+            rb.find_mismatch(i as u64 + 1, 0..size),
+            None,
+            "message {i} arrived intact and in order"
+        );
     }
     for (smr, rmr) in mrs {
         net.dereg_mr(send, smr).unwrap();
@@ -237,24 +265,76 @@ fn null_pointers_and_bad_arguments_give_errors_not_crashes() {
         unsafe {
             vec![
                 ("devices", (t.devices.unwrap())(null_mut()), ncclInvalidArgument),
-                ("getProperties", (t.getProperties.unwrap())(0, null_mut()), ncclInvalidArgument),
-                ("listen", (t.listen.unwrap())(0, null_mut(), &mut out), ncclInvalidArgument),
-                ("connect", (t.connect.unwrap())(0, null_mut(), &mut out, null_mut()), ncclInvalidArgument),
-                ("accept", (t.accept.unwrap())(null_mut(), &mut out, null_mut()), ncclInvalidArgument),
-                ("regMr", (t.regMr.unwrap())(null_mut(), buf.as_ptr(), 64, PTR_HOST, &mut out), ncclInvalidArgument),
-                ("regMr", (t.regMr.unwrap())(send.0, buf.as_ptr(), -1, PTR_HOST, &mut out), ncclInvalidArgument),
-                ("regMr", (t.regMr.unwrap())(send.0, buf.as_ptr(), 64, 0x40, &mut out), ncclInvalidArgument),
-                ("regMr", (t.regMr.unwrap())(send.0, buf.as_ptr(), 64, PTR_CUDA, &mut out), ncclInvalidArgument),
-                ("isend", (t.isend.unwrap())(send.0, buf.as_ptr(), 64, 0, smr.0, null_mut()), ncclInvalidArgument),
-                ("isend", (t.isend.unwrap())(null_mut(), buf.as_ptr(), 64, 0, smr.0, &mut req), ncclInvalidArgument),
-                ("isend", (t.isend.unwrap())(send.0, null_mut(), 64, 0, smr.0, &mut req), ncclInvalidArgument),
-                ("isend", (t.isend.unwrap())(recv.0, buf.as_ptr(), 64, 0, smr.0, &mut req), ncclInvalidUsage),
+                (
+                    "getProperties",
+                    (t.getProperties.unwrap())(0, null_mut()),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "listen",
+                    (t.listen.unwrap())(0, null_mut(), &mut out),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "connect",
+                    (t.connect.unwrap())(0, null_mut(), &mut out, null_mut()),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "accept",
+                    (t.accept.unwrap())(null_mut(), &mut out, null_mut()),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "regMr",
+                    (t.regMr.unwrap())(null_mut(), buf.as_ptr(), 64, PTR_HOST, &mut out),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "regMr",
+                    (t.regMr.unwrap())(send.0, buf.as_ptr(), -1, PTR_HOST, &mut out),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "regMr",
+                    (t.regMr.unwrap())(send.0, buf.as_ptr(), 64, 0x40, &mut out),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "regMr",
+                    (t.regMr.unwrap())(send.0, buf.as_ptr(), 64, PTR_CUDA, &mut out),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "isend",
+                    (t.isend.unwrap())(send.0, buf.as_ptr(), 64, 0, smr.0, null_mut()),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "isend",
+                    (t.isend.unwrap())(null_mut(), buf.as_ptr(), 64, 0, smr.0, &mut req),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "isend",
+                    (t.isend.unwrap())(send.0, null_mut(), 64, 0, smr.0, &mut req),
+                    ncclInvalidArgument,
+                ),
+                (
+                    "isend",
+                    (t.isend.unwrap())(recv.0, buf.as_ptr(), 64, 0, smr.0, &mut req),
+                    ncclInvalidUsage,
+                ),
                 (
                     "irecv",
                     (t.irecv.unwrap())(recv.0, 1, null_mut(), null_mut(), null_mut(), null_mut(), &mut req),
                     ncclInvalidArgument,
                 ),
-                ("test", (t.test.unwrap())(null_mut(), &mut done, null_mut()), ncclInvalidArgument),
+                (
+                    "test",
+                    (t.test.unwrap())(null_mut(), &mut done, null_mut()),
+                    ncclInvalidArgument,
+                ),
                 ("deregMr", (t.deregMr.unwrap())(send.0, null_mut()), ncclInvalidArgument),
                 ("closeSend", (t.closeSend.unwrap())(null_mut()), ncclInvalidArgument),
                 ("closeRecv", (t.closeRecv.unwrap())(null_mut()), ncclInvalidArgument),
@@ -263,15 +343,37 @@ fn null_pointers_and_bad_arguments_give_errors_not_crashes() {
         }
     });
     for (call, got, want) in &results {
-        assert_eq!(got, want, "{call} returned {} instead of {}", result_name(*got), result_name(*want));
+        assert_eq!(
+            got,
+            want,
+            "{call} returned {} instead of {}",
+            result_name(*got),
+            result_name(*want)
+        );
     }
-    for call in ["devices", "getProperties", "listen", "connect", "accept", "regMr", "isend", "irecv", "test"] {
+    for call in [
+        "devices",
+        "getProperties",
+        "listen",
+        "connect",
+        "accept",
+        "regMr",
+        "isend",
+        "irecv",
+        "test",
+    ] {
         assert_warned(&warns, call, "");
     }
     // Two grouped receives are more than maxRecvs=1.
     let rmr = net.reg_buf(recv, &buf, PTR_HOST).unwrap();
     let second: *mut c_void = buf.as_mut_slice()[32..].as_mut_ptr().cast();
-    let r = net.irecv_n(recv, &mut [buf.as_ptr(), second], &mut [32, 32], &mut [0, 0], &mut [rmr.0, rmr.0]);
+    let r = net.irecv_n(
+        recv,
+        &mut [buf.as_ptr(), second],
+        &mut [32, 32],
+        &mut [0, 0],
+        &mut [rmr.0, rmr.0],
+    );
     assert!(r.is_err(), "irecv with n=2 on a maxRecvs=1 transport must fail");
     // The comms still work after all that.
     net.transfer(send, recv, 333);
@@ -294,8 +396,16 @@ fn closing_a_connection_logs_its_counters() {
     });
     let closed: Vec<&String> = lines.iter().filter(|l| l.contains("NET/TCPXSHIM closed")).collect();
     assert!(
-        closed.iter().any(|l| l.starts_with("INFO") && l.contains("send comm") && l.contains("2 messages") && l.contains("1023 B")),
+        closed.iter().any(|l| l.starts_with("INFO")
+            && l.contains("send comm")
+            && l.contains("2 messages")
+            && l.contains("1023 B")),
         "{lines:?}"
     );
-    assert!(closed.iter().any(|l| l.contains("recv comm") && l.contains("2 messages") && l.contains("1023 B")), "{lines:?}");
+    assert!(
+        closed
+            .iter()
+            .any(|l| l.contains("recv comm") && l.contains("2 messages") && l.contains("1023 B")),
+        "{lines:?}"
+    );
 }

@@ -21,13 +21,25 @@ fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (Net, FixtureCtl) {
     std::env::set_var("NCCL_TCPXSHIM_PLUGIN", &fixture);
     std::env::set_var("NCCL_DEBUG", "INFO");
     let net = Net::open_private(shim_lib());
-    net.init().unwrap_or_else(|e| panic!("shim init over {} failed: {}", kind.net_name(), result_name(e)));
+    net.init()
+        .unwrap_or_else(|e| panic!("shim init over {} failed: {}", kind.net_name(), result_name(e)));
     (net, ctl)
 }
 
 fn assert_clean(kind: Fixture, ctl: &FixtureCtl) {
-    assert_eq!(ctl.violations(), 0, "{}: the shim broke a rule: {}", kind.net_name(), ctl.last_violation());
-    assert_eq!(ctl.live_objects(), 0, "{}: comms, requests or registrations left open", kind.net_name());
+    assert_eq!(
+        ctl.violations(),
+        0,
+        "{}: the shim broke a rule: {}",
+        kind.net_name(),
+        ctl.last_violation()
+    );
+    assert_eq!(
+        ctl.live_objects(),
+        0,
+        "{}: comms, requests or registrations left open",
+        kind.net_name()
+    );
 }
 
 /// Posts `n` receives and then `n` sends of `size` bytes (each buffer registered on its own) and
@@ -38,8 +50,16 @@ fn outstanding(net: &Net, send: Comm, recv: Comm, n: usize, size: usize) {
     let smrs: Vec<Mr> = sbufs.iter().map(|b| net.reg_buf(send, b, PTR_HOST).unwrap()).collect();
     let rmrs: Vec<Mr> = rbufs.iter().map(|b| net.reg_buf(recv, b, PTR_HOST).unwrap()).collect();
     let sz = size as i32;
-    let r: Vec<Req> = rbufs.iter().zip(&rmrs).map(|(b, m)| net.post_recv(recv, b.as_ptr(), sz, 0, *m).unwrap()).collect();
-    let s: Vec<Req> = sbufs.iter().zip(&smrs).map(|(b, m)| net.post_send(send, b.as_ptr(), sz, 0, *m).unwrap()).collect();
+    let r: Vec<Req> = rbufs
+        .iter()
+        .zip(&rmrs)
+        .map(|(b, m)| net.post_recv(recv, b.as_ptr(), sz, 0, *m).unwrap())
+        .collect();
+    let s: Vec<Req> = sbufs
+        .iter()
+        .zip(&smrs)
+        .map(|(b, m)| net.post_send(send, b.as_ptr(), sz, 0, *m).unwrap())
+        .collect();
     for (a, b) in s.into_iter().zip(r) {
         assert_eq!(net.wait_both(a, b).unwrap(), (sz, sz));
         // NCCL releases every receive of a comm with a device handle (TCPX) once consumed.
@@ -57,13 +77,26 @@ fn wraps(kind: Fixture, version: u32) {
     let (net, ctl) = shim_over(kind, &[]);
     let log = net.captured_log();
     assert_eq!(net.name(), kind.net_name(), "the inner transport's name is reported");
-    let loaded = log.iter().find(|l| l.contains("NET/TCPXSHIM loaded")).unwrap_or_else(|| panic!("{log:?}"));
-    assert!(loaded.contains(&format!("(ncclNet v{version})")) && loaded.contains("2 device(s)"), "{loaded}");
+    let loaded = log
+        .iter()
+        .find(|l| l.contains("NET/TCPXSHIM loaded"))
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert!(
+        loaded.contains(&format!("(ncclNet v{version})")) && loaded.contains("2 device(s)"),
+        "{loaded}"
+    );
     assert_eq!(ctl.init_count(), 1, "the inner plugin is initialised once");
     assert_eq!(net.devices().unwrap(), 2);
     let p = net.properties(1).unwrap();
-    assert_eq!((p.name.as_str(), p.guid, p.ptr_support, p.max_recvs), ("fix1", 1, PTR_HOST, 1));
-    assert_eq!(net.table().regMrDmaBuf.is_some(), version >= 6, "regMrDmaBuf mirrors the inner table");
+    assert_eq!(
+        (p.name.as_str(), p.guid, p.ptr_support, p.max_recvs),
+        ("fix1", 1, PTR_HOST, 1)
+    );
+    assert_eq!(
+        net.table().regMrDmaBuf.is_some(),
+        version >= 6,
+        "regMrDmaBuf mirrors the inner table"
+    );
     let (send, recv) = net.connect_pair(1);
     for size in [0, 1, 4095, (1 << 20) + 3] {
         net.transfer(send, recv, size);
@@ -92,7 +125,11 @@ fn wraps_a_v5_plugin() {
 #[test]
 fn tcpx_properties_and_name_pass_through() {
     let (net, ctl) = shim_over(Fixture::Tcpx, &[]);
-    assert_eq!(net.name(), "GPUDirectTCPX_v7", "NCCL_NET=GPUDirectTCPX_v7 keeps working");
+    assert_eq!(
+        net.name(),
+        "GPUDirectTCPX_v7",
+        "NCCL_NET=GPUDirectTCPX_v7 keeps working"
+    );
     assert_eq!(net.devices().unwrap(), 4);
     for dev in 0..4 {
         let p = net.properties(dev).unwrap();
@@ -101,7 +138,10 @@ fn tcpx_properties_and_name_pass_through() {
         assert_eq!((p.net_device_type, p.net_device_version), (1, 7), "UNPACK, version 0x7");
         assert_eq!((p.guid, p.port, p.max_comms, p.max_recvs), (dev as u64, 0, 65536, 1));
     }
-    assert!(net.table().regMrDmaBuf.is_none(), "TCPX has no regMrDmaBuf, so neither does the shim");
+    assert!(
+        net.table().regMrDmaBuf.is_none(),
+        "TCPX has no regMrDmaBuf, so neither does the shim"
+    );
     assert_clean(Fixture::Tcpx, &ctl);
 }
 
@@ -110,7 +150,10 @@ fn tcpx_quirks_are_respected_end_to_end() {
     let (net, ctl) = shim_over(Fixture::Tcpx, &[]);
     // connect is called repeatedly with the same handle buffer; accept gets a real device handle.
     let pair = net.connect_pair_full(2);
-    assert_eq!(pair.dev_handle.netDeviceType, 1, "accept filled NCCL's device handle (UNPACK)");
+    assert_eq!(
+        pair.dev_handle.netDeviceType, 1,
+        "accept filled NCCL's device handle (UNPACK)"
+    );
     assert_eq!(pair.dev_handle.netDeviceVersion, 7);
     let (send, recv) = (pair.send, pair.recv);
     // Receives into CUDA-registered memory need irecvConsumed, forwarded in order.
@@ -121,7 +164,10 @@ fn tcpx_quirks_are_respected_end_to_end() {
     }
     let buf = AlignedBuf::new(4096);
     let rmr = net.reg_buf(recv, &buf, PTR_CUDA).unwrap();
-    assert!(!net.get_device_mr(recv, rmr).unwrap().is_null(), "getDeviceMr is forwarded");
+    assert!(
+        !net.get_device_mr(recv, rmr).unwrap().is_null(),
+        "getDeviceMr is forwarded"
+    );
     net.dereg_mr(recv, rmr).unwrap();
     // 16 outstanding requests, tested in FIFO order.
     outstanding(&net, send, recv, 16, 256);
@@ -137,7 +183,10 @@ fn tcpx_try_again_is_passed_through_while_the_background_connect_finishes() {
     let buf = AlignedBuf::new(64);
     let rbuf = AlignedBuf::new(64);
     let smr = net.reg_buf(send, &buf, PTR_HOST).unwrap();
-    assert!(net.isend(send, buf.as_ptr(), 64, 0, smr).unwrap().is_none(), "NULL request: try again");
+    assert!(
+        net.isend(send, buf.as_ptr(), 64, 0, smr).unwrap().is_none(),
+        "NULL request: try again"
+    );
     let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
     let r = net.post_recv(recv, rbuf.as_ptr(), 64, 0, rmr).unwrap();
     let s = net.post_send(send, buf.as_ptr(), 64, 0, smr).unwrap();
@@ -161,8 +210,15 @@ fn the_shim_does_not_hide_a_callers_broken_rule() {
     let s1 = net.post_send(send, buf.as_ptr(), 64, 0, smr).unwrap();
     let s2 = net.post_send(send, second, 64, 0, smr).unwrap();
     let out_of_order = net.test(s2);
-    assert!(out_of_order.is_err(), "TCPX rejects test() out of FIFO order, and the shim passes that on");
-    assert!(ctl.violations() >= 1 && ctl.last_violation().contains("FIFO"), "{}", ctl.last_violation());
+    assert!(
+        out_of_order.is_err(),
+        "TCPX rejects test() out of FIFO order, and the shim passes that on"
+    );
+    assert!(
+        ctl.violations() >= 1 && ctl.last_violation().contains("FIFO"),
+        "{}",
+        ctl.last_violation()
+    );
     let _ = (s1, smr);
     ctl.reset_violations();
     net.close_send(send).unwrap();
@@ -175,7 +231,10 @@ fn an_inner_handle_longer_than_its_share_is_refused() {
     let res = net.listen(0);
     assert_eq!(res.err(), Some(ncclInternalError));
     let log = net.captured_log();
-    assert!(log.iter().any(|l| l.starts_with("WARN") && l.contains("past byte 88")), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.starts_with("WARN") && l.contains("past byte 88")),
+        "{log:?}"
+    );
     assert_eq!(ctl.live_objects(), 0, "the inner listen comm was closed again");
 }
 
@@ -187,9 +246,11 @@ fn a_null_device_handle_pointer_is_passed_as_nccl_gave_it() {
     let (mut handle, listen) = net.listen(0).unwrap();
     let _ = net.connect(0, &mut handle).unwrap();
     // SAFETY: NULL recvDevComm on purpose.
-    let res = poll_until("accept to answer", || match unsafe { net.accept_raw(listen, std::ptr::null_mut()) } {
-        Ok(None) => None,
-        other => Some(other),
+    let res = poll_until("accept to answer", || {
+        match unsafe { net.accept_raw(listen, std::ptr::null_mut()) } {
+            Ok(None) => None,
+            other => Some(other),
+        }
     });
     assert!(res.is_err(), "accept without a device handle is an error");
     assert!(ctl.violations() >= 1);

@@ -19,7 +19,8 @@ use std::sync::{Mutex, OnceLock};
 /// The call that NCCL_TCPXSHIM_DEBUG_PANIC names, read once.
 fn debug_panic_call() -> Option<&'static str> {
     static CALL: OnceLock<Option<String>> = OnceLock::new();
-    CALL.get_or_init(|| crate::config::var(crate::config::DEBUG_PANIC.name)).as_deref()
+    CALL.get_or_init(|| crate::config::var(crate::config::DEBUG_PANIC.name))
+        .as_deref()
 }
 
 /// The plugin table NCCL looks up. `name` and `regMrDmaBuf` are settled in `init`, before NCCL
@@ -95,7 +96,9 @@ fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) 
             e.code()
         }
         Err(p) => {
-            let at = PANIC_AT.with(|a| a.borrow_mut().take()).unwrap_or_else(|| "unknown location".into());
+            let at = PANIC_AT
+                .with(|a| a.borrow_mut().take())
+                .unwrap_or_else(|| "unknown location".into());
             log::warn!(
                 "{call}: internal error (panic at {at}: {}); the comm is now unusable. Please report this with the \
                  NCCL_DEBUG=INFO log",
@@ -255,7 +258,13 @@ fn check_ptr_type(call: &str, ptr_type: c_int) -> Result<()> {
     Ok(())
 }
 
-extern "C" fn reg_mr(comm: *mut c_void, data: *mut c_void, size: c_int, ptr_type: c_int, mhandle: *mut *mut c_void) -> NcclResult {
+extern "C" fn reg_mr(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: c_int,
+    ptr_type: c_int,
+    mhandle: *mut *mut c_void,
+) -> NcclResult {
     guard("regMr", comm, || {
         let out = non_null("regMr", "mhandle", mhandle)?;
         let c = opaque("regMr", "comm", comm)?;
@@ -345,13 +354,20 @@ fn recv_args(
     mhandles: *mut *mut c_void,
 ) -> Result<RecvArgs> {
     if !(1..=8).contains(&n) {
-        return Err(Error::InvalidArgument(format!("{call}: n={n} is out of range (1 to 8)")));
+        return Err(Error::InvalidArgument(format!(
+            "{call}: n={n} is out of range (1 to 8)"
+        )));
     }
     let n = n as usize;
     let data = non_null(call, "data", data)?;
     let sizes = non_null(call, "sizes", sizes)?;
     // SAFETY: NCCL passes arrays of n entries for data, sizes, and (when non-NULL) tags and mhandles.
-    let (d, s) = unsafe { (std::slice::from_raw_parts(data, n).to_vec(), std::slice::from_raw_parts(sizes, n).to_vec()) };
+    let (d, s) = unsafe {
+        (
+            std::slice::from_raw_parts(data, n).to_vec(),
+            std::slice::from_raw_parts(sizes, n).to_vec(),
+        )
+    };
     let t = if tags.is_null() {
         vec![0; n]
     } else {
@@ -362,17 +378,27 @@ fn recv_args(
         vec![None; n]
     } else {
         // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(mhandles, n) }.iter().map(|&p| Opaque::from_ptr(p)).collect()
+        unsafe { std::slice::from_raw_parts(mhandles, n) }
+            .iter()
+            .map(|&p| Opaque::from_ptr(p))
+            .collect()
     };
     for (i, (&p, &sz)) in d.iter().zip(&s).enumerate() {
         if sz < 0 {
             return Err(Error::InvalidArgument(format!("{call}: sizes[{i}] is negative ({sz})")));
         }
         if p.is_null() && sz > 0 {
-            return Err(Error::InvalidArgument(format!("{call}: data[{i}] is NULL for {sz} bytes")));
+            return Err(Error::InvalidArgument(format!(
+                "{call}: data[{i}] is NULL for {sz} bytes"
+            )));
         }
     }
-    Ok(RecvArgs { data: d, sizes: s, tags: t, mrs: m })
+    Ok(RecvArgs {
+        data: d,
+        sizes: s,
+        tags: t,
+        mrs: m,
+    })
 }
 
 extern "C" fn irecv(
@@ -440,15 +466,21 @@ extern "C" fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) ->
 }
 
 extern "C" fn close_send(comm: *mut c_void) -> NcclResult {
-    guard("closeSend", comm, || the_shim("closeSend")?.close_send(opaque("closeSend", "sendComm", comm)?))
+    guard("closeSend", comm, || {
+        the_shim("closeSend")?.close_send(opaque("closeSend", "sendComm", comm)?)
+    })
 }
 
 extern "C" fn close_recv(comm: *mut c_void) -> NcclResult {
-    guard("closeRecv", comm, || the_shim("closeRecv")?.close_recv(opaque("closeRecv", "recvComm", comm)?))
+    guard("closeRecv", comm, || {
+        the_shim("closeRecv")?.close_recv(opaque("closeRecv", "recvComm", comm)?)
+    })
 }
 
 extern "C" fn close_listen(comm: *mut c_void) -> NcclResult {
-    guard("closeListen", comm, || the_shim("closeListen")?.close_listen(opaque("closeListen", "listenComm", comm)?))
+    guard("closeListen", comm, || {
+        the_shim("closeListen")?.close_listen(opaque("closeListen", "listenComm", comm)?)
+    })
 }
 
 extern "C" fn get_device_mr(comm: *mut c_void, mhandle: *mut c_void, dptr_mhandle: *mut *mut c_void) -> NcclResult {

@@ -49,8 +49,11 @@ impl CommCounters {
 }
 
 /// Totals over every connection of the process.
-pub static TOTALS: CommCounters =
-    CommCounters { messages: AtomicU64::new(0), bytes: AtomicU64::new(0), errors: AtomicU64::new(0) };
+pub static TOTALS: CommCounters = CommCounters {
+    messages: AtomicU64::new(0),
+    bytes: AtomicU64::new(0),
+    errors: AtomicU64::new(0),
+};
 
 /// Bytes in human units ("1.50 GiB").
 pub fn human_bytes(b: u64) -> String {
@@ -79,7 +82,14 @@ mod tests {
         c.complete(10);
         c.complete(5);
         c.error();
-        assert_eq!(c.snapshot(), CounterSnapshot { messages: 2, bytes: 15, errors: 1 });
+        assert_eq!(
+            c.snapshot(),
+            CounterSnapshot {
+                messages: 2,
+                bytes: 15,
+                errors: 1
+            }
+        );
         let after = TOTALS.snapshot();
         assert!(after.messages >= before.messages + 2 && after.bytes >= before.bytes + 15);
     }

@@ -21,7 +21,10 @@ pub static SELF_MARKER: [u8; 37] = *b"tcpxshim-self-marker-6c1d0e9a4f37b2d8";
 
 /// Where TCPX is installed on A3 machines (tcpx-plugin-facts.md), tried in order when
 /// NCCL_TCPXSHIM_PLUGIN is unset.
-pub const KNOWN_TCPX_PATHS: &[&str] = &["/usr/local/tcpx/lib64/libnccl-net.so", "/usr/local/nvidia/lib64/libnccl-net.so"];
+pub const KNOWN_TCPX_PATHS: &[&str] = &[
+    "/usr/local/tcpx/lib64/libnccl-net.so",
+    "/usr/local/nvidia/lib64/libnccl-net.so",
+];
 
 #[derive(Clone, Copy)]
 enum Table {
@@ -72,7 +75,9 @@ pub fn candidates(value: &str) -> Vec<String> {
 }
 
 fn file_is_tcpxshim(path: &Path) -> bool {
-    std::fs::read(path).map(|bytes| memchr::memmem::find(&bytes, &SELF_MARKER).is_some()).unwrap_or(false)
+    std::fs::read(path)
+        .map(|bytes| memchr::memmem::find(&bytes, &SELF_MARKER).is_some())
+        .unwrap_or(false)
 }
 
 /// The file a symbol was loaded from.
@@ -145,7 +150,12 @@ impl PluginTransport {
             // SAFETY: the plugin's name is a NUL-terminated string in its static data.
             unsafe { CStr::from_ptr(name_ptr) }.to_string_lossy().into_owned()
         };
-        let plugin = PluginTransport { table, name, path, _lib: lib };
+        let plugin = PluginTransport {
+            table,
+            name,
+            path,
+            _lib: lib,
+        };
         each!(plugin.table, t => call!(t, init, "init", logger))
             .map_err(|e| e.context(format!("inner plugin {} ({})", plugin.name, plugin.path.display())))?;
         Ok(plugin)
@@ -185,7 +195,9 @@ fn c_string(p: *const std::ffi::c_char) -> Option<String> {
 
 fn int_size(call: &str, size: usize) -> Result<i32> {
     i32::try_from(size).map_err(|_| {
-        Error::InvalidArgument(format!("{call}: size {size} does not fit the plugin ABI (at most 2^31-1 bytes)"))
+        Error::InvalidArgument(format!(
+            "{call}: size {size} does not fit the plugin ABI (at most 2^31-1 bytes)"
+        ))
     })
 }
 
@@ -296,9 +308,35 @@ impl Transport for PluginTransport {
         let mut mh = null_mut();
         let c = comm.as_ptr();
         match self.table {
-            Table::V7(t) => call!(t, regMrDmaBuf, "regMrDmaBuf", c, data, size, ptr_type, offset, fd, &mut mh)?,
-            Table::V6(t) => call!(t, regMrDmaBuf, "regMrDmaBuf", c, data, size, ptr_type, offset, fd, &mut mh)?,
-            Table::V5(_) => return Err(Error::InvalidUsage("regMrDmaBuf: the inner plugin is v5 (no DMA-BUF)".into())),
+            Table::V7(t) => call!(
+                t,
+                regMrDmaBuf,
+                "regMrDmaBuf",
+                c,
+                data,
+                size,
+                ptr_type,
+                offset,
+                fd,
+                &mut mh
+            )?,
+            Table::V6(t) => call!(
+                t,
+                regMrDmaBuf,
+                "regMrDmaBuf",
+                c,
+                data,
+                size,
+                ptr_type,
+                offset,
+                fd,
+                &mut mh
+            )?,
+            Table::V5(_) => {
+                return Err(Error::InvalidUsage(
+                    "regMrDmaBuf: the inner plugin is v5 (no DMA-BUF)".into(),
+                ))
+            }
         }
         Opaque::from_ptr(mh).ok_or_else(|| Error::Internal("inner plugin regMrDmaBuf returned a NULL handle".into()))
     }
@@ -315,7 +353,14 @@ impl Transport for PluginTransport {
         each!(self.table, t => call!(t, deregMr, "deregMr", comm.as_ptr(), mr.as_ptr()))
     }
 
-    fn isend(&self, comm: Opaque, data: *mut c_void, size: i32, tag: i32, mr: Option<Opaque>) -> Result<Option<Opaque>> {
+    fn isend(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: i32,
+        tag: i32,
+        mr: Option<Opaque>,
+    ) -> Result<Option<Opaque>> {
         let mut req = null_mut();
         let m = Opaque::opt_ptr(mr);
         each!(self.table, t => call!(t, isend, "isend", comm.as_ptr(), data, size, tag, m, &mut req))?;
@@ -341,7 +386,13 @@ impl Transport for PluginTransport {
         Ok(Opaque::from_ptr(req))
     }
 
-    fn iflush(&self, comm: Opaque, data: &[*mut c_void], sizes: &[i32], mrs: &[Option<Opaque>]) -> Result<Option<Opaque>> {
+    fn iflush(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>> {
         let mut req = null_mut();
         let n = data.len() as i32;
         let d = data.as_ptr() as *mut *mut c_void;
@@ -384,7 +435,14 @@ impl Transport for PluginTransport {
     fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
         match self.table {
             Table::V7(t) if t.irecvConsumed.is_some() => {
-                call!(t, irecvConsumed, "irecvConsumed", comm.as_ptr(), n, Opaque::opt_ptr(req))
+                call!(
+                    t,
+                    irecvConsumed,
+                    "irecvConsumed",
+                    comm.as_ptr(),
+                    n,
+                    Opaque::opt_ptr(req)
+                )
             }
             _ => Ok(()),
         }

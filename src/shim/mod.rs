@@ -140,7 +140,13 @@ impl ShimComm {
 
     /// "send comm #3 (dev 0, peer 127.0.0.1:5000)", for messages.
     pub fn label(&self) -> String {
-        format!("{} comm #{} (dev {}, {})", self.kind.label(), self.id, self.dev, self.peer)
+        format!(
+            "{} comm #{} (dev {}, {})",
+            self.kind.label(),
+            self.id,
+            self.dev,
+            self.peer
+        )
     }
 
     fn check_live(&self, call: &str) -> Result<()> {
@@ -154,12 +160,17 @@ impl ShimComm {
     }
 
     fn alloc(&self, call: &str, op: Op, n: i32, posted: i64) -> Result<&ReqSlot> {
-        let idx = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop().ok_or_else(|| {
-            Error::InvalidUsage(format!(
-                "{call}: more than {MAX_REQUESTS} outstanding requests on {}; NCCL keeps at most 32",
-                self.label()
-            ))
-        })?;
+        let idx = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .ok_or_else(|| {
+                Error::InvalidUsage(format!(
+                    "{call}: more than {MAX_REQUESTS} outstanding requests on {}; NCCL keeps at most 32",
+                    self.label()
+                ))
+            })?;
         let slot = &self.slots[idx];
         slot.op.store(op as u8, Ordering::Relaxed);
         slot.n.store(n, Ordering::Relaxed);
@@ -238,7 +249,12 @@ fn load_inner() -> Result<(Box<dyn Transport>, LoadInfo)> {
 fn builtin() -> Result<(Box<dyn Transport>, LoadInfo)> {
     let cfg = config::TcpConfig::from_env()?;
     let t = TcpTransport::new(&cfg)?;
-    let info = LoadInfo { name: t.name().to_string(), source: "built-in".into(), abi_version: 0, devices: 0 };
+    let info = LoadInfo {
+        name: t.name().to_string(),
+        source: "built-in".into(),
+        abi_version: 0,
+        devices: 0,
+    };
     Ok((Box::new(t), info))
 }
 
@@ -265,7 +281,13 @@ impl Shim {
             unpack.push(inner.properties(d)?.device_type == DeviceType::Unpack);
         }
         let name = config::var(config::NAME.name).unwrap_or_else(|| inner.name().to_string());
-        Ok(Shim { inner, info, name, unpack, next_id: AtomicU64::new(1) })
+        Ok(Shim {
+            inner,
+            info,
+            name,
+            unpack,
+            next_id: AtomicU64::new(1),
+        })
     }
 
     /// What was loaded.
@@ -294,7 +316,10 @@ impl Shim {
     }
 
     fn wrap(&self, kind: Kind, inner: Opaque, dev: i32) -> Opaque {
-        let peer = self.inner.describe_comm(inner).unwrap_or_else(|| format!("{} dev {dev}", self.info.name));
+        let peer = self
+            .inner
+            .describe_comm(inner)
+            .unwrap_or_else(|| format!("{} dev {dev}", self.info.name));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let unpack = self.unpack.get(dev as usize).copied().unwrap_or(false);
         let comm = ShimComm::new(kind, inner, dev, id, peer, unpack);
@@ -384,7 +409,10 @@ fn open_comm_ref<'a>(call: &str, comm: Opaque, kind: Kind) -> Result<&'a ShimCom
     // closed or foreign one before any other field is trusted.
     let c = unsafe { &*(comm.as_ptr() as *const ShimComm) };
     if c.magic.load(Ordering::Acquire) != COMM_MAGIC {
-        return Err(Error::InvalidArgument(format!("{call}: {:p} is not an open tcpxshim comm", comm.as_ptr())));
+        return Err(Error::InvalidArgument(format!(
+            "{call}: {:p} is not an open tcpxshim comm",
+            comm.as_ptr()
+        )));
     }
     if c.kind != kind {
         return Err(Error::InvalidUsage(format!(
@@ -477,7 +505,12 @@ impl Transport for Shim {
             return Err(e);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Trailer { conn_id: id as u32, secret: random_u64(), ..Trailer::default() }.write(handle);
+        Trailer {
+            conn_id: id as u32,
+            secret: random_u64(),
+            ..Trailer::default()
+        }
+        .write(handle);
         Ok(self.wrap(Kind::Listen, inner, dev))
     }
 
@@ -494,13 +527,18 @@ impl Transport for Shim {
 
     fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
         let l = comm_ref("accept", listen, Kind::Listen)?;
-        let inner = self.inner.accept(l.inner, dev_handle).map_err(|e| e.context(format!("accept on dev {}", l.dev)))?;
+        let inner = self
+            .inner
+            .accept(l.inner, dev_handle)
+            .map_err(|e| e.context(format!("accept on dev {}", l.dev)))?;
         Ok(inner.map(|c| self.wrap(Kind::Recv, c, l.dev)))
     }
 
     fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
         let c = data_comm_ref("regMr", comm)?;
-        self.inner.reg_mr(c.inner, data, size, ptr_type).map_err(|e| e.context(format!("regMr on {}", c.label())))
+        self.inner
+            .reg_mr(c.inner, data, size, ptr_type)
+            .map_err(|e| e.context(format!("regMr on {}", c.label())))
     }
 
     fn reg_mr_dmabuf(
@@ -527,7 +565,14 @@ impl Transport for Shim {
         self.inner.dereg_mr(c.inner, mr)
     }
 
-    fn isend(&self, comm: Opaque, data: *mut c_void, size: i32, tag: i32, mr: Option<Opaque>) -> Result<Option<Opaque>> {
+    fn isend(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: i32,
+        tag: i32,
+        mr: Option<Opaque>,
+    ) -> Result<Option<Opaque>> {
         let c = comm_ref("isend", comm, Kind::Send)?;
         let slot = c.alloc("isend", Op::Send, 1, size as i64)?;
         match self.inner.isend(c.inner, data, size, tag, mr) {
@@ -557,7 +602,10 @@ impl Transport for Shim {
     ) -> Result<Option<Opaque>> {
         let c = comm_ref("irecv", comm, Kind::Recv)?;
         if data.is_empty() || data.len() > 8 {
-            return Err(Error::InvalidArgument(format!("irecv: n={} is out of range (1 to 8)", data.len())));
+            return Err(Error::InvalidArgument(format!(
+                "irecv: n={} is out of range (1 to 8)",
+                data.len()
+            )));
         }
         let posted = sizes.iter().map(|&s| s as i64).sum();
         let slot = c.alloc("irecv", Op::Recv, data.len() as i32, posted)?;
@@ -578,7 +626,13 @@ impl Transport for Shim {
         }
     }
 
-    fn iflush(&self, comm: Opaque, data: &[*mut c_void], sizes: &[i32], mrs: &[Option<Opaque>]) -> Result<Option<Opaque>> {
+    fn iflush(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>> {
         let c = comm_ref("iflush", comm, Kind::Recv)?;
         let slot = c.alloc("iflush", Op::Flush, data.len() as i32, 0)?;
         match self.inner.iflush(c.inner, data, sizes, mrs) {
@@ -630,13 +684,16 @@ impl Transport for Shim {
         let inner_req = match req {
             Some(r) => {
                 let mut q = c.consumed.lock().unwrap_or_else(|e| e.into_inner());
-                let pos = q.iter().position(|(addr, _)| *addr == r.as_ptr() as usize).ok_or_else(|| {
-                    Error::InvalidUsage(format!(
-                        "irecvConsumed: request {:p} is not a completed receive of {}",
-                        r.as_ptr(),
-                        c.label()
-                    ))
-                })?;
+                let pos = q
+                    .iter()
+                    .position(|(addr, _)| *addr == r.as_ptr() as usize)
+                    .ok_or_else(|| {
+                        Error::InvalidUsage(format!(
+                            "irecvConsumed: request {:p} is not a completed receive of {}",
+                            r.as_ptr(),
+                            c.label()
+                        ))
+                    })?;
                 q.remove(pos).and_then(|(_, inner)| inner)
             }
             None => None,
