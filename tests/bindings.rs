@@ -21,6 +21,7 @@ fn generate() -> String {
         .derive_debug(true)
         .layout_tests(false)
         .generate_comments(false)
+        .formatter(bindgen::Formatter::Prettyplease)
         .generate()
         .expect("bindgen failed: is libclang installed? (scripts/test installs it)");
     bindings.to_string()

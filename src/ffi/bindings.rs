@@ -250,7 +250,9 @@ pub struct ncclNet_v5_t {
         unsafe extern "C" fn(recvComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
     >,
     pub closeListen: ::std::option::Option<
-        unsafe extern "C" fn(listenComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
+        unsafe extern "C" fn(
+            listenComm: *mut ::std::os::raw::c_void,
+        ) -> ncclResult_t::Type,
     >,
 }
 impl Default for ncclNet_v5_t {
@@ -369,7 +371,9 @@ pub struct ncclNet_v6_t {
         unsafe extern "C" fn(recvComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
     >,
     pub closeListen: ::std::option::Option<
-        unsafe extern "C" fn(listenComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
+        unsafe extern "C" fn(
+            listenComm: *mut ::std::os::raw::c_void,
+        ) -> ncclResult_t::Type,
     >,
 }
 impl Default for ncclNet_v6_t {
@@ -490,7 +494,9 @@ pub struct ncclNet_v7_t {
         unsafe extern "C" fn(recvComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
     >,
     pub closeListen: ::std::option::Option<
-        unsafe extern "C" fn(listenComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
+        unsafe extern "C" fn(
+            listenComm: *mut ::std::os::raw::c_void,
+        ) -> ncclResult_t::Type,
     >,
     pub getDeviceMr: ::std::option::Option<
         unsafe extern "C" fn(
@@ -625,7 +631,9 @@ pub struct ncclNet_v8_t {
         unsafe extern "C" fn(recvComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
     >,
     pub closeListen: ::std::option::Option<
-        unsafe extern "C" fn(listenComm: *mut ::std::os::raw::c_void) -> ncclResult_t::Type,
+        unsafe extern "C" fn(
+            listenComm: *mut ::std::os::raw::c_void,
+        ) -> ncclResult_t::Type,
     >,
     pub getDeviceMr: ::std::option::Option<
         unsafe extern "C" fn(
