@@ -9,6 +9,11 @@ use tcpxshim::ffi::ncclResult_t::*;
 /// Initialises a fresh shim instance with NCCL_TCPXSHIM_PLUGIN set to `plugin` (or unset).
 fn init_with_plugin(plugin: Option<&str>) -> (Net, Result<(), u32>, Vec<String>) {
     let _g = serial();
+    init_with_plugin_locked(plugin)
+}
+
+/// [`init_with_plugin`] for a caller that already holds [`serial`].
+fn init_with_plugin_locked(plugin: Option<&str>) -> (Net, Result<(), u32>, Vec<String>) {
     match plugin {
         Some(p) => std::env::set_var("NCCL_TCPXSHIM_PLUGIN", p),
         None => std::env::remove_var("NCCL_TCPXSHIM_PLUGIN"),
@@ -99,7 +104,9 @@ fn a_failing_inner_init_is_reported_and_a_later_init_can_succeed() {
     let fixture = private_copy(&fixture_lib(Fixture::V7));
     let ctl = FixtureCtl::open(&fixture);
     ctl.set("init_result", 2);
-    let (net, res, log) = init_with_plugin(Some(&fixture.to_string_lossy()));
+    // Held throughout: the second init reads the environment again.
+    let _g = serial();
+    let (net, res, log) = init_with_plugin_locked(Some(&fixture.to_string_lossy()));
     assert_eq!(res, Err(ncclSystemError), "the inner plugin's error code is passed on");
     assert!(warned(&log, &["inner plugin Fixture_v7", "init returned 2"]), "{log:?}");
     ctl.set("init_result", 0);
