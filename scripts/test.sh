@@ -18,4 +18,4 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo test --all-targets "$@"
+cargo test "$@"
