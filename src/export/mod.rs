@@ -336,23 +336,26 @@ extern "C" fn isend(
     })
 }
 
-/// NCCL's grouped-receive arrays, copied and checked.
-struct RecvArgs {
-    data: Vec<*mut c_void>,
-    sizes: Vec<i32>,
-    tags: Vec<i32>,
-    mrs: Vec<Option<Opaque>>,
+/// NCCL's grouped-receive arrays, borrowed for the call and checked.
+struct RecvArgs<'a> {
+    data: &'a [*mut c_void],
+    sizes: &'a [i32],
+    tags: &'a [i32],
+    mrs: &'a [Option<Opaque>],
 }
 
-/// Copies NCCL's grouped-receive arrays, checking every pointer and count.
-fn recv_args(
+const NO_TAGS: [i32; 8] = [0; 8];
+const NO_MRS: [Option<Opaque>; 8] = [None; 8];
+
+/// Borrows NCCL's grouped-receive arrays (no copies on this hot path), checking every pointer and count.
+fn recv_args<'a>(
     call: &str,
     n: c_int,
     data: *mut *mut c_void,
     sizes: *mut c_int,
     tags: *mut c_int,
     mhandles: *mut *mut c_void,
-) -> Result<RecvArgs> {
+) -> Result<RecvArgs<'a>> {
     if !(1..=8).contains(&n) {
         return Err(Error::InvalidArgument(format!(
             "{call}: n={n} is out of range (1 to 8)"
@@ -361,29 +364,28 @@ fn recv_args(
     let n = n as usize;
     let data = non_null(call, "data", data)?;
     let sizes = non_null(call, "sizes", sizes)?;
-    // SAFETY: NCCL passes arrays of n entries for data, sizes, and (when non-NULL) tags and mhandles.
-    let (d, s) = unsafe {
+    // SAFETY: NCCL passes arrays of n entries for data and sizes (and tags and mhandles when
+    // non-NULL), valid and unchanged for the duration of the call.
+    let (data, sizes) = unsafe {
         (
-            std::slice::from_raw_parts(data, n).to_vec(),
-            std::slice::from_raw_parts(sizes, n).to_vec(),
+            std::slice::from_raw_parts(data, n),
+            std::slice::from_raw_parts(sizes, n),
         )
     };
-    let t = if tags.is_null() {
-        vec![0; n]
+    let tags = if tags.is_null() {
+        &NO_TAGS[..n]
     } else {
         // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(tags, n).to_vec() }
+        unsafe { std::slice::from_raw_parts(tags, n) }
     };
-    let m = if mhandles.is_null() {
-        vec![None; n]
+    let mrs = if mhandles.is_null() {
+        &NO_MRS[..n]
     } else {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(mhandles, n) }
-            .iter()
-            .map(|&p| Opaque::from_ptr(p))
-            .collect()
+        // SAFETY: as above; Option<Opaque> has the layout of a C pointer (repr(transparent) over
+        // NonNull, NULL as None), so an array of void* is an array of Option<Opaque>.
+        unsafe { std::slice::from_raw_parts(mhandles as *const Option<Opaque>, n) }
     };
-    for (i, (&p, &sz)) in d.iter().zip(&s).enumerate() {
+    for (i, (&p, &sz)) in data.iter().zip(sizes).enumerate() {
         if sz < 0 {
             return Err(Error::InvalidArgument(format!("{call}: sizes[{i}] is negative ({sz})")));
         }
@@ -393,12 +395,7 @@ fn recv_args(
             )));
         }
     }
-    Ok(RecvArgs {
-        data: d,
-        sizes: s,
-        tags: t,
-        mrs: m,
-    })
+    Ok(RecvArgs { data, sizes, tags, mrs })
 }
 
 extern "C" fn irecv(
@@ -417,7 +414,7 @@ extern "C" fn irecv(
         unsafe { *out = null_mut() };
         let c = opaque("irecv", "recvComm", comm)?;
         let a = recv_args("irecv", n, data, sizes, tags, mhandles)?;
-        let r = the_shim("irecv")?.irecv(c, &a.data, &a.sizes, &a.tags, &a.mrs)?;
+        let r = the_shim("irecv")?.irecv(c, a.data, a.sizes, a.tags, a.mrs)?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(r) };
         Ok(())
@@ -438,7 +435,7 @@ extern "C" fn iflush(
         unsafe { *out = null_mut() };
         let c = opaque("iflush", "recvComm", comm)?;
         let a = recv_args("iflush", n, data, sizes, null_mut(), mhandles)?;
-        let r = the_shim("iflush")?.iflush(c, &a.data, &a.sizes, &a.mrs)?;
+        let r = the_shim("iflush")?.iflush(c, a.data, a.sizes, a.mrs)?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(r) };
         Ok(())

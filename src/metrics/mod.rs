@@ -30,13 +30,17 @@ impl CommCounters {
     pub fn complete(&self, bytes: u64) {
         self.messages.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes, Relaxed);
-        TOTALS.messages.fetch_add(1, Relaxed);
-        TOTALS.bytes.fetch_add(bytes, Relaxed);
     }
     /// Records one error.
     pub fn error(&self) {
         self.errors.fetch_add(1, Relaxed);
-        TOTALS.errors.fetch_add(1, Relaxed);
+    }
+    /// Adds a closing connection's counts to the process totals (kept off the data path).
+    pub fn retire(&self) {
+        let s = self.snapshot();
+        TOTALS.messages.fetch_add(s.messages, Relaxed);
+        TOTALS.bytes.fetch_add(s.bytes, Relaxed);
+        TOTALS.errors.fetch_add(s.errors, Relaxed);
     }
     /// Reads the counters.
     pub fn snapshot(&self) -> CounterSnapshot {
@@ -48,7 +52,7 @@ impl CommCounters {
     }
 }
 
-/// Totals over every connection of the process.
+/// Totals over every closed connection of the process.
 pub static TOTALS: CommCounters = CommCounters {
     messages: AtomicU64::new(0),
     bytes: AtomicU64::new(0),
@@ -90,6 +94,7 @@ mod tests {
                 errors: 1
             }
         );
+        c.retire();
         let after = TOTALS.snapshot();
         assert!(after.messages >= before.messages + 2 && after.bytes >= before.bytes + 15);
     }

@@ -32,7 +32,8 @@ pub struct LoadInfo {
     pub devices: i32,
 }
 
-/// Requests per comm the shim can track. NCCL keeps at most NCCL_NET_MAX_REQUESTS (32) in flight.
+/// Requests per comm the shim can track (one bit each in a u64). NCCL keeps at most
+/// NCCL_NET_MAX_REQUESTS (32) in flight.
 pub const MAX_REQUESTS: usize = 64;
 
 const COMM_MAGIC: u64 = 0x7463_7078_636f_6d6d; // "tcpxcomm"
@@ -92,7 +93,8 @@ pub struct ShimComm {
     /// Per-connection counters.
     pub counters: CommCounters,
     slots: Box<[ReqSlot]>,
-    free: Mutex<Vec<usize>>,
+    /// Bit i set: slot i is free. Lock-free because every isend/irecv/test goes through it.
+    free: AtomicU64,
     consumed: Mutex<VecDeque<(usize, Option<Opaque>)>>,
     opened: Instant,
 }
@@ -122,7 +124,7 @@ impl ShimComm {
             poisoned: AtomicBool::new(false),
             counters: CommCounters::default(),
             slots,
-            free: Mutex::new((0..nslots).rev().collect()),
+            free: AtomicU64::new(if nslots == 0 { 0 } else { u64::MAX >> (64 - nslots) }),
             consumed: Mutex::new(VecDeque::new()),
             opened: Instant::now(),
         });
@@ -160,17 +162,23 @@ impl ShimComm {
     }
 
     fn alloc(&self, call: &str, op: Op, n: i32, posted: i64) -> Result<&ReqSlot> {
-        let idx = self
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .ok_or_else(|| {
-                Error::InvalidUsage(format!(
+        let mut cur = self.free.load(Ordering::Acquire);
+        let idx = loop {
+            if cur == 0 {
+                return Err(Error::InvalidUsage(format!(
                     "{call}: more than {MAX_REQUESTS} outstanding requests on {}; NCCL keeps at most 32",
                     self.label()
-                ))
-            })?;
+                )));
+            }
+            let idx = cur.trailing_zeros() as usize;
+            match self
+                .free
+                .compare_exchange_weak(cur, cur & !(1u64 << idx), Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break idx,
+                Err(now) => cur = now,
+            }
+        };
         let slot = &self.slots[idx];
         slot.op.store(op as u8, Ordering::Relaxed);
         slot.n.store(n, Ordering::Relaxed);
@@ -182,7 +190,7 @@ impl ShimComm {
 
     fn release(&self, slot: &ReqSlot) {
         slot.magic.store(0, Ordering::Release);
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).push(slot.index);
+        self.free.fetch_or(1u64 << slot.index, Ordering::Release);
     }
 
     /// Marks the comm unusable after a panic in a call on it.
@@ -337,6 +345,7 @@ impl Shim {
             Kind::Listen => self.inner.close_listen(c.inner),
         };
         if kind != Kind::Listen {
+            c.counters.retire();
             let s = c.counters.snapshot();
             log::info!(
                 "closed {}: {} messages, {}, {} errors, open {:.1} s",
