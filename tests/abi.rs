@@ -3,7 +3,7 @@
 
 mod common;
 
-use object::{Object, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSymbol};
 
 #[test]
 fn exports_ncclnetplugin_v7_as_its_only_plugin_symbol() {
@@ -38,5 +38,16 @@ fn loads_under_the_name_nccl_looks_for() {
     assert!(
         t.init.is_some() && t.isend.is_some() && t.irecvConsumed.is_some(),
         "the v7 table is complete"
+    );
+}
+
+#[test]
+fn carries_the_installed_name_as_its_soname() {
+    let bytes = std::fs::read(common::shim_lib()).expect("read the built plugin");
+    let file = object::File::parse(&*bytes).expect("parse the built plugin as ELF");
+    let dynstr = file.section_by_name(".dynstr").expect(".dynstr").data().expect("read .dynstr");
+    assert!(
+        dynstr.split(|&b| b == 0).any(|s| s == b"libnccl-net-tcpxshim.so"),
+        "the dynamic string table names libnccl-net-tcpxshim.so (DT_SONAME)"
     );
 }

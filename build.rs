@@ -1,0 +1,10 @@
+//! Build script: gives the plugin library the SONAME it is installed under, so that the loader,
+//! `ldd` and NCCL's "Loaded net plugin" line all name it as NCCL looks for it
+//! (`NCCL_NET_PLUGIN=tcpxshim` opens `libnccl-net-tcpxshim.so`).
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libnccl-net-tcpxshim.so");
+    }
+}
