@@ -45,7 +45,11 @@ fn loads_under_the_name_nccl_looks_for() {
 fn carries_the_installed_name_as_its_soname() {
     let bytes = std::fs::read(common::shim_lib()).expect("read the built plugin");
     let file = object::File::parse(&*bytes).expect("parse the built plugin as ELF");
-    let dynstr = file.section_by_name(".dynstr").expect(".dynstr").data().expect("read .dynstr");
+    let dynstr = file
+        .section_by_name(".dynstr")
+        .expect(".dynstr")
+        .data()
+        .expect("read .dynstr");
     assert!(
         dynstr.split(|&b| b == 0).any(|s| s == b"libnccl-net-tcpxshim.so"),
         "the dynamic string table names libnccl-net-tcpxshim.so (DT_SONAME)"

@@ -188,6 +188,34 @@ impl ShimComm {
         Ok(slot)
     }
 
+    /// Posts one operation on the inner transport in a fresh request slot: the slot's address is
+    /// the request NCCL sees; "try again" and errors give the slot back.
+    fn post(
+        &self,
+        call: &str,
+        op: Op,
+        n: i32,
+        posted: i64,
+        inner: impl FnOnce() -> Result<Option<Opaque>>,
+    ) -> Result<Option<Opaque>> {
+        let slot = self.alloc(call, op, n, posted)?;
+        match inner() {
+            Ok(Some(r)) => {
+                slot.inner.store(r.as_ptr(), Ordering::Relaxed);
+                Ok(Opaque::from_ptr(slot as *const ReqSlot as *mut c_void))
+            }
+            Ok(None) => {
+                self.release(slot);
+                Ok(None)
+            }
+            Err(e) => {
+                self.release(slot);
+                self.counters.error();
+                Err(e.context(format!("{call} of {posted} bytes on {}", self.label())))
+            }
+        }
+    }
+
     fn release(&self, slot: &ReqSlot) {
         slot.magic.store(0, Ordering::Release);
         self.free.fetch_or(1u64 << slot.index, Ordering::Release);
@@ -583,22 +611,9 @@ impl Transport for Shim {
         mr: Option<Opaque>,
     ) -> Result<Option<Opaque>> {
         let c = comm_ref("isend", comm, Kind::Send)?;
-        let slot = c.alloc("isend", Op::Send, 1, size as i64)?;
-        match self.inner.isend(c.inner, data, size, tag, mr) {
-            Ok(Some(r)) => {
-                slot.inner.store(r.as_ptr(), Ordering::Relaxed);
-                Ok(Opaque::from_ptr(slot as *const ReqSlot as *mut c_void))
-            }
-            Ok(None) => {
-                c.release(slot);
-                Ok(None)
-            }
-            Err(e) => {
-                c.release(slot);
-                c.counters.error();
-                Err(e.context(format!("isend of {size} bytes on {}", c.label())))
-            }
-        }
+        c.post("isend", Op::Send, 1, size as i64, || {
+            self.inner.isend(c.inner, data, size, tag, mr)
+        })
     }
 
     fn irecv(
@@ -617,22 +632,9 @@ impl Transport for Shim {
             )));
         }
         let posted = sizes.iter().map(|&s| s as i64).sum();
-        let slot = c.alloc("irecv", Op::Recv, data.len() as i32, posted)?;
-        match self.inner.irecv(c.inner, data, sizes, tags, mrs) {
-            Ok(Some(r)) => {
-                slot.inner.store(r.as_ptr(), Ordering::Relaxed);
-                Ok(Opaque::from_ptr(slot as *const ReqSlot as *mut c_void))
-            }
-            Ok(None) => {
-                c.release(slot);
-                Ok(None)
-            }
-            Err(e) => {
-                c.release(slot);
-                c.counters.error();
-                Err(e.context(format!("irecv of {posted} bytes on {}", c.label())))
-            }
-        }
+        c.post("irecv", Op::Recv, data.len() as i32, posted, || {
+            self.inner.irecv(c.inner, data, sizes, tags, mrs)
+        })
     }
 
     fn iflush(
@@ -643,22 +645,9 @@ impl Transport for Shim {
         mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>> {
         let c = comm_ref("iflush", comm, Kind::Recv)?;
-        let slot = c.alloc("iflush", Op::Flush, data.len() as i32, 0)?;
-        match self.inner.iflush(c.inner, data, sizes, mrs) {
-            Ok(Some(r)) => {
-                slot.inner.store(r.as_ptr(), Ordering::Relaxed);
-                Ok(Opaque::from_ptr(slot as *const ReqSlot as *mut c_void))
-            }
-            Ok(None) => {
-                c.release(slot);
-                Ok(None)
-            }
-            Err(e) => {
-                c.release(slot);
-                c.counters.error();
-                Err(e.context(format!("iflush on {}", c.label())))
-            }
-        }
+        c.post("iflush", Op::Flush, data.len() as i32, 0, || {
+            self.inner.iflush(c.inner, data, sizes, mrs)
+        })
     }
 
     fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {

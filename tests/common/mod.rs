@@ -40,20 +40,7 @@ pub type DevHandle = ncclNetDeviceHandle_v7_t;
 pub const PTR_HOST: i32 = NCCL_PTR_HOST as i32;
 pub const PTR_CUDA: i32 = NCCL_PTR_CUDA as i32;
 
-/// Names an `ncclResult_t` for messages.
-pub fn result_name(r: u32) -> &'static str {
-    match r {
-        ncclResult_t::ncclSuccess => "ncclSuccess",
-        ncclResult_t::ncclUnhandledCudaError => "ncclUnhandledCudaError",
-        ncclResult_t::ncclSystemError => "ncclSystemError",
-        ncclResult_t::ncclInternalError => "ncclInternalError",
-        ncclResult_t::ncclInvalidArgument => "ncclInvalidArgument",
-        ncclResult_t::ncclInvalidUsage => "ncclInvalidUsage",
-        ncclResult_t::ncclRemoteError => "ncclRemoteError",
-        ncclResult_t::ncclInProgress => "ncclInProgress",
-        _ => "unknown ncclResult_t",
-    }
-}
+pub use tcpxshim::error::result_name;
 
 fn check(r: u32) -> NetResult<()> {
     if r == ncclResult_t::ncclSuccess {
