@@ -11,7 +11,7 @@ use super::worker::{Dir, Pool, Task};
 use crate::error::{Error, Result};
 use crate::transport::Opaque;
 use socket2::Socket;
-use std::io::{IoSlice, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -32,8 +32,10 @@ const TAG_REQ: u64 = u64::from_le_bytes(*b"txsREQ\0\0");
 const STAGE_LEN: usize = 64 << 10;
 /// Inline payload remainders at least this big are read straight into NCCL's buffer.
 const DIRECT_READ_MIN: usize = 16 << 10;
-/// Most messages gathered into one sendmsg on the control socket.
-const MAX_IOV: usize = 64;
+/// Most test() calls skipped between two look-ahead reads of the control socket (see `RecvSide::skip`).
+const LOOKAHEAD_MAX_SKIP: u32 = 64;
+/// Most ranges (a header and an inline payload per message) gathered into one sendmsg.
+const MAX_IOV: usize = sys::MAX_GATHER;
 
 /// The part of a comm that workers see.
 pub struct Shared {
@@ -225,6 +227,15 @@ struct RecvSide {
     stage: Box<[u8]>,
     lo: usize,
     hi: usize,
+    /// Look-ahead reads (for receives behind the tested one) still to skip, and the current
+    /// back-off: after a look-ahead read finds nothing, the next `backoff` (doubling up to
+    /// [`LOOKAHEAD_MAX_SKIP`]) test() calls that only look ahead leave the socket alone. Any control
+    /// bytes arriving reset both. Reads for the tested request itself are never skipped.
+    skip: u32,
+    backoff: u32,
+    /// Control-socket reads that found nothing (tests check the hot path does not spin on them).
+    #[cfg(test)]
+    idle_reads: u64,
 }
 
 // The comm is boxed already; boxing a variant too would only add a pointer chase per call.
@@ -274,17 +285,16 @@ impl Comm {
         let mut fds = vec![ctrl.as_raw_fd()];
         let mut socks: Vec<DataSock> = Vec::with_capacity(data.len());
         let call = if dir == Dir::Send { "connect" } else { "accept" };
+        let who = format!("{call}: connection to {peer}");
         for (i, s) in data.into_iter().enumerate() {
             fds.push(s.as_raw_fd());
             let stream = mio::net::TcpStream::from_std(std::net::TcpStream::from(s));
             let w = pool.pick();
-            match pool.add(w, stream, dir, i, shared.clone()) {
+            match pool.add(w, stream, dir, i, shared.clone(), &who) {
                 Ok(token) => socks.push(DataSock { worker: w, token }),
                 Err(e) => {
-                    if let Err(e2) = remove_all(pool, &socks) {
-                        log::warn!("{call}: cleaning up after a failed registration: {e2}");
-                    }
-                    return Err(e.context(format!("{call}: connection to {peer}")));
+                    remove_all(pool, &socks, &who);
+                    return Err(e.context(who));
                 }
             }
         }
@@ -319,6 +329,10 @@ impl Comm {
                 stage: vec![0u8; STAGE_LEN].into_boxed_slice(),
                 lo: 0,
                 hi: 0,
+                skip: 0,
+                backoff: 0,
+                #[cfg(test)]
+                idle_reads: 0,
             }),
         };
         let comm = Box::new(Comm {
@@ -374,6 +388,15 @@ impl Comm {
     #[cfg(test)]
     pub fn fds(&self) -> &[RawFd] {
         &self.fds
+    }
+
+    /// Control-socket reads of a receive comm that found nothing so far.
+    #[cfg(test)]
+    pub fn ctrl_idle_reads(&self) -> u64 {
+        match &*self.state.lock().unwrap() {
+            Side::Recv(r) => r.idle_reads,
+            Side::Send(_) => 0,
+        }
     }
 
     fn lock(&self, call: &str) -> Result<MutexGuard<'_, Side>> {
@@ -481,7 +504,7 @@ impl Comm {
     /// Writes as much queued control data (headers, inline payloads) as the socket takes.
     fn flush_ctrl(&self, s: &mut SendSide) {
         while s.queue.len > 0 && !self.shared.is_failed() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut iov = [(std::ptr::null::<u8>(), 0usize); MAX_IOV];
             let mut k = 0;
             for q in 0..s.queue.len {
                 if k + 2 > MAX_IOV {
@@ -489,20 +512,23 @@ impl Comm {
                 }
                 let r = &s.reqs[s.queue.get(q) as usize];
                 if r.ctrl_done < HEADER_LEN {
-                    iov[k] = IoSlice::new(&r.hdr[r.ctrl_done..]);
+                    iov[k] = (r.hdr[r.ctrl_done..].as_ptr(), HEADER_LEN - r.ctrl_done);
                     k += 1;
                 }
                 let inline_len = r.ctrl_len - HEADER_LEN;
                 let from = r.ctrl_done.saturating_sub(HEADER_LEN);
                 if from < inline_len {
-                    // SAFETY: NCCL's send buffer holds `size` (= inline_len) readable bytes until the
-                    // request completes, and nothing writes it meanwhile.
-                    let payload = unsafe { std::slice::from_raw_parts(r.ptr.add(from), inline_len - from) };
-                    iov[k] = IoSlice::new(payload);
+                    // A raw range, never a slice: NCCL's memory is not turned into Rust references.
+                    // SAFETY: from < inline_len = size, so the pointer stays inside NCCL's send buffer.
+                    iov[k] = (unsafe { r.ptr.add(from) }, inline_len - from);
                     k += 1;
                 }
             }
-            match s.ctrl.send_vectored_with_flags(&iov[..k], libc::MSG_NOSIGNAL) {
+            // SAFETY: the header ranges lie in `s.reqs`, which nothing moves or writes during the call
+            // (we hold `s` mutably); the payload ranges lie in NCCL's send buffers, which hold `size`
+            // readable bytes until their requests complete.
+            let sent = unsafe { sys::send_gather(s.ctrl.as_raw_fd(), &iov[..k]) };
+            match sent {
                 Ok(0) => return,
                 Ok(mut n) => {
                     while n > 0 {
@@ -589,9 +615,16 @@ impl Comm {
                 }
                 Ok(n) => {
                     r.hi += n;
+                    r.backoff = 0;
                     return true;
                 }
-                Err(e) if sys::is_would_block(&e) => return false,
+                Err(e) if sys::is_would_block(&e) => {
+                    #[cfg(test)]
+                    {
+                        r.idle_reads += 1;
+                    }
+                    return false;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.fail_io(e, seq);
@@ -650,8 +683,17 @@ impl Comm {
                             )));
                             return;
                         }
-                        Ok(n) => req.phase = Phase::Inline { done: done + n },
-                        Err(e) if sys::is_would_block(&e) => return,
+                        Ok(n) => {
+                            req.phase = Phase::Inline { done: done + n };
+                            r.backoff = 0;
+                        }
+                        Err(e) if sys::is_would_block(&e) => {
+                            #[cfg(test)]
+                            {
+                                r.idle_reads += 1;
+                            }
+                            return;
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => {
                             self.fail_io(e, seq);
@@ -714,6 +756,21 @@ impl Comm {
                     return;
                 }
             }
+        }
+    }
+
+    /// Progress for receives behind the tested one, with the back-off described at `RecvSide::skip`.
+    fn look_ahead(&self, r: &mut RecvSide) {
+        if r.skip > 0 {
+            r.skip -= 1;
+            return;
+        }
+        r.backoff = r.backoff.max(1);
+        self.progress_recv(r);
+        // A read that returned bytes has set the back-off to 0; otherwise back off further.
+        r.skip = r.backoff;
+        if r.backoff > 0 {
+            r.backoff = (r.backoff * 2).min(LOOKAHEAD_MAX_SKIP);
         }
     }
 
@@ -780,8 +837,13 @@ impl Comm {
                 if !r.slots.is_busy(i) {
                     return Err(self.not_outstanding());
                 }
-                if r.cur.is_some() || r.waiting.len > 0 {
+                if matches!(r.reqs[i].phase, Phase::Header | Phase::Inline { .. }) {
+                    // The tested request (or one before it) needs the control socket: read it now.
                     self.progress_recv(r);
+                } else if r.cur.is_some() || r.waiting.len > 0 {
+                    // The tested request waits for workers only; reading ahead for later receives
+                    // lets their chunks start early, but need not cost a syscall on every poll.
+                    self.look_ahead(r);
                 }
                 let q = &r.reqs[i];
                 let done = match q.phase {
@@ -818,18 +880,20 @@ impl Comm {
 
     /// Takes the comm's data sockets away from the workers (waiting until they let go), then frees it.
     ///
+    /// The wait has no time limit: NCCL frees its buffers once close returns, so returning (or
+    /// leaking the comm and returning an error) while a worker may still read into them would risk
+    /// memory corruption. A hang is the lesser evil, and a WARN every 10 s names the comm and peer.
+    ///
     /// # Safety
     /// `o` must be a live comm of this transport; it is freed and must not be used afterwards.
     pub unsafe fn close(o: Opaque, tag: u64, call: &str) -> Result<()> {
         // SAFETY: forwarded caller contract.
         let c = unsafe { Comm::from_opaque(o, tag, call)? };
         log::debug!("{call}: closing {} (fds {:?})", c.describe(), c.fds);
-        if let Err(e) = remove_all(&c.pool, &c.data) {
-            // A worker may still touch the comm or NCCL's buffers: leaking is the only safe choice.
-            return Err(e.context(format!("{call}: connection to {} (comm leaked)", c.shared.peer)));
-        }
-        // SAFETY: the comm came from Box::into_raw in `create`, no worker refers to it any more, and
-        // NCCL does not use a comm after closing it.
+        remove_all(&c.pool, &c.data, &format!("{call}: comm {:p} ({})", c, c.describe()));
+        // SAFETY: the comm came from Box::into_raw in `create`, every worker has acknowledged letting go
+        // of its sockets (or has stopped), so none refers to it or to NCCL's buffers any more, and NCCL
+        // does not use a comm after closing it.
         drop(unsafe { Box::from_raw(o.as_ptr() as *mut Comm) });
         Ok(())
     }
@@ -855,7 +919,8 @@ pub unsafe fn test_request(req: Opaque, sizes: Option<&mut [i32]>) -> Result<boo
     comm.test_slot(slot.index as usize, sizes)
 }
 
-fn remove_all(pool: &Pool, socks: &[DataSock]) -> Result<()> {
+/// Takes `socks` away from their workers, waiting until every worker has let go (see `Pool::remove`).
+fn remove_all(pool: &Pool, socks: &[DataSock], who: &str) {
     let mut by_worker: Vec<Vec<usize>> = Vec::new();
     for d in socks {
         if by_worker.len() <= d.worker {
@@ -863,13 +928,9 @@ fn remove_all(pool: &Pool, socks: &[DataSock]) -> Result<()> {
         }
         by_worker[d.worker].push(d.token);
     }
-    let mut first_err = None;
     for (w, tokens) in by_worker.into_iter().enumerate() {
         if !tokens.is_empty() {
-            if let Err(e) = pool.remove(w, tokens) {
-                first_err.get_or_insert(e);
-            }
+            pool.remove(w, tokens, who);
         }
     }
-    first_err.map_or(Ok(()), Err)
 }

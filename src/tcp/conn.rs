@@ -1,5 +1,9 @@
 //! Connection establishment without blocking: the connecting side's pending sockets and the
 //! listen comm that accepts sockets, reads their hellos and groups them into connections.
+//!
+//! Nothing here waits for the other side, so whatever never completes is dropped once it has been
+//! idle for [`ABANDON_AFTER`]: a connect NCCL stopped polling, a socket that never sends its hello
+//! (a port scanner, a stray connection), a connection whose other sockets never arrive.
 
 use super::wire::{Hello, HELLO_LEN};
 use crate::error::{Error, Result};
@@ -9,9 +13,15 @@ use std::io::Read;
 use std::net::SocketAddr;
 #[cfg(test)]
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 /// Tag of a listen comm (first word, like every object this transport hands out).
 pub const TAG_LISTEN: u64 = u64::from_le_bytes(*b"txsLSTN\0");
+
+/// Half-made connections idle this long are dropped (their sockets closed) by the next connect or
+/// accept: pending connects not polled, accepted sockets without a complete hello, connections
+/// missing sockets.
+pub const ABANDON_AFTER: Duration = Duration::from_secs(60);
 
 /// A fresh non-blocking TCP socket with TCP_NODELAY for `peer`'s address family.
 fn new_socket(peer: &SocketAddr, call: &str) -> Result<Socket> {
@@ -35,6 +45,8 @@ struct PendingSock {
 pub struct PendingConnect {
     /// The listener connected to.
     pub peer: SocketAddr,
+    /// When `connect` last polled this connection (entries not polled for [`ABANDON_AFTER`] are dropped).
+    pub touched: Instant,
     socks: Vec<PendingSock>,
 }
 
@@ -65,7 +77,11 @@ impl PendingConnect {
                 sent: 0,
             });
         }
-        Ok(PendingConnect { peer, socks })
+        Ok(PendingConnect {
+            peer,
+            touched: Instant::now(),
+            socks,
+        })
     }
 
     /// Advances connects and hello writes; true once every hello is fully written.
@@ -100,6 +116,12 @@ impl PendingConnect {
         Ok(all)
     }
 
+    /// Raw fds of its sockets (tests check they get closed).
+    #[cfg(test)]
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.socks.iter().map(|p| p.sock.as_raw_fd()).collect()
+    }
+
     /// The control socket and the data sockets, in stream order.
     pub fn into_sockets(self) -> Result<(Socket, Vec<Socket>)> {
         let mut it = self.socks.into_iter().map(|p| p.sock);
@@ -122,6 +144,8 @@ struct HalfOpen {
     peer: SocketAddr,
     buf: [u8; HELLO_LEN],
     got: usize,
+    /// When it was accepted.
+    since: Instant,
 }
 
 struct Group {
@@ -129,6 +153,8 @@ struct Group {
     ctrl: Option<Socket>,
     data: Vec<Option<Socket>>,
     have: usize,
+    /// When its last socket arrived.
+    touched: Instant,
 }
 
 /// Settings the listener checks hellos against.
@@ -140,6 +166,8 @@ pub struct ListenParams {
     pub inline_max: u32,
     /// The listener's token (also in the handle).
     pub token: u64,
+    /// Idle time after which half-made connections are dropped ([`ABANDON_AFTER`]; tests shorten it).
+    pub abandon_after: Duration,
 }
 
 /// A connection fully accepted: its sockets and the peer's control address.
@@ -236,6 +264,7 @@ impl ListenComm {
                         peer,
                         buf: [0; HELLO_LEN],
                         got: 0,
+                        since: Instant::now(),
                     });
                 }
                 Err(e) if super::sys::is_would_block(&e) => break,
@@ -276,6 +305,7 @@ impl ListenComm {
             let h = inner.half.swap_remove(i);
             self.place(&mut inner.groups, h)?;
         }
+        self.drop_abandoned(inner);
         let done = inner
             .groups
             .iter()
@@ -295,6 +325,43 @@ impl ListenComm {
             ctrl,
             data,
         }))
+    }
+
+    /// Drops (closing their sockets) accepted sockets without a complete hello and incomplete
+    /// connections that have been idle for `abandon_after`. Complete connections wait for accept.
+    fn drop_abandoned(&self, inner: &mut ListenInner) {
+        let max = self.params.abandon_after;
+        let want = 1 + self.params.streams as usize;
+        inner.half.retain(|h| {
+            let idle = h.since.elapsed();
+            let keep = idle < max;
+            if !keep {
+                log::info!(
+                    "accept: dropping connection from {} on {}: no complete hello after {}s ({} of {HELLO_LEN} \
+                     bytes; not a tcpxshim peer, or one that went away)",
+                    h.peer,
+                    self.addr,
+                    idle.as_secs(),
+                    h.got
+                );
+            }
+            keep
+        });
+        inner.groups.retain(|_, g| {
+            let idle = g.touched.elapsed();
+            let keep = g.have == want || idle < max;
+            if !keep {
+                log::info!(
+                    "accept: dropping incomplete connection from {} on {}: {} of its {want} sockets arrived, \
+                     none for {}s (the connecting rank gave up or failed)",
+                    g.peer,
+                    self.addr,
+                    g.have,
+                    idle.as_secs()
+                );
+            }
+            keep
+        });
     }
 
     /// Files a socket whose hello is complete into its connection's group.
@@ -338,6 +405,7 @@ impl ListenComm {
             ctrl: None,
             data: (0..streams).map(|_| None).collect(),
             have: 0,
+            touched: Instant::now(),
         });
         let slot = if idx == 0 {
             &mut grp.ctrl
@@ -353,6 +421,7 @@ impl ListenComm {
         }
         *slot = Some(h.sock);
         grp.have += 1;
+        grp.touched = Instant::now();
         Ok(())
     }
 }

@@ -17,6 +17,10 @@
 //!
 //! Data sockets are driven by a fixed pool of `NCCL_TCPXSHIM_TCP_WORKERS` threads (mio/epoll),
 //! created once per transport, which move bytes straight between the sockets and NCCL's buffers.
+//!
+//! Half-made connections (a connect NCCL stopped polling, accepted sockets that never send a
+//! complete hello, connections missing sockets) are dropped by the next connect or accept once
+//! they have been idle for a minute, so abandoned attempts and stray connections do not pile up.
 
 mod comm;
 mod conn;
@@ -32,13 +36,14 @@ use crate::error::{Error, Result};
 use crate::ffi::{DevHandle, NCCL_PTR_HOST};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use comm::{Comm, CommParams, TAG_RECV, TAG_SEND};
-use conn::{ListenComm, ListenParams, PendingConnect, TAG_LISTEN};
+use conn::{ListenComm, ListenParams, PendingConnect, ABANDON_AFTER, TAG_LISTEN};
 use iface::Device;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use wire::{ListenHandle, HANDLE_LEN};
 use worker::{Dir, Pool};
 
@@ -63,6 +68,8 @@ pub struct TcpTransport {
     pool: Arc<Pool>,
     pending: Mutex<HashMap<u64, PendingConnect>>,
     next_pending: AtomicU64,
+    /// Idle time after which half-made connections are dropped ([`ABANDON_AFTER`]; tests shorten it).
+    abandon_after: Duration,
 }
 
 /// A random 64-bit value (connection nonces, listener tokens); unique, not secret.
@@ -140,6 +147,7 @@ impl TcpTransport {
             pool,
             pending: Mutex::new(HashMap::new()),
             next_pending: AtomicU64::new(1),
+            abandon_after: ABANDON_AFTER,
         })
     }
 
@@ -179,6 +187,24 @@ impl TcpTransport {
     fn pending(&self) -> MutexGuard<'_, HashMap<u64, PendingConnect>> {
         // The map holds no invariant a panic could break half-way.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops (closing their sockets) pending connects that `connect` has not polled for
+    /// `abandon_after`: NCCL gave up on them (an error elsewhere, an abort) and will not come back.
+    fn drop_abandoned_connects(&self, call: &str) {
+        let max = self.abandon_after;
+        self.pending().retain(|id, p| {
+            let idle = p.touched.elapsed();
+            let keep = idle < max;
+            if !keep {
+                log::info!(
+                    "{call}: dropping abandoned connection attempt {id:#x} to {} (not polled for {}s)",
+                    p.peer,
+                    idle.as_secs()
+                );
+            }
+            keep
+        });
     }
 
     /// The tag word of an object this transport handed out.
@@ -265,6 +291,7 @@ impl Transport for TcpTransport {
             streams: self.cfg.streams as u16,
             inline_max: self.cfg.inline_max as u32,
             token: random_u64(),
+            abandon_after: self.abandon_after,
         };
         // Room for many peers connecting at once, each with 1 + streams sockets.
         let backlog = (128 * (1 + self.cfg.streams)).min(65535) as i32;
@@ -281,6 +308,7 @@ impl Transport for TcpTransport {
     }
 
     fn connect(&self, dev: i32, handle: &mut [u8], _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+        self.drop_abandoned_connects("connect");
         self.device(dev, "connect")?;
         let lh = ListenHandle::read(handle)?;
         if lh.streams as usize != self.cfg.streams {
@@ -307,8 +335,10 @@ impl Transport for TcpTransport {
             self.pending().remove(&id).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "connect: the handle's connect state ({id:#x}) names no connection to {} in progress in this \
-                     process (corrupted handle, or one reused after its connect finished or failed)",
-                    lh.addr
+                     process (corrupted handle, one reused after its connect finished or failed, or a connect not \
+                     polled for {}s and dropped as abandoned)",
+                    lh.addr,
+                    self.abandon_after.as_secs()
                 ))
             })?
         };
@@ -318,6 +348,7 @@ impl Transport for TcpTransport {
                 Err(e)
             }
             Ok(false) => {
+                pend.touched = Instant::now();
                 self.pending().insert(id, pend);
                 Ok(None)
             }
@@ -331,6 +362,7 @@ impl Transport for TcpTransport {
     }
 
     fn accept(&self, listen: Opaque, _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+        self.drop_abandoned_connects("accept");
         let lc = TcpTransport::listen_comm(listen, "accept")?;
         match lc.poll_accept()? {
             None => Ok(None),

@@ -21,6 +21,42 @@ pub unsafe fn send_raw(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usiz
     }
 }
 
+/// Most ranges [`send_gather`] passes to one `sendmsg` (well under the kernel's IOV_MAX).
+pub const MAX_GATHER: usize = 64;
+
+/// Gathers `(ptr, len)` ranges into one `sendmsg` without raising SIGPIPE; returns the bytes sent
+/// (possibly fewer than asked, like any send). Ranges past the first [`MAX_GATHER`] are ignored.
+///
+/// The ranges stay raw pointers all the way to the kernel (no `IoSlice`, which would need a
+/// `&[u8]` over NCCL's buffer).
+///
+/// # Safety
+/// Every range `ptr..ptr+len` in `iov` must be readable for the duration of the call.
+pub unsafe fn send_gather(fd: RawFd, iov: &[(*const u8, usize)]) -> io::Result<usize> {
+    let mut v = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_GATHER];
+    let n = iov.len().min(MAX_GATHER);
+    for (dst, &(ptr, len)) in v.iter_mut().zip(&iov[..n]) {
+        // sendmsg only reads through iov_base; the cast to *mut is what the C struct wants.
+        dst.iov_base = ptr as *mut libc::c_void;
+        dst.iov_len = len;
+    }
+    // SAFETY: an all-zero msghdr is valid (no address, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = v.as_mut_ptr();
+    msg.msg_iovlen = n as _;
+    // SAFETY: msg points at `n` initialised iovecs that outlive the call; each names a range the
+    // caller guarantees readable, and sendmsg only reads them.
+    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Receives up to `len` bytes into `ptr`; `Ok(0)` means the peer closed.
 ///
 /// # Safety

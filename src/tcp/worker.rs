@@ -3,12 +3,17 @@
 //! Each data socket belongs to one worker for its whole life. A worker keeps a FIFO of chunk
 //! tasks per socket and moves bytes straight between the socket and NCCL's buffer. Comms talk to
 //! workers only through a command channel; adding and removing sockets is acknowledged, so a comm
-//! knows when no worker will touch its sockets or buffers again.
+//! knows when no worker will touch its sockets or buffers again. Those waits have no time limit:
+//! returning early could let a worker write into a buffer NCCL has freed; a slow acknowledgement
+//! is logged every [`ACK_WARN_EVERY`] instead.
+//!
+//! A worker that stops (transport dropped, or a panic) fails every request it still had chunks
+//! for, so test() reports an error instead of "not done" forever.
 
 use super::comm::Shared;
 use super::sys;
 use crate::error::{Error, Result};
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::io;
@@ -16,14 +21,19 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Token of the waker; socket tokens are slab indices, far below it.
 const WAKER: Token = Token(usize::MAX);
 /// Bytes moved on one socket before the worker turns to its other sockets.
 const BUDGET: usize = 8 << 20;
-/// How long a comm waits for a worker to acknowledge adding or removing sockets.
-const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new transport waits for each worker thread to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// While a comm waits for a worker's acknowledgement, a WARN this often says so.
+const ACK_WARN_EVERY: Duration = Duration::from_secs(10);
+/// While a comm waits for a worker's acknowledgement, it wakes the worker again this often (in case
+/// the wake-up after queueing the command failed; a spurious one costs the worker one loop).
+const ACK_REWAKE_EVERY: Duration = Duration::from_secs(1);
 
 /// Which way a data socket carries bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +59,8 @@ pub struct Task {
 }
 
 // SAFETY: the pointer is NCCL's buffer, which stays valid until the request completes or the comm
-// is closed; closing removes the socket and its tasks from the worker (acknowledged) first.
+// is closed; closing first removes the socket and its tasks from the worker and waits for the
+// acknowledgement (or for the worker to have stopped, dropping every task it had).
 unsafe impl Send for Task {}
 
 enum Cmd {
@@ -75,6 +86,8 @@ struct WorkerRef {
     tx: Sender<Cmd>,
     waker: Waker,
     sleeping: Arc<AtomicBool>,
+    /// Set by the worker before it drains its last commands and exits.
+    stopped: Arc<AtomicBool>,
 }
 
 /// The workers of one transport.
@@ -101,13 +114,14 @@ impl Pool {
                 .map_err(|e| Error::io("built-in TCP transport: creating worker waker", e))?;
             let (tx, rx) = crossbeam_channel::unbounded();
             let sleeping = Arc::new(AtomicBool::new(false));
-            let sl = sleeping.clone();
+            let stopped = Arc::new(AtomicBool::new(false));
+            let (sl, st) = (sleeping.clone(), stopped.clone());
             let (started_tx, started) = crossbeam_channel::bounded(1);
             let join = std::thread::Builder::new()
                 .name(format!("txs{id}-io{i}"))
                 .spawn(move || {
                     let _ = started_tx.send(());
-                    Worker::new(poll, rx, sl).run()
+                    Worker::new(poll, rx, sl, st).run()
                 })
                 .map_err(|e| {
                     Error::io(
@@ -115,14 +129,19 @@ impl Pool {
                         e,
                     )
                 })?;
-            pool.workers.push(WorkerRef { tx, waker, sleeping });
+            pool.workers.push(WorkerRef {
+                tx,
+                waker,
+                sleeping,
+                stopped,
+            });
             if let Ok(mut j) = pool.joins.lock() {
                 j.push(join);
             }
             // Wait until the thread runs, so a transport that exists has all its workers (and thread names).
-            started.recv_timeout(ACK_TIMEOUT).map_err(|_| {
+            started.recv_timeout(START_TIMEOUT).map_err(|_| {
                 Error::Internal(format!(
-                    "built-in TCP transport: I/O worker {i} did not start within {ACK_TIMEOUT:?}"
+                    "built-in TCP transport: I/O worker {i} did not start within {START_TIMEOUT:?}"
                 ))
             })?;
         }
@@ -134,13 +153,22 @@ impl Pool {
         self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
     }
 
+    /// Queues a command for worker `w` and wakes it if it sleeps.
+    ///
+    /// An error means the command may not run: the worker has stopped (the command was dropped,
+    /// acknowledgement sender included) or could not be woken (the command is queued and runs
+    /// once the worker wakes for another reason). Commands with an acknowledgement must wait for
+    /// it either way ([`Pool::wait_ack`]).
     fn send(&self, w: usize, cmd: Cmd) -> Result<()> {
         let wr = &self.workers[w];
-        wr.tx
-            .send(cmd)
-            .map_err(|_| Error::Internal(format!("built-in TCP transport: I/O worker {w} has stopped")))?;
+        let stopped = || Error::Internal(format!("built-in TCP transport: I/O worker {w} has stopped"));
+        wr.tx.send(cmd).map_err(|_| stopped())?;
         // Pairs with the fence in the worker: either it sees the command before sleeping, or we see it asleep.
         fence(Ordering::SeqCst);
+        if wr.stopped.load(Ordering::SeqCst) {
+            // The worker may have drained its queue for the last time before our command arrived.
+            return Err(stopped());
+        }
         if wr.sleeping.load(Ordering::SeqCst) {
             wr.waker
                 .wake()
@@ -149,7 +177,35 @@ impl Pool {
         Ok(())
     }
 
-    /// Hands a data socket to worker `w`; returns its token there.
+    /// Waits, without a time limit, for worker `w` to acknowledge a command; `None` when the worker
+    /// dropped the command unanswered (it had stopped). `who` and `doing` name the wait in the WARN
+    /// logged every [`ACK_WARN_EVERY`].
+    fn wait_ack<T>(&self, w: usize, done: &Receiver<T>, who: &str, doing: &str) -> Option<T> {
+        let start = Instant::now();
+        let mut next_warn = ACK_WARN_EVERY;
+        loop {
+            match done.recv_timeout(ACK_REWAKE_EVERY) {
+                Ok(v) => return Some(v),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    if start.elapsed() >= next_warn {
+                        next_warn += ACK_WARN_EVERY;
+                        log::warn!(
+                            "built-in TCP transport: {who}: still waiting after {}s for I/O worker txs{}-io{w} to \
+                             {doing}",
+                            start.elapsed().as_secs(),
+                            self.id
+                        );
+                    }
+                    if let Err(e) = self.workers[w].waker.wake() {
+                        log::warn!("built-in TCP transport: waking I/O worker {w}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a data socket to worker `w`; returns its token there. `who` names the connection.
     pub fn add(
         &self,
         w: usize,
@@ -157,27 +213,29 @@ impl Pool {
         dir: Dir,
         index: usize,
         shared: Arc<Shared>,
+        who: &str,
     ) -> Result<usize> {
         let (ack, done) = crossbeam_channel::bounded(1);
-        self.send(
-            w,
-            Cmd::Add {
-                stream,
-                dir,
-                index,
-                shared,
-                ack,
-            },
-        )?;
-        match done.recv_timeout(ACK_TIMEOUT) {
-            Ok(r) => r.map_err(|e| {
+        let cmd = Cmd::Add {
+            stream,
+            dir,
+            index,
+            shared,
+            ack,
+        };
+        if let Err(e) = self.send(w, cmd) {
+            // Still wait: a queued command may yet register the socket, which must not be left behind.
+            log::debug!("{who}: {e}");
+        }
+        match self.wait_ack(w, &done, who, "register a data socket") {
+            Some(r) => r.map_err(|e| {
                 Error::io(
                     format!("built-in TCP transport: registering data socket with worker {w}"),
                     e,
                 )
             }),
-            Err(_) => Err(Error::Internal(format!(
-                "built-in TCP transport: I/O worker {w} did not register a data socket within {ACK_TIMEOUT:?}"
+            None => Err(Error::Internal(format!(
+                "built-in TCP transport: I/O worker {w} has stopped (transport shut down?)"
             ))),
         }
     }
@@ -188,19 +246,16 @@ impl Pool {
     }
 
     /// Removes sockets (and their queued tasks) from worker `w` and closes them; returns once the
-    /// worker has let go of them, so their buffers and comm may be freed.
-    pub fn remove(&self, w: usize, tokens: Vec<usize>) -> Result<()> {
+    /// worker has let go of them, so their buffers and comm may be freed. Waits as long as that
+    /// takes (see [`Pool::wait_ack`]); `who` names the connection in the WARN a slow worker causes.
+    pub fn remove(&self, w: usize, tokens: Vec<usize>, who: &str) {
         let (ack, done) = crossbeam_channel::bounded(1);
-        if self.send(w, Cmd::Remove { tokens, ack }).is_err() {
-            // A stopped worker has dropped every socket it had.
-            return Ok(());
+        if let Err(e) = self.send(w, Cmd::Remove { tokens, ack }) {
+            log::debug!("{who}: {e}");
         }
-        match done.recv_timeout(ACK_TIMEOUT) {
-            Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Ok(()),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Error::Internal(format!(
-                "built-in TCP transport: I/O worker {w} did not release sockets within {ACK_TIMEOUT:?}"
-            ))),
-        }
+        // None: the worker stopped and dropped the command; a stopped worker has closed every
+        // socket it had and touches no buffer any more.
+        let _ = self.wait_ack(w, &done, who, "release its data sockets");
     }
 
     /// Stops and joins all workers; they close every socket they still own. Idempotent.
@@ -309,17 +364,19 @@ struct Worker {
     poll: Poll,
     rx: Receiver<Cmd>,
     sleeping: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     active: VecDeque<usize>,
 }
 
 impl Worker {
-    fn new(poll: Poll, rx: Receiver<Cmd>, sleeping: Arc<AtomicBool>) -> Worker {
+    fn new(poll: Poll, rx: Receiver<Cmd>, sleeping: Arc<AtomicBool>, stopped: Arc<AtomicBool>) -> Worker {
         Worker {
             poll,
             rx,
             sleeping,
+            stopped,
             entries: Vec::new(),
             free: Vec::new(),
             active: VecDeque::new(),
@@ -400,6 +457,7 @@ impl Worker {
         true
     }
 
+    /// Runs until Stop or until the pool goes away; dropping the worker then fails what it still had.
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
         loop {
@@ -454,5 +512,42 @@ impl Worker {
                 self.activate(token);
             }
         }
+    }
+}
+
+impl Drop for Worker {
+    /// The worker is exiting (Stop, the pool gone, or a panic): answers the commands still queued and
+    /// fails every request it still had chunks for, so test() reports an error instead of waiting
+    /// forever, then closes its sockets.
+    fn drop(&mut self) {
+        // Pairs with the fence in Pool::send: a command this drain misses, its sender sees `stopped`.
+        self.stopped.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Add { ack, .. } => {
+                    // Dropping the command closes the socket.
+                    let _ = ack.send(Err(io::Error::other("the I/O worker is stopping")));
+                }
+                Cmd::Task { .. } | Cmd::Remove { .. } => {
+                    self.command(cmd);
+                }
+                Cmd::Stop => {}
+            }
+        }
+        for e in self.entries.iter().flatten() {
+            let Some(t) = e.tasks.front() else { continue };
+            let what = if e.dir == Dir::Recv { "receiving" } else { "sending" };
+            let err = Error::Internal(format!(
+                "I/O worker stopped while {what} message {} on data stream {} of the connection to {} (built-in \
+                 TCP transport shut down with the comm still in use)",
+                t.seq, e.index, e.shared.peer
+            ));
+            log::warn!("built-in TCP transport: {err}");
+            e.shared.fail(err);
+        }
+        // Close the sockets now, before the command channel goes (which answers waiting removes).
+        self.entries.clear();
+        self.active.clear();
     }
 }
