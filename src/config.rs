@@ -64,6 +64,15 @@ pub const TCP_INLINE: Setting = Setting {
           latency; larger ones are striped over the data sockets by the workers (0 to 1048576). Must match on every rank.",
 };
 
+/// GPU memory in the built-in transport.
+pub const TCP_CUDA: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_CUDA",
+    default: "0",
+    doc: "1: the built-in transport also accepts CUDA buffers (ptrSupport HOST|CUDA), so NCCL's GPU-direct path runs \
+          through it: data is copied between GPU memory and pinned host buffers with the CUDA driver, loaded at run \
+          time. Without a GPU driver it stays host-only and says why. 0: host memory only; NCCL stages through host.",
+};
+
 /// Deliberate panic, to exercise the panic guard.
 pub const DEBUG_PANIC: Setting = Setting {
     name: "NCCL_TCPXSHIM_DEBUG_PANIC",
@@ -81,6 +90,7 @@ pub const SETTINGS: &[Setting] = &[
     TCP_WORKERS,
     TCP_MIN_CHUNK,
     TCP_INLINE,
+    TCP_CUDA,
     DEBUG_PANIC,
 ];
 
@@ -124,6 +134,8 @@ pub struct TcpConfig {
     pub min_chunk: usize,
     /// Largest message sent inline on the control socket.
     pub inline_max: usize,
+    /// Accept CUDA buffers (staged through pinned host memory).
+    pub cuda: bool,
 }
 
 impl Default for TcpConfig {
@@ -134,6 +146,7 @@ impl Default for TcpConfig {
             workers: 4,
             min_chunk: 65536,
             inline_max: 16384,
+            cuda: false,
         }
     }
 }
@@ -147,6 +160,7 @@ impl TcpConfig {
             workers: int(&TCP_WORKERS, 1, 64)? as usize,
             min_chunk: int(&TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
             inline_max: int(&TCP_INLINE, 0, 1 << 20)? as usize,
+            cuda: int(&TCP_CUDA, 0, 1)? == 1,
         })
     }
 }

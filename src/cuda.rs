@@ -39,7 +39,10 @@ impl Cuda {
                 // SAFETY: the symbol is the CUDA driver function of that name; the type written at
                 // the use site is its documented C prototype.
                 *unsafe { lib.get($name) }.map_err(|e| {
-                    Error::System(format!("libcuda.so.1 lacks {}: {e}", String::from_utf8_lossy($name)))
+                    Error::System(format!(
+                        "libcuda.so.1 lacks {}: {e}",
+                        String::from_utf8_lossy($name)
+                    ))
                 })?
             };
         }
@@ -85,8 +88,14 @@ impl Cuda {
     pub fn pinned(&'static self, size: usize) -> Result<Pinned> {
         let mut p = std::ptr::null_mut();
         // SAFETY: cuMemHostAlloc writes the new buffer's address into `p`.
-        self.check("cuMemHostAlloc", unsafe { (self.mem_host_alloc)(&mut p, size.max(1), CU_MEMHOSTALLOC_PORTABLE) })?;
-        Ok(Pinned { cuda: self, ptr: p as *mut u8, size })
+        self.check("cuMemHostAlloc", unsafe {
+            (self.mem_host_alloc)(&mut p, size.max(1), CU_MEMHOSTALLOC_PORTABLE)
+        })?;
+        Ok(Pinned {
+            cuda: self,
+            ptr: p as *mut u8,
+            size,
+        })
     }
 
     /// Copies `len` bytes from device address `src` to host memory at `dst`.
@@ -98,7 +107,9 @@ impl Cuda {
             return Ok(());
         }
         // SAFETY: guaranteed by the caller.
-        self.check("cuMemcpyDtoH", unsafe { (self.memcpy_dtoh)(dst as *mut c_void, src as CuDevicePtr, len) })
+        self.check("cuMemcpyDtoH", unsafe {
+            (self.memcpy_dtoh)(dst as *mut c_void, src as CuDevicePtr, len)
+        })
     }
 
     /// Copies `len` bytes from host memory at `src` to device address `dst`.
@@ -110,7 +121,9 @@ impl Cuda {
             return Ok(());
         }
         // SAFETY: guaranteed by the caller.
-        self.check("cuMemcpyHtoD", unsafe { (self.memcpy_htod)(dst as CuDevicePtr, src as *const c_void, len) })
+        self.check("cuMemcpyHtoD", unsafe {
+            (self.memcpy_htod)(dst as CuDevicePtr, src as *const c_void, len)
+        })
     }
 }
 
@@ -151,7 +164,9 @@ impl Drop for Pinned {
 /// The driver, loaded once per process; the error says why it is unavailable.
 pub fn driver() -> Result<&'static Cuda> {
     static CUDA: OnceLock<std::result::Result<Cuda, String>> = OnceLock::new();
-    CUDA.get_or_init(|| Cuda::load().map_err(|e| e.to_string())).as_ref().map_err(|e| Error::System(e.clone()))
+    CUDA.get_or_init(|| Cuda::load().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::System(e.clone()))
 }
 
 #[cfg(test)]
@@ -163,7 +178,10 @@ mod tests {
             Ok(c) => assert!(c.devices > 0),
             Err(e) => {
                 let m = e.to_string();
-                assert!(m.contains("libcuda.so.1") || m.contains("no GPU") || m.contains("cuInit"), "{m}");
+                assert!(
+                    m.contains("libcuda.so.1") || m.contains("no GPU") || m.contains("cuInit"),
+                    "{m}"
+                );
             }
         }
     }

@@ -24,6 +24,7 @@
 
 mod comm;
 mod conn;
+mod gpu;
 mod iface;
 mod sys;
 #[cfg(test)]
@@ -33,7 +34,7 @@ mod worker;
 
 use crate::config::TcpConfig;
 use crate::error::{Error, Result};
-use crate::ffi::{DevHandle, NCCL_PTR_HOST};
+use crate::ffi::{DevHandle, NCCL_PTR_CUDA, NCCL_PTR_HOST};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use comm::{Comm, CommParams, TAG_RECV, TAG_SEND};
 use conn::{ListenComm, ListenParams, PendingConnect, ABANDON_AFTER, TAG_LISTEN};
@@ -53,12 +54,38 @@ const TAG_MR: u64 = u64::from_le_bytes(*b"txsMR\0\0\0");
 /// Distinguishes transports of one process (thread names, tests).
 static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A memory registration: host memory needs nothing, but NCCL wants a handle.
+/// A memory registration: host memory needs nothing but a handle; GPU memory gets a pinned
+/// host shadow (see `gpu`).
 #[repr(C)]
 struct Mr {
     tag: u64,
     data: usize,
     size: usize,
+    shadow: Option<crate::cuda::Pinned>,
+}
+
+impl Mr {
+    /// The registration behind an mhandle NCCL passed with a data call.
+    fn from_opaque<'a>(mr: Option<Opaque>, call: &str) -> Result<Option<&'a Mr>> {
+        let Some(o) = mr else { return Ok(None) };
+        // SAFETY: NCCL passes mhandles this transport returned from regMr and has not deregistered.
+        if unsafe { TcpTransport::tag(o) } != TAG_MR {
+            return Err(Error::InvalidArgument(format!(
+                "{call}: {:p} is not a memory handle of the built-in TCP transport",
+                o.as_ptr()
+            )));
+        }
+        // SAFETY: the tag identifies a live Mr.
+        Ok(Some(unsafe { &*(o.as_ptr() as *const Mr) }))
+    }
+
+    /// Where a message at `data` of `size` bytes goes through the pinned shadow, if this is GPU memory.
+    fn staged(&self, call: &str, data: *const c_void, size: usize) -> Result<Option<*mut u8>> {
+        let Some(shadow) = &self.shadow else { return Ok(None) };
+        let off = gpu::offset_in(call, self.data, self.size, data, size)?;
+        // SAFETY: off + size <= self.size, the shadow's length.
+        Ok(Some(unsafe { shadow.as_ptr().add(off) }))
+    }
 }
 
 /// The built-in kernel-TCP transport.
@@ -70,6 +97,8 @@ pub struct TcpTransport {
     next_pending: AtomicU64,
     /// Idle time after which half-made connections are dropped ([`ABANDON_AFTER`]; tests shorten it).
     abandon_after: Duration,
+    /// GPU-memory support, when NCCL_TCPXSHIM_TCP_CUDA=1 and a CUDA driver with a GPU is present.
+    gpu: Option<gpu::Gpu>,
 }
 
 /// A random 64-bit value (connection nonces, listener tokens); unique, not secret.
@@ -141,7 +170,26 @@ impl TcpTransport {
             cfg.workers,
             cfg.inline_max
         );
+        let gpu = if cfg.cuda {
+            match crate::cuda::driver() {
+                Ok(cuda) => {
+                    log::info!(
+                        "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
+                         pinned host buffers",
+                        cuda.devices
+                    );
+                    Some(gpu::Gpu::new(cuda))
+                }
+                Err(e) => {
+                    log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(TcpTransport {
+            gpu,
             cfg: cfg.clone(),
             devices,
             pool,
@@ -268,7 +316,11 @@ impl Transport for TcpTransport {
             name: d.name.clone(),
             pci_path: iface::pci_path(&d.name),
             guid: dev as u64,
-            ptr_support: NCCL_PTR_HOST as i32,
+            ptr_support: if self.gpu.is_some() {
+                (NCCL_PTR_HOST | NCCL_PTR_CUDA) as i32
+            } else {
+                NCCL_PTR_HOST as i32
+            },
             speed_mbps: iface::speed_mbps(&d.name),
             port: 0,
             latency_us: 0.0,
@@ -371,16 +423,30 @@ impl Transport for TcpTransport {
     }
 
     fn reg_mr(&self, _comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
-        if ptr_type != NCCL_PTR_HOST as i32 {
-            return Err(Error::InvalidArgument(format!(
-                "regMr: built-in TCP transport supports host memory only (ptrSupport NCCL_PTR_HOST); got pointer \
-                 type {ptr_type}"
-            )));
-        }
+        let shadow = match (ptr_type as u32, &self.gpu) {
+            (NCCL_PTR_HOST, _) => None,
+            (NCCL_PTR_CUDA, Some(gpu)) => Some(gpu.shadow(size)?),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "regMr: the built-in TCP transport takes {}; got pointer type {ptr_type}{}",
+                    if self.gpu.is_some() {
+                        "host or CUDA memory (ptrSupport NCCL_PTR_HOST|NCCL_PTR_CUDA)"
+                    } else {
+                        "host memory only (ptrSupport NCCL_PTR_HOST)"
+                    },
+                    if self.gpu.is_none() && ptr_type as u32 == NCCL_PTR_CUDA {
+                        " (set NCCL_TCPXSHIM_TCP_CUDA=1 on a machine with a GPU to accept CUDA buffers)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        };
         Ok(Opaque::from_box(Box::new(Mr {
             tag: TAG_MR,
             data: data as usize,
             size,
+            shadow,
         })))
     }
 
@@ -398,16 +464,28 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
+    // `data` is NCCL's buffer, opaque here: only the kernel (send) or the CUDA driver (copy of
+    // GPU memory into the pinned shadow) ever reads it.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn isend(
         &self,
         comm: Opaque,
         data: *mut c_void,
         size: i32,
         _tag: i32,
-        _mr: Option<Opaque>,
+        mr: Option<Opaque>,
     ) -> Result<Option<Opaque>> {
         // SAFETY: NCCL passes back a send comm this transport returned and has not closed.
         let c = unsafe { Comm::from_opaque(comm, TAG_SEND, "isend")? };
+        if let (Some(gpu), Some(m)) = (&self.gpu, Mr::from_opaque(mr, "isend")?) {
+            if let Some(host) = m.staged("isend", data, size.max(0) as usize)? {
+                // SAFETY: `data` lies inside a CUDA registration (checked by `staged`), so it is GPU
+                // memory NCCL registered, and `host` is its place in the shadow. Only the CUDA
+                // driver reads it.
+                unsafe { gpu.stage_send(host, data, size.max(0) as usize)? };
+                return c.isend(host, size).map(Some);
+            }
+        }
         c.isend(data as *const u8, size).map(Some)
     }
 
@@ -417,7 +495,7 @@ impl Transport for TcpTransport {
         data: &[*mut c_void],
         sizes: &[i32],
         _tags: &[i32],
-        _mrs: &[Option<Opaque>],
+        mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>> {
         // SAFETY: NCCL passes back a receive comm this transport returned and has not closed.
         let c = unsafe { Comm::from_opaque(comm, TAG_RECV, "irecv")? };
@@ -429,6 +507,19 @@ impl Transport for TcpTransport {
                 sizes.len(),
                 c.describe()
             )));
+        }
+        if let Some(gpu) = &self.gpu {
+            let m = Mr::from_opaque(mrs.first().copied().flatten(), "irecv")?;
+            let staged = match m {
+                Some(m) => m.staged("irecv", data[0], sizes[0].max(0) as usize)?,
+                None => None,
+            };
+            let req = c.irecv(staged.unwrap_or(data[0] as *mut u8), sizes[0])?;
+            match staged {
+                Some(host) => gpu.expect(req.as_ptr() as usize, comm.as_ptr() as usize, data[0], host),
+                None => gpu.forget(req.as_ptr() as usize),
+            }
+            return Ok(Some(req));
         }
         c.irecv(data[0] as *mut u8, sizes[0]).map(Some)
     }
@@ -444,8 +535,26 @@ impl Transport for TcpTransport {
     }
 
     fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
-        // SAFETY: NCCL passes back a request this transport returned, not yet completed, on an open comm.
-        unsafe { comm::test_request(req, sizes) }
+        let Some(gpu) = self.gpu.as_ref().filter(|g| g.busy()) else {
+            // SAFETY: NCCL passes back a request this transport returned, not yet completed, on an open comm.
+            return unsafe { comm::test_request(req, sizes) };
+        };
+        let mut got = [0i32; 1];
+        // SAFETY: as above.
+        let done = match unsafe { comm::test_request(req, Some(&mut got)) } {
+            Ok(d) => d,
+            Err(e) => {
+                gpu.fail(req.as_ptr() as usize);
+                return Err(e);
+            }
+        };
+        if done {
+            gpu.complete(req.as_ptr() as usize, got[0].max(0) as usize)?;
+            if let Some(s) = sizes.and_then(|s| s.first_mut()) {
+                *s = got[0];
+            }
+        }
+        Ok(done)
     }
 
     fn close_send(&self, comm: Opaque) -> Result<()> {
@@ -454,6 +563,9 @@ impl Transport for TcpTransport {
     }
 
     fn close_recv(&self, comm: Opaque) -> Result<()> {
+        if let Some(gpu) = &self.gpu {
+            gpu.close(comm.as_ptr() as usize);
+        }
         // SAFETY: NCCL closes a receive comm this transport returned, once.
         unsafe { Comm::close(comm, TAG_RECV, "closeRecv") }
     }
