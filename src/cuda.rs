@@ -1,9 +1,11 @@
 //! The CUDA driver API, loaded at run time with dlopen: tcpxshim has no link-time CUDA
 //! dependency, and on a machine without a GPU driver this module simply reports "unavailable".
 //!
-//! Only what the built-in transport's GPU-memory mode needs: pinned host buffers, and synchronous
-//! copies between device memory and them, issued from the calling thread (NCCL's proxy thread,
-//! which has NCCL's CUDA context current).
+//! Only what the built-in transport's GPU-memory mode needs: pinned host buffers, and copies
+//! between device memory and them, issued from the calling thread (NCCL's proxy thread, which has
+//! NCCL's CUDA context current) on a stream of their own that does not synchronise with other
+//! streams. A copy on the legacy default stream would wait for NCCL's running kernel, which waits
+//! for the very data being copied: a deadlock.
 
 use crate::error::{Error, Result};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
@@ -15,13 +17,21 @@ type CuDevicePtr = u64;
 
 const CUDA_SUCCESS: CuResult = 0;
 const CU_MEMHOSTALLOC_PORTABLE: c_uint = 0x01;
+const CU_STREAM_NON_BLOCKING: c_uint = 0x01;
+
+/// A CUstream, kept as an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream(usize);
 
 /// The driver entry points tcpxshim uses.
 pub struct Cuda {
     mem_host_alloc: unsafe extern "C" fn(*mut *mut c_void, usize, c_uint) -> CuResult,
     mem_free_host: unsafe extern "C" fn(*mut c_void) -> CuResult,
-    memcpy_dtoh: unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize) -> CuResult,
-    memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
+    memcpy_dtoh: unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize, *mut c_void) -> CuResult,
+    memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize, *mut c_void) -> CuResult,
+    stream_create: unsafe extern "C" fn(*mut *mut c_void, c_uint) -> CuResult,
+    stream_synchronize: unsafe extern "C" fn(*mut c_void) -> CuResult,
+    ctx_get_current: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
     get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
     /// Number of CUDA devices the driver sees.
     pub devices: i32,
@@ -51,8 +61,11 @@ impl Cuda {
         let cuda = Cuda {
             mem_host_alloc: sym!(b"cuMemHostAlloc\0"),
             mem_free_host: sym!(b"cuMemFreeHost\0"),
-            memcpy_dtoh: sym!(b"cuMemcpyDtoH_v2\0"),
-            memcpy_htod: sym!(b"cuMemcpyHtoD_v2\0"),
+            memcpy_dtoh: sym!(b"cuMemcpyDtoHAsync_v2\0"),
+            memcpy_htod: sym!(b"cuMemcpyHtoDAsync_v2\0"),
+            stream_create: sym!(b"cuStreamCreate\0"),
+            stream_synchronize: sym!(b"cuStreamSynchronize\0"),
+            ctx_get_current: sym!(b"cuCtxGetCurrent\0"),
             get_error_string: sym!(b"cuGetErrorString\0"),
             devices: 0,
             _lib: lib,
@@ -98,32 +111,58 @@ impl Cuda {
         })
     }
 
-    /// Copies `len` bytes from device address `src` to host memory at `dst`.
-    ///
-    /// # Safety
-    /// `src..src+len` is device memory of the current context and `dst..dst+len` writable host memory.
-    pub unsafe fn copy_to_host(&self, dst: *mut u8, src: *const c_void, len: usize) -> Result<()> {
-        if len == 0 {
-            return Ok(());
+    /// A new non-blocking stream in the calling thread's current context.
+    pub fn stream(&self) -> Result<Stream> {
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: cuCtxGetCurrent writes the current context (or NULL) into `ctx`.
+        self.check("cuCtxGetCurrent", unsafe { (self.ctx_get_current)(&mut ctx) })?;
+        if ctx.is_null() {
+            return Err(Error::System(
+                "no CUDA context is current in the calling thread (NCCL's proxy thread normally has one)".into(),
+            ));
         }
-        // SAFETY: guaranteed by the caller.
-        self.check("cuMemcpyDtoH", unsafe {
-            (self.memcpy_dtoh)(dst as *mut c_void, src as CuDevicePtr, len)
-        })
+        let mut s = std::ptr::null_mut();
+        // SAFETY: cuStreamCreate writes the new stream into `s`.
+        self.check("cuStreamCreate", unsafe {
+            (self.stream_create)(&mut s, CU_STREAM_NON_BLOCKING)
+        })?;
+        Ok(Stream(s as usize))
     }
 
-    /// Copies `len` bytes from host memory at `src` to device address `dst`.
+    /// Copies `len` bytes from device address `src` to host memory at `dst` on `stream`, and waits.
     ///
     /// # Safety
-    /// `dst..dst+len` is device memory of the current context and `src..src+len` readable host memory.
-    pub unsafe fn copy_to_device(&self, dst: *mut c_void, src: *const u8, len: usize) -> Result<()> {
+    /// `src..src+len` is device memory of the stream's context and `dst..dst+len` writable pinned
+    /// host memory.
+    pub unsafe fn copy_to_host(&self, stream: Stream, dst: *mut u8, src: *const c_void, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: guaranteed by the caller.
-        self.check("cuMemcpyHtoD", unsafe {
-            (self.memcpy_htod)(dst as CuDevicePtr, src as *const c_void, len)
-        })
+        let st = stream.0 as *mut c_void;
+        // SAFETY: guaranteed by the caller; the stream came from `Cuda::stream`.
+        self.check("cuMemcpyDtoHAsync", unsafe {
+            (self.memcpy_dtoh)(dst as *mut c_void, src as CuDevicePtr, len, st)
+        })?;
+        // SAFETY: as above.
+        self.check("cuStreamSynchronize", unsafe { (self.stream_synchronize)(st) })
+    }
+
+    /// Copies `len` bytes from host memory at `src` to device address `dst` on `stream`, and waits.
+    ///
+    /// # Safety
+    /// `dst..dst+len` is device memory of the stream's context and `src..src+len` readable pinned
+    /// host memory.
+    pub unsafe fn copy_to_device(&self, stream: Stream, dst: *mut c_void, src: *const u8, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let st = stream.0 as *mut c_void;
+        // SAFETY: guaranteed by the caller; the stream came from `Cuda::stream`.
+        self.check("cuMemcpyHtoDAsync", unsafe {
+            (self.memcpy_htod)(dst as CuDevicePtr, src as *const c_void, len, st)
+        })?;
+        // SAFETY: as above.
+        self.check("cuStreamSynchronize", unsafe { (self.stream_synchronize)(st) })
     }
 }
 

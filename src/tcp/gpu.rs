@@ -4,15 +4,16 @@
 //! land in the shadow and are copied shadow -> device before test() reports them done, so a
 //! completed receive is already in GPU memory and iflush has nothing left to do.
 //!
-//! Copies are synchronous and made by the calling thread (NCCL's proxy thread, which has NCCL's
-//! CUDA context current); the I/O workers only ever see host memory.
+//! Copies are made by the calling thread (NCCL's proxy thread, which has NCCL's CUDA context
+//! current) on a non-blocking stream of the transport's own, created on first use, and waited
+//! for; the I/O workers only ever see host memory.
 
-use crate::cuda::{Cuda, Pinned};
+use crate::cuda::{Cuda, Pinned, Stream};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// A receive into GPU memory waiting for its copy from the shadow.
 struct PendingCopy {
@@ -30,6 +31,8 @@ pub(super) struct Gpu {
     pending: Mutex<HashMap<usize, PendingCopy>>,
     /// Entries in `pending`, read without the lock so host-only traffic pays nothing.
     npending: AtomicUsize,
+    /// The copy stream, created by the first thread that copies (it needs a current context).
+    stream: OnceLock<Stream>,
 }
 
 impl Gpu {
@@ -38,7 +41,17 @@ impl Gpu {
             cuda,
             pending: Mutex::new(HashMap::new()),
             npending: AtomicUsize::new(0),
+            stream: OnceLock::new(),
         }
+    }
+
+    fn stream(&self) -> Result<Stream> {
+        if let Some(s) = self.stream.get() {
+            return Ok(*s);
+        }
+        let s = self.cuda.stream()?;
+        // Two threads racing here each made a stream; one is kept, the other left to the context.
+        Ok(*self.stream.get_or_init(|| s))
     }
 
     /// A pinned shadow for a registration of `size` bytes.
@@ -54,8 +67,9 @@ impl Gpu {
     /// `device..device+size` is GPU memory of the current context; `host..host+size` lies in a
     /// live shadow.
     pub(super) unsafe fn stage_send(&self, host: *mut u8, device: *const c_void, size: usize) -> Result<()> {
+        let stream = self.stream().map_err(|e| e.context("isend from GPU memory"))?;
         // SAFETY: the caller's contract.
-        unsafe { self.cuda.copy_to_host(host, device, size) }.map_err(|e| e.context("isend from GPU memory"))
+        unsafe { self.cuda.copy_to_host(stream, host, device, size) }.map_err(|e| e.context("isend from GPU memory"))
     }
 
     /// Remembers that request `req` of comm `comm` receives into the shadow at `host` for `device`.
@@ -85,10 +99,11 @@ impl Gpu {
     /// receive into GPU memory.
     pub(super) fn complete(&self, req: usize, received: usize) -> Result<()> {
         let Some(pc) = self.take(req) else { return Ok(()) };
+        let stream = self.stream().map_err(|e| e.context("test: receive into GPU memory"))?;
         // SAFETY: `host` lies in the shadow of the registration the receive was posted with and
         // `device` in the GPU buffer it mirrors; both stay registered until NCCL saw the receive
         // complete, and `received` is at most the posted size.
-        unsafe { self.cuda.copy_to_device(pc.device, pc.host, received) }
+        unsafe { self.cuda.copy_to_device(stream, pc.device, pc.host, received) }
             .map_err(|e| e.context("test: receive into GPU memory"))
     }
 

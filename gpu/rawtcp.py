@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Raw loopback TCP throughput: the ceiling the shim's built-in transport is compared with.
+
+    python3 gpu/rawtcp.py [--streams 1,2,4,8] [--seconds 2] [--write 4M] [--both]
+
+Each stream is one TCP connection over 127.0.0.1 with a thread writing WRITE-byte buffers and a
+thread reading them, for SECONDS; the figure is the bytes received over the elapsed time, summed
+over the streams. --both also runs every stream count with traffic in both directions at once (two
+connections per stream, one each way), which is what a 2-rank all-reduce or send/recv puts on
+loopback. Plain sockets, no NCCL, no plugin: what the kernel gives.
+"""
+
+import argparse
+import socket
+import threading
+import time
+
+
+
+def parse_bytes(text):
+    """'4M' -> 4194304 (suffixes K, M, G: powers of 1024)."""
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper()
+    return int(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else int(t)
+
+
+def _pair():
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.create_connection(lst.getsockname(), timeout=10)
+    s, _ = lst.accept()
+    lst.close()
+    for so in (c, s):
+        so.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        so.settimeout(10)
+    return c, s
+
+
+def run(streams, seconds, write, both):
+    """Returns the received GB/s of `streams` connections (twice that many with `both`)."""
+    pairs = [_pair() for _ in range(streams * (2 if both else 1))]
+    got = [0] * len(pairs)
+    stop = threading.Event()
+
+    def sender(sock):
+        buf = bytearray(write)
+        try:
+            while not stop.is_set():
+                sock.sendall(buf)
+        except OSError:
+            pass
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def receiver(i, sock):
+        buf = bytearray(write)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = sock.recv_into(view)
+                if n == 0:
+                    return
+                got[i] += n
+        except OSError:
+            pass
+
+    threads = []
+    for i, (c, s) in enumerate(pairs):
+        threads.append(threading.Thread(target=sender, args=(c,), daemon=True))
+        threads.append(threading.Thread(target=receiver, args=(i, s), daemon=True))
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # let the windows open
+    base = sum(got)
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    moved = sum(got) - base
+    dt = time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    for c, s in pairs:
+        c.close()
+        s.close()
+    return moved / dt / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", default="1,2,4,8", help="stream counts, comma separated")
+    ap.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
+    ap.add_argument("--write", default="4M", help="bytes per write (K/M suffixes)")
+    ap.add_argument("--both", action="store_true", help="also measure both directions at once")
+    a = ap.parse_args()
+    write = parse_bytes(a.write)
+    print(f"raw loopback TCP, {a.write} writes, {a.seconds:g} s per figure")
+    print(f"{'streams':>8} {'one way GB/s':>13}" + (f" {'both ways GB/s (sum)':>21}" if a.both else ""))
+    for n in [int(x) for x in a.streams.split(",") if x]:
+        one = run(n, a.seconds, write, False)
+        line = f"{n:>8} {one:>13.2f}"
+        if a.both:
+            line += f" {run(n, a.seconds, write, True):>21.2f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

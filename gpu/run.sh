@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# The tcpxshim GPU suite: real NCCL (PyTorch's) through the plugin, several ranks on one GPU.
+#
+#   bash gpu/run.sh PLUGIN_SO OUTDIR [--quick]
+#
+# Each rank is its own process on cuda:0 with its own NCCL_HOSTID (so NCCL connects the ranks only
+# through the network transport), under CUDA MPS, started here and stopped on exit. Parts:
+#   ceiling   raw loopback TCP with plain sockets (rawtcp.py), and `tcpxshim demo` with 4 and 8
+#             streams when TCPXSHIM_BIN names the command: what the kernel and the bare transport give
+#   coll      correctness of all_reduce, all_gather, reduce_scatter, broadcast, send/recv, 1 element
+#             to 256 MiB, 2 and 4 ranks, modes shim, socket, shim-cuda (collectives.py), then the
+#             NCCL/shim log checks (logcheck.py net) and, for shim-cuda, whether NCCL used GPU-direct
+#   counters  the shim's per-connection byte counters against a ring all-reduce's traffic (counters.py)
+#   ddp       the same DDP training over shim and socket: identical losses (ddp.py)
+#   sweep     all-reduce and send/recv bandwidth, nccl-tests format, modes socket, socket44, shim and
+#             shim-cuda when its correctness run passed (sweep.py); then results.md and busbw.svg
+#   profile   per-thread CPU use (threadprof.py) during a shim all-reduce sweep to 128 MiB
+# Modes (launch.py MODES): shim = the plugin over its built-in transport; shim-cuda = the same with
+# NCCL_TCPXSHIM_TCP_CUDA=1 and GPU-direct asked for; socket = NCCL's own Socket transport;
+# socket44 = Socket with 4 threads x 4 sockets.
+#
+# OUTDIR gets summary.txt, results.md, busbw.svg, sweeps.json, logs.tar.gz and logs/ (every rank's
+# log, each part's JSON and check output). Exit status 0 when every part passed.
+#
+# Settings (environment): QUICK=1 (as --quick: fewer sizes and iterations), PYTHON (python3),
+# WORLDS ("2 4": rank counts of the correctness runs), PARTS ("ceiling coll counters ddp sweep
+# profile"), TCPXSHIM_BIN (the tcpxshim command, for the ceiling part),
+# SWEEP_MODES ("socket socket44 shim shim-cuda"), SUITE_BUDGET_S (470: the whole suite's seconds; a
+# run's timeout is cut to what is left, and runs are skipped once less than 45 s is left),
+# SHIM_NET_NAME (tcpxshim: the network name NCCL should report for the shim), COLL_SIZES (element
+# counts, comma separated), SWEEP_MAX_SIZE (bytes), COUNTERS_SIZE (bytes, 67108864),
+# COUNTERS_ITERS (20), DDP_STEPS (30), PROFILE_MAX_SIZE (bytes, 134217728),
+# PROFILE_INTERVAL (seconds between samples, 0.5). Tests of the suite itself, without a GPU:
+# python3 gpu/tests/test_suite.py
+set -uo pipefail
+
+usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+quick="${QUICK:-0}"
+pos=()
+for a in "$@"; do
+  case "$a" in
+    --quick) quick=1 ;;
+    -h | --help) usage; exit 0 ;;
+    -*) echo "run.sh: unknown option $a" >&2; usage >&2; exit 2 ;;
+    *) pos+=("$a") ;;
+  esac
+done
+if [[ ${#pos[@]} -ne 2 ]]; then usage >&2; exit 2; fi
+if [[ ! -f "${pos[0]}" ]]; then echo "run.sh: no plugin library at ${pos[0]}" >&2; exit 2; fi
+so="$(realpath "${pos[0]}")"
+mkdir -p "${pos[1]}/logs" || exit 2
+out="$(realpath "${pos[1]}")"
+logs="$out/logs"
+rm -f "$logs"/*.log "$logs"/*.json "$logs"/*.pids "$logs"/*.txt "$logs"/*.tmp \
+  "$out/summary.txt" "$out/results.md" "$out/busbw.svg" "$out/sweeps.json" "$out/logs.tar.gz"
+
+PY="${PYTHON:-python3}"
+WORLDS="${WORLDS:-2 4}"
+PARTS="${PARTS:-ceiling coll counters ddp sweep profile}"
+SWEEP_MODES="${SWEEP_MODES:-socket socket44 shim shim-cuda}"
+budget="${SUITE_BUDGET_S:-470}"
+net_name="${SHIM_NET_NAME:-tcpxshim}"
+qargs=()
+[[ "$quick" == 1 ]] && qargs=(--quick)
+t_start=$SECONDS
+
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# ------------------------------------------------------------------------------------------------
+# Results of the parts: "STATUS|name|detail" (STATUS: PASS FAIL SKIP WARN).
+results=()
+record() {
+  results+=("$1|$2|$3")
+  printf '%-7s %s: %s\n' "$1" "$2" "$3"
+}
+
+# ------------------------------------------------------------------------------------------------
+# MPS, and cleanup on every exit.
+export CUDA_MPS_PIPE_DIRECTORY="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/tcpxshim-mps-pipe}"
+export CUDA_MPS_LOG_DIRECTORY="${CUDA_MPS_LOG_DIRECTORY:-/tmp/tcpxshim-mps-log}"
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+mps_msg="not started"
+mps_ours=0
+cur_pid=""
+
+kill_leftovers() {
+  local f pid
+  for f in "$logs"/*.pids; do
+    [[ -f "$f" ]] || continue
+    # shellcheck disable=SC2013 # one line of pids, split on purpose
+    for pid in $(cat "$f"); do
+      if [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$here/"; then
+        echo "run.sh: killing leftover rank process group $pid ($(basename "$f" .pids))"
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+      fi
+    done
+  done
+}
+
+cleanup() {
+  trap - EXIT INT TERM HUP
+  if [[ -n "$cur_pid" ]]; then
+    kill -TERM "$cur_pid" 2>/dev/null
+    wait "$cur_pid" 2>/dev/null
+  fi
+  kill_leftovers
+  if [[ "$mps_ours" == 1 ]]; then
+    echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1 || echo "run.sh: stopping MPS failed"
+  fi
+}
+on_signal() {
+  echo "run.sh: interrupted by SIG$1; stopping"
+  cleanup
+  exit 130
+}
+trap cleanup EXIT
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+trap 'on_signal HUP' HUP
+
+if command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+  if nvidia-cuda-mps-control -d >/dev/null 2>&1; then
+    mps_msg="daemon started (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+    mps_ours=1
+  else
+    mps_msg="nvidia-cuda-mps-control -d failed (a daemon already running on $CUDA_MPS_PIPE_DIRECTORY?)"
+    [[ "$CUDA_MPS_PIPE_DIRECTORY" == /tmp/tcpxshim-mps-pipe ]] && mps_ours=1
+  fi
+else
+  mps_msg="nvidia-cuda-mps-control not found: ranks time-slice the GPU, latencies are not meaningful"
+fi
+echo "MPS: $mps_msg"
+
+# ------------------------------------------------------------------------------------------------
+# run_ranks LABEL WORLD MODE TIMEOUT_S [--env K=V ...] -- PROGRAM ARGS...
+# Runs one run through launch.py (one process per rank, logs in $logs); returns its status, or 3
+# when the suite's time budget is spent.
+run_ranks() {
+  local label="$1" world="$2" mode="$3" t="$4"
+  shift 4
+  local extra=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do extra+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift
+  local left=$((budget - (SECONDS - t_start)))
+  if ((left < 45)); then
+    echo "SKIP $label: the suite's time budget (${budget} s) is spent"
+    return 3
+  fi
+  ((t > left - 15)) && t=$((left - 15))
+  echo
+  echo "=== $label: $world ranks, mode $mode, timeout ${t} s ($(date +%T), suite at $((SECONDS - t_start)) s)"
+  timeout -k 10 $((t + 45)) "$PY" "$here/launch.py" --label "$label" --world "$world" --mode "$mode" \
+    --plugin "$so" --logdir "$logs" --timeout "$t" "${extra[@]}" -- "$PY" "$@" &
+  cur_pid=$!
+  wait "$cur_pid"
+  local rc=$?
+  cur_pid=""
+  return "$rc"
+}
+
+# check NAME ARGS...: runs a checker, its output also to $logs/NAME.txt; returns its status.
+check() {
+  local name="$1"
+  shift
+  "$PY" "$@" 2>&1 | tee "$logs/$name.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+# run_detail LABEL: one line for the summary: why the run failed, else rank 0's last '@@' line.
+run_detail() {
+  local f="$logs/$1.launch.txt"
+  if grep -q '^REASON ' "$f" 2>/dev/null; then
+    grep -h '^REASON ' "$f" | head -1 | cut -c8- | cut -c1-300
+  else
+    grep -h '^@@ ' "$logs/$1.rank0.log" 2>/dev/null | tail -1 | cut -c4- | cut -c1-300
+  fi
+}
+
+status_word() { if [[ "$1" == 0 ]]; then echo PASS; else echo FAIL; fi; }
+
+# net_check LABEL WORLD MODE: the log checks of a finished run (logcheck.py net); returns their status.
+net_check() {
+  if [[ $3 == shim* ]]; then
+    check "$1.netcheck" "$here/logcheck.py" net --shim --expect "$net_name" --label "$1" --world "$2" --logdir "$logs"
+  else
+    check "$1.netcheck" "$here/logcheck.py" net --expect Socket --label "$1" --world "$2" --logdir "$logs"
+  fi
+}
+
+# part_detail LABEL RANKS_STATUS LOGCHECK_STATUS: the summary's line for a run.
+part_detail() {
+  local d
+  d="ranks $(status_word "$2"), log check $(status_word "$3"): $(run_detail "$1")"
+  if [[ $3 != 0 ]]; then
+    d="$d; log check: $(grep -h 'PROBLEM:' "$logs/$1.netcheck.txt" 2>/dev/null | head -1 | sed 's/^ *PROBLEM: //' | cut -c1-200)"
+  fi
+  echo "$d"
+}
+
+# ------------------------------------------------------------------------------------------------
+# Preflight: Python, torch, the GPU.
+echo "=== tcpxshim GPU suite: plugin $so, out $out, quick=$quick, budget ${budget} s"
+preflight() {
+  timeout 120 "$PY" -c '
+import torch
+v = torch.cuda.nccl.version()
+v = ".".join(map(str, v)) if isinstance(v, tuple) else v
+ok = torch.cuda.is_available()
+name = torch.cuda.get_device_name(0) if ok else "none"
+torch.zeros(1, device="cuda:0").add_(1).cpu()
+print(f"torch {torch.__version__}, NCCL {v}, CUDA {torch.version.cuda}, GPU: {name}")
+' 2>&1
+}
+preflight_out="$(preflight)"
+pf_rc=$?
+if [[ $pf_rc -ne 0 && "$mps_ours" == 1 ]]; then
+  echo "$preflight_out" | tail -5
+  echo "run.sh: CUDA does not work under MPS; stopping MPS and trying without it"
+  echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1
+  mps_ours=0
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_msg="MPS FAILED (CUDA did not work under it): running without MPS, latencies are not meaningful"
+  preflight_out="$(preflight)"
+  pf_rc=$?
+fi
+echo "$preflight_out" | tail -5
+if [[ $pf_rc -ne 0 ]]; then
+  echo "FAIL preflight: $PY cannot use torch with CUDA (exit $pf_rc)"
+  exit 2
+fi
+versions_line="$(echo "$preflight_out" | tail -1)"
+if [[ "$mps_ours" == 1 ]]; then
+  servers="$(echo get_server_list | timeout 10 nvidia-cuda-mps-control 2>/dev/null | tr '\n' ' ')"
+  [[ -n "$servers" ]] && mps_msg="$mps_msg; MPS server pid(s): $servers" || mps_msg="$mps_msg; NO MPS server seen after the preflight"
+  echo "MPS: $mps_msg"
+fi
+
+# ------------------------------------------------------------------------------------------------
+# The ceiling: raw loopback TCP with plain sockets, and the shim's transport alone (host memory,
+# no NCCL) when TCPXSHIM_BIN names the tcpxshim command.
+if has_part ceiling; then
+  check ceiling "$here/rawtcp.py" --streams 1,4,8 --seconds 2 --both
+  rc=$?
+  record "$(status_word "$rc")" "ceiling-rawtcp" "$(grep -E '^ +8 ' "$logs/ceiling.txt" | awk '{print "8 streams: " $2 " GB/s one way, " $3 " GB/s both ways"}')"
+  if [[ -n "${TCPXSHIM_BIN:-}" && -x "${TCPXSHIM_BIN:-}" ]]; then
+    for st in 4 8; do
+      NCCL_TCPXSHIM_TCP_STREAMS=$st timeout 120 "$TCPXSHIM_BIN" demo --min-size 1M --max-size 256M --bytes 1G 2>"$logs/demo-s$st.err" |
+        tee "$logs/demo-s$st.txt"
+      rc=${PIPESTATUS[0]}
+      record "$(status_word "$rc")" "ceiling-demo-s$st" "tcpxshim demo, $st streams: $(grep -E '^ *256 MiB' "$logs/demo-s$st.txt" | tail -1 | tr -s ' ' | cut -c1-120)"
+    done
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+coll_args=("${qargs[@]}")
+[[ -n "${COLL_SIZES:-}" ]] && coll_args+=(--sizes "$COLL_SIZES")
+cuda_coll_ok=0
+gdr_note=""
+
+if has_part coll; then
+  for mode in shim socket shim-cuda; do
+    for w in $WORLDS; do
+      label="coll-$mode-w$w"
+      run_ranks "$label" "$w" "$mode" 150 -- "$here/collectives.py" "${coll_args[@]}"
+      rc=$?
+      if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
+      net_check "$label" "$w" "$mode"
+      lrc=$?
+      st=$(status_word $((rc || lrc)))
+      record "$st" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+      if [[ $mode == shim-cuda ]]; then
+        check "$label.gdr" "$here/logcheck.py" gdr --label "$label" --world "$w" --logdir "$logs"
+        grc=$?
+        gline="$(grep -h 'GPU-direct' "$logs/$label.gdr.txt" | head -1 | sed 's/^ *//')"
+        case $grc in
+          0) record PASS "gdr-$label" "$gline" ;;
+          3) record WARN "gdr-$label" "$gline"; gdr_note="GPU-direct partly used" ;;
+          *) record FAIL "gdr-$label" "$gline"; gdr_note="GPU-direct NOT used" ;;
+        esac
+        [[ $w == 2 && $st == PASS ]] && cuda_coll_ok=1
+      fi
+    done
+  done
+else
+  cuda_coll_ok=1
+fi
+
+# ------------------------------------------------------------------------------------------------
+if has_part counters; then
+  label="counters-shim-w2"
+  spec="$logs/counters.json"
+  run_ranks "$label" 2 shim 120 --env NCCL_PROTO=Simple --env NCCL_ALGO=Ring -- "$here/counters.py" \
+    --json "$spec" --size "${COUNTERS_SIZE:-67108864}" --iters "${COUNTERS_ITERS:-20}"
+  rc=$?
+  if [[ $rc == 3 ]]; then
+    record SKIP "$label" "time budget spent"
+  else
+    net_check "$label" 2 shim
+    lrc=$?
+    check "$label.counters" "$here/logcheck.py" counters --spec "$spec" --label "$label" --world 2 --logdir "$logs"
+    crc=$?
+    detail="$(part_detail "$label" "$rc" "$lrc")"
+    detail="$detail; counters $(status_word "$crc"): $(grep -h 'send bytes against' "$logs/$label.counters.txt" 2>/dev/null | head -1 | sed 's/^ *//')"
+    [[ $crc != 0 ]] && detail="$detail; $(grep -h 'PROBLEM:' "$logs/$label.counters.txt" | head -1 | sed 's/^ *PROBLEM: //' | cut -c1-200)"
+    record "$(status_word $((rc || lrc || crc)))" "$label" "$detail"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+if has_part ddp; then
+  ddp_ok=1
+  for mode in shim socket; do
+    label="ddp-$mode-w2"
+    rm -f "$logs/ddp-$mode.json"
+    run_ranks "$label" 2 "$mode" 120 -- "$here/ddp.py" train --json "$logs/ddp-$mode.json" --steps "${DDP_STEPS:-30}"
+    rc=$?
+    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; ddp_ok=0; continue; fi
+    net_check "$label" 2 "$mode"
+    lrc=$?
+    [[ $rc == 0 ]] || ddp_ok=0
+    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+  done
+  if [[ $ddp_ok == 1 ]]; then
+    check ddp-compare "$here/ddp.py" compare "$logs/ddp-shim.json" "$logs/ddp-socket.json"
+    rc=$?
+    record "$(status_word "$rc")" "ddp-compare" "$(sed -n '1p' "$logs/ddp-compare.txt" | sed 's/^ *//')"
+  else
+    record SKIP "ddp-compare" "a ddp run failed or was skipped"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+sweep_jsons=()
+notes=()
+if has_part sweep; then
+  sweep_args=("${qargs[@]}")
+  [[ -n "${SWEEP_MAX_SIZE:-}" ]] && sweep_args+=(--max-size "$SWEEP_MAX_SIZE")
+  for mode in $SWEEP_MODES; do
+    label="sweep-$mode-w2"
+    if [[ $mode == shim-cuda && $cuda_coll_ok != 1 ]]; then
+      record SKIP "$label" "the shim-cuda correctness run did not pass"
+      continue
+    fi
+    js="$logs/sweep-$mode.json"
+    rm -f "$js"
+    run_ranks "$label" 2 "$mode" 180 -- "$here/sweep.py" --label "$mode" --json "$js" "${sweep_args[@]}"
+    rc=$?
+    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
+    net_check "$label" 2 "$mode"
+    lrc=$?
+    [[ -f "$js" ]] && sweep_jsons+=("$js")
+    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+  done
+  [[ -n "$gdr_note" ]] && notes+=(--note "shim-cuda=$gdr_note")
+  "$PY" "$here/report.py" merge --out "$out/sweeps.json" "${notes[@]}" "${sweep_jsons[@]}"
+  if [[ ${#sweep_jsons[@]} -gt 0 ]]; then
+    "$PY" "$here/report.py" render "$out/sweeps.json" --md "$out/results.md" --svg "$out/busbw.svg" --print \
+      >"$logs/sweep-tables.txt" 2>&1
+    rrc=$?
+    record "$(status_word "$rrc")" "report" "results.md, busbw.svg from ${#sweep_jsons[@]} sweeps"
+  else
+    record FAIL "report" "no sweep produced results"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# Where the time goes: per-thread CPU use during a shim all-reduce sweep to 128 MiB.
+if has_part profile; then
+  label="profile-shim-w2"
+  "$PY" "$here/threadprof.py" --match "--label shim-profile" --interval "${PROFILE_INTERVAL:-0.5}" \
+    --max-seconds 150 --wait 60 >"$logs/profile.txt" 2>&1 &
+  prof_pid=$!
+  run_ranks "$label" 2 shim 150 -- "$here/sweep.py" --label shim-profile --json "$logs/profile.json" --quick \
+    --ops all_reduce --max-size "${PROFILE_MAX_SIZE:-134217728}"
+  rc=$?
+  wait "$prof_pid"
+  prc=$?
+  if [[ $rc == 3 ]]; then
+    record SKIP "$label" "time budget spent"
+  else
+    record "$(status_word $((rc || prc)))" "$label" "$(head -1 "$logs/profile.txt")"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# Summary.
+elapsed=$((SECONDS - t_start))
+n_pass=0 n_fail=0 n_skip=0 n_warn=0
+for r in "${results[@]}"; do
+  case "${r%%|*}" in
+    PASS) n_pass=$((n_pass + 1)) ;;
+    FAIL) n_fail=$((n_fail + 1)) ;;
+    SKIP) n_skip=$((n_skip + 1)) ;;
+    WARN) n_warn=$((n_warn + 1)) ;;
+  esac
+done
+if ((n_fail > 0)); then overall=FAIL; elif ((n_skip > 0)); then overall=INCOMPLETE; else overall=PASS; fi
+
+tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
+
+{
+  echo "tcpxshim GPU suite: $overall ($n_pass passed, $n_fail failed, $n_skip skipped, $n_warn warnings) in ${elapsed} s"
+  echo "date: $(date -Is), host: $(hostname), quick: $quick"
+  echo "plugin: $so ($(stat -c %s "$so") bytes, sha256 $(sha256sum "$so" | cut -c1-16)...)"
+  echo "software: $versions_line"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+  fi
+  echo "MPS: $mps_msg"
+  echo
+  echo "Parts:"
+  for r in "${results[@]}"; do
+    st="${r%%|*}"
+    rest="${r#*|}"
+    printf '  %-5s %-22s %s\n' "$st" "${rest%%|*}" "${rest#*|}"
+  done
+  for f in "$logs"/ceiling.txt "$logs"/counters-shim-w2.counters.txt "$logs"/ddp-compare.txt \
+    "$logs"/coll-shim-cuda-w*.gdr.txt "$logs"/profile.txt; do
+    [[ -f "$f" ]] || continue
+    echo
+    echo "$(basename "$f" .txt):"
+    sed 's/^/  /' "$f"
+  done
+  if [[ -f "$logs/sweep-tables.txt" ]]; then
+    echo
+    echo "Sweeps (nccl-tests format; all_reduce in place, sendrecv out of place; 2 ranks):"
+    echo
+    cat "$logs/sweep-tables.txt"
+  fi
+  if [[ -f "$out/results.md" ]]; then
+    echo "Summary table (from results.md):"
+    sed -n '/^## Summary/,/^## all-reduce/p' "$out/results.md" | sed '1d;$d'
+  fi
+  echo "Files in $out:"
+  echo "  summary.txt   this summary"
+  [[ -f "$out/results.md" ]] && echo "  results.md    tables per operation, one column per mode, ratios to socket"
+  [[ -f "$out/busbw.svg" ]] && echo "  busbw.svg     busbw against size, one line per mode"
+  [[ -f "$out/sweeps.json" ]] && echo "  sweeps.json   every sweep's rows"
+  echo "  logs.tar.gz   logs/: every rank's log (<run>.rank<r>.log), each check's output, each part's JSON"
+} >"$out/summary.txt"
+
+echo
+echo "================================================================================================"
+cat "$out/summary.txt"
+[[ $overall == PASS ]]
