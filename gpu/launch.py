@@ -17,6 +17,7 @@ Pure Python (standard library only)."""
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,6 +197,44 @@ def marked_lines(path, prefix="@@ "):
         return []
 
 
+def _read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def thread_dump(pid, gdb_timeout=30):
+    """What every thread of a stuck process is doing: name, state, kernel wait channel and kernel
+    stack (from /proc), then user-space stacks from gdb where gdb is installed."""
+    lines = [f"== pid {pid}: {_read(f'/proc/{pid}/cmdline').replace(chr(0), ' ').strip()}"]
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return lines + ["   (gone)"]
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        st = _read(f"{base}/stat")
+        state = st[st.rfind(")") + 2 :].split(" ", 1)[0] if ")" in st else "?"
+        lines.append(f"-- thread {tid} '{_read(f'{base}/comm').strip()}' state {state} "
+                     f"wchan {_read(f'{base}/wchan').strip() or '-'}")
+        for k in _read(f"{base}/stack").splitlines()[:12]:
+            lines.append(f"     {k}")
+    gdb = shutil.which("gdb") if os.environ.get("TCPXSHIM_SUITE_GDB", "1") != "0" else None
+    if gdb:
+        try:
+            r = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex", "thread apply all bt 30"],
+                               capture_output=True, text=True, timeout=gdb_timeout)
+            lines.append(f"-- gdb backtraces (exit {r.returncode}):")
+            lines.extend(r.stdout.splitlines())
+        except (OSError, subprocess.TimeoutExpired) as e:
+            lines.append(f"-- gdb failed: {e}")
+    else:
+        lines.append("-- no gdb (or TCPXSHIM_SUITE_GDB=0): kernel stacks only")
+    return lines
+
+
 def launch(label, world, mode, plugin, logdir, timeout, cmd, extra=(), grace=15.0, out=sys.stdout, poll=0.1):
     """Runs one run; returns (exit status, text describing what happened per rank)."""
     os.makedirs(logdir, exist_ok=True)
@@ -243,6 +282,14 @@ def launch(label, world, mode, plugin, logdir, timeout, cmd, extra=(), grace=15.
                 break
             if now - t0 > timeout:
                 timed_out = True
+                # Before killing: where is each stuck rank waiting?
+                dump = []
+                for r, p in enumerate(procs):
+                    if p.poll() is None:
+                        dump.append(f"## rank {r}")
+                        dump.extend(thread_dump(p.pid))
+                with open(os.path.join(logdir, f"{label}.hang.txt"), "w") as hf:
+                    hf.write("\n".join(dump) + "\n")
                 break
             if first_fail is not None and now - first_fail > grace:
                 break
@@ -283,7 +330,7 @@ def launch(label, world, mode, plugin, logdir, timeout, cmd, extra=(), grace=15.
     if interrupted:
         why, rc = f"interrupted by {interrupted}", 130
     elif timed_out:
-        why, rc = f"timed out after {timeout:.0f} s", 124
+        why, rc = f"timed out after {timeout:.0f} s (thread stacks of the stuck ranks: {label}.hang.txt)", 124
     elif ok:
         why, rc = "", 0
     else:

@@ -73,6 +73,16 @@ pub const TCP_CUDA: Setting = Setting {
           time. Without a GPU driver it stays host-only and says why. 0: host memory only; NCCL stages through host.",
 };
 
+/// Pinned host memory for GPU-memory staging.
+pub const TCP_CUDA_POOL: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_CUDA_POOL",
+    default: "256",
+    doc: "With NCCL_TCPXSHIM_TCP_CUDA=1: MiB of pinned host memory allocated when the transport starts (0 to 65536); \
+          the staging buffers of CUDA registrations are carved out of it, and ordinary host memory (slower copies) is \
+          used once it is full. Pinned memory is never allocated later: that would synchronise the GPU and can \
+          deadlock with NCCL's running kernels.",
+};
+
 /// Deliberate panic, to exercise the panic guard.
 pub const DEBUG_PANIC: Setting = Setting {
     name: "NCCL_TCPXSHIM_DEBUG_PANIC",
@@ -91,6 +101,7 @@ pub const SETTINGS: &[Setting] = &[
     TCP_MIN_CHUNK,
     TCP_INLINE,
     TCP_CUDA,
+    TCP_CUDA_POOL,
     DEBUG_PANIC,
 ];
 
@@ -136,6 +147,8 @@ pub struct TcpConfig {
     pub inline_max: usize,
     /// Accept CUDA buffers (staged through pinned host memory).
     pub cuda: bool,
+    /// Bytes of pinned staging memory allocated at start when `cuda` is on.
+    pub cuda_pool: usize,
 }
 
 impl Default for TcpConfig {
@@ -147,6 +160,7 @@ impl Default for TcpConfig {
             min_chunk: 65536,
             inline_max: 16384,
             cuda: false,
+            cuda_pool: 256 << 20,
         }
     }
 }
@@ -161,6 +175,7 @@ impl TcpConfig {
             min_chunk: int(&TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
             inline_max: int(&TCP_INLINE, 0, 1 << 20)? as usize,
             cuda: int(&TCP_CUDA, 0, 1)? == 1,
+            cuda_pool: (int(&TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
         })
     }
 }

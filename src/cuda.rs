@@ -132,7 +132,7 @@ impl Cuda {
     /// Copies `len` bytes from device address `src` to host memory at `dst` on `stream`, and waits.
     ///
     /// # Safety
-    /// `src..src+len` is device memory of the stream's context and `dst..dst+len` writable pinned
+    /// `src..src+len` is device memory of the stream's context and `dst..dst+len` writable
     /// host memory.
     pub unsafe fn copy_to_host(&self, stream: Stream, dst: *mut u8, src: *const c_void, len: usize) -> Result<()> {
         if len == 0 {
@@ -150,7 +150,7 @@ impl Cuda {
     /// Copies `len` bytes from host memory at `src` to device address `dst` on `stream`, and waits.
     ///
     /// # Safety
-    /// `dst..dst+len` is device memory of the stream's context and `src..src+len` readable pinned
+    /// `dst..dst+len` is device memory of the stream's context and `src..src+len` readable
     /// host memory.
     pub unsafe fn copy_to_device(&self, stream: Stream, dst: *mut c_void, src: *const u8, len: usize) -> Result<()> {
         if len == 0 {

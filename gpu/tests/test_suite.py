@@ -500,11 +500,17 @@ class LaunchTests(unittest.TestCase):
 
     def test_a_hang_times_out(self):
         rc, out, dt = self.run_launch(
-            "hang", 2, "socket", [os.path.join(GPU, "collectives.py"), "--sizes", "3"], timeout=3, FAKE_TORCH_FAULT="0:init:hang"
+            "hang", 2, "socket", [os.path.join(GPU, "collectives.py"), "--sizes", "3"], timeout=3, FAKE_TORCH_FAULT="0:init:hang",
+            TCPXSHIM_SUITE_GDB=0,
         )
         self.assertEqual(rc, 124, out)
-        self.assertIn("timed out after 3 s", out)
+        self.assertIn("timed out after 3 s (thread stacks of the stuck ranks: hang.hang.txt)", out)
         self.assertLess(dt, 15)
+        with open(os.path.join(self.dir, "hang.hang.txt")) as f:
+            dump = f.read()
+        self.assertIn("## rank 0\n== pid ", dump)
+        self.assertRegex(dump, r"-- thread \d+ '[^']+' state [A-Z] wchan ")
+        self.assertIn("kernel stacks only", dump)
         self.assertEqual(rank_processes_alive(self.dir), [])
 
     def test_counters_program_and_check(self):

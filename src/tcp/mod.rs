@@ -54,14 +54,14 @@ const TAG_MR: u64 = u64::from_le_bytes(*b"txsMR\0\0\0");
 /// Distinguishes transports of one process (thread names, tests).
 static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A memory registration: host memory needs nothing but a handle; GPU memory gets a pinned
-/// host shadow (see `gpu`).
+/// A memory registration: host memory needs nothing but a handle; GPU memory gets a host
+/// shadow (see `gpu`).
 #[repr(C)]
 struct Mr {
     tag: u64,
     data: usize,
     size: usize,
-    shadow: Option<crate::cuda::Pinned>,
+    shadow: Option<gpu::Shadow>,
 }
 
 impl Mr {
@@ -79,7 +79,7 @@ impl Mr {
         Ok(Some(unsafe { &*(o.as_ptr() as *const Mr) }))
     }
 
-    /// Where a message at `data` of `size` bytes goes through the pinned shadow, if this is GPU memory.
+    /// Where a message at `data` of `size` bytes goes through the shadow, if this is GPU memory.
     fn staged(&self, call: &str, data: *const c_void, size: usize) -> Result<Option<*mut u8>> {
         let Some(shadow) = &self.shadow else { return Ok(None) };
         let off = gpu::offset_in(call, self.data, self.size, data, size)?;
@@ -173,12 +173,14 @@ impl TcpTransport {
         let gpu = if cfg.cuda {
             match crate::cuda::driver() {
                 Ok(cuda) => {
+                    let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
                     log::info!(
                         "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
-                         pinned host buffers",
-                        cuda.devices
+                         host buffers, {} MiB of them pinned (NCCL_TCPXSHIM_TCP_CUDA_POOL)",
+                        cuda.devices,
+                        g.pool_size() >> 20
                     );
-                    Some(gpu::Gpu::new(cuda))
+                    Some(g)
                 }
                 Err(e) => {
                     log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
