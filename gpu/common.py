@@ -107,6 +107,17 @@ def sweep_iters(size, quick):
     return warm, iters
 
 
+def sweep_batches(iters):
+    """Timed batches of one size: 5 when there are at least 25 iterations (5 each), else 1."""
+    return 5 if iters >= 25 else 1
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def busbw_factor(op, world):
     """nccl-tests' bus bandwidth factors."""
     if op == "all_reduce":

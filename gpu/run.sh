@@ -157,6 +157,13 @@ run_ranks() {
   wait "$cur_pid"
   local rc=$?
   cur_pid=""
+  if [[ $rc == 124 && "$mps_ours" == 1 ]]; then
+    # Ranks killed while their kernels ran can leave MPS refusing new clients: start it afresh.
+    echo "run.sh: $label timed out; restarting MPS for the runs that follow"
+    echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1
+    sleep 2
+    nvidia-cuda-mps-control -d >/dev/null 2>&1 || echo "run.sh: restarting MPS failed"
+  fi
   return "$rc"
 }
 
@@ -346,7 +353,7 @@ if has_part sweep; then
     fi
     js="$logs/sweep-$mode.json"
     rm -f "$js"
-    run_ranks "$label" 2 "$mode" 180 -- "$here/sweep.py" --label "$mode" --json "$js" "${sweep_args[@]}"
+    run_ranks "$label" 2 "$mode" 120 -- "$here/sweep.py" --label "$mode" --json "$js" "${sweep_args[@]}"
     rc=$?
     if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
     net_check "$label" 2 "$mode"

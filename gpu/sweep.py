@@ -6,8 +6,9 @@
 for all_reduce (sum, in place: busbw = algbw x 2(n-1)/n) and sendrecv (each rank sends to r+1
 and receives from r-1 at once, out of place: busbw = algbw), float32, 8 B to 256 MiB doubling
 (--quick: x4 to 128 MiB). Per size: warm-up iterations, then timed iterations between two CUDA
-events (about 1 GiB moved per size, 5 to 200 iterations; see common.sweep_iters), the time
-averaged over ranks; #wrong counts the wrong elements of one extra, checked iteration (summed
+events (about 1 GiB moved per size, 5 to 200 iterations; see common.sweep_iters), in up to 5
+batches whose median is taken (a hiccup of the shared machine moves one batch, not the figure;
+common.sweep_batches), then averaged over ranks; #wrong counts the wrong elements of one extra, checked iteration (summed
 over ranks). Rank 0 writes the results to --json.
 
 Run by launch.py; options: --label NAME --json PATH [--quick] [--ops all_reduce,sendrecv]
@@ -86,7 +87,6 @@ def main():
     if rank == 0:
         print(f"# {a.label}: {world} ranks, torch {v['torch']}, NCCL {v['nccl']}", flush=True)
     t_all = time.perf_counter()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     total_wrong = 0
     for op in ops:
         rows = []
@@ -100,12 +100,16 @@ def main():
             for _ in range(warm):
                 step(op, s, r)
             line_up()
-            start.record()
-            for _ in range(iters):
-                step(op, s, r)
-            end.record()
-            end.synchronize()
-            t_us = start.elapsed_time(end) * 1e3 / iters
+            nb = common.sweep_batches(iters)
+            per = iters // nb
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(nb + 1)]
+            marks[0].record()
+            for b in range(nb):
+                for _ in range(per):
+                    step(op, s, r)
+                marks[b + 1].record()
+            marks[-1].synchronize()
+            t_us = common.median([marks[b].elapsed_time(marks[b + 1]) * 1e3 / per for b in range(nb)])
             wrong = wrong_elements(op, s, r, count, k % 7)
             agg = torch.tensor([t_us, float(wrong)], dtype=torch.float64, device=dev)
             dist.all_reduce(agg)

@@ -128,6 +128,15 @@ class CommonTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             common.parse_human_bytes("12 parsecs")
 
+    def test_batches_and_median(self):
+        self.assertEqual(common.sweep_batches(200), 5)
+        self.assertEqual(common.sweep_batches(24), 1)
+        for size in common.sweep_sizes(False):
+            _, iters = common.sweep_iters(size, False)
+            self.assertGreaterEqual(iters // common.sweep_batches(iters), 1)
+        self.assertEqual(common.median([3.0, 1.0, 100.0]), 3.0)
+        self.assertEqual(common.median([4.0, 1.0, 2.0, 100.0]), 3.0)
+
     def test_sizes_and_iterations(self):
         full = common.sweep_sizes(False)
         self.assertEqual(full[0], 8)
