@@ -12,7 +12,7 @@ common.sweep_batches), then averaged over ranks; #wrong counts the wrong element
 over ranks). Rank 0 writes the results to --json.
 
 Run by launch.py; options: --label NAME --json PATH [--quick] [--ops all_reduce,sendrecv]
-[--max-size BYTES]."""
+[--max-size BYTES] [--min-size BYTES] [--repeat N]."""
 
 import argparse
 import datetime
@@ -33,12 +33,14 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ops", default="all_reduce,sendrecv")
     ap.add_argument("--max-size", type=int, default=None)
+    ap.add_argument("--min-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=1, help="timed iterations x this (a longer run to profile)")
     a = ap.parse_args()
     ops = a.ops.split(",")
     for op in ops:
         if op not in ("all_reduce", "sendrecv"):
             ap.error(f"unknown op {op}")
-    sizes = common.sweep_sizes(a.quick, max_size=a.max_size)
+    sizes = common.sweep_sizes(a.quick, min_size=a.min_size, max_size=a.max_size)
 
     torch, dist, rank, world, dev = common.init_dist()
     nxt, prv = common.ring_next(rank, world), common.ring_prev(rank, world)
@@ -96,6 +98,7 @@ def main():
             count = size // 4
             s, r = sbuf[:count], rbuf[:count]
             warm, iters = common.sweep_iters(size, a.quick)
+            iters *= max(1, a.repeat)
             s.zero_()  # repeated in-place sums of zeros stay zeros
             for _ in range(warm):
                 step(op, s, r)

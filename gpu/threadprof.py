@@ -65,9 +65,9 @@ def snapshot(match, own):
     return snap
 
 
-def busy_average(samples, busy):
-    """samples: [(seconds, {(pid, tid): (name, cpu)})]. Returns ({(pid, group): (cpu share, n)},
-    busy seconds, intervals used)."""
+def busy_intervals(samples, busy):
+    """samples: [(seconds, {(pid, tid): (name, cpu)})]. Returns the busy intervals as
+    [(dt, {(pid, tid): (name, cpu share)})]: those whose total CPU is at least busy x the peak's."""
     intervals = []
     for (t0, a), (t1, b) in zip(samples, samples[1:]):
         dt = t1 - t0
@@ -79,10 +79,16 @@ def busy_average(samples, busy):
                 use[key] = (name, max(0.0, cpu - a[key][1]) / dt)
         intervals.append((dt, use))
     if not intervals:
-        return {}, 0.0, 0
+        return []
     totals = [sum(u for _, u in use.values()) for _, use in intervals]
     peak = max(totals)
-    chosen = [iv for iv, tot in zip(intervals, totals) if peak > 0 and tot >= busy * peak]
+    return [iv for iv, tot in zip(intervals, totals) if peak > 0 and tot >= busy * peak]
+
+
+def busy_average(samples, busy):
+    """Average CPU share over the busy intervals, per process and thread group: returns
+    ({(pid, group): (cpu share, threads)}, busy seconds, intervals used)."""
+    chosen = busy_intervals(samples, busy)
     secs = sum(dt for dt, _ in chosen)
     acc = {}
     for dt, use in chosen:
@@ -92,6 +98,17 @@ def busy_average(samples, busy):
             tids.add(tid)
             acc[k] = (cur + share * dt, tids)
     return {k: (v / secs, len(t)) for k, (v, t) in acc.items()}, secs, len(chosen)
+
+
+def busy_threads(samples, busy):
+    """Average CPU share over the busy intervals per thread: {(pid, tid): (name, cpu share)}."""
+    chosen = busy_intervals(samples, busy)
+    secs = sum(dt for dt, _ in chosen)
+    acc = {}
+    for dt, use in chosen:
+        for key, (name, share) in use.items():
+            acc[key] = (name, acc.get(key, (name, 0.0))[1] + share * dt)
+    return {k: (n, v / secs) for k, (n, v) in acc.items()} if secs > 0 else {}
 
 
 def main():
@@ -126,6 +143,11 @@ def main():
     for (pid, name), (share, nt) in sorted(avg.items(), key=lambda kv: (kv[0][0], -kv[1][0])):
         if share >= 0.02:
             print(f"{pid:>8}  {nt:>7}  {name:<18} {share * 100:>7.1f}")
+    print("busiest threads (tid, name, CPU %):")
+    per_thread = busy_threads(samples, a.busy)
+    for (pid, tid), (name, share) in sorted(per_thread.items(), key=lambda kv: -kv[1][1])[:12]:
+        if share >= 0.03:
+            print(f"{pid:>8}  {tid:>7}  {name:<18} {share * 100:>7.1f}")
     return 0
 
 

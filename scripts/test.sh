@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test of tcpxshim. Installs what the tests need when it is missing: a C compiler
-# (the fixture plugins are C) and libclang (the check that the committed bindings match
-# nccl_headers/ncclnet.h).
+# Runs every test of tcpxshim: the crate's (cargo test) and the GPU suite's own, which need no
+# GPU (python3 gpu/tests/test_suite.py). Arguments go to cargo test, and then only cargo's tests
+# run. Installs what the tests need when it is missing: a C compiler (the fixture plugins are C),
+# libclang (the check that the committed bindings match nccl_headers/ncclnet.h) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if ! ldconfig -p 2>/dev/null | grep -qE 'libclang(-[0-9.]+)?\.so' && ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then
   need+=(libclang-dev)
 fi
@@ -19,3 +21,7 @@ if ((${#need[@]})); then
 fi
 
 cargo test "$@"
+if [ $# -eq 0 ]; then
+  echo "scripts/test.sh: the GPU suite's own tests (no GPU needed)"
+  python3 gpu/tests/test_suite.py
+fi

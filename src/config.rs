@@ -83,6 +83,15 @@ pub const TCP_CUDA_POOL: Setting = Setting {
           deadlock with NCCL's running kernels.",
 };
 
+/// Warning about requests that do not complete.
+pub const STALL_WARN: Setting = Setting {
+    name: "NCCL_TCPXSHIM_STALL_WARN",
+    default: "30",
+    doc: "Seconds a request of the built-in transport may stay outstanding while NCCL tests it before one WARN line \
+          per request says what it waits for (which peer, which message, how many bytes are in); 0: never (0 to \
+          86400).",
+};
+
 /// Deliberate panic, to exercise the panic guard.
 pub const DEBUG_PANIC: Setting = Setting {
     name: "NCCL_TCPXSHIM_DEBUG_PANIC",
@@ -102,6 +111,7 @@ pub const SETTINGS: &[Setting] = &[
     TCP_INLINE,
     TCP_CUDA,
     TCP_CUDA_POOL,
+    STALL_WARN,
     DEBUG_PANIC,
 ];
 
@@ -149,6 +159,8 @@ pub struct TcpConfig {
     pub cuda: bool,
     /// Bytes of pinned staging memory allocated at start when `cuda` is on.
     pub cuda_pool: usize,
+    /// Outstanding time after which a tested request is reported once; `None`: never.
+    pub stall_warn: Option<std::time::Duration>,
 }
 
 impl Default for TcpConfig {
@@ -161,6 +173,7 @@ impl Default for TcpConfig {
             inline_max: 16384,
             cuda: false,
             cuda_pool: 256 << 20,
+            stall_warn: Some(std::time::Duration::from_secs(30)),
         }
     }
 }
@@ -176,6 +189,10 @@ impl TcpConfig {
             inline_max: int(&TCP_INLINE, 0, 1 << 20)? as usize,
             cuda: int(&TCP_CUDA, 0, 1)? == 1,
             cuda_pool: (int(&TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
+            stall_warn: match int(&STALL_WARN, 0, 86400)? {
+                0 => None,
+                s => Some(std::time::Duration::from_secs(s)),
+            },
         })
     }
 }

@@ -23,6 +23,8 @@ fn setup() -> &'static Setup {
         std::env::set_var("NCCL_TCPXSHIM_PLUGIN", "builtin");
         std::env::set_var("NCCL_TCPXSHIM_TCP_IFNAME", "lo");
         std::env::set_var("NCCL_DEBUG", "INFO");
+        // Requests outstanding for a second are reported (stalled_requests_are_reported).
+        std::env::set_var("NCCL_TCPXSHIM_STALL_WARN", "1");
         let net = Net::open(shim_lib());
         net.init().unwrap_or_else(|e| panic!("init failed: {}", result_name(e)));
         let init_log = net.captured_log();
@@ -199,6 +201,44 @@ fn closing_with_requests_in_flight_is_safe() {
     // The stack still works.
     let (send, recv) = net.connect_pair(0);
     net.transfer(send, recv, 12345);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+}
+
+#[test]
+fn stalled_requests_are_reported_once_with_what_they_wait_for() {
+    let net = net();
+    let (send, recv) = net.connect_pair(0);
+    let size = 1 << 20;
+    let sbuf = AlignedBuf::new(size);
+    let mut rbuf = AlignedBuf::new(size);
+    let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
+    let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
+    let (r, warns) = warns_of(|| {
+        // A receive nobody sends to, tested like NCCL's proxy does, past NCCL_TCPXSHIM_STALL_WARN=1.
+        let r = net
+            .post_recv(recv, rbuf.as_mut_slice().as_mut_ptr().cast(), size as i32, 0, rmr)
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_millis(1600) {
+            assert_eq!(net.test(r), Ok(None), "nothing was sent");
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        r
+    });
+    let stalls: Vec<_> = warns.iter().filter(|l| l.contains("outstanding for")).collect();
+    assert_eq!(stalls.len(), 1, "one line per stalled request: {warns:?}");
+    assert_warned(
+        &warns,
+        "test: receive of up to 1048576 bytes from 127.0.0.1:",
+        "no message from the sender yet",
+    );
+    assert_warned(&warns, "test", "NCCL_TCPXSHIM_STALL_WARN");
+    // The request still completes normally once the message comes.
+    let s = net.post_send(send, sbuf.as_ptr(), size as i32, 0, smr).unwrap();
+    assert_eq!(net.wait_both(s, r), Ok((size as i32, size as i32)));
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
 }

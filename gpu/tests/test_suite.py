@@ -592,6 +592,10 @@ class ToolTests(unittest.TestCase):
         share, threads = avg[(1, "io*")]
         self.assertAlmostEqual(share, 1.0)
         self.assertEqual(threads, 2)
+        per = threadprof.busy_threads(samples, 0.5)
+        self.assertEqual(per[(1, 10)][0], "io0")
+        self.assertAlmostEqual(per[(1, 10)][1], 0.5)
+        self.assertAlmostEqual(per[(1, 11)][1], 0.5)
 
     def test_threadprof_sees_a_busy_process(self):
         busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<2: pass",
@@ -602,9 +606,11 @@ class ToolTests(unittest.TestCase):
         finally:
             busy.wait(timeout=30)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        rows = [ln.split() for ln in p.stdout.splitlines() if ln.strip().startswith(str(busy.pid))]
-        self.assertEqual(len(rows), 1, p.stdout)
-        self.assertGreater(float(rows[0][-1]), 50.0, p.stdout)
+        groups, threads = p.stdout.split("busiest threads")
+        for part in (groups, threads):
+            rows = [ln.split() for ln in part.splitlines() if ln.strip().startswith(str(busy.pid))]
+            self.assertEqual(len(rows), 1, p.stdout)
+            self.assertGreater(float(rows[0][-1]), 50.0, p.stdout)
 
 
 class RunShTests(unittest.TestCase):
@@ -645,7 +651,7 @@ class RunShTests(unittest.TestCase):
         self.assertIn("no plugin library", p.stderr)
 
     def test_everything_passes(self):
-        rc, out = self.run_suite(PARTS="coll counters sweep")
+        rc, out = self.run_suite(PARTS="coll counters sweep", SWEEP_MODES="socket socket44 shim shim-cuda")
         self.assertEqual(rc, 0, out)
         s = self.summary()
         self.assertTrue(s.startswith("tcpxshim GPU suite: PASS"), s)
@@ -665,7 +671,8 @@ class RunShTests(unittest.TestCase):
         self.assertTrue(calls.rstrip().endswith("stdin: quit"), calls)
 
     def test_ceiling_and_profile(self):
-        rc, out = self.run_suite(PARTS="ceiling profile", PROFILE_MAX_SIZE=2048, PROFILE_INTERVAL=0.05)
+        rc, out = self.run_suite(PARTS="ceiling profile", PROFILE_MIN_SIZE=1024, PROFILE_MAX_SIZE=2048,
+                                 PROFILE_REPEAT=1, PROFILE_INTERVAL=0.05)
         self.assertEqual(rc, 0, out)
         s = self.summary()
         self.assertRegex(s, r"PASS +ceiling-rawtcp +8 streams: [0-9.]+ GB/s one way, [0-9.]+ GB/s both ways")
@@ -674,6 +681,7 @@ class RunShTests(unittest.TestCase):
         # the sampler saw both ranks (fake torch's ranks are python processes)
         prof = s[s.index("\nprofile:"):]
         self.assertGreaterEqual(len(re.findall(r"\n +\d+ +\d+ +python\S* +[0-9.]+", prof)), 2, prof)
+        self.assertIn("busiest threads", prof)
 
     def test_failures_are_reported(self):
         rc, out = self.run_suite(PARTS="coll ddp sweep", WORLDS="2", SWEEP_MODES="socket shim-cuda",

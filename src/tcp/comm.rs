@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 /// Outstanding requests per comm (NCCL_NET_MAX_REQUESTS).
 pub const MAX_REQUESTS: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
@@ -119,6 +120,7 @@ struct DataSock {
 
 #[derive(Clone, Copy)]
 struct SendReq {
+    stall: Stall,
     ptr: *const u8,
     size: usize,
     seq: u64,
@@ -142,6 +144,7 @@ enum Phase {
 
 #[derive(Clone, Copy)]
 struct RecvReq {
+    stall: Stall,
     ptr: *mut u8,
     cap: usize,
     size: usize,
@@ -255,6 +258,7 @@ pub struct Comm {
     streams: usize,
     inline_max: usize,
     min_chunk: usize,
+    stall_warn: Option<Duration>,
     fds: Vec<RawFd>,
     state: Mutex<Side>,
     slots: [Slot; MAX_REQUESTS],
@@ -269,6 +273,47 @@ pub struct CommParams {
     pub inline_max: usize,
     /// Smallest striping chunk.
     pub min_chunk: usize,
+    /// When a tested request is reported as stalled (NCCL_TCPXSHIM_STALL_WARN).
+    pub stall_warn: Option<Duration>,
+}
+
+/// How long a request has been outstanding, for the stall warning.
+#[derive(Clone, Copy)]
+struct Stall {
+    posted: Instant,
+    polls: u32,
+    warned: bool,
+}
+
+impl Stall {
+    /// Polls between two looks at the clock.
+    const EVERY: u32 = 1024;
+
+    fn new() -> Stall {
+        Stall {
+            posted: Instant::now(),
+            polls: 0,
+            warned: false,
+        }
+    }
+
+    /// The request's age, the first time a poll finds it outstanding for `after` or longer (the
+    /// clock is read once every `EVERY` polls, so an unfinished test costs nothing more).
+    fn due(&mut self, after: Option<Duration>) -> Option<Duration> {
+        let after = after?;
+        if self.warned {
+            return None;
+        }
+        self.polls = self.polls.wrapping_add(1);
+        if self.polls % Stall::EVERY != 0 {
+            return None;
+        }
+        let age = self.posted.elapsed();
+        (age >= after).then(|| {
+            self.warned = true;
+            age
+        })
+    }
 }
 
 impl Comm {
@@ -304,6 +349,7 @@ impl Comm {
                 next_seq: 0,
                 slots: Slots::all_free(),
                 reqs: [SendReq {
+                    stall: Stall::new(),
                     ptr: std::ptr::null(),
                     size: 0,
                     seq: 0,
@@ -318,6 +364,7 @@ impl Comm {
                 next_seq: 0,
                 slots: Slots::all_free(),
                 reqs: [RecvReq {
+                    stall: Stall::new(),
                     ptr: std::ptr::null_mut(),
                     cap: 0,
                     size: 0,
@@ -343,6 +390,7 @@ impl Comm {
             streams: p.streams,
             inline_max: p.inline_max,
             min_chunk: p.min_chunk,
+            stall_warn: p.stall_warn,
             fds,
             state: Mutex::new(side),
             slots: std::array::from_fn(|i| Slot {
@@ -464,6 +512,7 @@ impl Comm {
             flags: if inline { FLAG_INLINE } else { 0 },
         };
         s.reqs[i] = SendReq {
+            stall: Stall::new(),
             ptr: data,
             size,
             seq,
@@ -581,6 +630,7 @@ impl Comm {
         };
         let i = r.slots.take().ok_or_else(|| self.too_many("irecv"))?;
         r.reqs[i] = RecvReq {
+            stall: Stall::new(),
             ptr: data,
             cap,
             size: 0,
@@ -827,10 +877,28 @@ impl Comm {
                 if s.queue.len > 0 {
                     self.flush_ctrl(s);
                 }
-                let r = &s.reqs[i];
-                (r.ctrl_done == r.ctrl_len && self.shared.pending[i].load(Ordering::Acquire) == 0).then(|| {
+                let left = self.shared.pending[i].load(Ordering::Acquire);
+                let r = &mut s.reqs[i];
+                let done = r.ctrl_done == r.ctrl_len && left == 0;
+                if !done {
+                    if let Some(age) = r.stall.due(self.stall_warn) {
+                        log::warn!(
+                            "test: send #{} of {} bytes to {} outstanding for {:.1} s: {} of {} control bytes written, \
+                             {left} chunk(s) still with the I/O workers (the peer is not reading: is its irecv \
+                             posted?); NCCL_TCPXSHIM_STALL_WARN sets when this is said",
+                            r.seq,
+                            r.size,
+                            self.shared.peer,
+                            age.as_secs_f64(),
+                            r.ctrl_done,
+                            r.ctrl_len
+                        );
+                    }
+                }
+                let size = r.size;
+                done.then(|| {
                     s.slots.release(i);
-                    r.size
+                    size
                 })
             }
             Side::Recv(r) => {
@@ -845,15 +913,44 @@ impl Comm {
                     // lets their chunks start early, but need not cost a syscall on every poll.
                     self.look_ahead(r);
                 }
-                let q = &r.reqs[i];
+                let left = self.shared.pending[i].load(Ordering::Acquire);
+                let ahead = (0..r.waiting.len)
+                    .take_while(|&k| r.waiting.get(k) as usize != i)
+                    .count();
+                let q = &mut r.reqs[i];
                 let done = match q.phase {
                     Phase::Done => true,
-                    Phase::Striped => self.shared.pending[i].load(Ordering::Acquire) == 0,
+                    Phase::Striped => left == 0,
                     _ => false,
                 };
+                if !done {
+                    if let Some(age) = q.stall.due(self.stall_warn) {
+                        let what = match q.phase {
+                            Phase::Header => format!(
+                                "no message from the sender yet ({ahead} earlier receive(s) of this connection \
+                                 waiting too; is the peer's isend posted?)"
+                            ),
+                            Phase::Inline { done } => {
+                                format!("message #{} inline, {done} of {} bytes in", q.seq, q.size)
+                            }
+                            _ => format!(
+                                "message #{} of {} bytes, {left} chunk(s) still to arrive",
+                                q.seq, q.size
+                            ),
+                        };
+                        log::warn!(
+                            "test: receive of up to {} bytes from {} outstanding for {:.1} s: {what}; \
+                             NCCL_TCPXSHIM_STALL_WARN sets when this is said",
+                            q.cap,
+                            self.shared.peer,
+                            age.as_secs_f64()
+                        );
+                    }
+                }
+                let size = q.size;
                 done.then(|| {
                     r.slots.release(i);
-                    q.size
+                    size
                 })
             }
         };

@@ -231,6 +231,7 @@ impl TcpTransport {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
             min_chunk: self.cfg.min_chunk,
+            stall_warn: self.cfg.stall_warn,
         }
     }
 
