@@ -37,6 +37,15 @@ pub const TCP_IFNAME: Setting = Setting {
     doc: "Interfaces the built-in TCP transport uses, one device each, in NCCL_SOCKET_IFNAME syntax \
           (`eth`, `^docker`, `=eth0`, comma separated). Falls back to NCCL_SOCKET_IFNAME.",
 };
+/// Devices made from local addresses.
+pub const TCP_ADDRS: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_ADDRS",
+    default: "(unset: devices from NCCL_TCPXSHIM_TCP_IFNAME)",
+    doc: "One device per local address, in order: `ADDR[=PCI_PATH],...`. Any 127.0.0.0/8 address belongs to the \
+          loopback interface, so one host can present several devices (`127.0.0.1,127.0.0.2,...`) the way an A3 \
+          machine shows eth1 to eth4; a PCI path (a sysfs device directory, e.g. a GPU's) is reported to NCCL as the \
+          device's place in the topology. Overrides NCCL_TCPXSHIM_TCP_IFNAME.",
+};
 /// Data sockets per connection.
 pub const TCP_STREAMS: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_STREAMS",
@@ -105,6 +114,7 @@ pub const SETTINGS: &[Setting] = &[
     PLUGIN,
     NAME,
     TCP_IFNAME,
+    TCP_ADDRS,
     TCP_STREAMS,
     TCP_WORKERS,
     TCP_MIN_CHUNK,
@@ -147,6 +157,8 @@ pub fn int(setting: &Setting, min: u64, max: u64) -> Result<u64> {
 pub struct TcpConfig {
     /// Interface selection, NCCL_SOCKET_IFNAME syntax; `None` means the default choice.
     pub ifname: Option<String>,
+    /// Devices from local addresses (`ADDR[=PCI_PATH],...`), instead of interfaces.
+    pub addrs: Option<String>,
     /// Data sockets per connection.
     pub streams: usize,
     /// I/O worker threads.
@@ -167,6 +179,7 @@ impl Default for TcpConfig {
     fn default() -> Self {
         TcpConfig {
             ifname: None,
+            addrs: None,
             streams: 4,
             workers: 4,
             min_chunk: 65536,
@@ -183,6 +196,7 @@ impl TcpConfig {
     pub fn from_env() -> Result<TcpConfig> {
         Ok(TcpConfig {
             ifname: var(TCP_IFNAME.name).or_else(|| var("NCCL_SOCKET_IFNAME")),
+            addrs: var(TCP_ADDRS.name),
             streams: int(&TCP_STREAMS, 1, 64)? as usize,
             workers: int(&TCP_WORKERS, 1, 64)? as usize,
             min_chunk: int(&TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,

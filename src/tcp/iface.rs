@@ -27,13 +27,29 @@ impl IfInfo {
     }
 }
 
-/// A device of the transport: a usable interface.
+/// A device of the transport: a usable interface, or one local address of an interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Device {
-    /// Interface name.
+    /// Name NCCL sees: the interface, or `interface/address` for a device made from an address.
     pub name: String,
+    /// The interface (for its speed and PCI device in sysfs).
+    pub ifname: String,
     /// Address listened on.
     pub addr: IpAddr,
+    /// PCI path given with the address, reported instead of the interface's.
+    pub pci: Option<String>,
+}
+
+impl Device {
+    /// A device for a whole interface.
+    pub fn interface(name: &str, addr: IpAddr) -> Device {
+        Device {
+            name: name.to_string(),
+            ifname: name.to_string(),
+            addr,
+            pci: None,
+        }
+    }
 }
 
 fn is_link_local_v6(a: &Ipv6Addr) -> bool {
@@ -134,10 +150,7 @@ impl Spec {
 /// Picks the devices for `spec` (None: everything but `lo` and `docker*`, else `lo`).
 pub fn select(spec: Option<&str>, seen: &[IfInfo]) -> Result<Vec<Device>> {
     let usable = seen.iter().filter(|i| i.usable());
-    let to_dev = |i: &IfInfo| Device {
-        name: i.name.clone(),
-        addr: i.address().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-    };
+    let to_dev = |i: &IfInfo| Device::interface(&i.name, i.address().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
     let devs: Vec<Device> = match spec {
         Some(s) => {
             let spec = Spec::parse(s);
@@ -181,6 +194,67 @@ pub fn select(spec: Option<&str>, seen: &[IfInfo]) -> Result<Vec<Device>> {
         )));
     }
     Ok(devs)
+}
+
+/// Devices from NCCL_TCPXSHIM_TCP_ADDRS: `ADDR[=PCI_PATH],...`, one device per local address, in
+/// order. Any 127.0.0.0/8 address (and ::1) is the loopback interface's, so one host can present
+/// several devices the way an A3 machine shows eth1 to eth4; a PCI path (a sysfs device directory)
+/// tells NCCL's topology search where the device sits, for example next to one GPU.
+pub fn from_addrs(spec: &str, seen: &[IfInfo]) -> Result<Vec<Device>> {
+    let bad = |entry: &str, why: String| {
+        Error::InvalidArgument(format!(
+            "NCCL_TCPXSHIM_TCP_ADDRS: entry {entry:?} {why} (expected ADDR[=PCI_PATH],..., e.g. \
+             127.0.0.1,127.0.0.2=/sys/bus/pci/devices/0000:00:04.0)"
+        ))
+    };
+    let mut out: Vec<Device> = Vec::new();
+    for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (a, pci) = match entry.split_once('=') {
+            Some((a, p)) => (a.trim(), Some(p.trim())),
+            None => (entry, None),
+        };
+        let addr: IpAddr = a
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| bad(entry, "is not an IP address".into()))?;
+        let ifname = if addr.is_loopback() {
+            seen.iter()
+                .find(|i| i.v4.is_some_and(|v| v.is_loopback()) || i.v6.is_some_and(|v| v.is_loopback()))
+                .map_or("lo".to_string(), |i| i.name.clone())
+        } else {
+            seen.iter()
+                .find(|i| {
+                    i.address() == Some(addr)
+                        || i.v4.map(IpAddr::V4) == Some(addr)
+                        || i.v6.map(IpAddr::V6) == Some(addr)
+                })
+                .map(|i| i.name.clone())
+                .ok_or_else(|| bad(entry, "is not the (first) address of any interface of this host".into()))?
+        };
+        let pci = match pci {
+            Some(p) => Some(
+                std::fs::canonicalize(p)
+                    .map_err(|e| bad(entry, format!("names a PCI path that cannot be read: {e}")))?
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            None => None,
+        };
+        if out.iter().any(|d| d.addr == addr) {
+            return Err(bad(entry, "repeats an address".into()));
+        }
+        out.push(Device {
+            name: format!("{ifname}/{addr}"),
+            ifname,
+            addr,
+            pci,
+        });
+    }
+    if out.is_empty() {
+        return Err(bad(spec, "lists no address".into()));
+    }
+    Ok(out)
 }
 
 /// Speed in Mbps from sysfs; 10000 when unknown (NCCL's own default).
@@ -242,6 +316,35 @@ mod tests {
         assert_eq!(names(Some("^eth,docker")), ["lo"]);
         assert_eq!(names(Some("^=lo")), ["eth0", "eth1", "docker0"]);
         assert_eq!(names(Some("lo:1234, docker")), ["lo", "docker0"]);
+    }
+
+    #[test]
+    fn address_lists_make_one_device_each() {
+        let d = from_addrs("127.0.0.1, 127.0.0.2,10.0.0.2,[::1]", &seen()).unwrap();
+        let got: Vec<(String, String)> = d.iter().map(|d| (d.name.clone(), d.ifname.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                ("lo/127.0.0.1".to_string(), "lo".to_string()),
+                ("lo/127.0.0.2".into(), "lo".into()),
+                ("eth0/10.0.0.2".into(), "eth0".into()),
+                ("lo/::1".into(), "lo".into())
+            ]
+        );
+        assert_eq!(d[1].addr, "127.0.0.2".parse::<IpAddr>().unwrap());
+        assert!(d.iter().all(|d| d.pci.is_none()));
+        let with_pci = from_addrs("127.0.0.3=/sys", &seen()).unwrap();
+        assert_eq!(with_pci[0].pci.as_deref(), Some("/sys"));
+        for (spec, why) in [
+            ("127.0.0.1,nonsense", "is not an IP address"),
+            ("192.0.2.7", "is not the (first) address of any interface"),
+            ("127.0.0.2,127.0.0.2", "repeats an address"),
+            ("127.0.0.2=/no/such/path", "cannot be read"),
+            (" , ", "lists no address"),
+        ] {
+            let e = from_addrs(spec, &seen()).unwrap_err().to_string();
+            assert!(e.contains("NCCL_TCPXSHIM_TCP_ADDRS") && e.contains(why), "{spec}: {e}");
+        }
     }
 
     #[test]

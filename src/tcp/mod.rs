@@ -119,7 +119,10 @@ impl TcpTransport {
     /// Discovers devices and starts the I/O workers.
     pub fn new(cfg: &TcpConfig) -> Result<TcpTransport> {
         let seen = iface::list_interfaces()?;
-        let devices = iface::select(cfg.ifname.as_deref(), &seen)?;
+        let devices = match cfg.addrs.as_deref() {
+            Some(a) => iface::from_addrs(a, &seen)?,
+            None => iface::select(cfg.ifname.as_deref(), &seen)?,
+        };
         TcpTransport::with_devices(cfg, devices)
     }
 
@@ -163,7 +166,11 @@ impl TcpTransport {
             "built-in TCP transport: devices [{}], {} streams, {} workers, inline up to {} bytes",
             devices
                 .iter()
-                .map(|d| format!("{} {}", d.name, d.addr))
+                .map(|d| if d.name == d.ifname {
+                    format!("{} {}", d.name, d.addr)
+                } else {
+                    d.name.clone()
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
             cfg.streams,
@@ -317,14 +324,14 @@ impl Transport for TcpTransport {
         let d = self.device(dev, "getProperties")?;
         Ok(Properties {
             name: d.name.clone(),
-            pci_path: iface::pci_path(&d.name),
+            pci_path: d.pci.clone().or_else(|| iface::pci_path(&d.ifname)),
             guid: dev as u64,
             ptr_support: if self.gpu.is_some() {
                 (NCCL_PTR_HOST | NCCL_PTR_CUDA) as i32
             } else {
                 NCCL_PTR_HOST as i32
             },
-            speed_mbps: iface::speed_mbps(&d.name),
+            speed_mbps: iface::speed_mbps(&d.ifname),
             port: 0,
             latency_us: 0.0,
             max_comms: 65536,

@@ -821,10 +821,7 @@ fn mismatched_settings_give_clear_errors_on_both_sides() {
 
 #[test]
 fn ipv6_loopback_works() {
-    let dev = Device {
-        name: "lo".into(),
-        addr: "::1".parse().unwrap(),
-    };
+    let dev = Device::interface("lo", "::1".parse().unwrap());
     let t = TcpTransport::with_devices(&lo_cfg(), vec![dev]).unwrap();
     let mut h = [0u8; 128];
     let l = match t.listen(0, &mut h) {
@@ -1247,4 +1244,43 @@ fn cuda_mode_needs_a_driver_and_otherwise_stays_host_only() {
         assert!(err.contains("NCCL_TCPXSHIM_TCP_CUDA=1"), "{err}");
         close_pair(&t, pr);
     }
+}
+
+#[test]
+fn loopback_addresses_make_separate_devices_that_nccl_can_tell_apart() {
+    let cfg = TcpConfig {
+        addrs: Some("127.0.0.1,127.0.0.2,127.0.0.3=/sys".into()),
+        ..lo_cfg()
+    };
+    let t = TcpTransport::new(&cfg).expect("three loopback devices");
+    assert_eq!(t.devices().unwrap(), 3);
+    let props: Vec<Properties> = (0..3).map(|d| t.properties(d).unwrap()).collect();
+    let names: Vec<&str> = props.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["lo/127.0.0.1", "lo/127.0.0.2", "lo/127.0.0.3"]);
+    let guids: std::collections::HashSet<u64> = props.iter().map(|p| p.guid).collect();
+    assert_eq!(guids.len(), 3, "NCCL tells devices apart by guid");
+    assert_eq!(props[2].pci_path.as_deref(), Some("/sys"), "the given PCI path places the device");
+    assert_eq!(props[0].pci_path, iface::pci_path("lo"));
+    // Each device listens on its own address, and traffic flows on each.
+    for dev in 0..3 {
+        let mut h = [0u8; 128];
+        let l = t.listen(dev, &mut h).expect("listen");
+        let want = format!("listening on 127.0.0.{}:", dev + 1);
+        let desc = t.describe_comm(l).unwrap();
+        assert!(desc.starts_with(&want), "device {dev}: {desc}");
+        let (mut s, mut r) = (None, None);
+        wait("connect/accept", || {
+            if s.is_none() {
+                s = t.connect(dev, &mut h, null_mut()).expect("connect");
+            }
+            if r.is_none() {
+                r = t.accept(l, null_mut()).expect("accept");
+            }
+            (s.is_some() && r.is_some()).then_some(())
+        });
+        let p = (s.unwrap(), r.unwrap(), l);
+        check_transfer(&t, p.0, p.1, 100_000 + dev as usize, 200_000);
+        close_pair(&t, p);
+    }
+    assert!(t.properties(3).is_err());
 }
