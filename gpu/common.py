@@ -244,8 +244,8 @@ def relevant_env(env=None):
 
 def init_dist(timeout_s=180):
     """Joins the process group of this run (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the
-    launcher), every rank on cuda:0, NCCL communicator created eagerly. Returns
-    (torch, dist, rank, world, device)."""
+    launcher), on the GPU TCPXSHIM_SUITE_GPU names (0 unless the launcher runs one rank per GPU),
+    NCCL communicator created eagerly. Returns (torch, dist, rank, world, device)."""
     import datetime
 
     import torch
@@ -255,8 +255,9 @@ def init_dist(timeout_s=180):
     world = int(os.environ["WORLD_SIZE"])
     # Host-side checks run in every rank at once: share the cores instead of oversubscribing them.
     torch.set_num_threads(max(2, (os.cpu_count() or 8) // max(world, 1)))
-    torch.cuda.set_device(0)
-    device = torch.device("cuda:0")
+    gpu = int(os.environ.get("TCPXSHIM_SUITE_GPU", "0"))
+    torch.cuda.set_device(gpu)
+    device = torch.device(f"cuda:{gpu}")
     dist.init_process_group(
         "nccl",
         rank=rank,

@@ -77,8 +77,8 @@ def mode_env(mode, plugin):
     return env
 
 
-def rank_env(base, mode, plugin, rank, world, port, extra=()):
-    """The complete environment of one rank."""
+def rank_env(base, mode, plugin, rank, world, port, extra=(), gpus=1):
+    """The complete environment of one rank (on GPU rank % gpus)."""
     env = dict(base)
     if not mode.startswith("shim"):
         for k in [k for k in env if k.startswith(SHIM_ONLY_PREFIX)]:
@@ -97,6 +97,7 @@ def rank_env(base, mode, plugin, rank, world, port, extra=()):
             "MASTER_PORT": str(port),
             "NCCL_HOSTID": f"tcpxshim-host{rank}",
             "TCPXSHIM_SUITE_MODE": mode,
+            "TCPXSHIM_SUITE_GPU": str(rank % max(1, gpus)),
         }
     )
     return env
@@ -235,7 +236,7 @@ def thread_dump(pid, gdb_timeout=30):
     return lines
 
 
-def launch(label, world, mode, plugin, logdir, timeout, cmd, extra=(), grace=15.0, out=sys.stdout, poll=0.1):
+def launch(label, world, mode, plugin, logdir, timeout, cmd, extra=(), grace=15.0, out=sys.stdout, poll=0.1, gpus=1):
     """Runs one run; returns (exit status, text describing what happened per rank)."""
     os.makedirs(logdir, exist_ok=True)
     port = free_port()
@@ -248,13 +249,13 @@ def launch(label, world, mode, plugin, logdir, timeout, cmd, extra=(), grace=15.
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         for r in range(world):
-            env = rank_env(os.environ, mode, plugin, r, world, port, extra)
+            env = rank_env(os.environ, mode, plugin, r, world, port, extra, gpus)
             f = open(logs[r], "w")
             files.append(f)
             f.write(f"# launch.py: run {label}, mode {mode}, rank {r} of {world}, MASTER_PORT {port}\n")
             f.write(f"# command: {' '.join(cmd)}\n")
             shown = {k: v for k, v in env.items() if k.startswith(("NCCL_", "MASTER_", "CUDA_MPS_"))}
-            shown.update({k: env[k] for k in ("RANK", "WORLD_SIZE")})
+            shown.update({k: env[k] for k in ("RANK", "WORLD_SIZE", "TCPXSHIM_SUITE_GPU")})
             f.write("# env: " + " ".join(f"{k}={shown[k]}" for k in sorted(shown)) + "\n")
             f.flush()
             p = subprocess.Popen(
@@ -380,13 +381,14 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--grace", type=float, default=15)
     ap.add_argument("--env", action="append", default=[], help="K=V for every rank (repeatable)")
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs to spread the ranks over: rank r on GPU r %% GPUS")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     if not cmd or a.world < 1:
         ap.error("need a world size >= 1 and a command after --")
     try:
-        rc, _ = launch(a.label, a.world, a.mode, a.plugin, a.logdir, a.timeout, cmd, a.env, a.grace)
+        rc, _ = launch(a.label, a.world, a.mode, a.plugin, a.logdir, a.timeout, cmd, a.env, a.grace, gpus=a.gpus)
     except ValueError as e:
         print(f"FAIL {a.label}: {e}", flush=True)
         return 2

@@ -8,6 +8,10 @@
     logcheck.py gdr --label L --world N --logdir D
         whether NCCL used GPU-direct on the net channels ("/GDRDMA" on the channel lines,
         "GDR 1" on "Connected all rings"); exit 0 all, 3 some, 1 none.
+    logcheck.py devices --label L --world N --logdir D --gpus G
+        which network device each rank's channels used ("via NET/<name>/<dev>"); rank r runs on GPU
+        r % G, and with one device per GPU each should use its own: exit 0 when every rank used only
+        device r % G, 3 when some used others, 1 when a rank has no channel line.
     logcheck.py counters --label L --world N --logdir D --spec counters.json [--tolerance 0.03]
         the bytes the shim counted on each rank's send comms against what K ring all-reduces
         of S bytes had to send.
@@ -257,6 +261,27 @@ def check_counters(logs, spec, tolerance):
     return problems, info
 
 
+def check_devices(logs, gpus):
+    """(status, lines): status "own" (every rank only on device rank % gpus), "other", or "missing"."""
+    lines, status = [], "own"
+    for r, path, s in logs:
+        gpu = r % max(1, gpus)
+        if s is None or not s["via"]:
+            lines.append(f"rank {r} (GPU {gpu}): no 'via NET/' channel line in {os.path.basename(path)}")
+            status = "missing"
+            continue
+        used = {}
+        for direction, _net, rest in s["via"]:
+            dev = rest.split("/")[0]
+            used.setdefault(dev, [0, 0])[0 if direction == "send" else 1] += 1
+        desc = ", ".join(f"device {d}: {n[0]} send + {n[1]} receive" for d, n in sorted(used.items()))
+        own = set(used) == {str(gpu)}
+        lines.append(f"rank {r} (GPU {gpu}): {desc}{'' if own else '  <- not (only) its own device ' + str(gpu)}")
+        if not own and status == "own":
+            status = "other"
+    return status, lines
+
+
 def _report(title, problems, info, out):
     for line in info:
         print(f"  {line}", file=out)
@@ -268,7 +293,7 @@ def _report(title, problems, info, out):
 
 def main(argv=None, out=sys.stdout):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["net", "gdr", "counters"])
+    ap.add_argument("what", choices=["net", "gdr", "counters", "devices"])
     ap.add_argument("--label", required=True)
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--logdir", required=True)
@@ -276,6 +301,7 @@ def main(argv=None, out=sys.stdout):
     ap.add_argument("--shim", action="store_true", help="also check the shim's own lines")
     ap.add_argument("--spec", help="counters: JSON written by counters.py")
     ap.add_argument("--tolerance", type=float, default=0.03)
+    ap.add_argument("--gpus", type=int, default=1, help="devices: GPUs the ranks ran on (rank r on r %% GPUS)")
     a = ap.parse_args(argv)
     logs = read_logs(a.logdir, a.label, a.world)
     if a.what == "net":
@@ -288,6 +314,13 @@ def main(argv=None, out=sys.stdout):
         word = {"all": "PASS", "some": "PARTIAL", "none": "FAIL"}[status]
         print(f"{word} GPU-direct check {a.label}: {lines[0]}", file=out, flush=True)
         return {"all": 0, "some": 3, "none": 1}[status]
+    if a.what == "devices":
+        status, lines = check_devices(logs, a.gpus)
+        for line in lines:
+            print(f"  {line}", file=out)
+        word = {"own": "PASS", "other": "PARTIAL", "missing": "FAIL"}[status]
+        print(f"{word} device check {a.label}: every rank on its own GPU's device: {status == 'own'}", file=out, flush=True)
+        return {"own": 0, "other": 3, "missing": 1}[status]
     if not a.spec:
         ap.error("counters needs --spec")
     try:

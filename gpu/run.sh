@@ -16,6 +16,10 @@
 #             (sweep.py; shim-cuda too when SWEEP_MODES names it and its correctness run passed: it is
 #             left out by default, see the README's GPU-memory notes); then results.md and busbw.svg
 #   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s)
+#   multi     with GPUS=N (N > 1): one rank per GPU on N GPUs, the shim over N loopback devices
+#             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
+#             NCCL's topology search can give each GPU its own device); collectives over shim and
+#             socket, which device each rank's channels used (logcheck.py devices), and the sweep
 # Modes (launch.py MODES): shim = the plugin over its built-in transport; shim-cuda = the same with
 # NCCL_TCPXSHIM_TCP_CUDA=1 and GPU-direct asked for; socket = NCCL's own Socket transport;
 # socket44 = Socket with 4 threads x 4 sockets.
@@ -32,7 +36,8 @@
 # counts, comma separated), SWEEP_MAX_SIZE (bytes), COUNTERS_SIZE (bytes, 67108864),
 # COUNTERS_ITERS (20), DDP_STEPS (30), SWEEP_OPS (all_reduce,sendrecv), SWEEP_TIMEOUT_S (120),
 # PROFILE_MIN_SIZE and PROFILE_MAX_SIZE (bytes, 33554432 and 134217728), PROFILE_REPEAT (40),
-# PROFILE_INTERVAL (seconds between samples, 0.5). Tests of the suite itself, without a GPU:
+# PROFILE_INTERVAL (seconds between samples, 0.5), GPUS (1: every rank on GPU 0 under MPS; N > 1 adds
+# the multi part). Tests of the suite itself, without a GPU:
 # python3 gpu/tests/test_suite.py
 set -uo pipefail
 
@@ -56,11 +61,13 @@ mkdir -p "${pos[1]}/logs" || exit 2
 out="$(realpath "${pos[1]}")"
 logs="$out/logs"
 rm -f "$logs"/*.log "$logs"/*.json "$logs"/*.pids "$logs"/*.txt "$logs"/*.tmp \
-  "$out/summary.txt" "$out/results.md" "$out/busbw.svg" "$out/sweeps.json" "$out/logs.tar.gz"
+  "$out/summary.txt" "$out/results.md" "$out/busbw.svg" "$out/sweeps.json" "$out/logs.tar.gz" \
+  "$out/multi-results.md" "$out/multi-busbw.svg" "$out/multi-sweeps.json"
 
 PY="${PYTHON:-python3}"
 WORLDS="${WORLDS:-2 4}"
-PARTS="${PARTS:-ceiling coll counters ddp sweep profile}"
+PARTS="${PARTS:-ceiling coll counters ddp sweep profile multi}"
+GPUS="${GPUS:-1}"
 SWEEP_MODES="${SWEEP_MODES:-socket socket44 shim}"
 budget="${SUITE_BUDGET_S:-470}"
 net_name="${SHIM_NET_NAME:-tcpxshim}"
@@ -266,6 +273,8 @@ fi
 # ------------------------------------------------------------------------------------------------
 coll_args=("${qargs[@]}")
 [[ -n "${COLL_SIZES:-}" ]] && coll_args+=(--sizes "$COLL_SIZES")
+sweep_args=("${qargs[@]}")
+[[ -n "${SWEEP_MAX_SIZE:-}" ]] && sweep_args+=(--max-size "$SWEEP_MAX_SIZE")
 cuda_coll_ok=0
 gdr_note=""
 
@@ -345,8 +354,6 @@ fi
 sweep_jsons=()
 notes=()
 if has_part sweep; then
-  sweep_args=("${qargs[@]}")
-  [[ -n "${SWEEP_MAX_SIZE:-}" ]] && sweep_args+=(--max-size "$SWEEP_MAX_SIZE")
   for mode in $SWEEP_MODES; do
     label="sweep-$mode-w2"
     if [[ $mode == shim-cuda && $cuda_coll_ok != 1 ]]; then
@@ -397,6 +404,66 @@ if has_part profile; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+# One rank per GPU, one shim device per GPU.
+multi_addrs() {
+  local i=0 bus path list=()
+  while read -r bus; do
+    [[ -z "$bus" ]] && continue
+    ((i >= GPUS)) && break
+    bus="$(echo "$bus" | tr 'A-F' 'a-f')"
+    path="/sys/bus/pci/devices/${bus: -12}"
+    if [[ -e "$path" ]]; then list+=("127.0.0.$((i + 1))=$path"); else list+=("127.0.0.$((i + 1))"); fi
+    i=$((i + 1))
+  done < <(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader 2>/dev/null)
+  while ((i < GPUS)); do list+=("127.0.0.$((i + 1))"); i=$((i + 1)); done
+  (IFS=,; echo "${list[*]}")
+}
+if has_part multi && ((GPUS > 1)); then
+  export NCCL_TCPXSHIM_TCP_ADDRS="${NCCL_TCPXSHIM_TCP_ADDRS:-$(multi_addrs)}"
+  echo "multi: $GPUS GPUs, NCCL_TCPXSHIM_TCP_ADDRS=$NCCL_TCPXSHIM_TCP_ADDRS"
+  for mode in shim socket; do
+    label="multi-coll-$mode-g$GPUS"
+    run_ranks "$label" "$GPUS" "$mode" 150 --gpus "$GPUS" -- "$here/collectives.py" "${coll_args[@]}"
+    rc=$?
+    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
+    net_check "$label" "$GPUS" "$mode"
+    lrc=$?
+    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+    if [[ $mode == shim ]]; then
+      check "$label.devices" "$here/logcheck.py" devices --label "$label" --world "$GPUS" --gpus "$GPUS" --logdir "$logs"
+      drc=$?
+      dline="$(tail -1 "$logs/$label.devices.txt")"
+      case $drc in
+        0) record PASS "devices-g$GPUS" "$dline" ;;
+        3) record WARN "devices-g$GPUS" "$dline" ;;
+        *) record FAIL "devices-g$GPUS" "$dline" ;;
+      esac
+    fi
+  done
+  multi_jsons=()
+  for mode in socket shim; do
+    label="multi-sweep-$mode-g$GPUS"
+    js="$logs/multi-sweep-$mode.json"
+    rm -f "$js"
+    run_ranks "$label" "$GPUS" "$mode" "${SWEEP_TIMEOUT_S:-120}" --gpus "$GPUS" -- "$here/sweep.py" --label "$mode" \
+      --json "$js" --ops "${SWEEP_OPS:-all_reduce,sendrecv}" "${sweep_args[@]}"
+    rc=$?
+    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
+    net_check "$label" "$GPUS" "$mode"
+    lrc=$?
+    [[ -f "$js" ]] && multi_jsons+=("$js")
+    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+  done
+  if [[ ${#multi_jsons[@]} -gt 0 ]]; then
+    "$PY" "$here/report.py" merge --out "$out/multi-sweeps.json" "${multi_jsons[@]}" &&
+      "$PY" "$here/report.py" render "$out/multi-sweeps.json" --md "$out/multi-results.md" --svg "$out/multi-busbw.svg" \
+        --print >"$logs/multi-sweep-tables.txt" 2>&1
+    rrc=$?
+    record "$(status_word "$rrc")" "multi-report" "multi-results.md, multi-busbw.svg from ${#multi_jsons[@]} sweeps"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
 # Summary.
 elapsed=$((SECONDS - t_start))
 n_pass=0 n_fail=0 n_skip=0 n_warn=0
@@ -429,7 +496,7 @@ tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
     printf '  %-5s %-22s %s\n' "$st" "${rest%%|*}" "${rest#*|}"
   done
   for f in "$logs"/ceiling.txt "$logs"/counters-shim-w2.counters.txt "$logs"/ddp-compare.txt \
-    "$logs"/coll-shim-cuda-w*.gdr.txt "$logs"/profile.txt; do
+    "$logs"/coll-shim-cuda-w*.gdr.txt "$logs"/profile.txt "$logs"/multi-coll-shim-g*.devices.txt; do
     [[ -f "$f" ]] || continue
     echo
     echo "$(basename "$f" .txt):"

@@ -1259,7 +1259,11 @@ fn loopback_addresses_make_separate_devices_that_nccl_can_tell_apart() {
     assert_eq!(names, ["lo/127.0.0.1", "lo/127.0.0.2", "lo/127.0.0.3"]);
     let guids: std::collections::HashSet<u64> = props.iter().map(|p| p.guid).collect();
     assert_eq!(guids.len(), 3, "NCCL tells devices apart by guid");
-    assert_eq!(props[2].pci_path.as_deref(), Some("/sys"), "the given PCI path places the device");
+    assert_eq!(
+        props[2].pci_path.as_deref(),
+        Some("/sys"),
+        "the given PCI path places the device"
+    );
     assert_eq!(props[0].pci_path, iface::pci_path("lo"));
     // Each device listens on its own address, and traffic flows on each.
     for dev in 0..3 {

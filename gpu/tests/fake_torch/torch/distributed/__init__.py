@@ -91,11 +91,17 @@ def init_process_group(backend, rank, world_size, device_id=None, timeout=None):
     gdr_env = shim and os.environ.get("NCCL_TCPXSHIM_TCP_CUDA") == "1" and os.environ.get("NCCL_NET_GDR_LEVEL")
     gdr_mode = os.environ.get("FAKE_TORCH_GDR", "all") if gdr_env else "none"
     nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
+    # Like NCCL's topology search with one device per GPU (NCCL_TCPXSHIM_TCP_ADDRS with PCI paths):
+    # each rank's channels use the device of its GPU; FAKE_TORCH_NETDEV=zero puts everyone on device 0.
+    several = shim and "," in os.environ.get("NCCL_TCPXSHIM_TCP_ADDRS", "")
+    dev = int(os.environ.get("TCPXSHIM_SUITE_GPU", "0")) if several else 0
+    if os.environ.get("FAKE_TORCH_NETDEV") == "zero":
+        dev = 0
     for ch in range(2):
         sg = "/GDRDMA" if gdr_mode == "all" else ""
         rg = "/GDRDMA" if gdr_mode in ("all", "recv") else ""
-        _log("INFO", f"Channel {ch:02d}/0 : {prv}[0] -> {rank}[0] [receive] via NET/{name}/0{rg}")
-        _log("INFO", f"Channel {ch:02d}/0 : {rank}[0] -> {nxt}[0] [send] via NET/{name}/0{sg}")
+        _log("INFO", f"Channel {ch:02d}/0 : {prv}[0] -> {rank}[0] [receive] via NET/{name}/{dev}{rg}")
+        _log("INFO", f"Channel {ch:02d}/0 : {rank}[0] -> {nxt}[0] [send] via NET/{name}/{dev}{sg}")
         if shim:
             _log("INFO", f"NET/TCPXSHIM opened send comm #{2 * ch + 1} (dev 0, peer 127.0.0.1:{40000 + ch}, 4 streams)")
             _log("INFO", f"NET/TCPXSHIM opened recv comm #{2 * ch + 2} (dev 0, peer 127.0.0.1:{41000 + ch}, 4 streams)")
