@@ -244,6 +244,40 @@ fn stalled_requests_are_reported_once_with_what_they_wait_for() {
 }
 
 #[test]
+fn a_send_nobody_receives_is_reported_as_stalled() {
+    let net = net();
+    let (send, recv) = net.connect_pair(0);
+    // Far more than the sockets' buffers hold: without a receive, chunks stay with the workers.
+    let size = 64 << 20;
+    let sbuf = AlignedBuf::new(size);
+    let mut rbuf = AlignedBuf::new(size);
+    let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
+    let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
+    let (s, warns) = warns_of(|| {
+        let s = net.post_send(send, sbuf.as_ptr(), size as i32, 0, smr).unwrap();
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_millis(1600) {
+            assert_eq!(net.test(s), Ok(None), "nobody receives");
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        s
+    });
+    assert_warned(
+        &warns,
+        "test: send #0 of 67108864 bytes to 127.0.0.1:",
+        "still with the I/O workers",
+    );
+    let r = net
+        .post_recv(recv, rbuf.as_mut_slice().as_mut_ptr().cast(), size as i32, 0, rmr)
+        .unwrap();
+    assert_eq!(net.wait_both(s, r), Ok((size as i32, size as i32)));
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+}
+
+#[test]
 fn a_receive_smaller_than_the_send_is_an_error() {
     let net = net();
     let (send, recv) = net.connect_pair(0);
