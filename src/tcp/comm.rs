@@ -914,9 +914,6 @@ impl Comm {
                     self.look_ahead(r);
                 }
                 let left = self.shared.pending[i].load(Ordering::Acquire);
-                let ahead = (0..r.waiting.len)
-                    .take_while(|&k| r.waiting.get(k) as usize != i)
-                    .count();
                 let q = &mut r.reqs[i];
                 let done = match q.phase {
                     Phase::Done => true,
@@ -925,6 +922,9 @@ impl Comm {
                 };
                 if !done {
                     if let Some(age) = q.stall.due(self.stall_warn) {
+                        let ahead = (0..r.waiting.len)
+                            .take_while(|&k| r.waiting.get(k) as usize != i)
+                            .count();
                         let what = match q.phase {
                             Phase::Header => format!(
                                 "no message from the sender yet ({ahead} earlier receive(s) of this connection \
