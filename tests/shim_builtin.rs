@@ -205,28 +205,51 @@ fn closing_with_requests_in_flight_is_safe() {
     net.close_recv(recv).unwrap();
 }
 
-#[test]
-fn stalled_requests_are_reported_once_with_what_they_wait_for() {
+/// Deregisters both memory registrations of a connected pair and closes it.
+fn close_registered(net: &Net, (send, recv): (Comm, Comm), (smr, rmr): (Mr, Mr)) {
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+}
+
+/// One transfer of `size` bytes on a fresh connection whose first side (the send when
+/// `send_first`, else the receive) is posted alone and tested the way NCCL's proxy tests it for
+/// 1.6 s, past NCCL_TCPXSHIM_STALL_WARN=1; then the other side is posted and both must complete.
+/// Returns the WARN lines logged while the first side waited.
+fn warns_while_one_side_waits(size: usize, send_first: bool) -> Vec<String> {
     let net = net();
     let (send, recv) = net.connect_pair(0);
-    // An odd size no other test uses: their own slow requests may be reported meanwhile.
-    let size = (1 << 20) - 3;
     let sbuf = AlignedBuf::new(size);
-    let mut rbuf = AlignedBuf::new(size);
+    let rbuf = AlignedBuf::new(size);
     let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
     let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
-    let (r, warns) = warns_of(|| {
-        // A receive nobody sends to, tested like NCCL's proxy does, past NCCL_TCPXSHIM_STALL_WARN=1.
-        let r = net
-            .post_recv(recv, rbuf.as_mut_slice().as_mut_ptr().cast(), size as i32, 0, rmr)
-            .unwrap();
+    let post_send = || net.post_send(send, sbuf.as_ptr(), size as i32, 0, smr).unwrap();
+    let post_recv = || net.post_recv(recv, rbuf.as_ptr(), size as i32, 0, rmr).unwrap();
+    let (first, warns) = warns_of(|| {
+        let req = if send_first { post_send() } else { post_recv() };
         let t0 = std::time::Instant::now();
         while t0.elapsed() < std::time::Duration::from_millis(1600) {
-            assert_eq!(net.test(r), Ok(None), "nothing was sent");
+            assert_eq!(net.test(req), Ok(None), "the other side is not posted yet");
             std::thread::sleep(std::time::Duration::from_micros(50));
         }
-        r
+        req
     });
+    // The request still completes normally once the other side comes.
+    let (s, r) = if send_first {
+        (first, post_recv())
+    } else {
+        (post_send(), first)
+    };
+    assert_eq!(net.wait_both(s, r), Ok((size as i32, size as i32)));
+    close_registered(net, (send, recv), (smr, rmr));
+    warns
+}
+
+#[test]
+fn stalled_requests_are_reported_once_with_what_they_wait_for() {
+    // An odd size no other test uses: their own slow requests may be reported meanwhile.
+    let warns = warns_while_one_side_waits((1 << 20) - 3, false);
     let stalls: Vec<_> = warns
         .iter()
         .filter(|l| l.contains("receive of up to 1048573 bytes") && l.contains("outstanding for"))
@@ -238,47 +261,17 @@ fn stalled_requests_are_reported_once_with_what_they_wait_for() {
         "no message from the sender yet",
     );
     assert_warned(&warns, "test", "NCCL_TCPXSHIM_STALL_WARN");
-    // The request still completes normally once the message comes.
-    let s = net.post_send(send, sbuf.as_ptr(), size as i32, 0, smr).unwrap();
-    assert_eq!(net.wait_both(s, r), Ok((size as i32, size as i32)));
-    net.dereg_mr(send, smr).unwrap();
-    net.dereg_mr(recv, rmr).unwrap();
-    net.close_send(send).unwrap();
-    net.close_recv(recv).unwrap();
 }
 
 #[test]
 fn a_send_nobody_receives_is_reported_as_stalled() {
-    let net = net();
-    let (send, recv) = net.connect_pair(0);
     // Far more than the sockets' buffers hold: without a receive, chunks stay with the workers.
-    let size = 64 << 20;
-    let sbuf = AlignedBuf::new(size);
-    let mut rbuf = AlignedBuf::new(size);
-    let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
-    let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
-    let (s, warns) = warns_of(|| {
-        let s = net.post_send(send, sbuf.as_ptr(), size as i32, 0, smr).unwrap();
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < std::time::Duration::from_millis(1600) {
-            assert_eq!(net.test(s), Ok(None), "nobody receives");
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
-        s
-    });
+    let warns = warns_while_one_side_waits(64 << 20, true);
     assert_warned(
         &warns,
         "test: send #0 of 67108864 bytes to 127.0.0.1:",
         "still with the I/O workers",
     );
-    let r = net
-        .post_recv(recv, rbuf.as_mut_slice().as_mut_ptr().cast(), size as i32, 0, rmr)
-        .unwrap();
-    assert_eq!(net.wait_both(s, r), Ok((size as i32, size as i32)));
-    net.dereg_mr(send, smr).unwrap();
-    net.dereg_mr(recv, rmr).unwrap();
-    net.close_send(send).unwrap();
-    net.close_recv(recv).unwrap();
 }
 
 #[test]
@@ -300,10 +293,7 @@ fn a_receive_smaller_than_the_send_is_an_error() {
     });
     assert_eq!(res, Err(ncclInvalidUsage), "receive of 100 bytes for a 4096-byte send");
     assert_warned(&warns, "test", "4096");
-    net.dereg_mr(send, smr).unwrap();
-    net.dereg_mr(recv, rmr).unwrap();
-    net.close_send(send).unwrap();
-    net.close_recv(recv).unwrap();
+    close_registered(net, (send, recv), (smr, rmr));
 }
 
 #[test]
@@ -455,10 +445,7 @@ fn null_pointers_and_bad_arguments_give_errors_not_crashes() {
     assert!(r.is_err(), "irecv with n=2 on a maxRecvs=1 transport must fail");
     // The comms still work after all that.
     net.transfer(send, recv, 333);
-    net.dereg_mr(send, smr).unwrap();
-    net.dereg_mr(recv, rmr).unwrap();
-    net.close_send(send).unwrap();
-    net.close_recv(recv).unwrap();
+    close_registered(net, (send, recv), (smr, rmr));
 }
 
 #[test]
