@@ -196,6 +196,16 @@ run_detail() {
 
 status_word() { if [[ "$1" == 0 ]]; then echo PASS; else echo FAIL; fi; }
 
+# record_check STATUS NAME DETAIL: the summary line of a checker whose exit status means pass (0),
+# partly (3) or fail (anything else).
+record_check() {
+  case $1 in
+    0) record PASS "$2" "$3" ;;
+    3) record WARN "$2" "$3" ;;
+    *) record FAIL "$2" "$3" ;;
+  esac
+}
+
 # net_check LABEL WORLD MODE: the log checks of a finished run (logcheck.py net); returns their status.
 net_check() {
   if [[ $3 == shim* ]]; then
@@ -213,6 +223,23 @@ part_detail() {
     d="$d; log check: $(grep -h 'PROBLEM:' "$logs/$1.netcheck.txt" 2>/dev/null | head -1 | sed 's/^ *PROBLEM: //' | cut -c1-200)"
   fi
   echo "$d"
+}
+
+# run_part LABEL WORLD MODE TIMEOUT [launch.py options] -- PROGRAM ARGS...: one run (run_ranks), its
+# log checks and its summary line. Returns 0 when both passed, 3 when skipped for lack of time, else
+# 1; last_rc is the ranks' own status.
+run_part() {
+  local label="$1" world="$2" mode="$3"
+  run_ranks "$@"
+  last_rc=$?
+  if [[ $last_rc == 3 ]]; then
+    record SKIP "$label" "time budget spent"
+    return 3
+  fi
+  net_check "$label" "$world" "$mode"
+  local lrc=$?
+  record "$(status_word $((last_rc || lrc)))" "$label" "$(part_detail "$label" "$last_rc" "$lrc")"
+  return $((last_rc || lrc))
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -282,23 +309,19 @@ if has_part coll; then
   for mode in shim socket shim-cuda; do
     for w in $WORLDS; do
       label="coll-$mode-w$w"
-      run_ranks "$label" "$w" "$mode" 150 -- "$here/collectives.py" "${coll_args[@]}"
-      rc=$?
-      if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
-      net_check "$label" "$w" "$mode"
-      lrc=$?
-      st=$(status_word $((rc || lrc)))
-      record "$st" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+      run_part "$label" "$w" "$mode" 150 -- "$here/collectives.py" "${coll_args[@]}"
+      prc=$?
+      [[ $prc == 3 ]] && continue
       if [[ $mode == shim-cuda ]]; then
         check "$label.gdr" "$here/logcheck.py" gdr --label "$label" --world "$w" --logdir "$logs"
         grc=$?
-        gline="$(grep -h 'GPU-direct' "$logs/$label.gdr.txt" | head -1 | sed 's/^ *//')"
+        record_check "$grc" "gdr-$label" "$(grep -h 'GPU-direct' "$logs/$label.gdr.txt" | head -1 | sed 's/^ *//')"
         case $grc in
-          0) record PASS "gdr-$label" "$gline" ;;
-          3) record WARN "gdr-$label" "$gline"; gdr_note="GPU-direct partly used" ;;
-          *) record FAIL "gdr-$label" "$gline"; gdr_note="GPU-direct NOT used" ;;
+          0) ;;
+          3) gdr_note="GPU-direct partly used" ;;
+          *) gdr_note="GPU-direct NOT used" ;;
         esac
-        [[ $w == 2 && $st == PASS ]] && cuda_coll_ok=1
+        [[ $w == 2 && $prc == 0 ]] && cuda_coll_ok=1
       fi
     done
   done
@@ -333,13 +356,8 @@ if has_part ddp; then
   for mode in shim socket; do
     label="ddp-$mode-w2"
     rm -f "$logs/ddp-$mode.json"
-    run_ranks "$label" 2 "$mode" 120 -- "$here/ddp.py" train --json "$logs/ddp-$mode.json" --steps "${DDP_STEPS:-30}"
-    rc=$?
-    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; ddp_ok=0; continue; fi
-    net_check "$label" 2 "$mode"
-    lrc=$?
-    [[ $rc == 0 ]] || ddp_ok=0
-    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+    run_part "$label" 2 "$mode" 120 -- "$here/ddp.py" train --json "$logs/ddp-$mode.json" --steps "${DDP_STEPS:-30}"
+    [[ $last_rc == 0 ]] || ddp_ok=0
   done
   if [[ $ddp_ok == 1 ]]; then
     check ddp-compare "$here/ddp.py" compare "$logs/ddp-shim.json" "$logs/ddp-socket.json"
@@ -362,14 +380,9 @@ if has_part sweep; then
     fi
     js="$logs/sweep-$mode.json"
     rm -f "$js"
-    run_ranks "$label" 2 "$mode" "${SWEEP_TIMEOUT_S:-120}" -- "$here/sweep.py" --label "$mode" --json "$js" \
+    run_part "$label" 2 "$mode" "${SWEEP_TIMEOUT_S:-120}" -- "$here/sweep.py" --label "$mode" --json "$js" \
       --ops "${SWEEP_OPS:-all_reduce,sendrecv}" "${sweep_args[@]}"
-    rc=$?
-    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
-    net_check "$label" 2 "$mode"
-    lrc=$?
     [[ -f "$js" ]] && sweep_jsons+=("$js")
-    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
   done
   [[ -n "$gdr_note" ]] && notes+=(--note "shim-cuda=$gdr_note")
   "$PY" "$here/report.py" merge --out "$out/sweeps.json" "${notes[@]}" "${sweep_jsons[@]}"
@@ -423,21 +436,11 @@ if has_part multi && ((GPUS > 1)); then
   echo "multi: $GPUS GPUs, NCCL_TCPXSHIM_TCP_ADDRS=$NCCL_TCPXSHIM_TCP_ADDRS"
   for mode in shim socket; do
     label="multi-coll-$mode-g$GPUS"
-    run_ranks "$label" "$GPUS" "$mode" 150 --gpus "$GPUS" -- "$here/collectives.py" "${coll_args[@]}"
-    rc=$?
-    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
-    net_check "$label" "$GPUS" "$mode"
-    lrc=$?
-    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
+    run_part "$label" "$GPUS" "$mode" 150 --gpus "$GPUS" -- "$here/collectives.py" "${coll_args[@]}"
+    [[ $? == 3 ]] && continue
     if [[ $mode == shim ]]; then
       check "$label.devices" "$here/logcheck.py" devices --label "$label" --world "$GPUS" --gpus "$GPUS" --logdir "$logs"
-      drc=$?
-      dline="$(tail -1 "$logs/$label.devices.txt")"
-      case $drc in
-        0) record PASS "devices-g$GPUS" "$dline" ;;
-        3) record WARN "devices-g$GPUS" "$dline" ;;
-        *) record FAIL "devices-g$GPUS" "$dline" ;;
-      esac
+      record_check $? "devices-g$GPUS" "$(tail -1 "$logs/$label.devices.txt")"
     fi
   done
   multi_jsons=()
@@ -445,14 +448,9 @@ if has_part multi && ((GPUS > 1)); then
     label="multi-sweep-$mode-g$GPUS"
     js="$logs/multi-sweep-$mode.json"
     rm -f "$js"
-    run_ranks "$label" "$GPUS" "$mode" "${SWEEP_TIMEOUT_S:-120}" --gpus "$GPUS" -- "$here/sweep.py" --label "$mode" \
+    run_part "$label" "$GPUS" "$mode" "${SWEEP_TIMEOUT_S:-120}" --gpus "$GPUS" -- "$here/sweep.py" --label "$mode" \
       --json "$js" --ops "${SWEEP_OPS:-all_reduce,sendrecv}" "${sweep_args[@]}"
-    rc=$?
-    if [[ $rc == 3 ]]; then record SKIP "$label" "time budget spent"; continue; fi
-    net_check "$label" "$GPUS" "$mode"
-    lrc=$?
     [[ -f "$js" ]] && multi_jsons+=("$js")
-    record "$(status_word $((rc || lrc)))" "$label" "$(part_detail "$label" "$rc" "$lrc")"
   done
   if [[ ${#multi_jsons[@]} -gt 0 ]]; then
     "$PY" "$here/report.py" merge --out "$out/multi-sweeps.json" "${multi_jsons[@]}" &&
