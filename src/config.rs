@@ -1,7 +1,10 @@
 //! Every `NCCL_TCPXSHIM_*` setting, declared once: name, default and meaning.
 //!
-//! Values are read from the environment when the plugin initialises. README.md documents each
-//! entry of [`SETTINGS`]; a test checks that it does.
+//! The plugin reads them into a [`Config`] once, when it initialises ([`Config::from_env`]); the
+//! stack is built from that value, and tests build stacks from configs of their own
+//! ([`Config::from_vars`] with a map, or a default config with fields set). Each default is
+//! written once, in its [`Setting`]. README.md documents each entry of [`SETTINGS`]; a test
+//! checks that it does.
 
 use crate::error::{Error, Result};
 
@@ -96,9 +99,33 @@ pub const TCP_CUDA_POOL: Setting = Setting {
 pub const STALL_WARN: Setting = Setting {
     name: "NCCL_TCPXSHIM_STALL_WARN",
     default: "30",
-    doc: "Seconds a request of the built-in transport may stay outstanding while NCCL tests it before one WARN line \
-          per request says what it waits for (which peer, which message, how many bytes are in); 0: never (0 to \
-          86400).",
+    doc: "Seconds a request may stay outstanding while NCCL tests it before one WARN line per request names the comm, \
+          the peer, the operation, its size and age, and what the inner transport says it waits for (the built-in \
+          transport: bytes or chunks missing); works over every inner plugin, TCPX included. 0: never (0 to 86400).",
+};
+
+/// Address of the control service.
+pub const CTRL_ADDR: Setting = Setting {
+    name: "NCCL_TCPXSHIM_CTRL_ADDR",
+    default: "(first address of NCCL_TCPXSHIM_TCP_IFNAME's choice)",
+    doc: "Local IP address the shim's control service listens on and names in its handles (other ranks connect to \
+          it). Started only when needed: for an inner plugin whose handle leaves no room for the shim's trailer.",
+};
+
+/// How inner handles travel.
+pub const HANDLE: Setting = Setting {
+    name: "NCCL_TCPXSHIM_HANDLE",
+    default: "auto",
+    doc: "`auto`: the inner plugin's handle travels inline in NCCL's 128-byte handle when it leaves the shim 40 bytes \
+          (TCPX does), else it is served by the control service; `served`: always served (for testing that mode).",
+};
+
+/// Fault injection.
+pub const FAULTS: Setting = Setting {
+    name: "NCCL_TCPXSHIM_FAULTS",
+    default: "(unset: no faults)",
+    doc: "Deterministic fault injection for tests and chaos runs, e.g. `seed=7;connect=fail:1;break=after:100`. \
+          See docs/design.md for the grammar. Never set it in production.",
 };
 
 /// Deliberate panic, to exercise the panic guard.
@@ -122,6 +149,9 @@ pub const SETTINGS: &[Setting] = &[
     TCP_CUDA,
     TCP_CUDA_POOL,
     STALL_WARN,
+    CTRL_ADDR,
+    HANDLE,
+    FAULTS,
     DEBUG_PANIC,
 ];
 
@@ -133,23 +163,101 @@ pub fn var(name: &str) -> Option<String> {
         .map(|v| v.trim().to_string())
 }
 
+/// Where settings come from: the environment in production, a map in tests.
+pub type Vars<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn get(vars: Vars<'_>, name: &str) -> Option<String> {
+    vars(name)
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().to_string())
+}
+
 /// An integer setting within `[min, max]`, or its default when unset.
-pub fn int(setting: &Setting, min: u64, max: u64) -> Result<u64> {
-    let text = var(setting.name);
+pub fn int(vars: Vars<'_>, setting: &Setting, min: u64, max: u64) -> Result<u64> {
+    let text = get(vars, setting.name);
     let raw = text.as_deref().unwrap_or(setting.default);
     let value: u64 = raw.parse().map_err(|_| {
-        Error::InvalidArgument(format!(
+        Error::invalid_argument(format!(
             "{}={raw:?} is not a number (expected {min} to {max})",
             setting.name
         ))
     })?;
     if value < min || value > max {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{}={value} is out of range (expected {min} to {max})",
             setting.name
         )));
     }
     Ok(value)
+}
+
+/// Everything the stack is built from.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// NCCL_TCPXSHIM_PLUGIN: `builtin`, a path or a name; `None`: TCPX if installed, else built-in.
+    pub plugin: Option<String>,
+    /// NCCL_TCPXSHIM_NAME: the name reported to NCCL; `None`: the inner transport's.
+    pub name: Option<String>,
+    /// NCCL_TCPXSHIM_STALL_WARN: outstanding time after which a tested request is reported once.
+    pub stall_warn: Option<std::time::Duration>,
+    /// NCCL_TCPXSHIM_HANDLE.
+    pub handle_mode: crate::stack::handle::HandleMode,
+    /// NCCL_TCPXSHIM_CTRL_ADDR.
+    pub ctrl_addr: Option<std::net::IpAddr>,
+    /// NCCL_TCPXSHIM_FAULTS, as given.
+    pub faults: Option<String>,
+    /// NCCL_TCPXSHIM_DEBUG_PANIC: the call that panics on purpose.
+    pub debug_panic: Option<String>,
+    /// The built-in transport's settings.
+    pub tcp: TcpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_vars(&|_| None).unwrap_or_else(|e| unreachable!("the built-in defaults parse: {e}"))
+    }
+}
+
+impl Config {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// Reads the settings from `vars` (unset names give the defaults).
+    pub fn from_vars(vars: Vars<'_>) -> Result<Config> {
+        use crate::stack::handle::HandleMode;
+        let handle_mode = match get(vars, HANDLE.name).as_deref().unwrap_or(HANDLE.default) {
+            "auto" => HandleMode::Auto,
+            "served" => HandleMode::Served,
+            v => {
+                return Err(Error::invalid_argument(format!(
+                    "{}={v:?} is not `auto` or `served`",
+                    HANDLE.name
+                )))
+            }
+        };
+        let ctrl_addr = match get(vars, CTRL_ADDR.name) {
+            None => None,
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| Error::invalid_argument(format!("{}={v:?} is not an IP address", CTRL_ADDR.name)))?,
+            ),
+        };
+        Ok(Config {
+            plugin: get(vars, PLUGIN.name),
+            name: get(vars, NAME.name),
+            stall_warn: match int(vars, &STALL_WARN, 0, 86400)? {
+                0 => None,
+                s => Some(std::time::Duration::from_secs(s)),
+            },
+            handle_mode,
+            ctrl_addr,
+            faults: get(vars, FAULTS.name),
+            debug_panic: get(vars, DEBUG_PANIC.name),
+            tcp: TcpConfig::from_vars(vars)?,
+        })
+    }
 }
 
 /// Settings of the built-in TCP transport.
@@ -171,42 +279,79 @@ pub struct TcpConfig {
     pub cuda: bool,
     /// Bytes of pinned staging memory allocated at start when `cuda` is on.
     pub cuda_pool: usize,
-    /// Outstanding time after which a tested request is reported once; `None`: never.
-    pub stall_warn: Option<std::time::Duration>,
 }
 
 impl Default for TcpConfig {
     fn default() -> Self {
-        TcpConfig {
-            ifname: None,
-            addrs: None,
-            streams: 4,
-            workers: 4,
-            min_chunk: 65536,
-            inline_max: 16384,
-            cuda: false,
-            cuda_pool: 256 << 20,
-            stall_warn: Some(std::time::Duration::from_secs(30)),
-        }
+        TcpConfig::from_vars(&|_| None).unwrap_or_else(|e| unreachable!("the built-in defaults parse: {e}"))
     }
 }
 
 impl TcpConfig {
     /// Reads the settings from the environment.
     pub fn from_env() -> Result<TcpConfig> {
+        TcpConfig::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// Reads the settings from `vars`.
+    pub fn from_vars(vars: Vars<'_>) -> Result<TcpConfig> {
         Ok(TcpConfig {
-            ifname: var(TCP_IFNAME.name).or_else(|| var("NCCL_SOCKET_IFNAME")),
-            addrs: var(TCP_ADDRS.name),
-            streams: int(&TCP_STREAMS, 1, 64)? as usize,
-            workers: int(&TCP_WORKERS, 1, 64)? as usize,
-            min_chunk: int(&TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
-            inline_max: int(&TCP_INLINE, 0, 1 << 20)? as usize,
-            cuda: int(&TCP_CUDA, 0, 1)? == 1,
-            cuda_pool: (int(&TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
-            stall_warn: match int(&STALL_WARN, 0, 86400)? {
-                0 => None,
-                s => Some(std::time::Duration::from_secs(s)),
-            },
+            ifname: get(vars, TCP_IFNAME.name).or_else(|| get(vars, "NCCL_SOCKET_IFNAME")),
+            addrs: get(vars, TCP_ADDRS.name),
+            streams: int(vars, &TCP_STREAMS, 1, 64)? as usize,
+            workers: int(vars, &TCP_WORKERS, 1, 64)? as usize,
+            min_chunk: int(vars, &TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
+            inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,
+            cuda: int(vars, &TCP_CUDA, 0, 1)? == 1,
+            cuda_pool: (int(vars, &TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_vars(&|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_come_from_the_setting_table() {
+        let c = Config::default();
+        assert_eq!(c.tcp.streams.to_string(), TCP_STREAMS.default);
+        assert_eq!(c.tcp.workers.to_string(), TCP_WORKERS.default);
+        assert_eq!(c.tcp.inline_max.to_string(), TCP_INLINE.default);
+        assert_eq!(
+            c.stall_warn.map(|d| d.as_secs().to_string()).as_deref(),
+            Some(STALL_WARN.default)
+        );
+        assert!(c.plugin.is_none() && c.faults.is_none() && c.ctrl_addr.is_none());
+    }
+
+    #[test]
+    fn values_are_read_and_checked() {
+        let c = from(&[
+            ("NCCL_TCPXSHIM_PLUGIN", " builtin "),
+            ("NCCL_TCPXSHIM_TCP_STREAMS", "8"),
+            ("NCCL_TCPXSHIM_STALL_WARN", "0"),
+            ("NCCL_TCPXSHIM_HANDLE", "served"),
+            ("NCCL_TCPXSHIM_CTRL_ADDR", "127.0.0.1"),
+            ("NCCL_SOCKET_IFNAME", "lo"),
+        ])
+        .unwrap();
+        assert_eq!(c.plugin.as_deref(), Some("builtin"));
+        assert_eq!(c.tcp.streams, 8);
+        assert_eq!(c.tcp.ifname.as_deref(), Some("lo"));
+        assert!(c.stall_warn.is_none());
+        assert_eq!(c.handle_mode, crate::stack::handle::HandleMode::Served);
+        let bad = from(&[("NCCL_TCPXSHIM_TCP_STREAMS", "65")]).unwrap_err().to_string();
+        assert!(bad.contains("NCCL_TCPXSHIM_TCP_STREAMS=65 is out of range"), "{bad}");
+        let bad = from(&[("NCCL_TCPXSHIM_HANDLE", "big")]).unwrap_err().to_string();
+        assert!(bad.contains("NCCL_TCPXSHIM_HANDLE"), "{bad}");
+        let bad = from(&[("NCCL_TCPXSHIM_CTRL_ADDR", "nowhere")]).unwrap_err().to_string();
+        assert!(bad.contains("not an IP address"), "{bad}");
     }
 }

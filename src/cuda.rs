@@ -43,13 +43,13 @@ impl Cuda {
     fn load() -> Result<Cuda> {
         // SAFETY: loading the CUDA driver runs its initialisers, which is what using CUDA means.
         let lib = unsafe { Library::open(Some("libcuda.so.1"), RTLD_NOW | RTLD_LOCAL) }
-            .map_err(|e| Error::System(format!("the CUDA driver (libcuda.so.1) cannot be loaded: {e}")))?;
+            .map_err(|e| Error::system(format!("the CUDA driver (libcuda.so.1) cannot be loaded: {e}")))?;
         macro_rules! sym {
             ($name:literal) => {
                 // SAFETY: the symbol is the CUDA driver function of that name; the type written at
                 // the use site is its documented C prototype.
                 *unsafe { lib.get($name) }.map_err(|e| {
-                    Error::System(format!(
+                    Error::system(format!(
                         "libcuda.so.1 lacks {}: {e}",
                         String::from_utf8_lossy($name)
                     ))
@@ -76,7 +76,7 @@ impl Cuda {
         // SAFETY: as above.
         cuda.check("cuDeviceGetCount", unsafe { device_get_count(&mut n) })?;
         if n <= 0 {
-            return Err(Error::System("the CUDA driver sees no GPU".into()));
+            return Err(Error::system("the CUDA driver sees no GPU"));
         }
         Ok(Cuda { devices: n, ..cuda })
     }
@@ -94,7 +94,7 @@ impl Cuda {
             // SAFETY: a NUL-terminated static string owned by the driver.
             unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
         };
-        Err(Error::System(format!("{call} failed: CUDA error {r} ({text})")))
+        Err(Error::system(format!("{call} failed: CUDA error {r} ({text})")))
     }
 
     /// A pinned host buffer of `size` bytes.
@@ -117,8 +117,8 @@ impl Cuda {
         // SAFETY: cuCtxGetCurrent writes the current context (or NULL) into `ctx`.
         self.check("cuCtxGetCurrent", unsafe { (self.ctx_get_current)(&mut ctx) })?;
         if ctx.is_null() {
-            return Err(Error::System(
-                "no CUDA context is current in the calling thread (NCCL's proxy thread normally has one)".into(),
+            return Err(Error::system(
+                "no CUDA context is current in the calling thread (NCCL's proxy thread normally has one)",
             ));
         }
         let mut s = std::ptr::null_mut();
@@ -205,7 +205,7 @@ pub fn driver() -> Result<&'static Cuda> {
     static CUDA: OnceLock<std::result::Result<Cuda, String>> = OnceLock::new();
     CUDA.get_or_init(|| Cuda::load().map_err(|e| e.to_string()))
         .as_ref()
-        .map_err(|e| Error::System(e.clone()))
+        .map_err(|e| Error::system(e.clone()))
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 //! its own built-in kernel-TCP transport, adding visibility and robustness.
 
 pub mod config;
+pub mod control;
 pub mod cuda;
 pub mod error;
 pub mod ffi;
-pub mod handle;
 pub mod p2p;
 pub mod tcp;
 pub mod transport;
@@ -14,6 +14,6 @@ pub mod export;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
-pub mod shim;
+pub mod stack;
 
 pub use error::{Error, Result};

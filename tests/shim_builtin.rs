@@ -252,14 +252,15 @@ fn stalled_requests_are_reported_once_with_what_they_wait_for() {
     let warns = warns_while_one_side_waits((1 << 20) - 3, false);
     let stalls: Vec<_> = warns
         .iter()
-        .filter(|l| l.contains("receive of up to 1048573 bytes") && l.contains("outstanding for"))
+        .filter(|l| l.contains("irecv of 1048573 bytes") && l.contains("outstanding for"))
         .collect();
     assert_eq!(stalls.len(), 1, "one line per stalled request: {warns:?}");
     assert_warned(
         &warns,
-        "test: receive of up to 1048573 bytes from 127.0.0.1:",
-        "no message from the sender yet",
+        "test: irecv of 1048573 bytes (tag 0) on recv comm",
+        "peer 127.0.0.1:",
     );
+    assert_warned(&warns, "test: irecv of 1048573 bytes", "the peer has not sent");
     assert_warned(&warns, "test", "NCCL_TCPXSHIM_STALL_WARN");
 }
 
@@ -269,9 +270,10 @@ fn a_send_nobody_receives_is_reported_as_stalled() {
     let warns = warns_while_one_side_waits(64 << 20, true);
     assert_warned(
         &warns,
-        "test: send #0 of 67108864 bytes to 127.0.0.1:",
-        "still with the I/O workers",
+        "test: isend of 67108864 bytes (tag 0) on send comm",
+        "peer 127.0.0.1:",
     );
+    assert_warned(&warns, "test: isend of 67108864 bytes", "the peer is not receiving");
 }
 
 #[test]

@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use std::ffi::c_void;
-use tcpxshim::ffi::ncclResult_t::*;
 
 /// A fresh shim instance over a fresh fixture instance (both private copies), with knobs set
 /// before the shim initialises it.
@@ -226,16 +225,19 @@ fn the_shim_does_not_hide_a_callers_broken_rule() {
 }
 
 #[test]
-fn an_inner_handle_longer_than_its_share_is_refused() {
+fn an_inner_handle_longer_than_its_share_is_served_and_carries_verified_traffic() {
     let (net, ctl) = shim_over(Fixture::V7, &[("handle_bytes", 100)]);
-    let res = net.listen(0);
-    assert_eq!(res.err(), Some(ncclInternalError));
+    let (send, recv) = net.connect_pair(0);
+    outstanding(&net, send, recv, 4, 4096);
     let log = net.captured_log();
     assert!(
-        log.iter().any(|l| l.starts_with("WARN") && l.contains("past byte 88")),
+        log.iter()
+            .any(|l| l.starts_with("INFO") && l.contains("writes past byte 88") && l.contains("control service")),
         "{log:?}"
     );
-    assert_eq!(ctl.live_objects(), 0, "the inner listen comm was closed again");
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::V7, &ctl);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use tcpxshim::config;
 use tcpxshim::ffi::{NCCL_PTR_CUDA, NCCL_PTR_DMABUF, NCCL_PTR_HOST};
 use tcpxshim::p2p::bench::{self, fmt_size, parse_size, Event, Plan, Report};
 use tcpxshim::p2p::{self, Endpoint};
-use tcpxshim::shim::LoadInfo as StackInfo;
+use tcpxshim::stack::LoadInfo as StackInfo;
 use tcpxshim::transport::{DeviceType, Transport};
 use tcpxshim::{Error, Result};
 
@@ -192,7 +192,7 @@ fn init_logging(verbose: u8, level: Option<log::LevelFilter>) {
 /// The stack this command drives: the same one NCCL drives, built from the NCCL_TCPXSHIM_*
 /// environment once.
 fn load_stack() -> Result<(&'static dyn Transport, StackInfo)> {
-    let shim = tcpxshim::shim::global()?;
+    let shim = tcpxshim::stack::global()?;
     Ok((shim, shim.info().clone()))
 }
 
@@ -211,7 +211,7 @@ fn setting_hint() -> String {
 fn stack() -> Result<(&'static dyn Transport, StackInfo)> {
     let (net, info) = load_stack().map_err(|e| e.context(format!("cannot load the transport ({})", setting_hint())))?;
     if info.devices <= 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "transport {} ({}) has no devices ({})",
             info.name,
             info.source,
@@ -527,7 +527,7 @@ fn cmd_demo(dev: i32, timeout: Duration, sweep: &SweepArgs) -> Result<()> {
         let client = client_side(net, &addr, dev, timeout, &plan);
         let srv = srv
             .join()
-            .unwrap_or_else(|_| Err(Error::Internal("the serve thread panicked".into())));
+            .unwrap_or_else(|_| Err(Error::internal("the serve thread panicked")));
         (client, srv)
     });
     // The client's error names the cause; the server's adds only where the client succeeded.

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::ffi::*;
-use crate::shim::{self, Shim};
+use crate::stack::{self, Shim};
 use crate::transport::{Opaque, Properties, Transport};
 use std::any::Any;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -104,32 +104,34 @@ fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) 
                  NCCL_DEBUG=INFO log",
                 panic_message(&*p)
             );
-            shim::poison(comm);
+            if let Some(s) = stack::try_global() {
+                s.poison(comm);
+            }
             ncclResult_t::ncclInternalError
         }
     }
 }
 
 fn the_shim(call: &str) -> Result<&'static Shim> {
-    shim::try_global().ok_or_else(|| Error::InvalidUsage(format!("{call} called before init")))
+    stack::try_global().ok_or_else(|| Error::invalid_usage(format!("{call} called before init")))
 }
 
 fn non_null<T>(call: &str, what: &str, p: *mut T) -> Result<*mut T> {
     if p.is_null() {
-        Err(Error::InvalidArgument(format!("{call}: {what} is NULL")))
+        Err(Error::invalid_argument(format!("{call}: {what} is NULL")))
     } else {
         Ok(p)
     }
 }
 
 fn opaque(call: &str, what: &str, p: *mut c_void) -> Result<Opaque> {
-    Opaque::from_ptr(p).ok_or_else(|| Error::InvalidArgument(format!("{call}: {what} is NULL")))
+    Opaque::from_ptr(p).ok_or_else(|| Error::invalid_argument(format!("{call}: {what} is NULL")))
 }
 
-fn handle_mut<'a>(call: &str, p: *mut c_void) -> Result<&'a mut [u8]> {
+fn handle_mut<'a>(call: &str, p: *mut c_void) -> Result<&'a mut [u8; HANDLE_SIZE]> {
     let p = non_null(call, "handle", p)?;
     // SAFETY: NCCL's handles are NCCL_NET_HANDLE_MAXSIZE-byte buffers it owns for the call.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, HANDLE_SIZE) })
+    Ok(unsafe { &mut *(p as *mut [u8; HANDLE_SIZE]) })
 }
 
 /// Property strings must outlive the call: NCCL keeps the pointers. Each distinct string is
@@ -165,8 +167,8 @@ extern "C" fn init(logger: ncclDebugLogger_t) -> NcclResult {
     crate::logging::install(logger);
     install_panic_hook();
     guard("init", null_mut(), || {
-        shim::set_own_table(addr_of!(ncclNetPlugin_v7) as *const c_void);
-        let s = shim::global()?;
+        stack::set_own_table(addr_of!(ncclNetPlugin_v7) as *const c_void);
+        let s = stack::global()?;
         let name = intern(s.name());
         let dmabuf = s.has_dmabuf();
         // SAFETY: NCCL calls init once, before it reads the table's name or copies the function
@@ -224,7 +226,9 @@ extern "C" fn connect(
         // SAFETY: non-NULL out-pointer owned by NCCL; NULL means "not connected yet".
         unsafe { *out = null_mut() };
         let h = handle_mut("connect", handle)?;
-        let comm = the_shim("connect")?.connect(dev, h, send_dev_comm)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let comm = unsafe { the_shim("connect")?.connect(dev, h, send_dev_comm) }?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(comm) };
         Ok(())
@@ -241,7 +245,9 @@ extern "C" fn accept(
         // SAFETY: non-NULL out-pointer owned by NCCL; NULL means "nothing accepted yet".
         unsafe { *out = null_mut() };
         let l = opaque("accept", "listenComm", listen_comm)?;
-        let comm = the_shim("accept")?.accept(l, recv_dev_comm)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let comm = unsafe { the_shim("accept")?.accept(l, recv_dev_comm) }?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(comm) };
         Ok(())
@@ -251,7 +257,7 @@ extern "C" fn accept(
 fn check_ptr_type(call: &str, ptr_type: c_int) -> Result<()> {
     let known = (NCCL_PTR_HOST | NCCL_PTR_CUDA | NCCL_PTR_DMABUF) as c_int;
     if ptr_type == 0 || ptr_type & !known != 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{call}: memory type {ptr_type:#x} is not NCCL_PTR_HOST (1), NCCL_PTR_CUDA (2) or NCCL_PTR_DMABUF (4)"
         )));
     }
@@ -269,13 +275,15 @@ extern "C" fn reg_mr(
         let out = non_null("regMr", "mhandle", mhandle)?;
         let c = opaque("regMr", "comm", comm)?;
         if size < 0 {
-            return Err(Error::InvalidArgument(format!("regMr: negative size {size}")));
+            return Err(Error::invalid_argument(format!("regMr: negative size {size}")));
         }
         if data.is_null() && size > 0 {
-            return Err(Error::InvalidArgument(format!("regMr: data is NULL for {size} bytes")));
+            return Err(Error::invalid_argument(format!("regMr: data is NULL for {size} bytes")));
         }
         check_ptr_type("regMr", ptr_type)?;
-        let mr = the_shim("regMr")?.reg_mr(c, data, size as usize, ptr_type)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let mr = unsafe { the_shim("regMr")?.reg_mr(c, data, size as usize, ptr_type) }?;
         // SAFETY: non-NULL out-pointer owned by NCCL.
         unsafe { *out = mr.as_ptr() };
         Ok(())
@@ -295,7 +303,9 @@ extern "C" fn reg_mr_dmabuf(
         let out = non_null("regMrDmaBuf", "mhandle", mhandle)?;
         let c = opaque("regMrDmaBuf", "comm", comm)?;
         check_ptr_type("regMrDmaBuf", ptr_type)?;
-        let mr = the_shim("regMrDmaBuf")?.reg_mr_dmabuf(c, data, size, ptr_type, offset, fd)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let mr = unsafe { the_shim("regMrDmaBuf")?.reg_mr_dmabuf(c, data, size, ptr_type, offset, fd) }?;
         // SAFETY: non-NULL out-pointer owned by NCCL.
         unsafe { *out = mr.as_ptr() };
         Ok(())
@@ -306,7 +316,9 @@ extern "C" fn dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> NcclResult {
     guard("deregMr", comm, || {
         let c = opaque("deregMr", "comm", comm)?;
         let m = opaque("deregMr", "mhandle", mhandle)?;
-        the_shim("deregMr")?.dereg_mr(c, m)
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        unsafe { the_shim("deregMr")?.dereg_mr(c, m) }
     })
 }
 
@@ -324,12 +336,14 @@ extern "C" fn isend(
         unsafe { *out = null_mut() };
         let c = opaque("isend", "sendComm", comm)?;
         if size < 0 {
-            return Err(Error::InvalidArgument(format!("isend: negative size {size}")));
+            return Err(Error::invalid_argument(format!("isend: negative size {size}")));
         }
         if data.is_null() && size > 0 {
-            return Err(Error::InvalidArgument(format!("isend: data is NULL for {size} bytes")));
+            return Err(Error::invalid_argument(format!("isend: data is NULL for {size} bytes")));
         }
-        let r = the_shim("isend")?.isend(c, data, size, tag, Opaque::from_ptr(mhandle))?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let r = unsafe { the_shim("isend")?.isend(c, data, size, tag, Opaque::from_ptr(mhandle)) }?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(r) };
         Ok(())
@@ -357,7 +371,7 @@ fn recv_args<'a>(
     mhandles: *mut *mut c_void,
 ) -> Result<RecvArgs<'a>> {
     if !(1..=8).contains(&n) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{call}: n={n} is out of range (1 to 8)"
         )));
     }
@@ -387,10 +401,12 @@ fn recv_args<'a>(
     };
     for (i, (&p, &sz)) in data.iter().zip(sizes).enumerate() {
         if sz < 0 {
-            return Err(Error::InvalidArgument(format!("{call}: sizes[{i}] is negative ({sz})")));
+            return Err(Error::invalid_argument(format!(
+                "{call}: sizes[{i}] is negative ({sz})"
+            )));
         }
         if p.is_null() && sz > 0 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{call}: data[{i}] is NULL for {sz} bytes"
             )));
         }
@@ -414,7 +430,9 @@ extern "C" fn irecv(
         unsafe { *out = null_mut() };
         let c = opaque("irecv", "recvComm", comm)?;
         let a = recv_args("irecv", n, data, sizes, tags, mhandles)?;
-        let r = the_shim("irecv")?.irecv(c, a.data, a.sizes, a.tags, a.mrs)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let r = unsafe { the_shim("irecv")?.irecv(c, a.data, a.sizes, a.tags, a.mrs) }?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(r) };
         Ok(())
@@ -435,7 +453,9 @@ extern "C" fn iflush(
         unsafe { *out = null_mut() };
         let c = opaque("iflush", "recvComm", comm)?;
         let a = recv_args("iflush", n, data, sizes, null_mut(), mhandles)?;
-        let r = the_shim("iflush")?.iflush(c, a.data, a.sizes, a.mrs)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let r = unsafe { the_shim("iflush")?.iflush(c, a.data, a.sizes, a.mrs) }?;
         // SAFETY: as above.
         unsafe { *out = Opaque::opt_ptr(r) };
         Ok(())
@@ -443,19 +463,22 @@ extern "C" fn iflush(
 }
 
 extern "C" fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> NcclResult {
-    guard("test", shim::comm_of_request(request), || {
+    let comm = stack::try_global().map_or(null_mut(), |s| s.comm_of_request(request));
+    guard("test", comm, || {
         let done = non_null("test", "done", done)?;
         // SAFETY: non-NULL pointer to an int NCCL owns.
         unsafe { *done = 0 };
         let r = opaque("test", "request", request)?;
-        let n = shim::request_len(r)?;
+        let n = the_shim("test")?.request_len(r)?;
         let sizes = if sizes.is_null() {
             None
         } else {
             // SAFETY: NCCL passes room for one size per grouped receive of this request.
             Some(unsafe { std::slice::from_raw_parts_mut(sizes, n) })
         };
-        let finished = the_shim("test")?.test(r, sizes)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let finished = unsafe { the_shim("test")?.test(r, sizes) }?;
         // SAFETY: as above.
         unsafe { *done = finished as c_int };
         Ok(())
@@ -464,19 +487,25 @@ extern "C" fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) ->
 
 extern "C" fn close_send(comm: *mut c_void) -> NcclResult {
     guard("closeSend", comm, || {
-        the_shim("closeSend")?.close_send(opaque("closeSend", "sendComm", comm)?)
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        unsafe { the_shim("closeSend")?.close_send(opaque("closeSend", "sendComm", comm)?) }
     })
 }
 
 extern "C" fn close_recv(comm: *mut c_void) -> NcclResult {
     guard("closeRecv", comm, || {
-        the_shim("closeRecv")?.close_recv(opaque("closeRecv", "recvComm", comm)?)
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        unsafe { the_shim("closeRecv")?.close_recv(opaque("closeRecv", "recvComm", comm)?) }
     })
 }
 
 extern "C" fn close_listen(comm: *mut c_void) -> NcclResult {
     guard("closeListen", comm, || {
-        the_shim("closeListen")?.close_listen(opaque("closeListen", "listenComm", comm)?)
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        unsafe { the_shim("closeListen")?.close_listen(opaque("closeListen", "listenComm", comm)?) }
     })
 }
 
@@ -485,7 +514,9 @@ extern "C" fn get_device_mr(comm: *mut c_void, mhandle: *mut c_void, dptr_mhandl
         let out = non_null("getDeviceMr", "dptr_mhandle", dptr_mhandle)?;
         let c = opaque("getDeviceMr", "comm", comm)?;
         let m = opaque("getDeviceMr", "mhandle", mhandle)?;
-        let d = the_shim("getDeviceMr")?.get_device_mr(c, m)?;
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        let d = unsafe { the_shim("getDeviceMr")?.get_device_mr(c, m) }?;
         // SAFETY: non-NULL out-pointer owned by NCCL.
         unsafe { *out = Opaque::opt_ptr(d) };
         Ok(())
@@ -495,6 +526,8 @@ extern "C" fn get_device_mr(comm: *mut c_void, mhandle: *mut c_void, dptr_mhandl
 extern "C" fn irecv_consumed(comm: *mut c_void, n: c_int, request: *mut c_void) -> NcclResult {
     guard("irecvConsumed", comm, || {
         let c = opaque("irecvConsumed", "recvComm", comm)?;
-        the_shim("irecvConsumed")?.irecv_consumed(c, n, Opaque::from_ptr(request))
+        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
+        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
+        unsafe { the_shim("irecvConsumed")?.irecv_consumed(c, n, Opaque::from_ptr(request)) }
     })
 }

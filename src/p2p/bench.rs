@@ -29,22 +29,22 @@ impl Plan {
     /// Sizes `min, 4*min, 16*min, ...` up to `max`, plus `max` itself.
     pub fn new(min: usize, max: usize, iters: usize, bytes: u64, depth: usize, verify_iters: usize) -> Result<Plan> {
         if min == 0 || min > max {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "size range {min}..{max} is empty (need 1 <= min-size <= max-size)"
             )));
         }
         if max > i32::MAX as usize {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "max size {max} exceeds the v7 message limit of 2^31-1 bytes"
             )));
         }
         if !(1..=MAX_INFLIGHT).contains(&depth) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "depth {depth} is out of range (1 to {MAX_INFLIGHT})"
             )));
         }
         if iters == 0 || verify_iters == 0 {
-            return Err(Error::InvalidArgument("iterations must be at least 1".into()));
+            return Err(Error::invalid_argument("iterations must be at least 1"));
         }
         let mut sizes = Vec::new();
         let mut s = min;
@@ -103,7 +103,7 @@ impl Plan {
     }
 
     fn decode(text: &str) -> Result<Plan> {
-        let bad = || Error::Remote(format!("peer sent a malformed test plan: {text:?}"));
+        let bad = || Error::remote(format!("peer sent a malformed test plan: {text:?}"));
         let rest = text.strip_prefix("plan ").ok_or_else(bad)?;
         let (mut sizes, mut verify, mut iters, mut bytes, mut depth, mut viters) = (None, None, None, None, None, None);
         for kv in rest.split_whitespace() {
@@ -164,7 +164,7 @@ impl Row {
         )
     }
     fn decode(text: &str) -> Result<Row> {
-        let bad = || Error::Remote(format!("peer sent a malformed result: {text:?}"));
+        let bad = || Error::remote(format!("peer sent a malformed result: {text:?}"));
         let f: Vec<&str> = text.strip_prefix("row ").ok_or_else(bad)?.split_whitespace().collect();
         if f.len() < 6 {
             return Err(bad());
@@ -348,7 +348,7 @@ impl Side<'_, '_> {
     fn expect(&self, want: &[u8], what: &str) -> Result<()> {
         let got = self.recv_ctrl(what)?;
         if got != want {
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "peer at {}: expected {what}, got {:?}",
                 self.ep.peer().addr,
                 String::from_utf8_lossy(&got)
@@ -370,7 +370,7 @@ impl Side<'_, '_> {
         std::thread::sleep(Duration::from_millis(50));
         if let Some(pe) = self.ep.peer_error() {
             if pe.to_string().contains("failed:") {
-                return Err(Error::Remote(format!("{pe} (here: {e})")));
+                return Err(Error::remote(format!("{pe} (here: {e})")));
             }
         }
         self.ep.report_error(&e.to_string());
@@ -394,7 +394,7 @@ impl Side<'_, '_> {
         let peer = self.ep.peer().addr;
         let mut check = |i: usize, data: &[u8]| match check_pattern(data, pattern_seed(size, i, dir)) {
             None => Ok(()),
-            Some(m) => Err(Error::Remote(format!(
+            Some(m) => Err(Error::remote(format!(
                 "data mismatch in message {i} of {} B from {peer}: first bad byte at offset {} (expected {:#04x}, got \
                  {:#04x}), {} bad byte(s) in all",
                 size, m.offset, m.expected, m.got, m.bad_bytes
@@ -457,7 +457,7 @@ fn client_inner(side: &Side<'_, '_>, plan: &Plan, on: &mut dyn FnMut(Event<'_>))
             send.send(&bufs.send[..size], &mr_s, timeout)?;
             let (n, _) = pending.wait(timeout)?;
             if n != size {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "ping-pong at {}: the echo had {n} B",
                     fmt_size(size)
                 )));
@@ -533,7 +533,7 @@ fn server_inner(side: &Side<'_, '_>, on: &mut dyn FnMut(Event<'_>)) -> Result<Re
         for _ in 0..=plan.lat_iters(size) {
             let n = recv.recv(&mut bufs.recv[..size], &mr_r, timeout)?;
             if n != size {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "ping-pong at {}: received {n} B",
                     fmt_size(size)
                 )));

@@ -95,7 +95,7 @@ impl<'a> Comm<'a> {
     fn get(&self) -> Result<Opaque> {
         self.comm.get().ok_or_else(|| {
             let why = self.why_closed.borrow().clone().unwrap_or_else(|| "closed".into());
-            Error::InvalidUsage(format!(
+            Error::invalid_usage(format!(
                 "{}: connection was closed after an earlier failure ({why})",
                 self.label
             ))
@@ -105,8 +105,10 @@ impl<'a> Comm<'a> {
     fn close_now(&self) -> Result<()> {
         match self.comm.take() {
             Some(c) => match self.kind {
-                Kind::Send => self.net.close_send(c),
-                Kind::Recv => self.net.close_recv(c),
+                // SAFETY: `c` was this connection's open comm, taken out so it is closed once.
+                Kind::Send => unsafe { self.net.close_send(c) },
+                // SAFETY: as above.
+                Kind::Recv => unsafe { self.net.close_recv(c) },
             },
             None => Ok(()),
         }
@@ -272,19 +274,18 @@ impl<'a> Listener<'a> {
     /// One non-blocking accept attempt: `Ok(None)` means "not yet".
     pub fn try_accept(&mut self) -> Result<Option<RecvConn<'a>>> {
         let (Some(listen), Some(slot)) = (self.comm, self.slot.as_ref()) else {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "{}: this listener already accepted its connection",
                 self.what()
             )));
         };
         self.polls += 1;
-        let accepted = self
-            .net
-            .accept(listen, slot.as_arg())
-            .map_err(|e| e.context(self.what()))?;
+        // SAFETY: `listen` is this listener's open comm; the slot is a valid device-handle pointer.
+        let accepted = unsafe { self.net.accept(listen, slot.as_arg()) }.map_err(|e| e.context(self.what()))?;
         let Some(comm) = accepted else { return Ok(None) };
         let slot = self.slot.take().expect("checked above");
-        let label = match self.net.describe_comm(comm) {
+        // SAFETY: `comm` was just accepted and is open.
+        let label = match unsafe { self.net.describe_comm(comm) } {
             Some(d) => format!("receive connection on {} device {} ({d})", self.net.name(), self.dev),
             None => format!("receive connection on {} device {}", self.net.name(), self.dev),
         };
@@ -307,7 +308,7 @@ impl<'a> Listener<'a> {
                 return Ok(conn);
             }
             if start.elapsed() >= timeout {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "{}: no connection arrived within {} ({} polls); the peer must connect with this listener's {}",
                     self.what(),
                     secs(timeout),
@@ -321,7 +322,8 @@ impl<'a> Listener<'a> {
 
     fn close(&mut self) {
         if let Some(c) = self.comm.take() {
-            if let Err(e) = self.net.close_listen(c) {
+            // SAFETY: `c` was the open listen comm, taken out so it is closed once.
+            if let Err(e) = unsafe { self.net.close_listen(c) } {
                 log::warn!("close listen comm on {} device {}: {e}", self.net.name(), self.dev);
             }
         }
@@ -386,18 +388,21 @@ impl<'a> Connector<'a> {
     /// One non-blocking connect attempt: `Ok(None)` means "not yet".
     pub fn try_connect(&mut self) -> Result<Option<SendConn<'a>>> {
         if self.done {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "{}: already connected; a handle serves one connection",
                 self.what()
             )));
         }
         self.polls += 1;
-        let res = self.net.connect(self.dev, &mut self.handle[..], self.slot.as_arg());
+        // SAFETY: the handle lives in this connector and is passed, unchanged, on every call; the
+        // slot is a valid device-handle pointer.
+        let res = unsafe { self.net.connect(self.dev, &mut self.handle, self.slot.as_arg()) };
         let Some(comm) = res.map_err(|e| e.context(self.what()))? else {
             return Ok(None);
         };
         self.done = true;
-        let label = match self.net.describe_comm(comm) {
+        // SAFETY: `comm` was just connected and is open.
+        let label = match unsafe { self.net.describe_comm(comm) } {
             Some(d) => format!("send connection from {} device {} ({d})", self.net.name(), self.dev),
             None => format!(
                 "send connection from {} device {} to {}",
@@ -429,7 +434,7 @@ impl<'a> Connector<'a> {
     }
 
     pub(crate) fn timeout_error(&self, timeout: Duration) -> Error {
-        Error::Remote(format!(
+        Error::remote(format!(
             "{}: not connected within {} ({} attempts); is the peer still listening and reachable?",
             self.what(),
             secs(timeout),
@@ -477,10 +482,13 @@ pub fn reg<'c, C: Conn>(conn: &'c C, buf: &mut [u8]) -> Result<Mr<'c>> {
 
 fn reg_on<'c>(c: &'c Comm<'_>, buf: &mut [u8]) -> Result<Mr<'c>> {
     let comm = c.get()?;
-    let mr = c
-        .net
-        .reg_mr(comm, buf.as_mut_ptr().cast::<c_void>(), buf.len(), NCCL_PTR_HOST as i32)
-        .map_err(|e| e.context(format!("{}: register {} B of host memory", c.label, buf.len())))?;
+    // SAFETY: the comm is open and `buf` is host memory of that length; the transport only
+    // records the range (data moves with requests, which own their buffers).
+    let mr = unsafe {
+        c.net
+            .reg_mr(comm, buf.as_mut_ptr().cast::<c_void>(), buf.len(), NCCL_PTR_HOST as i32)
+    }
+    .map_err(|e| e.context(format!("{}: register {} B of host memory", c.label, buf.len())))?;
     // Shorten the lifetime of the transport borrow to 'c ("&'c Comm<'c>") so Mr has one lifetime.
     let c: &'c Comm<'c> = c;
     Ok(Mr {
@@ -515,14 +523,14 @@ impl Mr<'_> {
             self.c as *const Comm<'_> as *const u8,
             c as *const Comm<'_> as *const u8,
         ) {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "{}: memory registration belongs to another connection ({})",
                 c.label, self.c.label
             )));
         }
         let start = buf.as_ptr() as usize;
         if start < self.base || start + buf.len() > self.base + self.len {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "{}: buffer {start:#x}+{} is outside the registered region {:#x}+{}",
                 c.label,
                 buf.len(),
@@ -538,7 +546,8 @@ impl Drop for Mr<'_> {
     fn drop(&mut self) {
         // A comm closed after a failure took its registrations with it.
         if let Some(comm) = self.c.comm.get() {
-            if let Err(e) = self.c.net.dereg_mr(comm, self.mr) {
+            // SAFETY: the registration was made on this open comm and is released once, here.
+            if let Err(e) = unsafe { self.c.net.dereg_mr(comm, self.mr) } {
                 log::warn!("{}: deregister memory: {e}", self.c.label);
             }
         }
@@ -571,7 +580,7 @@ pub enum Posted<P, B> {
 
 fn size_i32(c: &Comm<'_>, len: usize) -> Result<i32> {
     i32::try_from(len).map_err(|_| {
-        Error::InvalidArgument(format!(
+        Error::invalid_argument(format!(
             "{}: message of {len} B is larger than the v7 limit of 2^31-1 B",
             c.label
         ))
@@ -607,7 +616,8 @@ impl<'c, B> Pending<'c, B> {
             Kind::Send => format!("{}: send #{} ({} B)", c.label, self.index, self.size),
             Kind::Recv => format!("{}: receive #{} ({} B posted)", c.label, self.index, self.size),
         };
-        let done = match self.c.net.test(req, Some(&mut sizes)) {
+        // SAFETY: `req` is outstanding on this connection's open comm.
+        let done = match unsafe { self.c.net.test(req, Some(&mut sizes)) } {
             Ok(d) => d,
             Err(e) => {
                 let msg = format!("{}: {e}", what(self.c));
@@ -626,7 +636,7 @@ impl<'c, B> Pending<'c, B> {
         if self.c.kind == Kind::Recv && n > self.size {
             let msg = format!("{}: received {n} B into a {} B buffer", what(self.c), self.size);
             self.c.abandon(&msg);
-            return Err(Error::Remote(msg));
+            return Err(Error::remote(msg));
         }
         Ok(Some(n))
     }
@@ -648,7 +658,7 @@ impl<'c, B> Pending<'c, B> {
             }
             if start.elapsed() >= timeout {
                 let kind = if self.c.kind == Kind::Send { "send" } else { "receive" };
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "{}: {kind} #{} of {} B did not complete within {}; the peer stopped {}",
                     self.c.label,
                     self.index,
@@ -690,7 +700,7 @@ fn post_retry<P, B>(
             Posted::Busy(b) => buf = b,
         }
         if start.elapsed() >= timeout {
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "{}: the transport kept answering \"try again\" for {} (connection not ready?)",
                 what(),
                 secs(timeout)
@@ -735,7 +745,9 @@ impl<'a> SendConn<'a> {
         let size = size_i32(c, buf.len())?;
         let comm = c.get()?;
         let ptr = buf.as_ptr().cast_mut().cast::<c_void>();
-        match self.c.net.isend(comm, ptr, size, TAG, Some(mrh)) {
+        // SAFETY: the comm is open, `mrh` its registration covering the buffer, which the pending
+        // send owns until the request completes or the connection is closed.
+        match unsafe { self.c.net.isend(comm, ptr, size, TAG, Some(mrh)) } {
             Ok(Some(req)) => Ok(Posted::Posted(Pending {
                 c,
                 req: Some(req),
@@ -825,7 +837,7 @@ fn slots_of(c: &Comm<'_>, len: usize, size: usize) -> Result<usize> {
         return Ok(1);
     }
     if len < size {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "{}: buffer of {len} B is smaller than the message size {size} B",
             c.label
         )));
@@ -904,7 +916,7 @@ fn stream<'c, B: SendBuf>(
             } else {
                 format!("{} in flight", inflight.len())
             };
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "{}: no progress for {} at message {} of {count} ({state}); the peer stopped {}",
                 c.label,
                 secs(timeout),
@@ -956,7 +968,8 @@ impl<'a> RecvConn<'a> {
         let size = size_i32(c, buf.len())?;
         let comm = c.get()?;
         let ptr = buf.as_mut_ptr().cast::<c_void>();
-        match self.c.net.irecv(comm, &[ptr], &[size], &[TAG], &[Some(mrh)]) {
+        // SAFETY: as in try_isend; the pending receive owns the buffer meanwhile.
+        match unsafe { self.c.net.irecv(comm, &[ptr], &[size], &[TAG], &[Some(mrh)]) } {
             Ok(Some(req)) => Ok(Posted::Posted(Pending {
                 c,
                 req: Some(req),
@@ -1015,7 +1028,7 @@ impl<'a> RecvConn<'a> {
             |b| self.try_irecv(b, mr),
             |i, n, b| {
                 if n != size {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::remote(format!(
                         "{label}: message {i} has {n} B, expected {size} B"
                     )));
                 }

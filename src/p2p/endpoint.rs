@@ -167,7 +167,7 @@ impl Ctrl {
             }
         };
         match res {
-            Ok(0) => Err(Error::Remote(format!(
+            Ok(0) => Err(Error::connection_lost(format!(
                 "peer at {} closed the control connection while we waited for {what} (it failed or exited: see its output)",
                 self.peer
             ))),
@@ -186,7 +186,7 @@ impl Ctrl {
     fn read_hello(&mut self, deadline: Instant, timeout: Duration) -> Result<(PeerInfo, Handle)> {
         let peer = self.peer;
         let not_ours = |b: &[u8]| {
-            Error::Remote(format!(
+            Error::remote(format!(
                 "peer at {peer} is not a tcpxshim endpoint (it sent {}, expected a tcpxshim hello)",
                 preview(b)
             ))
@@ -200,7 +200,7 @@ impl Ctrl {
                 let version = u16::from_le_bytes([self.rbuf[8], self.rbuf[9]]);
                 let len = u16::from_le_bytes([self.rbuf[10], self.rbuf[11]]) as usize;
                 if version != PROTOCOL_VERSION || len != HELLO_LEN {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::remote(format!(
                         "peer at {peer} speaks tcpxshim bootstrap protocol version {version} ({len}-byte hello); this \
                          build speaks version {PROTOCOL_VERSION} ({HELLO_LEN}-byte hello): run the same tcpxshim \
                          version on both sides"
@@ -211,7 +211,7 @@ impl Ctrl {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "peer at {peer} sent no tcpxshim hello within {} (got {} of {HELLO_LEN} bytes); is it a tcpxshim \
                      endpoint?",
                     secs(timeout),
@@ -221,17 +221,17 @@ impl Ctrl {
             match self.read_some(Some(deadline), "its hello") {
                 Ok(_) => {}
                 Err(e) if self.rbuf.is_empty() => {
-                    let how = match e {
-                        Error::Remote(_) => String::new(), // plain end of stream
-                        e => format!(" ({e})"),
+                    let how = match e.kind() {
+                        crate::error::ErrorKind::ConnectionLost => String::new(), // plain end of stream
+                        _ => format!(" ({e})"),
                     };
-                    return Err(Error::Remote(format!(
+                    return Err(Error::connection_lost(format!(
                         "peer at {peer} closed the connection without a word{how}: not a tcpxshim endpoint, or it \
                          refused this connection (see its output)"
                     )));
                 }
                 Err(e) if self.rbuf.len() < MAGIC.len() => {
-                    return Err(Error::Remote(format!("{} (then: {e})", not_ours(&self.rbuf))))
+                    return Err(Error::remote(format!("{} (then: {e})", not_ours(&self.rbuf))))
                 }
                 Err(e) => return Err(e),
             }
@@ -263,7 +263,7 @@ impl Ctrl {
         }
         let len = u32::from_le_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
         if len > MAX_FRAME {
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "peer at {}: control message of {len} B is too large",
                 self.peer
             )));
@@ -276,12 +276,12 @@ impl Ctrl {
         match kind {
             FRAME_DATA => Ok(Some(Frame::Data(payload))),
             FRAME_READY => Ok(Some(Frame::Ready)),
-            FRAME_ERROR => Err(Error::Remote(format!(
+            FRAME_ERROR => Err(Error::remote(format!(
                 "peer at {} failed: {}",
                 self.peer,
                 String::from_utf8_lossy(&payload)
             ))),
-            k => Err(Error::Remote(format!(
+            k => Err(Error::remote(format!(
                 "peer at {}: unknown control message type {k}",
                 self.peer
             ))),
@@ -296,7 +296,7 @@ impl Ctrl {
                 return Ok(f);
             }
             if Instant::now() >= deadline {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "peer at {}: no {what} within {} on the control connection",
                     self.peer,
                     secs(timeout)
@@ -353,7 +353,7 @@ impl<'a> Endpoint<'a> {
     /// Sends a control message (at most 1 MiB).
     pub fn send_ctrl(&self, msg: &[u8]) -> Result<()> {
         if msg.len() > MAX_FRAME {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "control message of {} B is too large",
                 msg.len()
             )));
@@ -366,7 +366,7 @@ impl<'a> Endpoint<'a> {
     pub fn recv_ctrl(&self, timeout: Duration, what: &str) -> Result<Vec<u8>> {
         match self.ctrl.borrow_mut().next_frame(timeout, what)? {
             Frame::Data(d) => Ok(d),
-            Frame::Ready => Err(Error::Remote(format!(
+            Frame::Ready => Err(Error::remote(format!(
                 "peer at {}: unexpected control message while waiting for {what}",
                 self.peer.addr
             ))),
@@ -437,7 +437,7 @@ impl Server {
                 Err(e) => return Err(Error::io(format!("accept on {}", self.addr), e)),
             }
             if start.elapsed() >= wait {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "serve on {}: no peer connected within {}; run `tcpxshim connect HOST:{}` on the other node",
                     self.addr,
                     secs(wait),
@@ -469,13 +469,13 @@ pub fn connect_to<'a>(net: &'a dyn Transport, dev: i32, addr: &str, timeout: Dur
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| {
-            Error::InvalidArgument(format!(
+            Error::invalid_argument(format!(
                 "connect to {addr}: cannot resolve the address ({e}); expected HOST:PORT"
             ))
         })?
         .collect();
     if addrs.is_empty() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "connect to {addr}: the name resolves to no address"
         )));
     }
@@ -516,7 +516,7 @@ pub fn connect_to<'a>(net: &'a dyn Transport, dev: i32, addr: &str, timeout: Dur
                 Some(e) => e.to_string(),
                 None => "no attempt finished".to_string(),
             };
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "connect to {addr}: no tcpxshim server reachable within {} ({attempts} attempts; last error: {why}); is \
                  `tcpxshim serve` running on that host and port?",
                 secs(timeout)
@@ -537,13 +537,13 @@ fn check_device(net: &dyn Transport, dev: i32) -> Result<i32> {
         .devices()
         .map_err(|e| e.context(format!("{}: devices", net.name())))?;
     if ndev <= 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "transport {} has no devices",
             net.name()
         )));
     }
     if dev < 0 || dev >= ndev {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "device {dev} does not exist: transport {} has {ndev} device(s) (0 to {})",
             net.name(),
             ndev - 1
@@ -597,7 +597,7 @@ fn establish_inner<'a>(
     let (info, handle) = ctrl.read_hello(deadline, timeout)?;
     log::info!("peer {info} (it has {} device(s))", info.ndev);
     if !info.transport.eq_ignore_ascii_case(net.name()) {
-        return Err(Error::InvalidUsage(format!(
+        return Err(Error::invalid_usage(format!(
             "peer {info} uses transport {:?}, this side uses {:?}: both sides must load the same transport",
             info.transport,
             net.name()
@@ -623,7 +623,7 @@ fn establish_inner<'a>(
             match ctrl.poll_frame("the transport connections")? {
                 Some(Frame::Ready) => peer_ready = true,
                 Some(Frame::Data(_)) => {
-                    return Err(Error::Remote(format!(
+                    return Err(Error::remote(format!(
                         "peer {info}: unexpected control message during connection setup"
                     )))
                 }
@@ -634,7 +634,7 @@ fn establish_inner<'a>(
             return Err(if send.is_none() {
                 connector.timeout_error(timeout)
             } else {
-                Error::Remote(format!(
+                Error::remote(format!(
                     "accept on {} device {dev}: peer {info} did not connect within {}",
                     net.name(),
                     secs(timeout)
@@ -660,7 +660,7 @@ fn establish_inner<'a>(
         match ctrl.next_frame(left, "the peer's ready")? {
             Frame::Ready => {}
             Frame::Data(_) => {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "peer {info}: expected ready, got a data message"
                 )))
             }

@@ -5,7 +5,7 @@
 //! FIFO order and at most 16 requests may be outstanding per comm (quirk 6).
 
 use crate::error::{Error, Result};
-use crate::ffi::{ncclNetDeviceType, DevHandle};
+use crate::ffi::{ncclNetDeviceType, DevHandle, HANDLE_SIZE};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
@@ -69,9 +69,6 @@ impl Transport for MockNet {
     fn name(&self) -> &str {
         "mock"
     }
-    fn handle_size(&self) -> usize {
-        88
-    }
     fn devices(&self) -> Result<i32> {
         Ok(2)
     }
@@ -90,9 +87,9 @@ impl Transport for MockNet {
             device_version: 7,
         })
     }
-    fn listen(&self, dev: i32, handle: &mut [u8]) -> Result<Opaque> {
+    fn listen(&self, dev: i32, handle: &mut [u8; HANDLE_SIZE]) -> Result<Opaque> {
         if !(0..2).contains(&dev) {
-            return Err(Error::InvalidArgument(format!("mock: no device {dev}")));
+            return Err(Error::invalid_argument(format!("mock: no device {dev}")));
         }
         let mut st = self.st();
         let l = Self::new_id(&mut st);
@@ -101,9 +98,14 @@ impl Transport for MockNet {
         handle[8..16].copy_from_slice(b"MOCKNET\0");
         Ok(op(l))
     }
-    fn connect(&self, _dev: i32, handle: &mut [u8], _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+    unsafe fn connect(
+        &self,
+        _dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        _dev_handle: *mut *mut DevHandle,
+    ) -> Result<Option<Opaque>> {
         if &handle[8..16] != b"MOCKNET\0" {
-            return Err(Error::InvalidArgument("mock connect: not a mock handle".into()));
+            return Err(Error::invalid_argument("mock connect: not a mock handle"));
         }
         let l = u64::from_le_bytes(handle[..8].try_into().expect("8 bytes")) as usize;
         let token = u64::from_le_bytes(handle[TOKEN_AT..TOKEN_AT + 8].try_into().expect("8 bytes"));
@@ -118,13 +120,13 @@ impl Transport for MockNet {
         match st.connecting.remove(&token) {
             Some(l2) if l2 == l => {}
             _ => {
-                return Err(Error::Internal(
-                    "mock connect: handle buffer changed between calls (quirk 1)".into(),
+                return Err(Error::internal(
+                    "mock connect: handle buffer changed between calls (quirk 1)",
                 ))
             }
         }
         let Some(q) = st.listens.get(&l) else {
-            return Err(Error::Remote("mock connect: nobody listens for this handle".into()));
+            return Err(Error::remote("mock connect: nobody listens for this handle"));
         };
         let _ = q;
         let pipe = Self::new_id(&mut st);
@@ -134,22 +136,22 @@ impl Transport for MockNet {
         st.sends.insert(s, (pipe, 0));
         Ok(Some(op(s)))
     }
-    fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+    unsafe fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
         if dev_handle.is_null() {
-            return Err(Error::InvalidArgument(
-                "mock accept: NULL device handle slot (quirk 3)".into(),
+            return Err(Error::invalid_argument(
+                "mock accept: NULL device handle slot (quirk 3)",
             ));
         }
         // SAFETY: the caller passes a valid pointer to a device-handle pointer (that is what is tested).
         let dh = unsafe { *dev_handle };
         if dh.is_null() {
-            return Err(Error::InvalidArgument(
-                "mock accept: device handle pointer is NULL (quirk 3)".into(),
+            return Err(Error::invalid_argument(
+                "mock accept: device handle pointer is NULL (quirk 3)",
             ));
         }
         let mut st = self.st();
         let Some(q) = st.listens.get_mut(&id(listen)) else {
-            return Err(Error::InvalidArgument("mock accept: unknown listen comm".into()));
+            return Err(Error::invalid_argument("mock accept: unknown listen comm"));
         };
         let Some(pipe) = q.pop_front() else { return Ok(None) };
         // SAFETY: `dh` points at caller-owned storage for one DevHandle, as accept requires.
@@ -163,23 +165,23 @@ impl Transport for MockNet {
         st.recvs.insert(r, (pipe, VecDeque::new(), 0));
         Ok(Some(op(r)))
     }
-    fn reg_mr(&self, _comm: Opaque, _data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
+    unsafe fn reg_mr(&self, _comm: Opaque, _data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
         if ptr_type != 1 {
-            return Err(Error::InvalidArgument("mock: host memory only".into()));
+            return Err(Error::invalid_argument("mock: host memory only"));
         }
         let mut st = self.st();
         let m = Self::new_id(&mut st);
         st.mrs.insert(m, size);
         Ok(op(m))
     }
-    fn dereg_mr(&self, _comm: Opaque, mr: Opaque) -> Result<()> {
+    unsafe fn dereg_mr(&self, _comm: Opaque, mr: Opaque) -> Result<()> {
         self.st()
             .mrs
             .remove(&id(mr))
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument("mock: unknown mr".into()))
+            .ok_or_else(|| Error::invalid_argument("mock: unknown mr"))
     }
-    fn isend(
+    unsafe fn isend(
         &self,
         comm: Opaque,
         data: *mut c_void,
@@ -189,7 +191,7 @@ impl Transport for MockNet {
     ) -> Result<Option<Opaque>> {
         let mut st = self.st();
         let Some((pipe, calls)) = st.sends.get_mut(&id(comm)) else {
-            return Err(Error::InvalidArgument("mock isend: unknown comm".into()));
+            return Err(Error::invalid_argument("mock isend: unknown comm"));
         };
         *calls += 1;
         let (pipe, first) = (*pipe, *calls == 1);
@@ -208,7 +210,7 @@ impl Transport for MockNet {
         st.reqs.insert(r, (0, 0, 0, size as usize));
         Ok(Some(op(r)))
     }
-    fn irecv(
+    unsafe fn irecv(
         &self,
         comm: Opaque,
         data: &[*mut c_void],
@@ -217,12 +219,12 @@ impl Transport for MockNet {
         _mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>> {
         if data.len() != 1 {
-            return Err(Error::InvalidArgument("mock irecv: n must be 1".into()));
+            return Err(Error::invalid_argument("mock irecv: n must be 1"));
         }
         let mut st = self.st();
         let c = id(comm);
         let Some((_, posted, calls)) = st.recvs.get_mut(&c) else {
-            return Err(Error::InvalidArgument("mock irecv: unknown comm".into()));
+            return Err(Error::invalid_argument("mock irecv: unknown comm"));
         };
         *calls += 1;
         if *calls == 1 || posted.len() >= MAX_REQS {
@@ -234,14 +236,14 @@ impl Transport for MockNet {
         st.reqs.insert(r, (c, data[0] as usize, sizes[0] as usize, 0));
         Ok(Some(op(r)))
     }
-    fn iflush(&self, _: Opaque, _: &[*mut c_void], _: &[i32], _: &[Option<Opaque>]) -> Result<Option<Opaque>> {
+    unsafe fn iflush(&self, _: Opaque, _: &[*mut c_void], _: &[i32], _: &[Option<Opaque>]) -> Result<Option<Opaque>> {
         Ok(None)
     }
-    fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
+    unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
         let mut st = self.st();
         let r = id(req);
         let Some(&(c, dst, cap, sent)) = st.reqs.get(&r) else {
-            return Err(Error::InvalidArgument("mock test: invalid request".into()));
+            return Err(Error::invalid_argument("mock test: invalid request"));
         };
         if c == 0 {
             st.reqs.remove(&r);
@@ -252,8 +254,8 @@ impl Transport for MockNet {
         }
         let (pipe, posted, _) = st.recvs.get(&c).expect("request of a live comm");
         if posted.front() != Some(&r) {
-            return Err(Error::InvalidUsage(
-                "mock test: requests must be tested in FIFO order (quirk 6)".into(),
+            return Err(Error::invalid_usage(
+                "mock test: requests must be tested in FIFO order (quirk 6)",
             ));
         }
         let pipe = *pipe;
@@ -261,7 +263,7 @@ impl Transport for MockNet {
             return Ok(false);
         };
         if msg.len() > cap {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "mock: message of {} B into {cap} B",
                 msg.len()
             )));
@@ -278,29 +280,29 @@ impl Transport for MockNet {
         }
         Ok(true)
     }
-    fn close_send(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_send(&self, comm: Opaque) -> Result<()> {
         self.st()
             .sends
             .remove(&id(comm))
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument("mock: bad send comm".into()))
+            .ok_or_else(|| Error::invalid_argument("mock: bad send comm"))
     }
-    fn close_recv(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_recv(&self, comm: Opaque) -> Result<()> {
         let mut st = self.st();
         let (_, posted, _) = st
             .recvs
             .remove(&id(comm))
-            .ok_or_else(|| Error::InvalidArgument("mock: bad recv comm".into()))?;
+            .ok_or_else(|| Error::invalid_argument("mock: bad recv comm"))?;
         for r in posted {
             st.reqs.remove(&r);
         }
         Ok(())
     }
-    fn close_listen(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_listen(&self, comm: Opaque) -> Result<()> {
         self.st()
             .listens
             .remove(&id(comm))
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument("mock: bad listen".into()))
+            .ok_or_else(|| Error::invalid_argument("mock: bad listen"))
     }
 }

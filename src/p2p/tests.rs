@@ -81,7 +81,7 @@ fn streams(net: &dyn Transport) {
                 seen.push(i);
                 match check_pattern(d, pattern_seed(70_000, i, 0)) {
                     None => Ok(()),
-                    Some(m) => Err(Error::Remote(format!("message {i}: {m:?}"))),
+                    Some(m) => Err(Error::remote(format!("message {i}: {m:?}"))),
                 }
             })
             .unwrap();
@@ -378,90 +378,14 @@ fn bad_device_is_rejected_before_any_network_activity() {
 
 #[test]
 fn transport_mismatch_is_reported_on_both_sides() {
+    // A layer that changes only the name: everything else is forwarded by Layer's defaults.
     struct Renamed(MockNet);
-    impl Transport for Renamed {
+    impl crate::stack::Layer for Renamed {
+        fn inner(&self) -> &dyn Transport {
+            &self.0
+        }
         fn name(&self) -> &str {
             "other"
-        }
-        fn handle_size(&self) -> usize {
-            self.0.handle_size()
-        }
-        fn devices(&self) -> crate::Result<i32> {
-            self.0.devices()
-        }
-        fn properties(&self, dev: i32) -> crate::Result<crate::transport::Properties> {
-            self.0.properties(dev)
-        }
-        fn listen(&self, dev: i32, handle: &mut [u8]) -> crate::Result<crate::transport::Opaque> {
-            self.0.listen(dev, handle)
-        }
-        fn connect(
-            &self,
-            dev: i32,
-            handle: &mut [u8],
-            dh: *mut *mut crate::ffi::DevHandle,
-        ) -> crate::Result<Option<crate::transport::Opaque>> {
-            self.0.connect(dev, handle, dh)
-        }
-        fn accept(
-            &self,
-            l: crate::transport::Opaque,
-            dh: *mut *mut crate::ffi::DevHandle,
-        ) -> crate::Result<Option<crate::transport::Opaque>> {
-            self.0.accept(l, dh)
-        }
-        fn reg_mr(
-            &self,
-            c: crate::transport::Opaque,
-            d: *mut std::ffi::c_void,
-            s: usize,
-            t: i32,
-        ) -> crate::Result<crate::transport::Opaque> {
-            self.0.reg_mr(c, d, s, t)
-        }
-        fn dereg_mr(&self, c: crate::transport::Opaque, m: crate::transport::Opaque) -> crate::Result<()> {
-            self.0.dereg_mr(c, m)
-        }
-        fn isend(
-            &self,
-            c: crate::transport::Opaque,
-            d: *mut std::ffi::c_void,
-            s: i32,
-            t: i32,
-            m: Option<crate::transport::Opaque>,
-        ) -> crate::Result<Option<crate::transport::Opaque>> {
-            self.0.isend(c, d, s, t, m)
-        }
-        fn irecv(
-            &self,
-            c: crate::transport::Opaque,
-            d: &[*mut std::ffi::c_void],
-            s: &[i32],
-            t: &[i32],
-            m: &[Option<crate::transport::Opaque>],
-        ) -> crate::Result<Option<crate::transport::Opaque>> {
-            self.0.irecv(c, d, s, t, m)
-        }
-        fn iflush(
-            &self,
-            c: crate::transport::Opaque,
-            d: &[*mut std::ffi::c_void],
-            s: &[i32],
-            m: &[Option<crate::transport::Opaque>],
-        ) -> crate::Result<Option<crate::transport::Opaque>> {
-            self.0.iflush(c, d, s, m)
-        }
-        fn test(&self, r: crate::transport::Opaque, s: Option<&mut [i32]>) -> crate::Result<bool> {
-            self.0.test(r, s)
-        }
-        fn close_send(&self, c: crate::transport::Opaque) -> crate::Result<()> {
-            self.0.close_send(c)
-        }
-        fn close_recv(&self, c: crate::transport::Opaque) -> crate::Result<()> {
-            self.0.close_recv(c)
-        }
-        fn close_listen(&self, c: crate::transport::Opaque) -> crate::Result<()> {
-            self.0.close_listen(c)
         }
     }
     let server = Server::bind(loopback()).unwrap();

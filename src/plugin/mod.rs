@@ -7,7 +7,7 @@
 
 use crate::error::{check, Error, Result};
 use crate::ffi::*;
-use crate::handle::INNER_HANDLE_SIZE;
+
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use std::ffi::{c_void, CStr};
@@ -49,7 +49,7 @@ macro_rules! call {
             // SAFETY: the function comes from the plugin's exported table; the arguments follow
             // the ABI of that table version and are valid for the call.
             Some(f) => check($name, unsafe { f($($arg),*) }),
-            None => Err(Error::Internal(format!("inner plugin has no {} function", $name))),
+            None => Err(Error::internal(format!("inner plugin has no {} function", $name))),
         }
     }};
 }
@@ -115,7 +115,7 @@ impl PluginTransport {
                 Err(e) => errors.push(format!("{cand}: {e}")),
             }
         }
-        Err(Error::System(format!(
+        Err(Error::system(format!(
             "NCCL_TCPXSHIM_PLUGIN={value}: cannot load the plugin ({}); give a full path, a library on \
              LD_LIBRARY_PATH, or `builtin`",
             errors.join("; ")
@@ -133,7 +133,7 @@ impl PluginTransport {
             } else if let Ok(s) = lib.get::<*const ncclNet_v5_t>(b"ncclNetPlugin_v5\0") {
                 Table::V5(&**s)
             } else {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "NCCL_TCPXSHIM_PLUGIN={value}: the library exports none of ncclNetPlugin_v7, _v6, _v5"
                 )));
             }
@@ -177,7 +177,7 @@ impl PluginTransport {
 }
 
 fn self_load_error(value: &str, path: &Path) -> Error {
-    Error::InvalidArgument(format!(
+    Error::invalid_argument(format!(
         "NCCL_TCPXSHIM_PLUGIN={value} is tcpxshim itself ({}); name the real plugin underneath, e.g. \
          /usr/local/tcpx/lib64/libnccl-net.so, or `builtin`",
         path.display()
@@ -195,7 +195,7 @@ fn c_string(p: *const std::ffi::c_char) -> Option<String> {
 
 fn int_size(call: &str, size: usize) -> Result<i32> {
     i32::try_from(size).map_err(|_| {
-        Error::InvalidArgument(format!(
+        Error::invalid_argument(format!(
             "{call}: size {size} does not fit the plugin ABI (at most 2^31-1 bytes)"
         ))
     })
@@ -204,10 +204,6 @@ fn int_size(call: &str, size: usize) -> Result<i32> {
 impl Transport for PluginTransport {
     fn name(&self) -> &str {
         &self.name
-    }
-
-    fn handle_size(&self) -> usize {
-        INNER_HANDLE_SIZE
     }
 
     fn devices(&self) -> Result<i32> {
@@ -260,14 +256,19 @@ impl Transport for PluginTransport {
         })
     }
 
-    fn listen(&self, dev: i32, handle: &mut [u8]) -> Result<Opaque> {
+    fn listen(&self, dev: i32, handle: &mut [u8; HANDLE_SIZE]) -> Result<Opaque> {
         let mut comm = null_mut();
         let h = handle.as_mut_ptr() as *mut c_void;
         each!(self.table, t => call!(t, listen, "listen", dev, h, &mut comm))?;
-        Opaque::from_ptr(comm).ok_or_else(|| Error::Internal("inner plugin listen returned a NULL listen comm".into()))
+        Opaque::from_ptr(comm).ok_or_else(|| Error::internal("inner plugin listen returned a NULL listen comm"))
     }
 
-    fn connect(&self, dev: i32, handle: &mut [u8], dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+    unsafe fn connect(
+        &self,
+        dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        dev_handle: *mut *mut DevHandle,
+    ) -> Result<Option<Opaque>> {
         let mut comm = null_mut();
         let h = handle.as_mut_ptr() as *mut c_void;
         match self.table {
@@ -278,7 +279,7 @@ impl Transport for PluginTransport {
         Ok(Opaque::from_ptr(comm))
     }
 
-    fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+    unsafe fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
         let mut comm = null_mut();
         let l = listen.as_ptr();
         match self.table {
@@ -289,14 +290,14 @@ impl Transport for PluginTransport {
         Ok(Opaque::from_ptr(comm))
     }
 
-    fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
+    unsafe fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
         let size = int_size("regMr", size)?;
         let mut mh = null_mut();
         each!(self.table, t => call!(t, regMr, "regMr", comm.as_ptr(), data, size, ptr_type, &mut mh))?;
-        Opaque::from_ptr(mh).ok_or_else(|| Error::Internal("inner plugin regMr returned a NULL handle".into()))
+        Opaque::from_ptr(mh).ok_or_else(|| Error::internal("inner plugin regMr returned a NULL handle"))
     }
 
-    fn reg_mr_dmabuf(
+    unsafe fn reg_mr_dmabuf(
         &self,
         comm: Opaque,
         data: *mut c_void,
@@ -332,13 +333,9 @@ impl Transport for PluginTransport {
                 fd,
                 &mut mh
             )?,
-            Table::V5(_) => {
-                return Err(Error::InvalidUsage(
-                    "regMrDmaBuf: the inner plugin is v5 (no DMA-BUF)".into(),
-                ))
-            }
+            Table::V5(_) => return Err(Error::invalid_usage("regMrDmaBuf: the inner plugin is v5 (no DMA-BUF)")),
         }
-        Opaque::from_ptr(mh).ok_or_else(|| Error::Internal("inner plugin regMrDmaBuf returned a NULL handle".into()))
+        Opaque::from_ptr(mh).ok_or_else(|| Error::internal("inner plugin regMrDmaBuf returned a NULL handle"))
     }
 
     fn has_dmabuf(&self) -> bool {
@@ -349,11 +346,11 @@ impl Transport for PluginTransport {
         }
     }
 
-    fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()> {
+    unsafe fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()> {
         each!(self.table, t => call!(t, deregMr, "deregMr", comm.as_ptr(), mr.as_ptr()))
     }
 
-    fn isend(
+    unsafe fn isend(
         &self,
         comm: Opaque,
         data: *mut c_void,
@@ -367,7 +364,7 @@ impl Transport for PluginTransport {
         Ok(Opaque::from_ptr(req))
     }
 
-    fn irecv(
+    unsafe fn irecv(
         &self,
         comm: Opaque,
         data: &[*mut c_void],
@@ -386,7 +383,7 @@ impl Transport for PluginTransport {
         Ok(Opaque::from_ptr(req))
     }
 
-    fn iflush(
+    unsafe fn iflush(
         &self,
         comm: Opaque,
         data: &[*mut c_void],
@@ -402,26 +399,26 @@ impl Transport for PluginTransport {
         Ok(Opaque::from_ptr(req))
     }
 
-    fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
+    unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
         let mut done = 0;
         let s = sizes.map_or(null_mut(), |s| s.as_mut_ptr());
         each!(self.table, t => call!(t, test, "test", req.as_ptr(), &mut done, s))?;
         Ok(done != 0)
     }
 
-    fn close_send(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_send(&self, comm: Opaque) -> Result<()> {
         each!(self.table, t => call!(t, closeSend, "closeSend", comm.as_ptr()))
     }
 
-    fn close_recv(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_recv(&self, comm: Opaque) -> Result<()> {
         each!(self.table, t => call!(t, closeRecv, "closeRecv", comm.as_ptr()))
     }
 
-    fn close_listen(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_listen(&self, comm: Opaque) -> Result<()> {
         each!(self.table, t => call!(t, closeListen, "closeListen", comm.as_ptr()))
     }
 
-    fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
+    unsafe fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
         match self.table {
             Table::V7(t) if t.getDeviceMr.is_some() => {
                 let mut d = null_mut();
@@ -432,7 +429,7 @@ impl Transport for PluginTransport {
         }
     }
 
-    fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
+    unsafe fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
         match self.table {
             Table::V7(t) if t.irecvConsumed.is_some() => {
                 call!(

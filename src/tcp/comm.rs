@@ -47,17 +47,6 @@ pub struct Shared {
     failure: Mutex<Option<Error>>,
 }
 
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::InvalidUsage(m) => Error::InvalidUsage(m.clone()),
-        Error::System(m) => Error::System(m.clone()),
-        Error::Remote(m) => Error::Remote(m.clone()),
-        Error::Internal(m) => Error::Internal(m.clone()),
-        Error::Inner { .. } => e.clone(),
-    }
-}
-
 impl Shared {
     /// A fresh shared part for a connection to `peer`.
     pub fn new(peer: SocketAddr) -> Shared {
@@ -96,7 +85,7 @@ impl Shared {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        f.as_ref().map(clone_error)
+        f.clone()
     }
 
     fn is_failed(&self) -> bool {
@@ -405,7 +394,7 @@ impl Comm {
             // written through it so they stay valid for as long as the comm is.
             unsafe { std::ptr::addr_of_mut!((*raw).slots[i].comm).write(raw) };
         }
-        Opaque::from_ptr(raw.cast()).ok_or_else(|| Error::Internal(format!("{call}: comm allocation returned NULL")))
+        Opaque::from_ptr(raw.cast()).ok_or_else(|| Error::internal(format!("{call}: comm allocation returned NULL")))
     }
 
     /// The comm behind `o`, checking that it is one of ours of the expected kind.
@@ -418,7 +407,7 @@ impl Comm {
         let t = unsafe { *(o.as_ptr() as *const u64) };
         if t != tag {
             let want = if tag == TAG_SEND { "send" } else { "receive" };
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{call}: {:p} is not a {want} comm of the built-in TCP transport",
                 o.as_ptr()
             )));
@@ -450,11 +439,11 @@ impl Comm {
     fn lock(&self, call: &str) -> Result<MutexGuard<'_, Side>> {
         match self.state.try_lock() {
             Ok(g) => Ok(g),
-            Err(TryLockError::WouldBlock) => Err(Error::InvalidUsage(format!(
+            Err(TryLockError::WouldBlock) => Err(Error::invalid_usage(format!(
                 "{call}: comm to {} is in use by another thread (NCCL drives each comm from one thread at a time)",
                 self.shared.peer
             ))),
-            Err(TryLockError::Poisoned(_)) => Err(Error::Internal(format!(
+            Err(TryLockError::Poisoned(_)) => Err(Error::internal(format!(
                 "{call}: comm to {} is poisoned by an earlier panic",
                 self.shared.peer
             ))),
@@ -470,11 +459,11 @@ impl Comm {
 
     fn slot_opaque(&self, i: usize) -> Result<Opaque> {
         Opaque::from_ptr(&self.slots[i] as *const Slot as *mut std::ffi::c_void)
-            .ok_or_else(|| Error::Internal("request slot address is NULL".into()))
+            .ok_or_else(|| Error::internal("request slot address is NULL"))
     }
 
     fn too_many(&self, call: &str) -> Error {
-        Error::InvalidUsage(format!(
+        Error::invalid_usage(format!(
             "{call}: {MAX_REQUESTS} requests already outstanding on the connection to {} \
              (NCCL_NET_MAX_REQUESTS is {MAX_REQUESTS}; test() completed requests before posting more)",
             self.shared.peer
@@ -485,16 +474,16 @@ impl Comm {
     pub fn isend(&self, data: *const u8, size: i32) -> Result<Opaque> {
         let peer = self.shared.peer;
         let size = usize::try_from(size)
-            .map_err(|_| Error::InvalidArgument(format!("isend: negative size {size} (connection to {peer})")))?;
+            .map_err(|_| Error::invalid_argument(format!("isend: negative size {size} (connection to {peer})")))?;
         if size > 0 && data.is_null() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "isend: NULL buffer for {size} bytes (connection to {peer})"
             )));
         }
         self.check_failed("isend")?;
         let mut g = self.lock("isend")?;
         let Side::Send(s) = &mut *g else {
-            return Err(Error::Internal("isend: comm state is not a send side".into()));
+            return Err(Error::internal("isend: comm state is not a send side"));
         };
         let i = s.slots.take().ok_or_else(|| self.too_many("isend"))?;
         let seq = s.next_seq;
@@ -538,7 +527,7 @@ impl Comm {
                 };
                 if let Err(e) = self.pool.post(d.worker, d.token, task) {
                     let e = e.context(format!("isend: connection to {peer}"));
-                    self.shared.fail(clone_error(&e));
+                    self.shared.fail(Clone::clone(&e));
                     s.slots.release(i);
                     return Err(e);
                 }
@@ -602,11 +591,7 @@ impl Comm {
                         "isend: connection to {} failed while sending message {seq} on the control socket: {e}",
                         self.shared.peer
                     );
-                    self.shared.fail(if sys::is_peer_gone(&e) {
-                        Error::Remote(msg)
-                    } else {
-                        Error::System(msg)
-                    });
+                    self.shared.fail(Error::with_io(msg, e));
                     return;
                 }
             }
@@ -617,16 +602,16 @@ impl Comm {
     pub fn irecv(&self, data: *mut u8, cap: i32) -> Result<Opaque> {
         let peer = self.shared.peer;
         let cap = usize::try_from(cap)
-            .map_err(|_| Error::InvalidArgument(format!("irecv: negative size {cap} (connection to {peer})")))?;
+            .map_err(|_| Error::invalid_argument(format!("irecv: negative size {cap} (connection to {peer})")))?;
         if cap > 0 && data.is_null() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "irecv: NULL buffer for {cap} bytes (connection to {peer})"
             )));
         }
         self.check_failed("irecv")?;
         let mut g = self.lock("irecv")?;
         let Side::Recv(r) = &mut *g else {
-            return Err(Error::Internal("irecv: comm state is not a receive side".into()));
+            return Err(Error::internal("irecv: comm state is not a receive side"));
         };
         let i = r.slots.take().ok_or_else(|| self.too_many("irecv"))?;
         r.reqs[i] = RecvReq {
@@ -657,7 +642,7 @@ impl Comm {
         loop {
             match (&r.ctrl).read(&mut r.stage[r.hi..]) {
                 Ok(0) => {
-                    self.shared.fail(Error::Remote(format!(
+                    self.shared.fail(Error::connection_lost(format!(
                         "irecv: connection to {} closed while receiving message {seq}",
                         self.shared.peer
                     )));
@@ -689,11 +674,7 @@ impl Comm {
             "irecv: connection to {} failed while receiving message {seq}: {e}",
             self.shared.peer
         );
-        self.shared.fail(if sys::is_peer_gone(&e) {
-            Error::Remote(msg)
-        } else {
-            Error::System(msg)
-        });
+        self.shared.fail(Error::with_io(msg, e));
     }
 
     /// Reads headers and inline payloads for posted receives, in order, and hands striped
@@ -728,7 +709,7 @@ impl Comm {
                     // only this comm writes while the request is outstanding.
                     match unsafe { sys::recv_raw(r.ctrl.as_raw_fd(), req.ptr.add(done), left) } {
                         Ok(0) => {
-                            self.shared.fail(Error::Remote(format!(
+                            self.shared.fail(Error::connection_lost(format!(
                                 "irecv: connection to {peer} closed while receiving message {seq}"
                             )));
                             return;
@@ -764,7 +745,7 @@ impl Comm {
                 continue;
             }
             let Some(h) = Header::decode(&r.stage[r.lo..r.hi]) else {
-                self.shared.fail(Error::Remote(format!(
+                self.shared.fail(Error::remote(format!(
                     "irecv: malformed message header {} from {peer} (stream out of sync: does the peer run \
                      the same tcpxshim version?)",
                     r.next_seq
@@ -827,13 +808,13 @@ impl Comm {
     fn check_header(&self, h: &Header, want_seq: u64, cap: usize) -> Result<()> {
         let peer = self.shared.peer;
         if h.seq != want_seq {
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "irecv: header from {peer} is for message {} but message {want_seq} was expected (stream out of sync)",
                 h.seq
             )));
         }
         if h.size > i32::MAX as u64 {
-            return Err(Error::Remote(format!(
+            return Err(Error::remote(format!(
                 "irecv: header of message {want_seq} from {peer} announces {} bytes, more than the 2^31-1 NCCL allows",
                 h.size
             )));
@@ -841,7 +822,7 @@ impl Comm {
         let size = h.size as usize;
         if h.flags & FLAG_INLINE != 0 {
             if size > self.inline_max {
-                return Err(Error::InvalidUsage(format!(
+                return Err(Error::invalid_usage(format!(
                     "irecv: message {want_seq} from {peer} is sent inline with {size} bytes but this rank inlines at \
                      most {} (NCCL_TCPXSHIM_TCP_INLINE must match on every rank)",
                     self.inline_max
@@ -850,7 +831,7 @@ impl Comm {
         } else {
             let chunk = h.chunk as usize;
             if chunk == 0 || size == 0 || size.div_ceil(chunk) > self.streams {
-                return Err(Error::Remote(format!(
+                return Err(Error::remote(format!(
                     "irecv: message {want_seq} from {peer} has {size} bytes in chunks of {chunk}, which does not fit \
                      {} data streams (NCCL_TCPXSHIM_TCP_STREAMS must match on every rank)",
                     self.streams
@@ -858,7 +839,7 @@ impl Comm {
             }
         }
         if size > cap {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "irecv: message {want_seq} from {peer} is {size} bytes but the posted receive buffer is only {cap} \
                  bytes (a send larger than its matching receive)"
             )));
@@ -969,7 +950,7 @@ impl Comm {
     }
 
     fn not_outstanding(&self) -> Error {
-        Error::InvalidArgument(format!(
+        Error::invalid_argument(format!(
             "test: request on the connection to {} is not outstanding (tested again after completion?)",
             self.shared.peer
         ))
@@ -1004,7 +985,7 @@ pub unsafe fn test_request(req: Opaque, sizes: Option<&mut [i32]>) -> Result<boo
     // SAFETY: requests are #[repr(C)] Slots with the tag first (caller's contract).
     let tag = unsafe { *(req.as_ptr() as *const u64) };
     if tag != TAG_REQ {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "test: {:p} is not a request of the built-in TCP transport",
             req.as_ptr()
         )));

@@ -127,13 +127,13 @@ impl PendingConnect {
         let mut it = self.socks.into_iter().map(|p| p.sock);
         let ctrl = it
             .next()
-            .ok_or_else(|| Error::Internal("connect: pending connection without a control socket".into()))?;
+            .ok_or_else(|| Error::internal("connect: pending connection without a control socket"))?;
         Ok((ctrl, it.collect()))
     }
 }
 
 fn connect_error(peer: &SocketAddr, e: std::io::Error) -> Error {
-    Error::System(format!(
+    Error::system(format!(
         "connect: connection to {peer} failed: {e} (is the peer rank alive and listening, and is the address \
          reachable from this host's interface? see NCCL_TCPXSHIM_TCP_IFNAME)"
     ))
@@ -212,7 +212,7 @@ impl ListenComm {
             .local_addr()
             .ok()
             .and_then(|a| a.as_socket())
-            .ok_or_else(|| Error::System(format!("listen: cannot read back the address bound on {ip}")))?;
+            .ok_or_else(|| Error::system(format!("listen: cannot read back the address bound on {ip}")))?;
         Ok(ListenComm {
             tag: TAG_LISTEN,
             addr,
@@ -245,7 +245,7 @@ impl ListenComm {
     /// Accepts pending sockets, reads hellos and returns a connection once one is complete.
     pub fn poll_accept(&self) -> Result<Option<Accepted>> {
         let mut g = self.inner.try_lock().map_err(|_| {
-            Error::InvalidUsage(format!(
+            Error::invalid_usage(format!(
                 "accept: listen comm on {} is busy in another thread",
                 self.addr
             ))
@@ -316,9 +316,7 @@ impl ListenComm {
             return Ok(None);
         };
         let (Some(ctrl), data) = (grp.ctrl, grp.data.into_iter().flatten().collect::<Vec<_>>()) else {
-            return Err(Error::Internal(
-                "accept: complete connection without a control socket".into(),
-            ));
+            return Err(Error::internal("accept: complete connection without a control socket"));
         };
         Ok(Some(Accepted {
             peer: grp.peer,
@@ -378,14 +376,14 @@ impl ListenComm {
             return Ok(());
         }
         if hello.streams != self.params.streams {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "accept: peer {} connects with {} data streams but this rank uses {}; \
                  NCCL_TCPXSHIM_TCP_STREAMS must match on every rank",
                 h.peer, hello.streams, self.params.streams
             )));
         }
         if hello.inline_max != self.params.inline_max {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "accept: peer {} inlines messages up to {} bytes but this rank up to {}; \
                  NCCL_TCPXSHIM_TCP_INLINE must match on every rank",
                 h.peer, hello.inline_max, self.params.inline_max

@@ -207,7 +207,7 @@ impl Gpu {
         }
         let mut v = Vec::new();
         v.try_reserve_exact(size)
-            .map_err(|_| Error::System(format!("regMr: no host memory for a {size}-byte staging buffer")))?;
+            .map_err(|_| Error::system(format!("regMr: no host memory for a {size}-byte staging buffer")))?;
         v.resize(size, 0u8);
         Ok(Shadow::Pageable(v.into_boxed_slice()))
     }
@@ -294,7 +294,7 @@ pub(super) fn offset_in(call: &str, base: usize, len: usize, data: *const c_void
     let d = data as usize;
     match d.checked_sub(base) {
         Some(off) if off.checked_add(size).is_some_and(|end| end <= len) => Ok(off),
-        _ => Err(Error::InvalidArgument(format!(
+        _ => Err(Error::invalid_argument(format!(
             "{call}: buffer [{d:#x}, +{size}) lies outside its memory registration [{base:#x}, +{len})"
         ))),
     }

@@ -183,7 +183,7 @@ pub fn select(spec: Option<&str>, seen: &[IfInfo]) -> Result<Vec<Device>> {
         let asked = spec.map_or("unset (default: all but lo and docker*, else lo)".to_string(), |s| {
             format!("{s:?}")
         });
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid_argument(format!(
             "built-in TCP transport: no usable network interface (up, with an IPv4 or non-link-local IPv6 address) \
              matches NCCL_TCPXSHIM_TCP_IFNAME / NCCL_SOCKET_IFNAME = {asked}; interfaces seen: {}",
             if list.is_empty() {
@@ -202,7 +202,7 @@ pub fn select(spec: Option<&str>, seen: &[IfInfo]) -> Result<Vec<Device>> {
 /// tells NCCL's topology search where the device sits, for example next to one GPU.
 pub fn from_addrs(spec: &str, seen: &[IfInfo]) -> Result<Vec<Device>> {
     let bad = |entry: &str, why: String| {
-        Error::InvalidArgument(format!(
+        Error::invalid_argument(format!(
             "NCCL_TCPXSHIM_TCP_ADDRS: entry {entry:?} {why} (expected ADDR[=PCI_PATH],..., e.g. \
              127.0.0.1,127.0.0.2=/sys/bus/pci/devices/0000:00:04.0)"
         ))

@@ -34,7 +34,7 @@ mod worker;
 
 use crate::config::TcpConfig;
 use crate::error::{Error, Result};
-use crate::ffi::{DevHandle, NCCL_PTR_CUDA, NCCL_PTR_HOST};
+use crate::ffi::{DevHandle, HANDLE_SIZE, NCCL_PTR_CUDA, NCCL_PTR_HOST};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use comm::{Comm, CommParams, TAG_RECV, TAG_SEND};
 use conn::{ListenComm, ListenParams, PendingConnect, ABANDON_AFTER, TAG_LISTEN};
@@ -70,7 +70,7 @@ impl Mr {
         let Some(o) = mr else { return Ok(None) };
         // SAFETY: NCCL passes mhandles this transport returned from regMr and has not deregistered.
         if unsafe { TcpTransport::tag(o) } != TAG_MR {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{call}: {:p} is not a memory handle of the built-in TCP transport",
                 o.as_ptr()
             )));
@@ -115,6 +115,23 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
+/// The address the built-in transport would use first with interface selection `ifname`
+/// (NCCL_SOCKET_IFNAME syntax; `None`: the default choice), for services that must be reachable
+/// where the data goes.
+pub fn default_address(ifname: Option<&str>) -> Result<IpAddr> {
+    let seen = iface::list_interfaces()?;
+    let first = |spec: Option<&str>| iface::select(spec, &seen).ok().and_then(|d| d.first().map(|d| d.addr));
+    // A machine with nothing but loopback talks to itself.
+    first(ifname)
+        .or_else(|| ifname.is_none().then(|| first(Some("lo"))).flatten())
+        .ok_or_else(|| {
+            Error::system(format!(
+                "no usable network interface matches {}",
+                ifname.unwrap_or("the default choice")
+            ))
+        })
+}
+
 impl TcpTransport {
     /// Discovers devices and starts the I/O workers.
     pub fn new(cfg: &TcpConfig) -> Result<TcpTransport> {
@@ -131,7 +148,7 @@ impl TcpTransport {
             if ok {
                 Ok(())
             } else {
-                Err(Error::InvalidArgument(format!(
+                Err(Error::invalid_argument(format!(
                     "built-in TCP transport: {setting}={value} is out of range (expected {range})"
                 )))
             }
@@ -221,7 +238,7 @@ impl TcpTransport {
             .ok()
             .and_then(|d| self.devices.get(d))
             .ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                Error::invalid_argument(format!(
                     "{call}: device {dev} does not exist (the built-in TCP transport has {} device(s): {})",
                     self.devices.len(),
                     self.devices
@@ -238,7 +255,7 @@ impl TcpTransport {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
             min_chunk: self.cfg.min_chunk,
-            stall_warn: self.cfg.stall_warn,
+            stall_warn: None,
         }
     }
 
@@ -277,7 +294,7 @@ impl TcpTransport {
     fn listen_comm<'a>(o: Opaque, call: &str) -> Result<&'a ListenComm> {
         // SAFETY: NCCL passes back the listen comm this transport returned and has not closed it.
         if unsafe { TcpTransport::tag(o) } != TAG_LISTEN {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{call}: {:p} is not a listen comm of the built-in TCP transport",
                 o.as_ptr()
             )));
@@ -312,10 +329,6 @@ impl Transport for TcpTransport {
         "tcpxshim"
     }
 
-    fn handle_size(&self) -> usize {
-        HANDLE_LEN
-    }
-
     fn devices(&self) -> Result<i32> {
         Ok(self.devices.len() as i32)
     }
@@ -341,10 +354,10 @@ impl Transport for TcpTransport {
         })
     }
 
-    fn listen(&self, dev: i32, handle: &mut [u8]) -> Result<Opaque> {
+    fn listen(&self, dev: i32, handle: &mut [u8; HANDLE_SIZE]) -> Result<Opaque> {
         let d = self.device(dev, "listen")?;
         if handle.len() < HANDLE_LEN {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "listen: handle buffer is {} bytes, the built-in TCP transport needs {HANDLE_LEN}",
                 handle.len()
             )));
@@ -369,19 +382,24 @@ impl Transport for TcpTransport {
         Ok(Opaque::from_box(Box::new(lc)))
     }
 
-    fn connect(&self, dev: i32, handle: &mut [u8], _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+    unsafe fn connect(
+        &self,
+        dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        _dev_handle: *mut *mut DevHandle,
+    ) -> Result<Option<Opaque>> {
         self.drop_abandoned_connects("connect");
         self.device(dev, "connect")?;
         let lh = ListenHandle::read(handle)?;
         if lh.streams as usize != self.cfg.streams {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "connect: peer {} expects {} data streams but this rank uses {}; NCCL_TCPXSHIM_TCP_STREAMS must \
                  match on every rank",
                 lh.addr, lh.streams, self.cfg.streams
             )));
         }
         if lh.inline_max as usize != self.cfg.inline_max {
-            return Err(Error::InvalidUsage(format!(
+            return Err(Error::invalid_usage(format!(
                 "connect: peer {} inlines messages up to {} bytes but this rank up to {}; NCCL_TCPXSHIM_TCP_INLINE \
                  must match on every rank",
                 lh.addr, lh.inline_max, self.cfg.inline_max
@@ -395,7 +413,7 @@ impl Transport for TcpTransport {
             p
         } else {
             self.pending().remove(&id).ok_or_else(|| {
-                Error::InvalidArgument(format!(
+                Error::invalid_argument(format!(
                     "connect: the handle's connect state ({id:#x}) names no connection to {} in progress in this \
                      process (corrupted handle, one reused after its connect finished or failed, or a connect not \
                      polled for {}s and dropped as abandoned)",
@@ -423,7 +441,7 @@ impl Transport for TcpTransport {
         }
     }
 
-    fn accept(&self, listen: Opaque, _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+    unsafe fn accept(&self, listen: Opaque, _dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
         self.drop_abandoned_connects("accept");
         let lc = TcpTransport::listen_comm(listen, "accept")?;
         match lc.poll_accept()? {
@@ -432,12 +450,12 @@ impl Transport for TcpTransport {
         }
     }
 
-    fn reg_mr(&self, _comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
+    unsafe fn reg_mr(&self, _comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
         let shadow = match (ptr_type as u32, &self.gpu) {
             (NCCL_PTR_HOST, _) => None,
             (NCCL_PTR_CUDA, Some(gpu)) => Some(gpu.shadow(size)?),
             _ => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "regMr: the built-in TCP transport takes {}; got pointer type {ptr_type}{}",
                     if self.gpu.is_some() {
                         "host or CUDA memory (ptrSupport NCCL_PTR_HOST|NCCL_PTR_CUDA)"
@@ -460,10 +478,10 @@ impl Transport for TcpTransport {
         })))
     }
 
-    fn dereg_mr(&self, _comm: Opaque, mr: Opaque) -> Result<()> {
+    unsafe fn dereg_mr(&self, _comm: Opaque, mr: Opaque) -> Result<()> {
         // SAFETY: NCCL passes back a registration this transport returned and has not deregistered.
         if unsafe { TcpTransport::tag(mr) } != TAG_MR {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "deregMr: {:p} is not a memory handle of the built-in TCP transport",
                 mr.as_ptr()
             )));
@@ -477,7 +495,7 @@ impl Transport for TcpTransport {
     // `data` is NCCL's buffer, opaque here: only the kernel (send) or the CUDA driver (copy of
     // GPU memory into the pinned shadow) ever reads it.
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
-    fn isend(
+    unsafe fn isend(
         &self,
         comm: Opaque,
         data: *mut c_void,
@@ -499,7 +517,7 @@ impl Transport for TcpTransport {
         c.isend(data as *const u8, size).map(Some)
     }
 
-    fn irecv(
+    unsafe fn irecv(
         &self,
         comm: Opaque,
         data: &[*mut c_void],
@@ -510,7 +528,7 @@ impl Transport for TcpTransport {
         // SAFETY: NCCL passes back a receive comm this transport returned and has not closed.
         let c = unsafe { Comm::from_opaque(comm, TAG_RECV, "irecv")? };
         if data.len() != 1 || sizes.len() != 1 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "irecv: {} grouped receives requested ({} sizes), but the built-in TCP transport reports maxRecvs 1 \
                  ({})",
                 data.len(),
@@ -534,7 +552,7 @@ impl Transport for TcpTransport {
         c.irecv(data[0] as *mut u8, sizes[0]).map(Some)
     }
 
-    fn iflush(
+    unsafe fn iflush(
         &self,
         _comm: Opaque,
         _data: &[*mut c_void],
@@ -544,7 +562,7 @@ impl Transport for TcpTransport {
         Ok(None)
     }
 
-    fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
+    unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
         let Some(gpu) = self.gpu.as_ref().filter(|g| g.busy()) else {
             // SAFETY: NCCL passes back a request this transport returned, not yet completed, on an open comm.
             return unsafe { comm::test_request(req, sizes) };
@@ -567,12 +585,12 @@ impl Transport for TcpTransport {
         Ok(done)
     }
 
-    fn close_send(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_send(&self, comm: Opaque) -> Result<()> {
         // SAFETY: NCCL closes a send comm this transport returned, once.
         unsafe { Comm::close(comm, TAG_SEND, "closeSend") }
     }
 
-    fn close_recv(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_recv(&self, comm: Opaque) -> Result<()> {
         if let Some(gpu) = &self.gpu {
             gpu.close(comm.as_ptr() as usize);
         }
@@ -580,14 +598,14 @@ impl Transport for TcpTransport {
         unsafe { Comm::close(comm, TAG_RECV, "closeRecv") }
     }
 
-    fn close_listen(&self, comm: Opaque) -> Result<()> {
+    unsafe fn close_listen(&self, comm: Opaque) -> Result<()> {
         TcpTransport::listen_comm(comm, "closeListen")?;
         // SAFETY: the tag identifies a ListenComm made by Opaque::from_box in listen; NCCL closes it once.
         drop(unsafe { Box::from_raw(comm.as_ptr() as *mut ListenComm) });
         Ok(())
     }
 
-    fn describe_comm(&self, comm: Opaque) -> Option<String> {
+    unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
         // SAFETY: NCCL (or the shim) passes a live comm of this transport.
         match unsafe { TcpTransport::tag(comm) } {
             // SAFETY: the tag identifies a live Comm.

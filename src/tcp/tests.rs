@@ -1,6 +1,7 @@
 //! Loopback tests of the built-in TCP transport. Every wait is bounded by [`DEADLINE`].
 
 use super::*;
+use crate::error::ErrorKind;
 use std::collections::HashSet;
 use std::ptr::null_mut;
 use std::time::{Duration, Instant};
@@ -42,25 +43,31 @@ fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// Listens on device 0 and drives connect/accept until both sides have a comm.
 fn pair(t: &TcpTransport) -> (Opaque, Opaque, Opaque) {
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).expect("listen");
-    let (mut s, mut r) = (None, None);
-    wait("connect/accept", || {
-        if s.is_none() {
-            s = t.connect(0, &mut h, null_mut()).expect("connect");
-        }
-        if r.is_none() {
-            r = t.accept(l, null_mut()).expect("accept");
-        }
-        (s.is_some() && r.is_some()).then_some(())
-    });
-    (s.unwrap(), r.unwrap(), l)
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).expect("listen");
+        let (mut s, mut r) = (None, None);
+        wait("connect/accept", || {
+            if s.is_none() {
+                s = t.connect(0, &mut h, null_mut()).expect("connect");
+            }
+            if r.is_none() {
+                r = t.accept(l, null_mut()).expect("accept");
+            }
+            (s.is_some() && r.is_some()).then_some(())
+        });
+        (s.unwrap(), r.unwrap(), l)
+    }
 }
 
 fn close_pair(t: &TcpTransport, (s, r, l): (Opaque, Opaque, Opaque)) {
-    t.close_send(s).unwrap();
-    t.close_recv(r).unwrap();
-    t.close_listen(l).unwrap();
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        t.close_send(s).unwrap();
+        t.close_recv(r).unwrap();
+        t.close_listen(l).unwrap();
+    }
 }
 
 fn pattern(n: usize, seed: u32) -> Vec<u8> {
@@ -71,33 +78,39 @@ fn pattern(n: usize, seed: u32) -> Vec<u8> {
 
 /// Tests `req` until done: Ok(size reported) or the error.
 fn finish(t: &TcpTransport, req: Opaque, what: &str) -> Result<i32> {
-    let mut sz = [-1i32];
-    wait(what, || match t.test(req, Some(&mut sz)) {
-        Ok(true) => Some(Ok(sz[0])),
-        Ok(false) => None,
-        Err(e) => Some(Err(e)),
-    })
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut sz = [-1i32];
+        wait(what, || match t.test(req, Some(&mut sz)) {
+            Ok(true) => Some(Ok(sz[0])),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
 }
 
 /// Tests a send and a receive together until both finished (either may fail).
 fn finish_both(t: &TcpTransport, sreq: Opaque, rreq: Opaque) -> (Result<i32>, Result<i32>) {
-    let (mut so, mut ro) = (None, None);
-    let step = |req: Opaque, out: &mut Option<Result<i32>>| {
-        if out.is_none() {
-            let mut sz = [-1i32];
-            match t.test(req, Some(&mut sz)) {
-                Ok(true) => *out = Some(Ok(sz[0])),
-                Ok(false) => {}
-                Err(e) => *out = Some(Err(e)),
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let (mut so, mut ro) = (None, None);
+        let step = |req: Opaque, out: &mut Option<Result<i32>>| {
+            if out.is_none() {
+                let mut sz = [-1i32];
+                match t.test(req, Some(&mut sz)) {
+                    Ok(true) => *out = Some(Ok(sz[0])),
+                    Ok(false) => {}
+                    Err(e) => *out = Some(Err(e)),
+                }
             }
-        }
-    };
-    wait("send and receive to complete", || {
-        step(sreq, &mut so);
-        step(rreq, &mut ro);
-        (so.is_some() && ro.is_some()).then_some(())
-    });
-    (so.unwrap(), ro.unwrap())
+        };
+        wait("send and receive to complete", || {
+            step(sreq, &mut so);
+            step(rreq, &mut ro);
+            (so.is_some() && ro.is_some()).then_some(())
+        });
+        (so.unwrap(), ro.unwrap())
+    }
 }
 
 /// Sends `send` and receives into a buffer of `cap` bytes; returns (send result, recv result, buffer).
@@ -108,17 +121,20 @@ fn transfer(
     send: &mut [u8],
     cap: usize,
 ) -> (Result<i32>, Result<i32>, Vec<u8>) {
-    let mut buf = vec![0xEEu8; cap];
-    let rreq = t
-        .irecv(r, &[buf.as_mut_ptr().cast()], &[cap as i32], &[0], &[None])
-        .unwrap()
-        .unwrap();
-    let sreq = t
-        .isend(s, send.as_mut_ptr().cast(), send.len() as i32, 0, None)
-        .unwrap()
-        .unwrap();
-    let (a, b) = finish_both(t, sreq, rreq);
-    (a, b, buf)
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut buf = vec![0xEEu8; cap];
+        let rreq = t
+            .irecv(r, &[buf.as_mut_ptr().cast()], &[cap as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        let sreq = t
+            .isend(s, send.as_mut_ptr().cast(), send.len() as i32, 0, None)
+            .unwrap()
+            .unwrap();
+        let (a, b) = finish_both(t, sreq, rreq);
+        (a, b, buf)
+    }
 }
 
 fn check_transfer(t: &TcpTransport, s: Opaque, r: Opaque, size: usize, cap: usize) {
@@ -173,7 +189,6 @@ fn open_fd_ids() -> HashSet<String> {
 fn properties_and_devices_on_loopback() {
     let t = transport();
     assert_eq!(t.name(), "tcpxshim");
-    assert!(t.handle_size() <= crate::handle::INNER_HANDLE_SIZE);
     assert_eq!(t.devices().unwrap(), 1);
     let p = t.properties(0).unwrap();
     assert_eq!(p.name, "lo");
@@ -189,11 +204,14 @@ fn bad_device_index_is_rejected() {
     let t = transport();
     for dev in [1, -1, 99] {
         let err = t.properties(dev).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.kind() == ErrorKind::InvalidArgument, "{err}");
         let m = err.to_string();
         assert!(m.contains(&format!("device {dev}")) && m.contains("1 device"), "{m}");
         let mut h = [0u8; 128];
-        assert!(matches!(t.listen(dev, &mut h), Err(Error::InvalidArgument(_))));
+        assert_eq!(
+            t.listen(dev, &mut h).map_err(|e| e.kind()).err(),
+            Some(ErrorKind::InvalidArgument)
+        );
     }
 }
 
@@ -212,14 +230,17 @@ fn no_matching_interface_names_the_settings() {
 
 #[test]
 fn connect_accept_and_describe() {
-    let t = transport();
-    let p = pair(&t);
-    let d = t.describe_comm(p.0).unwrap();
-    assert!(d.starts_with("peer 127.0.0.1:") && d.ends_with(", 4 streams"), "{d}");
-    let d = t.describe_comm(p.1).unwrap();
-    assert!(d.starts_with("peer 127.0.0.1:"), "{d}");
-    assert!(t.describe_comm(p.2).unwrap().starts_with("listening on 127.0.0.1:"));
-    close_pair(&t, p);
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        let d = t.describe_comm(p.0).unwrap();
+        assert!(d.starts_with("peer 127.0.0.1:") && d.ends_with(", 4 streams"), "{d}");
+        let d = t.describe_comm(p.1).unwrap();
+        assert!(d.starts_with("peer 127.0.0.1:"), "{d}");
+        assert!(t.describe_comm(p.2).unwrap().starts_with("listening on 127.0.0.1:"));
+        close_pair(&t, p);
+    }
 }
 
 #[test]
@@ -290,32 +311,35 @@ fn larger_receive_reports_the_send_size() {
 
 #[test]
 fn smaller_receive_is_an_error_naming_both_sizes() {
-    let t = transport();
-    for (send, cap) in [(200usize, 100usize), (1 << 20, 65536)] {
-        let p = pair(&t);
-        // A good message first: the failure must hit exactly the oversized one.
-        check_transfer(&t, p.0, p.1, 10, 10);
-        let mut data = pattern(send, 1);
-        let (_, rr, buf) = transfer_or_recv_error(&t, p.0, p.1, &mut data, cap);
-        let err = rr.unwrap_err();
-        assert!(matches!(err, Error::InvalidUsage(_)), "{err}");
-        let m = err.to_string();
-        for want in [
-            send.to_string(),
-            cap.to_string(),
-            "127.0.0.1:".to_string(),
-            "message 1".to_string(),
-        ] {
-            assert!(m.contains(&want), "{want:?} missing from {m}");
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        for (send, cap) in [(200usize, 100usize), (1 << 20, 65536)] {
+            let p = pair(&t);
+            // A good message first: the failure must hit exactly the oversized one.
+            check_transfer(&t, p.0, p.1, 10, 10);
+            let mut data = pattern(send, 1);
+            let (_, rr, buf) = transfer_or_recv_error(&t, p.0, p.1, &mut data, cap);
+            let err = rr.unwrap_err();
+            assert!(err.kind() == ErrorKind::InvalidUsage, "{err}");
+            let m = err.to_string();
+            for want in [
+                send.to_string(),
+                cap.to_string(),
+                "127.0.0.1:".to_string(),
+                "message 1".to_string(),
+            ] {
+                assert!(m.contains(&want), "{want:?} missing from {m}");
+            }
+            assert!(
+                buf.iter().all(|&b| b == 0xEE),
+                "no payload may land in a too-small buffer"
+            );
+            let mut other = [0u8; 8];
+            let later = t.irecv(p.1, &[other.as_mut_ptr().cast()], &[8], &[0], &[None]);
+            assert!(later.is_err(), "the comm is failed after an oversized message");
+            close_pair(&t, p);
         }
-        assert!(
-            buf.iter().all(|&b| b == 0xEE),
-            "no payload may land in a too-small buffer"
-        );
-        let mut other = [0u8; 8];
-        let later = t.irecv(p.1, &[other.as_mut_ptr().cast()], &[8], &[0], &[None]);
-        assert!(later.is_err(), "the comm is failed after an oversized message");
-        close_pair(&t, p);
     }
 }
 
@@ -327,517 +351,565 @@ fn transfer_or_recv_error(
     send: &mut [u8],
     cap: usize,
 ) -> (Option<Opaque>, Result<i32>, Vec<u8>) {
-    let mut buf = vec![0xEEu8; cap];
-    let rreq = t
-        .irecv(r, &[buf.as_mut_ptr().cast()], &[cap as i32], &[0], &[None])
-        .unwrap()
-        .unwrap();
-    let sreq = t
-        .isend(s, send.as_mut_ptr().cast(), send.len() as i32, 0, None)
-        .unwrap();
-    let rr = finish(t, rreq, "oversized receive to fail");
-    (sreq, rr, buf)
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut buf = vec![0xEEu8; cap];
+        let rreq = t
+            .irecv(r, &[buf.as_mut_ptr().cast()], &[cap as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        let sreq = t
+            .isend(s, send.as_mut_ptr().cast(), send.len() as i32, 0, None)
+            .unwrap();
+        let rr = finish(t, rreq, "oversized receive to fail");
+        (sreq, rr, buf)
+    }
 }
 
 #[test]
 fn thirty_two_outstanding_requests_each_way() {
-    let t = transport();
-    let a = pair(&t);
-    let b = pair(&t);
-    for (s, r) in [(a.0, a.1), (b.0, b.1)] {
-        let sizes: Vec<usize> = (0..32).map(|i| [7, 20_000, 300_000, 0][i % 4] + i).collect();
-        let mut sends: Vec<Vec<u8>> = sizes.iter().map(|&n| pattern(n, n as u32)).collect();
-        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xEE; n]).collect();
-        let rreqs: Vec<Opaque> = bufs
-            .iter_mut()
-            .map(|b| {
-                t.irecv(r, &[b.as_mut_ptr().cast()], &[b.len() as i32], &[0], &[None])
-                    .unwrap()
-                    .unwrap()
-            })
-            .collect();
-        let sreqs: Vec<Opaque> = sends
-            .iter_mut()
-            .map(|d| {
-                t.isend(s, d.as_mut_ptr().cast(), d.len() as i32, 0, None)
-                    .unwrap()
-                    .unwrap()
-            })
-            .collect();
-        // Complete in reverse order: completion must not depend on test order.
-        for i in (0..32).rev() {
-            let (sr, rr) = finish_both(&t, sreqs[i], rreqs[i]);
-            assert_eq!(sr.unwrap(), sizes[i] as i32);
-            assert_eq!(rr.unwrap(), sizes[i] as i32);
-            assert!(bufs[i] == sends[i], "message {i} corrupted");
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let a = pair(&t);
+        let b = pair(&t);
+        for (s, r) in [(a.0, a.1), (b.0, b.1)] {
+            let sizes: Vec<usize> = (0..32).map(|i| [7, 20_000, 300_000, 0][i % 4] + i).collect();
+            let mut sends: Vec<Vec<u8>> = sizes.iter().map(|&n| pattern(n, n as u32)).collect();
+            let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xEE; n]).collect();
+            let rreqs: Vec<Opaque> = bufs
+                .iter_mut()
+                .map(|b| {
+                    t.irecv(r, &[b.as_mut_ptr().cast()], &[b.len() as i32], &[0], &[None])
+                        .unwrap()
+                        .unwrap()
+                })
+                .collect();
+            let sreqs: Vec<Opaque> = sends
+                .iter_mut()
+                .map(|d| {
+                    t.isend(s, d.as_mut_ptr().cast(), d.len() as i32, 0, None)
+                        .unwrap()
+                        .unwrap()
+                })
+                .collect();
+            // Complete in reverse order: completion must not depend on test order.
+            for i in (0..32).rev() {
+                let (sr, rr) = finish_both(&t, sreqs[i], rreqs[i]);
+                assert_eq!(sr.unwrap(), sizes[i] as i32);
+                assert_eq!(rr.unwrap(), sizes[i] as i32);
+                assert!(bufs[i] == sends[i], "message {i} corrupted");
+            }
         }
+        close_pair(&t, a);
+        close_pair(&t, b);
     }
-    close_pair(&t, a);
-    close_pair(&t, b);
 }
 
 #[test]
 fn request_33_is_rejected() {
-    let t = transport();
-    let p = pair(&t);
-    let mut bufs = vec![[0u8; 16]; 33];
-    for (i, b) in bufs.iter_mut().enumerate() {
-        let r = t.irecv(p.1, &[b.as_mut_ptr().cast()], &[16], &[0], &[None]);
-        if i < 32 {
-            assert!(r.unwrap().is_some());
-        } else {
-            let err = r.unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidUsage(_)) && err.to_string().contains("32"),
-                "{err}"
-            );
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        let mut bufs = vec![[0u8; 16]; 33];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let r = t.irecv(p.1, &[b.as_mut_ptr().cast()], &[16], &[0], &[None]);
+            if i < 32 {
+                assert!(r.unwrap().is_some());
+            } else {
+                let err = r.unwrap_err();
+                assert!(
+                    err.kind() == ErrorKind::InvalidUsage && err.to_string().contains("32"),
+                    "{err}"
+                );
+            }
         }
-    }
-    let mut data = vec![1u8; 8];
-    for i in 0..33 {
-        let r = t.isend(p.0, data.as_mut_ptr().cast(), 8, 0, None);
-        if i < 32 {
-            assert!(r.unwrap().is_some());
-        } else {
-            let err = r.unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidUsage(_)) && err.to_string().contains("32"),
-                "{err}"
-            );
+        let mut data = vec![1u8; 8];
+        for i in 0..33 {
+            let r = t.isend(p.0, data.as_mut_ptr().cast(), 8, 0, None);
+            if i < 32 {
+                assert!(r.unwrap().is_some());
+            } else {
+                let err = r.unwrap_err();
+                assert!(
+                    err.kind() == ErrorKind::InvalidUsage && err.to_string().contains("32"),
+                    "{err}"
+                );
+            }
         }
+        close_pair(&t, p);
     }
-    close_pair(&t, p);
 }
 
 #[test]
 fn irecv_rejects_grouped_receives() {
-    let t = transport();
-    let p = pair(&t);
-    let mut a = [0u8; 4];
-    let mut b = [0u8; 4];
-    let err = t
-        .irecv(
-            p.1,
-            &[a.as_mut_ptr().cast(), b.as_mut_ptr().cast()],
-            &[4, 4],
-            &[0, 0],
-            &[None, None],
-        )
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("maxRecvs 1"),
-        "{err}"
-    );
-    close_pair(&t, p);
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 4];
+        let err = t
+            .irecv(
+                p.1,
+                &[a.as_mut_ptr().cast(), b.as_mut_ptr().cast()],
+                &[4, 4],
+                &[0, 0],
+                &[None, None],
+            )
+            .unwrap_err();
+        assert!(
+            err.kind() == ErrorKind::InvalidArgument && err.to_string().contains("maxRecvs 1"),
+            "{err}"
+        );
+        close_pair(&t, p);
+    }
 }
 
 #[test]
 fn reg_mr_accepts_host_memory_only() {
-    let t = transport();
-    let p = pair(&t);
-    let mut buf = [0u8; 64];
-    let mr = t
-        .reg_mr(p.0, buf.as_mut_ptr().cast(), 64, crate::ffi::NCCL_PTR_HOST as i32)
-        .unwrap();
-    t.dereg_mr(p.0, mr).unwrap();
-    let err = t
-        .reg_mr(p.0, buf.as_mut_ptr().cast(), 64, crate::ffi::NCCL_PTR_CUDA as i32)
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("NCCL_PTR_HOST"),
-        "{err}"
-    );
-    assert!(t.iflush(p.1, &[], &[], &[]).unwrap().is_none());
-    close_pair(&t, p);
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        let mut buf = [0u8; 64];
+        let mr = t
+            .reg_mr(p.0, buf.as_mut_ptr().cast(), 64, crate::ffi::NCCL_PTR_HOST as i32)
+            .unwrap();
+        t.dereg_mr(p.0, mr).unwrap();
+        let err = t
+            .reg_mr(p.0, buf.as_mut_ptr().cast(), 64, crate::ffi::NCCL_PTR_CUDA as i32)
+            .unwrap_err();
+        assert!(
+            err.kind() == ErrorKind::InvalidArgument && err.to_string().contains("NCCL_PTR_HOST"),
+            "{err}"
+        );
+        assert!(t.iflush(p.1, &[], &[], &[]).unwrap().is_none());
+        close_pair(&t, p);
+    }
 }
 
 #[test]
 fn sixty_four_connections_at_once_without_new_threads() {
-    let t = transport();
-    let prefix = worker_prefix(&t);
-    assert_eq!(threads_named(&prefix), 4, "one thread per worker");
-    let n = 64;
-    let mut handles = vec![[0u8; 128]; n];
-    let listens: Vec<Opaque> = handles.iter_mut().map(|h| t.listen(0, h).unwrap()).collect();
-    let mut sends: Vec<Option<Opaque>> = vec![None; n];
-    let mut recvs: Vec<Option<Opaque>> = vec![None; n];
-    wait("64 connections", || {
-        for i in 0..n {
-            if sends[i].is_none() {
-                sends[i] = t.connect(0, &mut handles[i], null_mut()).unwrap();
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let prefix = worker_prefix(&t);
+        assert_eq!(threads_named(&prefix), 4, "one thread per worker");
+        let n = 64;
+        let mut handles = vec![[0u8; 128]; n];
+        let listens: Vec<Opaque> = handles.iter_mut().map(|h| t.listen(0, h).unwrap()).collect();
+        let mut sends: Vec<Option<Opaque>> = vec![None; n];
+        let mut recvs: Vec<Option<Opaque>> = vec![None; n];
+        wait("64 connections", || {
+            for i in 0..n {
+                if sends[i].is_none() {
+                    sends[i] = t.connect(0, &mut handles[i], null_mut()).unwrap();
+                }
             }
-        }
-        for i in 0..n {
-            if recvs[i].is_none() {
-                recvs[i] = t.accept(listens[i], null_mut()).unwrap();
+            for i in 0..n {
+                if recvs[i].is_none() {
+                    recvs[i] = t.accept(listens[i], null_mut()).unwrap();
+                }
             }
+            (sends.iter().all(Option::is_some) && recvs.iter().all(Option::is_some)).then_some(())
+        });
+        assert_eq!(threads_named(&prefix), 4, "no thread per connection");
+        let size = |i: usize| if i % 2 == 0 { 1000 + i } else { 256 << 10 };
+        let mut data: Vec<Vec<u8>> = (0..n).map(|i| pattern(size(i), i as u32)).collect();
+        let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![0u8; size(i)]).collect();
+        let mut reqs = Vec::new();
+        for i in 0..n {
+            let r = t
+                .irecv(
+                    recvs[i].unwrap(),
+                    &[bufs[i].as_mut_ptr().cast()],
+                    &[size(i) as i32],
+                    &[0],
+                    &[None],
+                )
+                .unwrap()
+                .unwrap();
+            let s = t
+                .isend(sends[i].unwrap(), data[i].as_mut_ptr().cast(), size(i) as i32, 0, None)
+                .unwrap()
+                .unwrap();
+            reqs.push((s, r));
         }
-        (sends.iter().all(Option::is_some) && recvs.iter().all(Option::is_some)).then_some(())
-    });
-    assert_eq!(threads_named(&prefix), 4, "no thread per connection");
-    let size = |i: usize| if i % 2 == 0 { 1000 + i } else { 256 << 10 };
-    let mut data: Vec<Vec<u8>> = (0..n).map(|i| pattern(size(i), i as u32)).collect();
-    let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![0u8; size(i)]).collect();
-    let mut reqs = Vec::new();
-    for i in 0..n {
-        let r = t
-            .irecv(
-                recvs[i].unwrap(),
-                &[bufs[i].as_mut_ptr().cast()],
-                &[size(i) as i32],
-                &[0],
-                &[None],
-            )
-            .unwrap()
-            .unwrap();
-        let s = t
-            .isend(sends[i].unwrap(), data[i].as_mut_ptr().cast(), size(i) as i32, 0, None)
-            .unwrap()
-            .unwrap();
-        reqs.push((s, r));
+        for (i, &(s, r)) in reqs.iter().enumerate() {
+            let (a, b) = finish_both(&t, s, r);
+            assert_eq!((a.unwrap(), b.unwrap()), (size(i) as i32, size(i) as i32));
+            assert!(bufs[i] == data[i], "connection {i} corrupted its message");
+        }
+        assert_eq!(threads_named(&prefix), 4);
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.extend(socket_ids(&t.comm_fds(sends[i].unwrap())));
+            ids.extend(socket_ids(&t.comm_fds(recvs[i].unwrap())));
+            ids.extend(socket_ids(&t.comm_fds(listens[i])));
+            close_pair(&t, (sends[i].unwrap(), recvs[i].unwrap(), listens[i]));
+        }
+        assert_eq!(ids.len(), n * (2 * 5 + 1));
+        let open = open_fd_ids();
+        assert!(ids.iter().all(|id| !open.contains(id)), "sockets left open after close");
+        drop(t);
+        assert_eq!(threads_named(&prefix), 0, "dropping the transport joins its workers");
     }
-    for (i, &(s, r)) in reqs.iter().enumerate() {
-        let (a, b) = finish_both(&t, s, r);
-        assert_eq!((a.unwrap(), b.unwrap()), (size(i) as i32, size(i) as i32));
-        assert!(bufs[i] == data[i], "connection {i} corrupted its message");
-    }
-    assert_eq!(threads_named(&prefix), 4);
-    let mut ids = Vec::new();
-    for i in 0..n {
-        ids.extend(socket_ids(&t.comm_fds(sends[i].unwrap())));
-        ids.extend(socket_ids(&t.comm_fds(recvs[i].unwrap())));
-        ids.extend(socket_ids(&t.comm_fds(listens[i])));
-        close_pair(&t, (sends[i].unwrap(), recvs[i].unwrap(), listens[i]));
-    }
-    assert_eq!(ids.len(), n * (2 * 5 + 1));
-    let open = open_fd_ids();
-    assert!(ids.iter().all(|id| !open.contains(id)), "sockets left open after close");
-    drop(t);
-    assert_eq!(threads_named(&prefix), 0, "dropping the transport joins its workers");
 }
 
 #[test]
 fn closing_the_receiver_with_requests_in_flight_fails_the_sender() {
-    let t = transport();
-    let p = pair(&t);
-    let size = 64 << 20;
-    let mut data = pattern(size, 3);
-    let mut buf = vec![0u8; size];
-    let _rreq = t
-        .irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
-        .unwrap()
-        .unwrap();
-    let sreq = t
-        .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
-        .unwrap()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(20));
-    t.close_recv(p.1).unwrap();
-    // The workers no longer write into `buf`: changing it now is safe, and must stay as we leave it.
-    buf.fill(0x11);
-    let err = finish(&t, sreq, "the send to fail after the receiver closed").unwrap_err();
-    assert!(matches!(err, Error::Remote(_)), "{err}");
-    assert!(err.to_string().contains("127.0.0.1:"), "{err}");
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(
-        buf.iter().all(|&b| b == 0x11),
-        "a worker wrote into a closed comm's buffer"
-    );
-    t.close_send(p.0).unwrap();
-    t.close_listen(p.2).unwrap();
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        let size = 64 << 20;
+        let mut data = pattern(size, 3);
+        let mut buf = vec![0u8; size];
+        let _rreq = t
+            .irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        let sreq = t
+            .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
+            .unwrap()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        t.close_recv(p.1).unwrap();
+        // The workers no longer write into `buf`: changing it now is safe, and must stay as we leave it.
+        buf.fill(0x11);
+        let err = finish(&t, sreq, "the send to fail after the receiver closed").unwrap_err();
+        assert!(err.kind() == ErrorKind::ConnectionLost && err.retryable(), "{err}");
+        assert!(err.to_string().contains("127.0.0.1:"), "{err}");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            buf.iter().all(|&b| b == 0x11),
+            "a worker wrote into a closed comm's buffer"
+        );
+        t.close_send(p.0).unwrap();
+        t.close_listen(p.2).unwrap();
+    }
 }
 
 #[test]
 fn closing_the_sender_with_requests_in_flight_fails_the_receiver() {
-    let t = transport();
-    let p = pair(&t);
-    let size = 64 << 20;
-    let mut data = pattern(size, 4);
-    let mut buf = vec![0u8; size];
-    let rreq = t
-        .irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
-        .unwrap()
-        .unwrap();
-    let _sreq = t
-        .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
-        .unwrap()
-        .unwrap();
-    // The receiver has not read anything yet, so at most the socket buffers' worth (a few MiB) can have
-    // left: the 64 MiB send is certainly in flight when it is closed.
-    t.close_send(p.0).unwrap();
-    data.fill(0); // the send side's workers have let go of it
-    let err = finish(&t, rreq, "the receive to fail after the sender closed").unwrap_err();
-    assert!(matches!(err, Error::Remote(_)), "{err}");
-    assert!(err.to_string().contains("closed while receiving message 0"), "{err}");
-    t.close_recv(p.1).unwrap();
-    t.close_listen(p.2).unwrap();
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        let size = 64 << 20;
+        let mut data = pattern(size, 4);
+        let mut buf = vec![0u8; size];
+        let rreq = t
+            .irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        let _sreq = t
+            .isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None)
+            .unwrap()
+            .unwrap();
+        // The receiver has not read anything yet, so at most the socket buffers' worth (a few MiB) can have
+        // left: the 64 MiB send is certainly in flight when it is closed.
+        t.close_send(p.0).unwrap();
+        data.fill(0); // the send side's workers have let go of it
+        let err = finish(&t, rreq, "the receive to fail after the sender closed").unwrap_err();
+        assert!(err.kind() == ErrorKind::ConnectionLost && err.retryable(), "{err}");
+        assert!(err.to_string().contains("closed while receiving message 0"), "{err}");
+        t.close_recv(p.1).unwrap();
+        t.close_listen(p.2).unwrap();
+    }
 }
 
 #[test]
 fn closing_a_receiver_while_workers_fill_its_buffer_is_safe() {
-    let t = transport();
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).unwrap();
-    let lh = ListenHandle::read(&h).unwrap();
-    // A hand-made sender that announces 1 MiB but delivers only half of each chunk.
-    let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 42).unwrap();
-    let mut r = None;
-    wait("hand-made sender to connect", || {
-        let sent = fake.progress().unwrap();
-        if r.is_none() {
-            r = t.accept(l, null_mut()).unwrap();
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        let lh = ListenHandle::read(&h).unwrap();
+        // A hand-made sender that announces 1 MiB but delivers only half of each chunk.
+        let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 42).unwrap();
+        let mut r = None;
+        wait("hand-made sender to connect", || {
+            let sent = fake.progress().unwrap();
+            if r.is_none() {
+                r = t.accept(l, null_mut()).unwrap();
+            }
+            (sent && r.is_some()).then_some(())
+        });
+        let r = r.unwrap();
+        let (ctrl, data) = fake.into_sockets().unwrap();
+        let size = 1usize << 20;
+        let chunk = wire::chunk_size(size, lh.streams as usize, 65536);
+        let send_all = |s: &socket2::Socket, mut b: &[u8]| {
+            s.set_nonblocking(false).unwrap();
+            while !b.is_empty() {
+                let n = s.send(b).unwrap();
+                b = &b[n..];
+            }
+        };
+        let header = wire::Header {
+            seq: 0,
+            size: size as u64,
+            chunk: chunk as u32,
+            flags: 0,
+        };
+        send_all(&ctrl, &header.encode());
+        for (stream, _, len) in wire::chunks(0, size, chunk, lh.streams as usize) {
+            send_all(&data[stream], &vec![7u8; len / 2]);
         }
-        (sent && r.is_some()).then_some(())
-    });
-    let r = r.unwrap();
-    let (ctrl, data) = fake.into_sockets().unwrap();
-    let size = 1usize << 20;
-    let chunk = wire::chunk_size(size, lh.streams as usize, 65536);
-    let send_all = |s: &socket2::Socket, mut b: &[u8]| {
-        s.set_nonblocking(false).unwrap();
-        while !b.is_empty() {
-            let n = s.send(b).unwrap();
-            b = &b[n..];
+        let mut buf = vec![0u8; size];
+        let rq = t
+            .irecv(r, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        for _ in 0..50 {
+            assert!(!t.test(rq, None).unwrap(), "only half the message was sent");
+            std::thread::sleep(Duration::from_millis(1));
         }
-    };
-    let header = wire::Header {
-        seq: 0,
-        size: size as u64,
-        chunk: chunk as u32,
-        flags: 0,
-    };
-    send_all(&ctrl, &header.encode());
-    for (stream, _, len) in wire::chunks(0, size, chunk, lh.streams as usize) {
-        send_all(&data[stream], &vec![7u8; len / 2]);
+        let ids = socket_ids(&t.comm_fds(r));
+        t.close_recv(r).unwrap();
+        // From here on no worker may touch `buf`, even when the rest of the data turns up.
+        buf.fill(0x11);
+        for (stream, _, len) in wire::chunks(0, size, chunk, lh.streams as usize) {
+            let _ = data[stream].send(&vec![7u8; len - len / 2]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            buf.iter().all(|&b| b == 0x11),
+            "a worker wrote into a closed comm's buffer"
+        );
+        let open = open_fd_ids();
+        assert!(ids.iter().all(|id| !open.contains(id)), "closeRecv left sockets open");
+        t.close_listen(l).unwrap();
     }
-    let mut buf = vec![0u8; size];
-    let rq = t
-        .irecv(r, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
-        .unwrap()
-        .unwrap();
-    for _ in 0..50 {
-        assert!(!t.test(rq, None).unwrap(), "only half the message was sent");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let ids = socket_ids(&t.comm_fds(r));
-    t.close_recv(r).unwrap();
-    // From here on no worker may touch `buf`, even when the rest of the data turns up.
-    buf.fill(0x11);
-    for (stream, _, len) in wire::chunks(0, size, chunk, lh.streams as usize) {
-        let _ = data[stream].send(&vec![7u8; len - len / 2]);
-    }
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(
-        buf.iter().all(|&b| b == 0x11),
-        "a worker wrote into a closed comm's buffer"
-    );
-    let open = open_fd_ids();
-    assert!(ids.iter().all(|id| !open.contains(id)), "closeRecv left sockets open");
-    t.close_listen(l).unwrap();
 }
 
 #[test]
 fn zero_byte_messages_may_use_null_buffers() {
-    let t = transport();
-    let p = pair(&t);
-    for _ in 0..3 {
-        let rq = t.irecv(p.1, &[null_mut()], &[0], &[0], &[None]).unwrap().unwrap();
-        let sq = t.isend(p.0, null_mut(), 0, 0, None).unwrap().unwrap();
-        let (a, b) = finish_both(&t, sq, rq);
-        assert_eq!((a.unwrap(), b.unwrap()), (0, 0));
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        for _ in 0..3 {
+            let rq = t.irecv(p.1, &[null_mut()], &[0], &[0], &[None]).unwrap().unwrap();
+            let sq = t.isend(p.0, null_mut(), 0, 0, None).unwrap().unwrap();
+            let (a, b) = finish_both(&t, sq, rq);
+            assert_eq!((a.unwrap(), b.unwrap()), (0, 0));
+        }
+        let err = t.isend(p.0, null_mut(), 5, 0, None).unwrap_err();
+        assert!(err.kind() == ErrorKind::InvalidArgument, "{err}");
+        let err = t.irecv(p.1, &[null_mut()], &[-1], &[0], &[None]).unwrap_err();
+        assert!(err.kind() == ErrorKind::InvalidArgument, "{err}");
+        close_pair(&t, p);
     }
-    let err = t.isend(p.0, null_mut(), 5, 0, None).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
-    let err = t.irecv(p.1, &[null_mut()], &[-1], &[0], &[None]).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
-    close_pair(&t, p);
 }
 
 #[test]
 fn peer_close_is_an_error_not_a_hang() {
-    let t = transport();
-    let p = pair(&t);
-    check_transfer(&t, p.0, p.1, 100, 100);
-    t.close_send(p.0).unwrap();
-    for size in [64, 1 << 20] {
-        let mut buf = vec![0u8; size];
-        let r = t.irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None]);
-        let err = match r {
-            Ok(Some(req)) => finish(&t, req, "receive from a closed peer to fail").unwrap_err(),
-            Ok(None) => panic!("irecv returned no request"),
-            Err(e) => e,
-        };
-        assert!(matches!(err, Error::Remote(_)), "{err}");
-        assert!(err.to_string().contains("closed while receiving message 1"), "{err}");
-    }
-    t.close_recv(p.1).unwrap();
-    t.close_listen(p.2).unwrap();
-
-    // And the other way round: sending to a closed receiver.
-    let p = pair(&t);
-    t.close_recv(p.1).unwrap();
-    let size = 16 << 20;
-    let mut data = pattern(size, 5);
-    let err = wait("sends to a closed receiver to fail", || {
-        match t.isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None) {
-            Err(e) => Some(e),
-            Ok(Some(req)) => finish(&t, req, "send to a closed receiver").err(),
-            Ok(None) => None,
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let p = pair(&t);
+        check_transfer(&t, p.0, p.1, 100, 100);
+        t.close_send(p.0).unwrap();
+        for size in [64, 1 << 20] {
+            let mut buf = vec![0u8; size];
+            let r = t.irecv(p.1, &[buf.as_mut_ptr().cast()], &[size as i32], &[0], &[None]);
+            let err = match r {
+                Ok(Some(req)) => finish(&t, req, "receive from a closed peer to fail").unwrap_err(),
+                Ok(None) => panic!("irecv returned no request"),
+                Err(e) => e,
+            };
+            assert!(err.kind() == ErrorKind::ConnectionLost && err.retryable(), "{err}");
+            assert!(err.to_string().contains("closed while receiving message 1"), "{err}");
         }
-    });
-    assert!(matches!(err, Error::Remote(_)), "{err}");
-    t.close_send(p.0).unwrap();
-    t.close_listen(p.2).unwrap();
+        t.close_recv(p.1).unwrap();
+        t.close_listen(p.2).unwrap();
+
+        // And the other way round: sending to a closed receiver.
+        let p = pair(&t);
+        t.close_recv(p.1).unwrap();
+        let size = 16 << 20;
+        let mut data = pattern(size, 5);
+        let err = wait("sends to a closed receiver to fail", || {
+            match t.isend(p.0, data.as_mut_ptr().cast(), size as i32, 0, None) {
+                Err(e) => Some(e),
+                Ok(Some(req)) => finish(&t, req, "send to a closed receiver").err(),
+                Ok(None) => None,
+            }
+        });
+        assert!(err.kind() == ErrorKind::ConnectionLost && err.retryable(), "{err}");
+        t.close_send(p.0).unwrap();
+        t.close_listen(p.2).unwrap();
+    }
 }
 
 #[test]
 fn listen_comm_accepts_several_connections_and_closes_leftovers() {
-    let t = transport();
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).unwrap();
-    let mut h1 = h;
-    let mut h2 = h;
-    let (mut s1, mut s2) = (None, None);
-    let mut recvs = Vec::new();
-    wait("two connections on one listen comm", || {
-        if s1.is_none() {
-            s1 = t.connect(0, &mut h1, null_mut()).unwrap();
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        let mut h1 = h;
+        let mut h2 = h;
+        let (mut s1, mut s2) = (None, None);
+        let mut recvs = Vec::new();
+        wait("two connections on one listen comm", || {
+            if s1.is_none() {
+                s1 = t.connect(0, &mut h1, null_mut()).unwrap();
+            }
+            if s2.is_none() {
+                s2 = t.connect(0, &mut h2, null_mut()).unwrap();
+            }
+            if let Some(r) = t.accept(l, null_mut()).unwrap() {
+                recvs.push(r);
+            }
+            (s1.is_some() && s2.is_some() && recvs.len() == 2).then_some(())
+        });
+        // A third connection left half-accepted, then the listen comm closed under it.
+        let mut h3 = h;
+        let s3 = wait("third connect", || t.connect(0, &mut h3, null_mut()).unwrap());
+        let _ = t.accept(l, null_mut()).unwrap();
+        let mut ids = socket_ids(&t.comm_fds(l));
+        t.close_listen(l).unwrap();
+        ids.retain(|id| open_fd_ids().contains(id));
+        assert!(ids.is_empty(), "closeListen left sockets open: {ids:?}");
+        // Each accepted comm pairs with one of the two send comms (which one is up to the network).
+        let mut x = [pattern(10, 7), pattern(10, 8)];
+        let mut b = [vec![0u8; 10], vec![0u8; 10]];
+        let rq: Vec<Opaque> = (0..2)
+            .map(|i| {
+                t.irecv(recvs[i], &[b[i].as_mut_ptr().cast()], &[10], &[0], &[None])
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let sq: Vec<Opaque> = [s1.unwrap(), s2.unwrap()]
+            .iter()
+            .zip(x.iter_mut())
+            .map(|(&s, x)| t.isend(s, x.as_mut_ptr().cast(), 10, 0, None).unwrap().unwrap())
+            .collect();
+        for i in 0..2 {
+            let (a, c) = finish_both(&t, sq[i], rq[i]);
+            assert_eq!((a.unwrap(), c.unwrap()), (10, 10));
         }
-        if s2.is_none() {
-            s2 = t.connect(0, &mut h2, null_mut()).unwrap();
+        assert!(
+            (b[0] == x[0] && b[1] == x[1]) || (b[0] == x[1] && b[1] == x[0]),
+            "the two connections' messages got mixed up"
+        );
+        for s in [s1.unwrap(), s2.unwrap(), s3] {
+            t.close_send(s).unwrap();
         }
-        if let Some(r) = t.accept(l, null_mut()).unwrap() {
-            recvs.push(r);
+        for r in recvs {
+            t.close_recv(r).unwrap();
         }
-        (s1.is_some() && s2.is_some() && recvs.len() == 2).then_some(())
-    });
-    // A third connection left half-accepted, then the listen comm closed under it.
-    let mut h3 = h;
-    let s3 = wait("third connect", || t.connect(0, &mut h3, null_mut()).unwrap());
-    let _ = t.accept(l, null_mut()).unwrap();
-    let mut ids = socket_ids(&t.comm_fds(l));
-    t.close_listen(l).unwrap();
-    ids.retain(|id| open_fd_ids().contains(id));
-    assert!(ids.is_empty(), "closeListen left sockets open: {ids:?}");
-    // Each accepted comm pairs with one of the two send comms (which one is up to the network).
-    let mut x = [pattern(10, 7), pattern(10, 8)];
-    let mut b = [vec![0u8; 10], vec![0u8; 10]];
-    let rq: Vec<Opaque> = (0..2)
-        .map(|i| {
-            t.irecv(recvs[i], &[b[i].as_mut_ptr().cast()], &[10], &[0], &[None])
-                .unwrap()
-                .unwrap()
-        })
-        .collect();
-    let sq: Vec<Opaque> = [s1.unwrap(), s2.unwrap()]
-        .iter()
-        .zip(x.iter_mut())
-        .map(|(&s, x)| t.isend(s, x.as_mut_ptr().cast(), 10, 0, None).unwrap().unwrap())
-        .collect();
-    for i in 0..2 {
-        let (a, c) = finish_both(&t, sq[i], rq[i]);
-        assert_eq!((a.unwrap(), c.unwrap()), (10, 10));
-    }
-    assert!(
-        (b[0] == x[0] && b[1] == x[1]) || (b[0] == x[1] && b[1] == x[0]),
-        "the two connections' messages got mixed up"
-    );
-    for s in [s1.unwrap(), s2.unwrap(), s3] {
-        t.close_send(s).unwrap();
-    }
-    for r in recvs {
-        t.close_recv(r).unwrap();
     }
 }
 
 #[test]
 fn connect_to_a_closed_listener_fails_naming_the_address() {
-    let t = transport();
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).unwrap();
-    let addr = ListenHandle::read(&h).unwrap().addr;
-    t.close_listen(l).unwrap();
-    let err = wait("connect to a closed port to fail", || {
-        t.connect(0, &mut h, null_mut()).err()
-    });
-    assert!(matches!(err, Error::System(_)), "{err}");
-    assert!(err.to_string().contains(&addr.to_string()), "{err}");
-    assert_eq!(wire::connect_state(&h), 0, "a failed connect clears its state");
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        let addr = ListenHandle::read(&h).unwrap().addr;
+        t.close_listen(l).unwrap();
+        let err = wait("connect to a closed port to fail", || {
+            t.connect(0, &mut h, null_mut()).err()
+        });
+        assert!(err.kind() == ErrorKind::System, "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert_eq!(wire::connect_state(&h), 0, "a failed connect clears its state");
+    }
 }
 
 #[test]
 fn bad_handles_are_rejected() {
-    let t = transport();
-    let mut garbage = [0x5Au8; 128];
-    let err = t.connect(0, &mut garbage, null_mut()).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        let mut garbage = [0x5Au8; 128];
+        let err = t.connect(0, &mut garbage, null_mut()).unwrap_err();
+        assert!(err.kind() == ErrorKind::InvalidArgument, "{err}");
 
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).unwrap();
-    wire::set_connect_state(&mut h, 0xdead_beef_0bad_f00d);
-    let err = t.connect(0, &mut h, null_mut()).unwrap_err();
-    assert!(
-        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("connect state"),
-        "{err}"
-    );
-    t.close_listen(l).unwrap();
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        wire::set_connect_state(&mut h, 0xdead_beef_0bad_f00d);
+        let err = t.connect(0, &mut h, null_mut()).unwrap_err();
+        assert!(
+            err.kind() == ErrorKind::InvalidArgument && err.to_string().contains("connect state"),
+            "{err}"
+        );
+        t.close_listen(l).unwrap();
+    }
 }
 
 #[test]
 fn mismatched_settings_give_clear_errors_on_both_sides() {
-    let t4 = transport();
-    let t2 = TcpTransport::new(&TcpConfig { streams: 2, ..lo_cfg() }).unwrap();
-    let mut h = [0u8; 128];
-    let l = t4.listen(0, &mut h).unwrap();
-    let err = t2.connect(0, &mut h, null_mut()).unwrap_err();
-    assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_STREAMS"), "{err}");
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t4 = transport();
+        let t2 = TcpTransport::new(&TcpConfig { streams: 2, ..lo_cfg() }).unwrap();
+        let mut h = [0u8; 128];
+        let l = t4.listen(0, &mut h).unwrap();
+        let err = t2.connect(0, &mut h, null_mut()).unwrap_err();
+        assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_STREAMS"), "{err}");
 
-    // Forge the handle so the connecting side goes ahead: the acceptor must catch it from the hello.
-    h[26..28].copy_from_slice(&2u16.to_le_bytes());
-    let mut s = None;
-    let err = wait("accept to notice the stream mismatch", || {
-        if s.is_none() {
-            s = t2.connect(0, &mut h, null_mut()).unwrap();
+        // Forge the handle so the connecting side goes ahead: the acceptor must catch it from the hello.
+        h[26..28].copy_from_slice(&2u16.to_le_bytes());
+        let mut s = None;
+        let err = wait("accept to notice the stream mismatch", || {
+            if s.is_none() {
+                s = t2.connect(0, &mut h, null_mut()).unwrap();
+            }
+            t4.accept(l, null_mut()).err()
+        });
+        assert!(err.kind() == ErrorKind::InvalidUsage, "{err}");
+        assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_STREAMS"), "{err}");
+        let t_inline = TcpTransport::new(&TcpConfig {
+            inline_max: 5,
+            ..lo_cfg()
+        })
+        .unwrap();
+        let mut h2 = [0u8; 128];
+        let l2 = t4.listen(0, &mut h2).unwrap();
+        let err = t_inline.connect(0, &mut h2, null_mut()).unwrap_err();
+        assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_INLINE"), "{err}");
+        if let Some(s) = s {
+            t2.close_send(s).unwrap();
         }
-        t4.accept(l, null_mut()).err()
-    });
-    assert!(matches!(err, Error::InvalidUsage(_)), "{err}");
-    assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_STREAMS"), "{err}");
-    let t_inline = TcpTransport::new(&TcpConfig {
-        inline_max: 5,
-        ..lo_cfg()
-    })
-    .unwrap();
-    let mut h2 = [0u8; 128];
-    let l2 = t4.listen(0, &mut h2).unwrap();
-    let err = t_inline.connect(0, &mut h2, null_mut()).unwrap_err();
-    assert!(err.to_string().contains("NCCL_TCPXSHIM_TCP_INLINE"), "{err}");
-    if let Some(s) = s {
-        t2.close_send(s).unwrap();
+        t4.close_listen(l).unwrap();
+        t4.close_listen(l2).unwrap();
     }
-    t4.close_listen(l).unwrap();
-    t4.close_listen(l2).unwrap();
 }
 
 #[test]
 fn ipv6_loopback_works() {
-    let dev = Device::interface("lo", "::1".parse().unwrap());
-    let t = TcpTransport::with_devices(&lo_cfg(), vec![dev]).unwrap();
-    let mut h = [0u8; 128];
-    let l = match t.listen(0, &mut h) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("skipping: no IPv6 loopback here ({e})");
-            return;
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let dev = Device::interface("lo", "::1".parse().unwrap());
+        let t = TcpTransport::with_devices(&lo_cfg(), vec![dev]).unwrap();
+        let mut h = [0u8; 128];
+        let l = match t.listen(0, &mut h) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("skipping: no IPv6 loopback here ({e})");
+                return;
+            }
+        };
+        t.close_listen(l).unwrap();
+        let p = pair(&t);
+        assert!(t.describe_comm(p.0).unwrap().starts_with("peer [::1]:"));
+        for size in [5, 200_000] {
+            check_transfer(&t, p.0, p.1, size, size);
         }
-    };
-    t.close_listen(l).unwrap();
-    let p = pair(&t);
-    assert!(t.describe_comm(p.0).unwrap().starts_with("peer [::1]:"));
-    for size in [5, 200_000] {
-        check_transfer(&t, p.0, p.1, size, size);
+        close_pair(&t, p);
     }
-    close_pair(&t, p);
 }
 
 #[test]
@@ -860,237 +932,249 @@ fn comms_are_driven_from_several_threads_at_once() {
 
 #[test]
 fn stopping_the_workers_fails_requests_in_flight() {
-    let t = transport();
-    // A striped send nobody receives: most of it is still queued with the send side's workers.
-    let p = pair(&t);
-    let size = 64 << 20;
-    let data = vec![7u8; size];
-    let sq = t
-        .isend(p.0, data.as_ptr() as *mut _, size as i32, 0, None)
-        .unwrap()
-        .unwrap();
-    // A striped receive whose header arrived but whose data never comes (a hand-made sender).
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).unwrap();
-    let lh = ListenHandle::read(&h).unwrap();
-    let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 43).unwrap();
-    let mut r = None;
-    wait("hand-made sender to connect", || {
-        let sent = fake.progress().unwrap();
-        if r.is_none() {
-            r = t.accept(l, null_mut()).unwrap();
-        }
-        (sent && r.is_some()).then_some(())
-    });
-    let r = r.unwrap();
-    let (ctrl, _data_socks) = fake.into_sockets().unwrap();
-    let rsize = 1usize << 20;
-    let header = wire::Header {
-        seq: 0,
-        size: rsize as u64,
-        chunk: wire::chunk_size(rsize, lh.streams as usize, 65536) as u32,
-        flags: 0,
-    };
-    assert_eq!(ctrl.send(&header.encode()).unwrap(), wire::HEADER_LEN);
-    let mut buf = vec![0u8; rsize];
-    let rq = t
-        .irecv(r, &[buf.as_mut_ptr().cast()], &[rsize as i32], &[0], &[None])
-        .unwrap()
-        .unwrap();
-    for _ in 0..20 {
-        assert!(!t.test(sq, None).unwrap() && !t.test(rq, None).unwrap());
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    t.pool.stop();
-    for (req, what) in [(sq, "send"), (rq, "receive")] {
-        let start = Instant::now();
-        let err = loop {
-            match t.test(req, None) {
-                Ok(false) => assert!(
-                    start.elapsed() < Duration::from_secs(5),
-                    "the {what} still reports \"not done\" 5 s after the workers stopped"
-                ),
-                Ok(true) => panic!("the {what} cannot have completed"),
-                Err(e) => break e,
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        // A striped send nobody receives: most of it is still queued with the send side's workers.
+        let p = pair(&t);
+        let size = 64 << 20;
+        let data = vec![7u8; size];
+        let sq = t
+            .isend(p.0, data.as_ptr() as *mut _, size as i32, 0, None)
+            .unwrap()
+            .unwrap();
+        // A striped receive whose header arrived but whose data never comes (a hand-made sender).
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        let lh = ListenHandle::read(&h).unwrap();
+        let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 43).unwrap();
+        let mut r = None;
+        wait("hand-made sender to connect", || {
+            let sent = fake.progress().unwrap();
+            if r.is_none() {
+                r = t.accept(l, null_mut()).unwrap();
             }
-            std::thread::sleep(Duration::from_micros(100));
+            (sent && r.is_some()).then_some(())
+        });
+        let r = r.unwrap();
+        let (ctrl, _data_socks) = fake.into_sockets().unwrap();
+        let rsize = 1usize << 20;
+        let header = wire::Header {
+            seq: 0,
+            size: rsize as u64,
+            chunk: wire::chunk_size(rsize, lh.streams as usize, 65536) as u32,
+            flags: 0,
         };
-        assert!(matches!(err, Error::Internal(_)), "{err}");
-        assert!(err.to_string().contains("I/O worker stopped"), "{err}");
+        assert_eq!(ctrl.send(&header.encode()).unwrap(), wire::HEADER_LEN);
+        let mut buf = vec![0u8; rsize];
+        let rq = t
+            .irecv(r, &[buf.as_mut_ptr().cast()], &[rsize as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        for _ in 0..20 {
+            assert!(!t.test(sq, None).unwrap() && !t.test(rq, None).unwrap());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        t.pool.stop();
+        for (req, what) in [(sq, "send"), (rq, "receive")] {
+            let start = Instant::now();
+            let err = loop {
+                match t.test(req, None) {
+                    Ok(false) => assert!(
+                        start.elapsed() < Duration::from_secs(5),
+                        "the {what} still reports \"not done\" 5 s after the workers stopped"
+                    ),
+                    Ok(true) => panic!("the {what} cannot have completed"),
+                    Err(e) => break e,
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            };
+            assert!(err.kind() == ErrorKind::Internal, "{err}");
+            assert!(err.to_string().contains("I/O worker stopped"), "{err}");
+        }
+        // Closing after the workers stopped does not wait for acknowledgements nobody will send.
+        let start = Instant::now();
+        close_pair(&t, p);
+        t.close_recv(r).unwrap();
+        t.close_listen(l).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "close after stop took {:?}",
+            start.elapsed()
+        );
     }
-    // Closing after the workers stopped does not wait for acknowledgements nobody will send.
-    let start = Instant::now();
-    close_pair(&t, p);
-    t.close_recv(r).unwrap();
-    t.close_listen(l).unwrap();
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "close after stop took {:?}",
-        start.elapsed()
-    );
 }
 
 #[test]
 fn waiting_for_workers_does_not_poll_the_control_socket_every_test() {
-    // NCCL posts several receives and tests the oldest, which waits for workers; reading ahead for
-    // the next header must not cost a recv syscall on every one of those tests.
-    let t = transport();
-    let p = pair(&t);
-    let size = 4 << 20;
-    let data = pattern(size, 11);
-    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; size]).collect();
-    let rq: Vec<Opaque> = bufs
-        .iter_mut()
-        .map(|b| {
-            t.irecv(p.1, &[b.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        // NCCL posts several receives and tests the oldest, which waits for workers; reading ahead for
+        // the next header must not cost a recv syscall on every one of those tests.
+        let t = transport();
+        let p = pair(&t);
+        let size = 4 << 20;
+        let data = pattern(size, 11);
+        let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; size]).collect();
+        let rq: Vec<Opaque> = bufs
+            .iter_mut()
+            .map(|b| {
+                t.irecv(p.1, &[b.as_mut_ptr().cast()], &[size as i32], &[0], &[None])
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let comm = Comm::from_opaque(p.1, TAG_RECV, "test").unwrap();
+        let idle0 = comm.ctrl_idle_reads();
+        let mut tests = 0u64;
+        let start = Instant::now();
+        for &r in &rq {
+            let s = t
+                .isend(p.0, data.as_ptr() as *mut _, size as i32, 0, None)
                 .unwrap()
-                .unwrap()
-        })
-        .collect();
-    // SAFETY: p.1 is a receive comm of `t`, open until close_pair below.
-    let comm = unsafe { Comm::from_opaque(p.1, TAG_RECV, "test") }.unwrap();
-    let idle0 = comm.ctrl_idle_reads();
-    let mut tests = 0u64;
-    let start = Instant::now();
-    for &r in &rq {
-        let s = t
-            .isend(p.0, data.as_ptr() as *mut _, size as i32, 0, None)
-            .unwrap()
-            .unwrap();
-        let (mut sdone, mut rdone) = (false, false);
-        while !(sdone && rdone) {
-            assert!(start.elapsed() < DEADLINE, "transfers stuck");
-            sdone = sdone || t.test(s, None).unwrap();
-            if !rdone {
-                tests += 1;
-                rdone = t.test(r, None).unwrap();
+                .unwrap();
+            let (mut sdone, mut rdone) = (false, false);
+            while !(sdone && rdone) {
+                assert!(start.elapsed() < DEADLINE, "transfers stuck");
+                sdone = sdone || t.test(s, None).unwrap();
+                if !rdone {
+                    tests += 1;
+                    rdone = t.test(r, None).unwrap();
+                }
             }
         }
+        let idle = comm.ctrl_idle_reads() - idle0;
+        assert!(bufs.iter().all(|b| *b == data), "payload corrupted");
+        // Before the fix this was about one idle read per test.
+        assert!(
+            idle <= tests / 4 + 8 * 16,
+            "{idle} control-socket reads found nothing during {tests} tests"
+        );
+        eprintln!("{tests} tests, {idle} idle control-socket reads");
+        close_pair(&t, p);
     }
-    let idle = comm.ctrl_idle_reads() - idle0;
-    assert!(bufs.iter().all(|b| *b == data), "payload corrupted");
-    // Before the fix this was about one idle read per test.
-    assert!(
-        idle <= tests / 4 + 8 * 16,
-        "{idle} control-socket reads found nothing during {tests} tests"
-    );
-    eprintln!("{tests} tests, {idle} idle control-socket reads");
-    close_pair(&t, p);
 }
 
 #[test]
 fn inline_messages_behind_a_striped_one_arrive() {
-    // The receive tested first waits for workers while inline messages queue behind it; testing a
-    // later request must still read its header and payload at once.
-    let t = transport();
-    let p = pair(&t);
-    let big = 8 << 20;
-    let mut bufs = [vec![0u8; big], vec![0u8; 100], vec![0u8; 3000]];
-    let mut sends = [pattern(big, 1), pattern(100, 2), pattern(3000, 3)];
-    let rq: Vec<Opaque> = bufs
-        .iter_mut()
-        .map(|b| {
-            t.irecv(p.1, &[b.as_mut_ptr().cast()], &[b.len() as i32], &[0], &[None])
-                .unwrap()
-                .unwrap()
-        })
-        .collect();
-    let sq: Vec<Opaque> = sends
-        .iter_mut()
-        .map(|d| {
-            t.isend(p.0, d.as_mut_ptr().cast(), d.len() as i32, 0, None)
-                .unwrap()
-                .unwrap()
-        })
-        .collect();
-    // Many look-ahead tests on the big one first (pushing the back-off to its limit), then the last.
-    // The send may finish meanwhile: a completed request must not be tested again.
-    let mut big_sent = false;
-    for _ in 0..200 {
-        if t.test(sq[0], None).unwrap() {
-            big_sent = true;
-            break;
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        // The receive tested first waits for workers while inline messages queue behind it; testing a
+        // later request must still read its header and payload at once.
+        let t = transport();
+        let p = pair(&t);
+        let big = 8 << 20;
+        let mut bufs = [vec![0u8; big], vec![0u8; 100], vec![0u8; 3000]];
+        let mut sends = [pattern(big, 1), pattern(100, 2), pattern(3000, 3)];
+        let rq: Vec<Opaque> = bufs
+            .iter_mut()
+            .map(|b| {
+                t.irecv(p.1, &[b.as_mut_ptr().cast()], &[b.len() as i32], &[0], &[None])
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let sq: Vec<Opaque> = sends
+            .iter_mut()
+            .map(|d| {
+                t.isend(p.0, d.as_mut_ptr().cast(), d.len() as i32, 0, None)
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        // Many look-ahead tests on the big one first (pushing the back-off to its limit), then the last.
+        // The send may finish meanwhile: a completed request must not be tested again.
+        let mut big_sent = false;
+        for _ in 0..200 {
+            if t.test(sq[0], None).unwrap() {
+                big_sent = true;
+                break;
+            }
         }
-    }
-    let (a, b) = finish_both(&t, sq[2], rq[2]);
-    assert_eq!((a.unwrap(), b.unwrap()), (3000, 3000));
-    let (a, b) = finish_both(&t, sq[1], rq[1]);
-    assert_eq!(a.unwrap(), b.unwrap());
-    if big_sent {
-        assert_eq!(finish(&t, rq[0], "the big receive").unwrap(), big as i32);
-    } else {
-        let (a, b) = finish_both(&t, sq[0], rq[0]);
+        let (a, b) = finish_both(&t, sq[2], rq[2]);
+        assert_eq!((a.unwrap(), b.unwrap()), (3000, 3000));
+        let (a, b) = finish_both(&t, sq[1], rq[1]);
         assert_eq!(a.unwrap(), b.unwrap());
+        if big_sent {
+            assert_eq!(finish(&t, rq[0], "the big receive").unwrap(), big as i32);
+        } else {
+            let (a, b) = finish_both(&t, sq[0], rq[0]);
+            assert_eq!(a.unwrap(), b.unwrap());
+        }
+        assert!(bufs.iter().zip(&sends).all(|(b, s)| b == s), "payload corrupted");
+        close_pair(&t, p);
     }
-    assert!(bufs.iter().zip(&sends).all(|(b, s)| b == s), "payload corrupted");
-    close_pair(&t, p);
 }
 
 #[test]
 fn abandoned_and_stray_connections_are_dropped() {
-    let mut t = transport();
-    t.abandon_after = Duration::from_millis(500);
-    let mut h = [0u8; 128];
-    let l = t.listen(0, &mut h).unwrap();
-    let lh = ListenHandle::read(&h).unwrap();
-    // A connect NCCL polled once and then gave up on: its sockets never send a hello.
-    let pend = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 7).unwrap();
-    let pend_ids = socket_ids(&pend.fds());
-    t.pending().insert(0x77, pend);
-    // A stray connection that sends nothing, one with half a hello, one connection missing its
-    // data sockets.
-    use std::io::{Read, Write};
-    let hello = |index| {
-        wire::Hello {
-            index,
-            streams: lh.streams,
-            inline_max: lh.inline_max,
-            nonce: 99,
-            token: lh.token,
-        }
-        .encode()
-    };
-    let mut raw: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(lh.addr).unwrap()).collect();
-    raw[1].write_all(&hello(0)[..10]).unwrap();
-    raw[2].write_all(&hello(0)).unwrap();
-    let want = 1 + (1 + lh.streams as usize) + 3;
-    wait("the listener to hold every socket", || {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut t = transport();
+        t.abandon_after = Duration::from_millis(500);
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        let lh = ListenHandle::read(&h).unwrap();
+        // A connect NCCL polled once and then gave up on: its sockets never send a hello.
+        let pend = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 7).unwrap();
+        let pend_ids = socket_ids(&pend.fds());
+        t.pending().insert(0x77, pend);
+        // A stray connection that sends nothing, one with half a hello, one connection missing its
+        // data sockets.
+        use std::io::{Read, Write};
+        let hello = |index| {
+            wire::Hello {
+                index,
+                streams: lh.streams,
+                inline_max: lh.inline_max,
+                nonce: 99,
+                token: lh.token,
+            }
+            .encode()
+        };
+        let mut raw: Vec<std::net::TcpStream> =
+            (0..3).map(|_| std::net::TcpStream::connect(lh.addr).unwrap()).collect();
+        raw[1].write_all(&hello(0)[..10]).unwrap();
+        raw[2].write_all(&hello(0)).unwrap();
+        let want = 1 + (1 + lh.streams as usize) + 3;
+        wait("the listener to hold every socket", || {
+            assert!(t.accept(l, null_mut()).unwrap().is_none());
+            (t.comm_fds(l).len() == want).then_some(())
+        });
+        assert_eq!(t.pending().len(), 1, "a connect idle for less than the limit is kept");
+        std::thread::sleep(Duration::from_millis(600));
         assert!(t.accept(l, null_mut()).unwrap().is_none());
-        (t.comm_fds(l).len() == want).then_some(())
-    });
-    assert_eq!(t.pending().len(), 1, "a connect idle for less than the limit is kept");
-    std::thread::sleep(Duration::from_millis(600));
-    assert!(t.accept(l, null_mut()).unwrap().is_none());
-    assert_eq!(t.comm_fds(l).len(), 1, "only the listener itself is left");
-    assert!(t.pending().is_empty(), "the abandoned connect is dropped");
-    let open = open_fd_ids();
-    assert!(pend_ids.iter().all(|id| !open.contains(id)), "its sockets are closed");
-    for (i, s) in raw.iter_mut().enumerate() {
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let r = s.read(&mut [0u8; 8]);
-        assert!(
-            matches!(r, Ok(0)) || r.is_err(),
-            "stray connection {i} is still open: {r:?}"
-        );
+        assert_eq!(t.comm_fds(l).len(), 1, "only the listener itself is left");
+        assert!(t.pending().is_empty(), "the abandoned connect is dropped");
+        let open = open_fd_ids();
+        assert!(pend_ids.iter().all(|id| !open.contains(id)), "its sockets are closed");
+        for (i, s) in raw.iter_mut().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let r = s.read(&mut [0u8; 8]);
+            assert!(
+                matches!(r, Ok(0)) || r.is_err(),
+                "stray connection {i} is still open: {r:?}"
+            );
+        }
+        let mut stale = h;
+        wire::set_connect_state(&mut stale, 0x77);
+        let err = t.connect(0, &mut stale, null_mut()).unwrap_err();
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        // The listener still works.
+        let (mut s, mut r) = (None, None);
+        wait("connect/accept after the clean-up", || {
+            if s.is_none() {
+                s = t.connect(0, &mut h, null_mut()).unwrap();
+            }
+            if r.is_none() {
+                r = t.accept(l, null_mut()).unwrap();
+            }
+            (s.is_some() && r.is_some()).then_some(())
+        });
+        let p = (s.unwrap(), r.unwrap(), l);
+        check_transfer(&t, p.0, p.1, 100_000, 100_000);
+        close_pair(&t, p);
     }
-    let mut stale = h;
-    wire::set_connect_state(&mut stale, 0x77);
-    let err = t.connect(0, &mut stale, null_mut()).unwrap_err();
-    assert!(err.to_string().contains("abandoned"), "{err}");
-    // The listener still works.
-    let (mut s, mut r) = (None, None);
-    wait("connect/accept after the clean-up", || {
-        if s.is_none() {
-            s = t.connect(0, &mut h, null_mut()).unwrap();
-        }
-        if r.is_none() {
-            r = t.accept(l, null_mut()).unwrap();
-        }
-        (s.is_some() && r.is_some()).then_some(())
-    });
-    let p = (s.unwrap(), r.unwrap(), l);
-    check_transfer(&t, p.0, p.1, 100_000, 100_000);
-    close_pair(&t, p);
 }
 
 /// xorshift64: with a fixed seed a failure replays exactly (sizes, depths, test order).
@@ -1112,78 +1196,81 @@ impl Rng {
 /// new pair of `t`, with random depths of up to 32 outstanding requests each way; each side tests
 /// its oldest request (as NCCL does), and every payload and the bytes after it are checked.
 fn pipelined(t: &TcpTransport, msgs: usize, seed: u64) {
-    const MAX: usize = 3 << 20;
-    const SLACK: usize = 8;
-    let p = pair(t);
-    let mut rng = Rng(seed);
-    let inline = t.cfg.inline_max;
-    let sizes: Vec<usize> = (0..msgs)
-        .map(|_| match rng.below(4) {
-            0 => rng.below(64),
-            1 => (inline + rng.below(7)).saturating_sub(3),
-            2 => rng.below(80_000),
-            _ => rng.below(MAX + 1),
-        })
-        .collect();
-    // Payloads are windows of one random source at random offsets: no copies, every message differs.
-    let src: Vec<u8> = (0..(MAX + 65536) / 8).flat_map(|_| rng.next().to_le_bytes()).collect();
-    let offs: Vec<usize> = (0..msgs).map(|_| rng.below(65536)).collect();
-    let caps: Vec<usize> = sizes.iter().map(|&n| n + rng.below(SLACK)).collect();
-    // At most 32 receives are outstanding, so message n can always use buffer n % 32.
-    let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; MAX + SLACK]).collect();
-    let (mut sq, mut rq) = (std::collections::VecDeque::new(), std::collections::VecDeque::new());
-    let (mut posted_s, mut posted_r, mut done_s, mut done_r) = (0, 0, 0, 0);
-    let start = Instant::now();
-    while done_s < msgs || done_r < msgs {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "seed {seed:#x}: stuck after {done_s} sends and {done_r} receives"
-        );
-        let depth = 1 + rng.below(32);
-        while posted_s < msgs && sq.len() < depth {
-            let n = posted_s;
-            let data = src[offs[n]..].as_ptr() as *mut c_void;
-            sq.push_back((n, t.isend(p.0, data, sizes[n] as i32, 0, None).unwrap().unwrap()));
-            posted_s += 1;
-        }
-        let depth = 1 + rng.below(32);
-        while posted_r < msgs && rq.len() < depth {
-            let n = posted_r;
-            let b = &mut bufs[n % 32];
-            b[sizes[n]..caps[n]].fill(0xEE);
-            let req = t
-                .irecv(p.1, &[b.as_mut_ptr().cast()], &[caps[n] as i32], &[0], &[None])
-                .unwrap()
-                .unwrap();
-            rq.push_back((n, req));
-            posted_r += 1;
-        }
-        let mut sz = [-1i32];
-        if let Some(&(n, req)) = sq.front() {
-            if t.test(req, Some(&mut sz)).unwrap() {
-                assert_eq!(sz[0] as usize, sizes[n], "seed {seed:#x}: size of send {n}");
-                sq.pop_front();
-                done_s += 1;
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        const MAX: usize = 3 << 20;
+        const SLACK: usize = 8;
+        let p = pair(t);
+        let mut rng = Rng(seed);
+        let inline = t.cfg.inline_max;
+        let sizes: Vec<usize> = (0..msgs)
+            .map(|_| match rng.below(4) {
+                0 => rng.below(64),
+                1 => (inline + rng.below(7)).saturating_sub(3),
+                2 => rng.below(80_000),
+                _ => rng.below(MAX + 1),
+            })
+            .collect();
+        // Payloads are windows of one random source at random offsets: no copies, every message differs.
+        let src: Vec<u8> = (0..(MAX + 65536) / 8).flat_map(|_| rng.next().to_le_bytes()).collect();
+        let offs: Vec<usize> = (0..msgs).map(|_| rng.below(65536)).collect();
+        let caps: Vec<usize> = sizes.iter().map(|&n| n + rng.below(SLACK)).collect();
+        // At most 32 receives are outstanding, so message n can always use buffer n % 32.
+        let mut bufs: Vec<Vec<u8>> = (0..32).map(|_| vec![0u8; MAX + SLACK]).collect();
+        let (mut sq, mut rq) = (std::collections::VecDeque::new(), std::collections::VecDeque::new());
+        let (mut posted_s, mut posted_r, mut done_s, mut done_r) = (0, 0, 0, 0);
+        let start = Instant::now();
+        while done_s < msgs || done_r < msgs {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "seed {seed:#x}: stuck after {done_s} sends and {done_r} receives"
+            );
+            let depth = 1 + rng.below(32);
+            while posted_s < msgs && sq.len() < depth {
+                let n = posted_s;
+                let data = src[offs[n]..].as_ptr() as *mut c_void;
+                sq.push_back((n, t.isend(p.0, data, sizes[n] as i32, 0, None).unwrap().unwrap()));
+                posted_s += 1;
+            }
+            let depth = 1 + rng.below(32);
+            while posted_r < msgs && rq.len() < depth {
+                let n = posted_r;
+                let b = &mut bufs[n % 32];
+                b[sizes[n]..caps[n]].fill(0xEE);
+                let req = t
+                    .irecv(p.1, &[b.as_mut_ptr().cast()], &[caps[n] as i32], &[0], &[None])
+                    .unwrap()
+                    .unwrap();
+                rq.push_back((n, req));
+                posted_r += 1;
+            }
+            let mut sz = [-1i32];
+            if let Some(&(n, req)) = sq.front() {
+                if t.test(req, Some(&mut sz)).unwrap() {
+                    assert_eq!(sz[0] as usize, sizes[n], "seed {seed:#x}: size of send {n}");
+                    sq.pop_front();
+                    done_s += 1;
+                }
+            }
+            if let Some(&(n, req)) = rq.front() {
+                if t.test(req, Some(&mut sz)).unwrap() {
+                    let (size, b) = (sizes[n], &bufs[n % 32]);
+                    assert_eq!(sz[0] as usize, size, "seed {seed:#x}: size of receive {n}");
+                    assert!(
+                        b[..size] == src[offs[n]..offs[n] + size],
+                        "seed {seed:#x}: message {n} ({size} bytes) corrupted"
+                    );
+                    assert!(
+                        b[size..caps[n]].iter().all(|&x| x == 0xEE),
+                        "seed {seed:#x}: message {n} ({size} bytes) written past its end"
+                    );
+                    rq.pop_front();
+                    done_r += 1;
+                }
             }
         }
-        if let Some(&(n, req)) = rq.front() {
-            if t.test(req, Some(&mut sz)).unwrap() {
-                let (size, b) = (sizes[n], &bufs[n % 32]);
-                assert_eq!(sz[0] as usize, size, "seed {seed:#x}: size of receive {n}");
-                assert!(
-                    b[..size] == src[offs[n]..offs[n] + size],
-                    "seed {seed:#x}: message {n} ({size} bytes) corrupted"
-                );
-                assert!(
-                    b[size..caps[n]].iter().all(|&x| x == 0xEE),
-                    "seed {seed:#x}: message {n} ({size} bytes) written past its end"
-                );
-                rq.pop_front();
-                done_r += 1;
-            }
-        }
+        close_pair(t, p);
     }
-    close_pair(t, p);
 }
 
 #[test]
@@ -1227,64 +1314,70 @@ fn pipelined_random_sizes_three_threads_share_a_transport() {
 
 #[test]
 fn cuda_mode_needs_a_driver_and_otherwise_stays_host_only() {
-    let t = TcpTransport::new(&TcpConfig { cuda: true, ..lo_cfg() }).expect("transport on lo");
-    let p = t.properties(0).unwrap();
-    let host = crate::ffi::NCCL_PTR_HOST as i32;
-    let cuda = crate::ffi::NCCL_PTR_CUDA as i32;
-    if crate::cuda::driver().is_ok() {
-        assert_eq!(p.ptr_support, host | cuda);
-    } else {
-        assert_eq!(p.ptr_support, host, "no CUDA driver here: host memory only");
-        let pr = pair(&t);
-        let mut buf = [0u8; 64];
-        let err = t
-            .reg_mr(pr.0, buf.as_mut_ptr().cast(), 64, cuda)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("NCCL_TCPXSHIM_TCP_CUDA=1"), "{err}");
-        close_pair(&t, pr);
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = TcpTransport::new(&TcpConfig { cuda: true, ..lo_cfg() }).expect("transport on lo");
+        let p = t.properties(0).unwrap();
+        let host = crate::ffi::NCCL_PTR_HOST as i32;
+        let cuda = crate::ffi::NCCL_PTR_CUDA as i32;
+        if crate::cuda::driver().is_ok() {
+            assert_eq!(p.ptr_support, host | cuda);
+        } else {
+            assert_eq!(p.ptr_support, host, "no CUDA driver here: host memory only");
+            let pr = pair(&t);
+            let mut buf = [0u8; 64];
+            let err = t
+                .reg_mr(pr.0, buf.as_mut_ptr().cast(), 64, cuda)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("NCCL_TCPXSHIM_TCP_CUDA=1"), "{err}");
+            close_pair(&t, pr);
+        }
     }
 }
 
 #[test]
 fn loopback_addresses_make_separate_devices_that_nccl_can_tell_apart() {
-    let cfg = TcpConfig {
-        addrs: Some("127.0.0.1,127.0.0.2,127.0.0.3=/sys".into()),
-        ..lo_cfg()
-    };
-    let t = TcpTransport::new(&cfg).expect("three loopback devices");
-    assert_eq!(t.devices().unwrap(), 3);
-    let props: Vec<Properties> = (0..3).map(|d| t.properties(d).unwrap()).collect();
-    let names: Vec<&str> = props.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["lo/127.0.0.1", "lo/127.0.0.2", "lo/127.0.0.3"]);
-    let guids: std::collections::HashSet<u64> = props.iter().map(|p| p.guid).collect();
-    assert_eq!(guids.len(), 3, "NCCL tells devices apart by guid");
-    assert_eq!(
-        props[2].pci_path.as_deref(),
-        Some("/sys"),
-        "the given PCI path places the device"
-    );
-    assert_eq!(props[0].pci_path, iface::pci_path("lo"));
-    // Each device listens on its own address, and traffic flows on each.
-    for dev in 0..3 {
-        let mut h = [0u8; 128];
-        let l = t.listen(dev, &mut h).expect("listen");
-        let want = format!("listening on 127.0.0.{}:", dev + 1);
-        let desc = t.describe_comm(l).unwrap();
-        assert!(desc.starts_with(&want), "device {dev}: {desc}");
-        let (mut s, mut r) = (None, None);
-        wait("connect/accept", || {
-            if s.is_none() {
-                s = t.connect(dev, &mut h, null_mut()).expect("connect");
-            }
-            if r.is_none() {
-                r = t.accept(l, null_mut()).expect("accept");
-            }
-            (s.is_some() && r.is_some()).then_some(())
-        });
-        let p = (s.unwrap(), r.unwrap(), l);
-        check_transfer(&t, p.0, p.1, 100_000 + dev as usize, 200_000);
-        close_pair(&t, p);
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let cfg = TcpConfig {
+            addrs: Some("127.0.0.1,127.0.0.2,127.0.0.3=/sys".into()),
+            ..lo_cfg()
+        };
+        let t = TcpTransport::new(&cfg).expect("three loopback devices");
+        assert_eq!(t.devices().unwrap(), 3);
+        let props: Vec<Properties> = (0..3).map(|d| t.properties(d).unwrap()).collect();
+        let names: Vec<&str> = props.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["lo/127.0.0.1", "lo/127.0.0.2", "lo/127.0.0.3"]);
+        let guids: std::collections::HashSet<u64> = props.iter().map(|p| p.guid).collect();
+        assert_eq!(guids.len(), 3, "NCCL tells devices apart by guid");
+        assert_eq!(
+            props[2].pci_path.as_deref(),
+            Some("/sys"),
+            "the given PCI path places the device"
+        );
+        assert_eq!(props[0].pci_path, iface::pci_path("lo"));
+        // Each device listens on its own address, and traffic flows on each.
+        for dev in 0..3 {
+            let mut h = [0u8; 128];
+            let l = t.listen(dev, &mut h).expect("listen");
+            let want = format!("listening on 127.0.0.{}:", dev + 1);
+            let desc = t.describe_comm(l).unwrap();
+            assert!(desc.starts_with(&want), "device {dev}: {desc}");
+            let (mut s, mut r) = (None, None);
+            wait("connect/accept", || {
+                if s.is_none() {
+                    s = t.connect(dev, &mut h, null_mut()).expect("connect");
+                }
+                if r.is_none() {
+                    r = t.accept(l, null_mut()).expect("accept");
+                }
+                (s.is_some() && r.is_some()).then_some(())
+            });
+            let p = (s.unwrap(), r.unwrap(), l);
+            check_transfer(&t, p.0, p.1, 100_000 + dev as usize, 200_000);
+            close_pair(&t, p);
+        }
+        assert!(t.properties(3).is_err());
     }
-    assert!(t.properties(3).is_err());
 }

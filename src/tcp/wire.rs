@@ -25,7 +25,7 @@ pub const HELLO_LEN: usize = 32;
 /// Bytes of a message header.
 pub const HEADER_LEN: usize = 32;
 
-const _: () = assert!(HANDLE_LEN <= crate::handle::INNER_HANDLE_SIZE);
+const _: () = assert!(HANDLE_LEN <= crate::stack::handle::INNER_HANDLE_SIZE);
 
 /// Striping chunks are rounded up to this, so chunk boundaries stay page aligned.
 const CHUNK_ALIGN: usize = 4096;
@@ -59,7 +59,7 @@ impl ListenHandle {
     /// Writes the handle, with a zeroed connect-state slot, into the first [`HANDLE_LEN`] bytes.
     pub fn write(&self, out: &mut [u8]) -> Result<()> {
         if out.len() < HANDLE_LEN {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "listen: handle buffer is {} bytes, the built-in TCP transport needs {HANDLE_LEN}",
                 out.len()
             )));
@@ -89,21 +89,21 @@ impl ListenHandle {
     /// Parses a handle received from a peer, checking everything that can be checked.
     pub fn read(h: &[u8]) -> Result<ListenHandle> {
         if h.len() < HANDLE_LEN {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "connect: handle is {} bytes, the built-in TCP transport needs {HANDLE_LEN}",
                 h.len()
             )));
         }
         let magic = u32_at(h, 0);
         if magic != HANDLE_MAGIC {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "connect: handle was not made by the built-in TCP transport (magic {magic:#010x}, expected \
                  {HANDLE_MAGIC:#010x}); every rank must use the same NCCL_TCPXSHIM_PLUGIN"
             )));
         }
         let version = u16_at(h, 4);
         if version != WIRE_VERSION {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "connect: handle has wire version {version}, this build speaks {WIRE_VERSION}; run the same \
                  tcpxshim version on every rank"
             )));
@@ -116,14 +116,14 @@ impl ListenHandle {
                 IpAddr::V6(Ipv6Addr::from(o))
             }
             f => {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "connect: handle has unknown address family {f} (corrupted handle)"
                 )))
             }
         };
         let port = u16_at(h, 24);
         if port == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(Error::invalid_argument(
                 "connect: handle has port 0 (corrupted handle)".to_string(),
             ));
         }
@@ -270,6 +270,7 @@ pub fn chunks(seq: u64, size: usize, chunk: usize, streams: usize) -> impl Itera
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn handle_round_trips_v4_and_v6_and_keeps_state_slot() {
@@ -302,7 +303,7 @@ mod tests {
     #[test]
     fn garbage_handles_are_rejected() {
         let err = ListenHandle::read(&[0x55u8; 88]).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(err.kind() == ErrorKind::InvalidArgument, "{err}");
         assert!(ListenHandle::read(&[0u8; 10]).is_err());
         let mut buf = [0u8; 88];
         ListenHandle {

@@ -140,7 +140,7 @@ impl Pool {
             }
             // Wait until the thread runs, so a transport that exists has all its workers (and thread names).
             started.recv_timeout(START_TIMEOUT).map_err(|_| {
-                Error::Internal(format!(
+                Error::internal(format!(
                     "built-in TCP transport: I/O worker {i} did not start within {START_TIMEOUT:?}"
                 ))
             })?;
@@ -161,7 +161,7 @@ impl Pool {
     /// it either way ([`Pool::wait_ack`]).
     fn send(&self, w: usize, cmd: Cmd) -> Result<()> {
         let wr = &self.workers[w];
-        let stopped = || Error::Internal(format!("built-in TCP transport: I/O worker {w} has stopped"));
+        let stopped = || Error::internal(format!("built-in TCP transport: I/O worker {w} has stopped"));
         wr.tx.send(cmd).map_err(|_| stopped())?;
         // Pairs with the fence in the worker: either it sees the command before sleeping, or we see it asleep.
         fence(Ordering::SeqCst);
@@ -234,7 +234,7 @@ impl Pool {
                     e,
                 )
             }),
-            None => Err(Error::Internal(format!(
+            None => Err(Error::internal(format!(
                 "built-in TCP transport: I/O worker {w} has stopped (transport shut down?)"
             ))),
         }
@@ -315,7 +315,7 @@ impl Entry {
                 Ok(0) => {
                     let (seq, peer, i) = (t.seq, self.shared.peer, self.index);
                     let what = if self.dir == Dir::Recv { "receiving" } else { "sending" };
-                    self.fail(Error::Remote(format!(
+                    self.fail(Error::connection_lost(format!(
                         "connection to {peer} closed while {what} message {seq} (data stream {i})"
                     )));
                     return;
@@ -341,11 +341,7 @@ impl Entry {
                     let (seq, peer, i) = (t.seq, self.shared.peer, self.index);
                     let what = if self.dir == Dir::Recv { "receiving" } else { "sending" };
                     let msg = format!("connection to {peer} failed while {what} message {seq} (data stream {i}): {e}");
-                    self.fail(if sys::is_peer_gone(&e) {
-                        Error::Remote(msg)
-                    } else {
-                        Error::System(msg)
-                    });
+                    self.fail(Error::with_io(msg, e));
                     return;
                 }
             }
@@ -538,7 +534,7 @@ impl Drop for Worker {
         for e in self.entries.iter().flatten() {
             let Some(t) = e.tasks.front() else { continue };
             let what = if e.dir == Dir::Recv { "receiving" } else { "sending" };
-            let err = Error::Internal(format!(
+            let err = Error::internal(format!(
                 "I/O worker stopped while {what} message {} on data stream {} of the connection to {} (built-in \
                  TCP transport shut down with the comm still in use)",
                 t.seq, e.index, e.shared.peer

@@ -6,7 +6,7 @@
 //! Data pointers stay raw (`*mut c_void`): they may point at GPU memory.
 
 use crate::error::Result;
-use crate::ffi::DevHandle;
+use crate::ffi::{DevHandle, HANDLE_SIZE};
 use std::ffi::c_void;
 use std::ptr::NonNull;
 
@@ -26,6 +26,10 @@ impl Opaque {
     /// Wraps a non-NULL pointer; NULL gives `None`.
     pub fn from_ptr(p: *mut c_void) -> Option<Opaque> {
         NonNull::new(p).map(Opaque)
+    }
+    /// An address-sized value that is never dereferenced (a table key); 0 gives `None`.
+    pub fn from_addr(a: usize) -> Option<Opaque> {
+        NonNull::new(a as *mut c_void).map(Opaque)
     }
     /// Wraps a pointer to a transport's own object.
     pub fn from_box<T>(b: Box<T>) -> Opaque {
@@ -102,28 +106,59 @@ pub struct Properties {
 ///
 /// Calls on one comm come from one thread at a time (NCCL's proxy thread); different comms may
 /// be driven from different threads concurrently.
+///
+/// # Safety
+///
+/// Every `unsafe fn` here may dereference what it is given, so its caller promises:
+/// - each `Opaque` comm, registration or request was returned by this same transport (a comm by
+///   `listen`, `connect` or `accept`; a registration by `reg_mr` on that comm; a request by
+///   `isend`, `irecv` or `iflush` on that comm) and has not been closed, deregistered or
+///   completed since;
+/// - each data pointer addresses memory of the given size and of the registered type that stays
+///   valid until the request completes or its comm is closed, and a receive buffer is not read or
+///   written by anyone else meanwhile;
+/// - repeated `connect` calls for one connection pass the same handle buffer, unchanged since
+///   the previous call (an inner plugin may keep a pointer in it), and a handle is never used for
+///   a second connection;
+/// - `dev_handle` is NULL or valid for reading and writing one `*mut DevHandle`.
+///
+/// A transport that validates its objects (the shim's own layer does, through its object table)
+/// still keeps these signatures: the data pointers cannot be checked.
 pub trait Transport: Send + Sync {
     /// The transport's name as NCCL's `NCCL_NET` matches it.
     fn name(&self) -> &str;
-    /// How many bytes of the 128-byte NCCL handle this transport writes in `listen`.
-    /// Must be at most [`crate::handle::INNER_HANDLE_SIZE`].
-    fn handle_size(&self) -> usize;
     /// Number of devices.
     fn devices(&self) -> Result<i32>;
     /// Properties of device `dev`.
     fn properties(&self, dev: i32) -> Result<Properties>;
     /// Starts listening on `dev`, writing the connection handle into `handle`.
-    fn listen(&self, dev: i32, handle: &mut [u8]) -> Result<Opaque>;
+    fn listen(&self, dev: i32, handle: &mut [u8; HANDLE_SIZE]) -> Result<Opaque>;
     /// Connects to the peer described by `handle`. Never blocks: `Ok(None)` means "call again
-    /// with the same, unchanged handle buffer". `dev_handle` may be NULL.
-    fn connect(&self, dev: i32, handle: &mut [u8], dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>>;
+    /// with the same, unchanged handle buffer".
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn connect(
+        &self,
+        dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        dev_handle: *mut *mut DevHandle,
+    ) -> Result<Option<Opaque>>;
     /// Accepts one connection on `listen`. Never blocks: `Ok(None)` means "call again".
-    /// `dev_handle` is a valid pointer to a device-handle pointer when the caller has one.
-    fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>>;
     /// Registers `size` bytes at `data` (NCCL_PTR_HOST or NCCL_PTR_CUDA) for use on `comm`.
-    fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque>;
     /// Registers a DMA-BUF region; transports without DMA-BUF support return an error.
-    fn reg_mr_dmabuf(
+    ///
+    /// # Safety
+    /// See the trait's safety section; `fd` is a DMA-BUF file descriptor for the region.
+    unsafe fn reg_mr_dmabuf(
         &self,
         comm: Opaque,
         data: *mut c_void,
@@ -133,7 +168,7 @@ pub trait Transport: Send + Sync {
         fd: i32,
     ) -> Result<Opaque> {
         let _ = (comm, data, size, ptr_type, offset, fd);
-        Err(crate::error::Error::InvalidUsage(format!(
+        Err(crate::error::Error::invalid_usage(format!(
             "regMrDmaBuf: transport {} does not support DMA-BUF",
             self.name()
         )))
@@ -143,12 +178,27 @@ pub trait Transport: Send + Sync {
         false
     }
     /// Releases a registration.
-    fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()>;
     /// Posts a send. `Ok(None)`: not possible now, try again.
-    fn isend(&self, comm: Opaque, data: *mut c_void, size: i32, tag: i32, mr: Option<Opaque>)
-        -> Result<Option<Opaque>>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn isend(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: i32,
+        tag: i32,
+        mr: Option<Opaque>,
+    ) -> Result<Option<Opaque>>;
     /// Posts `data.len()` grouped receives. `Ok(None)`: not possible now, try again.
-    fn irecv(
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn irecv(
         &self,
         comm: Opaque,
         data: &[*mut c_void],
@@ -157,7 +207,10 @@ pub trait Transport: Send + Sync {
         mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>>;
     /// Makes received GPU data visible; `Ok(None)` when there is nothing to flush.
-    fn iflush(
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn iflush(
         &self,
         comm: Opaque,
         data: &[*mut c_void],
@@ -166,26 +219,56 @@ pub trait Transport: Send + Sync {
     ) -> Result<Option<Opaque>>;
     /// Tests a request. On completion returns true, fills `sizes` (one per grouped receive, or the
     /// sent size) when given, and the request is gone.
-    fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool>;
     /// Closes a send comm; outstanding requests are abandoned.
-    fn close_send(&self, comm: Opaque) -> Result<()>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn close_send(&self, comm: Opaque) -> Result<()>;
     /// Closes a receive comm; outstanding requests are abandoned.
-    fn close_recv(&self, comm: Opaque) -> Result<()>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn close_recv(&self, comm: Opaque) -> Result<()>;
     /// Closes a listen comm.
-    fn close_listen(&self, comm: Opaque) -> Result<()>;
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn close_listen(&self, comm: Opaque) -> Result<()>;
     /// The device-side handle of a registration (UNPACK transports); `None` for host transports.
-    fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
         let _ = (comm, mr);
         Ok(None)
     }
     /// Tells the transport that the GPU consumed a completed receive (UNPACK transports).
-    fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
+    ///
+    /// # Safety
+    /// See the trait's safety section; `req`, when given, is a completed receive of `comm`.
+    unsafe fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
         let _ = (comm, n, req);
         Ok(())
     }
     /// A short description of a comm's peer for log lines ("peer 10.0.0.2:41234, 4 streams").
-    fn describe_comm(&self, comm: Opaque) -> Option<String> {
+    ///
+    /// # Safety
+    /// See the trait's safety section.
+    unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
         let _ = comm;
+        None
+    }
+    /// What an outstanding request still waits for, in the transport's own terms ("no header
+    /// yet", "3 of 4 chunks missing"), for the stall warning; `None` when it has nothing to add.
+    ///
+    /// # Safety
+    /// See the trait's safety section; `req` is an outstanding request of `comm`.
+    unsafe fn stall_detail(&self, comm: Opaque, req: Opaque) -> Option<String> {
+        let _ = (comm, req);
         None
     }
 }

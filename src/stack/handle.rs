@@ -1,0 +1,417 @@
+//! The shim's 128-byte handle: the inner transport's handle first, then a trailer.
+//!
+//! ```text
+//! 0                                   88                                   128
+//! | inner transport's handle (88 B)    | magic | ver | flags | ctrl addr | port | family | conn id | secret |
+//! ```
+//! TCPX writes 88 bytes (including a process-local pointer at offset 80 on connect), so the inner
+//! share is exactly that: the inner handle travels inline, and every repeated connect() hands the
+//! inner plugin NCCL's own buffer, untouched.
+//!
+//! An inner plugin that writes (or zeroes) more than 88 bytes in listen() leaves no room for the
+//! trailer. Then the handle is *served*: the shim offers the inner plugin's full 128 bytes on
+//! its control service (`crate::control`) and NCCL's handle carries only the trailer, with the
+//! service's address, an id and a secret. The connecting side fetches the inner handle into a
+//! buffer of its own, kept for that connection, and hands the inner plugin that same buffer on
+//! every repeated connect() (TCPX's quirk 1 holds in both modes). While the fetch and the inner
+//! connect are in progress, the first bytes of NCCL's handle (unused in this mode) name the
+//! pending connect, as TCPX keeps its own state in the handle.
+
+use crate::config::Config;
+use crate::control::{self, Service};
+use crate::error::{Error, Result};
+use crate::ffi::HANDLE_SIZE;
+use crate::transport::Opaque;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Bytes of the handle that belong to the inner transport.
+pub const INNER_HANDLE_SIZE: usize = 88;
+/// Bytes of the trailer.
+pub const TRAILER_SIZE: usize = HANDLE_SIZE - INNER_HANDLE_SIZE;
+/// Identifies a tcpxshim handle ("TXSH" little-endian).
+pub const MAGIC: u32 = u32::from_le_bytes(*b"TXSH");
+/// Trailer layout version.
+pub const VERSION: u16 = 1;
+/// Byte written into the trailer before the inner listen, to detect an inner handle that overflows its share.
+pub const CANARY: u8 = 0xA5;
+
+/// Trailer flag: the inner handle is served by the listener's control service.
+pub const FLAG_SERVED: u16 = 1;
+
+/// The decoded trailer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Trailer {
+    /// Feature flags ([`FLAG_SERVED`]).
+    pub flags: u16,
+    /// Control-service address (IPv4-mapped or IPv6), zero when absent.
+    pub ctrl_addr: [u8; 16],
+    /// Control-service port, zero when absent.
+    pub ctrl_port: u16,
+    /// Address family of `ctrl_addr` (libc::AF_INET or AF_INET6), zero when absent.
+    pub ctrl_family: u16,
+    /// Connection id within the listening process.
+    pub conn_id: u32,
+    /// Per-connection secret.
+    pub secret: u64,
+}
+
+impl Trailer {
+    /// Writes the trailer into `handle[INNER_HANDLE_SIZE..]`.
+    pub fn write(&self, handle: &mut [u8; HANDLE_SIZE]) {
+        let t = &mut handle[INNER_HANDLE_SIZE..];
+        t[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        t[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        t[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        t[8..24].copy_from_slice(&self.ctrl_addr);
+        t[24..26].copy_from_slice(&self.ctrl_port.to_le_bytes());
+        t[26..28].copy_from_slice(&self.ctrl_family.to_le_bytes());
+        t[28..32].copy_from_slice(&self.conn_id.to_le_bytes());
+        t[32..40].copy_from_slice(&self.secret.to_le_bytes());
+    }
+
+    /// Reads and validates the trailer of a handle received from a peer.
+    pub fn read(handle: &[u8; HANDLE_SIZE]) -> Result<Trailer> {
+        let t = &handle[INNER_HANDLE_SIZE..];
+        let u16_at = |i: usize| u16::from_le_bytes([t[i], t[i + 1]]);
+        let magic = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        if magic != MAGIC {
+            return Err(Error::invalid_argument(format!(
+                "handle was not made by tcpxshim (trailer magic {magic:#010x}, expected {MAGIC:#010x}): \
+                 every rank must load the same plugin (NCCL_NET_PLUGIN) with the same NCCL_TCPXSHIM_PLUGIN"
+            )));
+        }
+        let version = u16_at(4);
+        if version != VERSION {
+            return Err(Error::invalid_argument(format!(
+                "handle trailer version {version} is not supported (this build speaks {VERSION}): \
+                 run the same tcpxshim version on every rank"
+            )));
+        }
+        let mut ctrl_addr = [0u8; 16];
+        ctrl_addr.copy_from_slice(&t[8..24]);
+        Ok(Trailer {
+            flags: u16_at(6),
+            ctrl_addr,
+            ctrl_port: u16_at(24),
+            ctrl_family: u16_at(26),
+            conn_id: u32::from_le_bytes([t[28], t[29], t[30], t[31]]),
+            secret: u64::from_le_bytes([t[32], t[33], t[34], t[35], t[36], t[37], t[38], t[39]]),
+        })
+    }
+}
+
+impl Trailer {
+    /// The control service's address, if the trailer names one.
+    pub fn ctrl_socket(&self) -> Option<SocketAddr> {
+        let ip = match self.ctrl_family as i32 {
+            libc::AF_INET => IpAddr::V4(Ipv6Addr::from(self.ctrl_addr).to_ipv4_mapped()?),
+            libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(self.ctrl_addr)),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, self.ctrl_port))
+    }
+
+    /// Names `addr` as the control service's address.
+    pub fn set_ctrl_socket(&mut self, addr: SocketAddr) {
+        let (family, v6) = match addr.ip() {
+            IpAddr::V4(v4) => (libc::AF_INET, v4.to_ipv6_mapped()),
+            IpAddr::V6(v6) => (libc::AF_INET6, v6),
+        };
+        self.ctrl_family = family as u16;
+        self.ctrl_addr = v6.octets();
+        self.ctrl_port = addr.port();
+    }
+}
+
+/// A random 64-bit value from the operating system.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No OS randomness: fall back to a hashed clock (never used for the served-handle secret,
+        // which refuses to start without the OS source).
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        return h.finish();
+    }
+    u64::from_le_bytes(b)
+}
+
+/// How the shim carries inner handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandleMode {
+    /// Inline when the inner handle fits in its 88 bytes, served otherwise.
+    Auto,
+    /// Always served (to exercise that mode over any inner transport).
+    Served,
+}
+
+/// A connect in progress in served mode.
+struct Pending {
+    /// The inner handle once fetched, in a buffer of this connection's own: the inner plugin gets
+    /// this same buffer on every repeated connect().
+    scratch: Box<[u8; HANDLE_SIZE]>,
+    fetched: bool,
+    fetch: Option<std::sync::mpsc::Receiver<Result<[u8; HANDLE_SIZE]>>>,
+    touched: Instant,
+}
+
+/// Marks the first bytes of NCCL's handle as naming a pending connect ("TXSHPEND").
+const PENDING_MAGIC: u64 = u64::from_le_bytes(*b"TXSHPEND");
+/// A pending connect nobody polled for this long is dropped.
+const ABANDON_AFTER: Duration = Duration::from_secs(60);
+
+/// The two handle modes: writing handles in listen, reading them in connect.
+pub struct Handles {
+    mode: HandleMode,
+    ctrl_addr: Option<IpAddr>,
+    ctrl_ifname: Option<String>,
+    fetch_timeout: Duration,
+    service: OnceLock<std::result::Result<Service, String>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_pending: AtomicU64,
+}
+
+impl Handles {
+    /// The handle settings of `cfg`.
+    pub fn new(cfg: &Config) -> Handles {
+        Handles {
+            mode: cfg.handle_mode,
+            ctrl_addr: cfg.ctrl_addr,
+            ctrl_ifname: cfg.tcp.ifname.clone(),
+            fetch_timeout: control::IO_TIMEOUT,
+            service: OnceLock::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_pending: AtomicU64::new(1),
+        }
+    }
+
+    fn service(&self) -> Result<&Service> {
+        let s = self.service.get_or_init(|| {
+            let ip = match self.ctrl_addr {
+                Some(ip) => ip,
+                None => crate::tcp::default_address(self.ctrl_ifname.as_deref()).map_err(|e| e.to_string())?,
+            };
+            Service::start(ip).map_err(|e| e.to_string())
+        });
+        s.as_ref().map_err(|e| {
+            Error::system(format!(
+                "the inner plugin's handle needs the control service, which could not start: {e} (set {})",
+                crate::config::CTRL_ADDR.name
+            ))
+        })
+    }
+
+    /// Writes NCCL's `handle` for the inner handle in `scratch` (filled with [`CANARY`] before the
+    /// inner listen): inline when it fits, else served. Returns the offer id when served.
+    pub fn publish(
+        &self,
+        scratch: &[u8; HANDLE_SIZE],
+        handle: &mut [u8; HANDLE_SIZE],
+        inner: &str,
+    ) -> Result<Option<u32>> {
+        let fits = scratch[INNER_HANDLE_SIZE..].iter().all(|&b| b == CANARY);
+        let mut t = Trailer {
+            secret: random_u64(),
+            ..Trailer::default()
+        };
+        if fits && self.mode == HandleMode::Auto {
+            handle[..INNER_HANDLE_SIZE].copy_from_slice(&scratch[..INNER_HANDLE_SIZE]);
+            t.conn_id = random_u64() as u32;
+            t.write(handle);
+            return Ok(None);
+        }
+        let svc = self.service().map_err(|e| e.context(format!("listen over {inner}")))?;
+        let id = svc.offer(t.secret, scratch);
+        t.flags = FLAG_SERVED;
+        t.conn_id = id;
+        t.set_ctrl_socket(svc.addr());
+        handle.fill(0);
+        t.write(handle);
+        if !fits {
+            log::info!(
+                "listen: inner transport {inner} writes past byte {INNER_HANDLE_SIZE} of its handle; serving it from the \
+                 control service at {}",
+                svc.addr()
+            );
+        }
+        Ok(Some(id))
+    }
+
+    /// Withdraws a served handle (its listen comm closed).
+    pub fn withdraw(&self, id: u32) {
+        if let Some(Ok(svc)) = self.service.get() {
+            svc.withdraw(id);
+        }
+    }
+
+    /// One connect() call for NCCL's `handle`: `inner` is called with the inner handle buffer
+    /// (NCCL's own when inline, the pending connect's when served), the same one every call.
+    pub fn connect(
+        &self,
+        handle: &mut [u8; HANDLE_SIZE],
+        inner: impl FnOnce(&mut [u8; HANDLE_SIZE]) -> Result<Option<Opaque>>,
+    ) -> Result<Option<Opaque>> {
+        let t = Trailer::read(handle)?;
+        if t.flags & FLAG_SERVED == 0 {
+            // The same buffer, unchanged, on every call: TCPX keeps connect state inside it.
+            return inner(handle);
+        }
+        self.drop_abandoned();
+        let (id, mut p) = self.take_pending(handle, &t)?;
+        let res = self.progress(&mut p, &t).and_then(|ready| match ready {
+            true => inner(&mut p.scratch),
+            false => Ok(None),
+        });
+        match res {
+            Ok(None) => {
+                p.touched = Instant::now();
+                lock(&self.pending).insert(id, p);
+                Ok(None)
+            }
+            done => {
+                handle[..16].fill(0);
+                done
+            }
+        }
+    }
+
+    /// The pending connect NCCL's handle names, or a new one (writing its id into the handle).
+    fn take_pending(&self, handle: &mut [u8; HANDLE_SIZE], t: &Trailer) -> Result<(u64, Pending)> {
+        let magic = u64::from_le_bytes(handle[..8].try_into().unwrap_or_default());
+        let id = u64::from_le_bytes(handle[8..16].try_into().unwrap_or_default());
+        if magic != PENDING_MAGIC {
+            let id = self.next_pending.fetch_add(1, Ordering::Relaxed);
+            handle[..8].copy_from_slice(&PENDING_MAGIC.to_le_bytes());
+            handle[8..16].copy_from_slice(&id.to_le_bytes());
+            let p = Pending {
+                scratch: Box::new([0; HANDLE_SIZE]),
+                fetched: false,
+                fetch: Some(self.start_fetch(t)?),
+                touched: Instant::now(),
+            };
+            return Ok((id, p));
+        }
+        let p = lock(&self.pending).remove(&id).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "the handle names connect #{id} in progress, which this process does not have (a handle copied between \
+                 connect() calls, reused after its connect finished, or not polled for {} s)",
+                ABANDON_AFTER.as_secs()
+            ))
+        })?;
+        Ok((id, p))
+    }
+
+    fn start_fetch(&self, t: &Trailer) -> Result<std::sync::mpsc::Receiver<Result<[u8; HANDLE_SIZE]>>> {
+        let addr = t
+            .ctrl_socket()
+            .ok_or_else(|| Error::invalid_argument("the handle says it is served but names no control service"))?;
+        let req = control::Request {
+            id: t.conn_id,
+            secret: t.secret,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let timeout = self.fetch_timeout;
+        std::thread::Builder::new()
+            .name("tcpxshim-fetch".into())
+            .spawn(move || {
+                let _ = tx.send(control::fetch(addr, req, timeout));
+            })
+            .map_err(|e| Error::io("connect: starting the handle fetch", e))?;
+        Ok(rx)
+    }
+
+    /// Whether the inner handle is in `p.scratch` yet.
+    fn progress(&self, p: &mut Pending, t: &Trailer) -> Result<bool> {
+        if p.fetched {
+            return Ok(true);
+        }
+        let rx = p
+            .fetch
+            .as_ref()
+            .ok_or_else(|| Error::internal("connect: no handle fetch in progress"))?;
+        match rx.try_recv() {
+            Ok(Ok(h)) => {
+                *p.scratch = h;
+                p.fetched = true;
+                p.fetch = None;
+                Ok(true)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(false),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(Error::internal(format!(
+                "connect: the fetch of served handle {} ended without an answer",
+                t.conn_id
+            ))),
+        }
+    }
+
+    fn drop_abandoned(&self) {
+        lock(&self.pending).retain(|_, p| p.touched.elapsed() < ABANDON_AFTER);
+    }
+
+    /// Connects in progress in served mode (for tests).
+    pub fn pending_connects(&self) -> usize {
+        lock(&self.pending).len()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailer_round_trips() {
+        let mut h = [7u8; HANDLE_SIZE];
+        let t = Trailer {
+            flags: 3,
+            ctrl_addr: [9; 16],
+            ctrl_port: 4242,
+            ctrl_family: 10,
+            conn_id: 77,
+            secret: 0xdead_beef,
+        };
+        t.write(&mut h);
+        assert_eq!(Trailer::read(&h).unwrap(), t);
+        assert_eq!(
+            &h[..INNER_HANDLE_SIZE],
+            &[7u8; INNER_HANDLE_SIZE][..],
+            "inner share untouched"
+        );
+    }
+
+    #[test]
+    fn control_addresses_round_trip_in_the_trailer() {
+        for a in ["127.0.0.1:4000", "[::1]:5000", "10.1.2.3:65535"] {
+            let addr: SocketAddr = a.parse().unwrap();
+            let mut t = Trailer::default();
+            t.set_ctrl_socket(addr);
+            let mut h = [0u8; HANDLE_SIZE];
+            t.write(&mut h);
+            assert_eq!(Trailer::read(&h).unwrap().ctrl_socket(), Some(addr));
+        }
+        assert_eq!(Trailer::default().ctrl_socket(), None);
+    }
+
+    #[test]
+    fn garbage_handle_is_rejected_with_the_setting_to_check() {
+        let h = [0x55u8; HANDLE_SIZE];
+        let err = Trailer::read(&h).unwrap_err().to_string();
+        assert!(
+            err.contains("not made by tcpxshim") && err.contains("NCCL_TCPXSHIM_PLUGIN"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,592 @@
+//! The shim's own layer, the top of the stack: every comm, registration and request NCCL holds
+//! is a record of this layer, found through its object table; it also writes and reads the
+//! handle trailer, keeps per-connection counters, warns about requests that do not complete,
+//! and poisons a comm after an internal error.
+//!
+//! [`Shim`] is itself a [`Transport`], so the `tcpxshim` command and the Endpoint API drive
+//! exactly the stack NCCL drives.
+
+use super::handle::{self, Handles};
+use super::objects::{CommRec, CommSpec, Kind, MrRec, Op, Posted, MAX_RECVS};
+use super::table::{CommKey, Keyed, MrKey, ReqKey, Table, MAX_COMMS};
+use super::LoadInfo;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ffi::{DevHandle, HANDLE_SIZE};
+use crate::metrics::human_bytes;
+use crate::transport::{DeviceType, Opaque, Properties, Transport};
+use std::ffi::c_void;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often (in test() calls of one request) the stall clock is read.
+const STALL_SAMPLE: u32 = 1024;
+
+/// The shim over its inner transport (the layers beneath it included).
+pub struct Shim {
+    inner: Box<dyn Transport>,
+    info: LoadInfo,
+    name: String,
+    unpack: Vec<bool>,
+    comms: Table<CommRec>,
+    next_id: AtomicU64,
+    stall_warn: Option<Duration>,
+    handles: Handles,
+}
+
+impl Shim {
+    /// The top of a stack over `inner` (the other layers already applied).
+    pub fn over(inner: Box<dyn Transport>, mut info: LoadInfo, cfg: &Config) -> Result<Shim> {
+        let devices = inner.devices()?;
+        info.devices = devices;
+        let mut unpack = Vec::new();
+        for d in 0..devices {
+            unpack.push(inner.properties(d)?.device_type == DeviceType::Unpack);
+        }
+        let name = cfg.name.clone().unwrap_or_else(|| inner.name().to_string());
+        Ok(Shim {
+            inner,
+            info,
+            name,
+            unpack,
+            comms: Table::new(MAX_COMMS),
+            next_id: AtomicU64::new(1),
+            stall_warn: cfg.stall_warn,
+            handles: Handles::new(cfg),
+        })
+    }
+
+    /// What was loaded.
+    pub fn info(&self) -> &LoadInfo {
+        &self.info
+    }
+
+    /// The one-line summary logged at init.
+    pub fn summary(&self) -> String {
+        let mut s = format!("loaded {} from {}", self.info.name, self.info.source);
+        if self.info.abi_version > 0 {
+            let _ = write!(s, " (ncclNet v{})", self.info.abi_version);
+        }
+        let _ = write!(s, ", {} device(s), reporting name {}", self.info.devices, self.name);
+        s
+    }
+
+    fn check_dev(&self, call: &str, dev: i32) -> Result<()> {
+        if dev < 0 || dev >= self.info.devices {
+            return Err(Error::invalid_argument(format!(
+                "{call}: device {dev} does not exist ({} has {} device(s))",
+                self.info.name, self.info.devices
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a new comm over the inner comm `inner` and returns the key NCCL sees.
+    fn wrap(&self, kind: Kind, inner: Opaque, dev: i32, served: Option<u32>) -> Result<Opaque> {
+        // SAFETY: `inner` was just returned by the inner transport and is open.
+        let peer =
+            unsafe { self.inner.describe_comm(inner) }.unwrap_or_else(|| format!("{} dev {dev}", self.info.name));
+        let spec = CommSpec {
+            kind,
+            inner,
+            dev,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            peer,
+            unpack: self.unpack.get(dev as usize).copied().unwrap_or(false),
+            served,
+        };
+        let Some(rec) = self.comms.insert(|key| CommRec::new(key, spec)) else {
+            return Err(Error::invalid_usage(format!(
+                "{}: this process already has {MAX_COMMS} comms open through tcpxshim",
+                kind.label()
+            )));
+        };
+        if kind != Kind::Listen {
+            log::info!("opened {}", rec.label());
+        }
+        Ok(rec.key().to_opaque())
+    }
+
+    /// The open comm NCCL's `comm` stands for, of kind `kind` (any data kind when `None`).
+    fn comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Arc<CommRec>> {
+        let c = self.lookup(call, comm)?;
+        match kind {
+            Some(k) if c.kind != k => Err(Error::invalid_usage(format!(
+                "{call}: expected a {} comm, got {}",
+                k.label(),
+                c.label()
+            ))),
+            None if c.kind == Kind::Listen => Err(Error::invalid_usage(format!(
+                "{call}: expected a send or receive comm, got {}",
+                c.label()
+            ))),
+            _ => Ok(c),
+        }
+    }
+
+    /// Like [`Shim::comm`] without the kind check and without refusing a poisoned comm.
+    fn lookup(&self, call: &str, comm: Opaque) -> Result<Arc<CommRec>> {
+        CommKey::from_opaque(comm)
+            .and_then(|k| self.comms.get(k))
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "{call}: {:#x} is not an open tcpxshim comm (closed already, or never returned by this plugin)",
+                    comm.as_ptr() as usize
+                ))
+            })
+    }
+
+    fn live_comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Arc<CommRec>> {
+        let c = self.comm(call, comm, kind)?;
+        c.check_live(call)?;
+        Ok(c)
+    }
+
+    fn close(&self, call: &str, comm: Opaque, kind: Kind) -> Result<()> {
+        let c = self.comm(call, comm, Some(kind))?;
+        if self.comms.remove(c.key()).is_none() {
+            return Err(Error::invalid_argument(format!(
+                "{call}: {} is being closed already",
+                c.label()
+            )));
+        }
+        // SAFETY: the record was live in the table, so its inner comm is open, and removing it
+        // made this the only close.
+        let result = unsafe {
+            match kind {
+                Kind::Send => self.inner.close_send(c.inner),
+                Kind::Recv => self.inner.close_recv(c.inner),
+                Kind::Listen => self.inner.close_listen(c.inner),
+            }
+        };
+        if let Some(id) = c.served {
+            self.handles.withdraw(id);
+        }
+        if kind != Kind::Listen {
+            c.counters.retire();
+            let s = c.counters.snapshot();
+            log::info!(
+                "closed {}: {} messages, {}, {} errors, open {:.1} s",
+                c.label(),
+                s.messages,
+                human_bytes(s.bytes),
+                s.errors,
+                c.opened.elapsed().as_secs_f64()
+            );
+        }
+        result.map_err(|e| e.context(call))
+    }
+
+    /// The inner registrations behind NCCL's memory handles (NULL stays NULL), each checked to
+    /// cover its buffer.
+    fn inner_mrs(
+        &self,
+        call: &str,
+        c: &CommRec,
+        mrs: &[Option<Opaque>],
+        data: &[*mut c_void],
+        sizes: &[i32],
+    ) -> Result<[Option<Opaque>; MAX_RECVS]> {
+        let mut out = [None; MAX_RECVS];
+        for (i, (o, m)) in out.iter_mut().zip(mrs).enumerate() {
+            if let Some(m) = m {
+                let key = MrKey::from_opaque(*m).ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "{call}: {:#x} is not a tcpxshim memory handle",
+                        m.as_ptr() as usize
+                    ))
+                })?;
+                let rec = c.mr(call, key)?;
+                rec.covers(call, data[i] as usize, sizes[i])?;
+                *o = Some(rec.inner);
+            }
+        }
+        Ok(out)
+    }
+
+    fn mr_keys(mrs: &[Option<Opaque>]) -> [Option<MrKey>; MAX_RECVS] {
+        let mut out = [None; MAX_RECVS];
+        for (o, m) in out.iter_mut().zip(mrs) {
+            *o = m.and_then(MrKey::from_opaque);
+        }
+        out
+    }
+
+    /// How many grouped receives a request covers (the length of test()'s sizes array).
+    pub fn request_len(&self, req: Opaque) -> Result<usize> {
+        let (c, key) = self.request_comm("test", req)?;
+        let n = c.request("test", key)?.posted.n.max(1);
+        Ok(n)
+    }
+
+    fn request_comm(&self, call: &str, req: Opaque) -> Result<(Arc<CommRec>, ReqKey)> {
+        let key = ReqKey::from_opaque(req).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "{call}: {:#x} is not a tcpxshim request",
+                req.as_ptr() as usize
+            ))
+        })?;
+        let c = self.comms.get16(key.comm, key.comm_gen).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "{call}: request {:#x} belongs to a comm that is closed",
+                req.as_ptr() as usize
+            ))
+        })?;
+        Ok((c, key))
+    }
+
+    /// Marks the comm NCCL's `comm` stands for (if it is one) unusable.
+    pub fn poison(&self, comm: *mut c_void) {
+        if let Some(c) = Opaque::from_ptr(comm).and_then(|o| self.lookup("", o).ok()) {
+            c.poison();
+        }
+    }
+
+    /// The comm a request belongs to, as NCCL's pointer (NULL if none), to poison it.
+    pub fn comm_of_request(&self, req: *mut c_void) -> *mut c_void {
+        Opaque::from_ptr(req)
+            .and_then(|r| self.request_comm("", r).ok())
+            .map_or(std::ptr::null_mut(), |(c, _)| c.key().to_opaque().as_ptr())
+    }
+
+    /// Open comms (for tests and the end-of-run summary).
+    pub fn open_comms(&self) -> usize {
+        self.comms.live().len()
+    }
+
+    fn warn_stalled(&self, c: &CommRec, r: &mut super::objects::ReqRec, limit: Duration) {
+        let age = r.at.elapsed();
+        if age < limit {
+            return;
+        }
+        r.warned = true;
+        let p = &r.posted;
+        let what = if p.n > 1 {
+            format!("{} of {} grouped receives ({} bytes)", p.op.call(), p.n, p.bytes())
+        } else {
+            format!("{} of {} bytes (tag {})", p.op.call(), p.bytes(), p.tags[0])
+        };
+        // SAFETY: the comm is open and the request outstanding (its slot is locked by the caller).
+        let detail = r.inner.and_then(|ir| unsafe { self.inner.stall_detail(c.inner, ir) });
+        let side = match p.op {
+            Op::Send => "the peer is not receiving",
+            _ => "the peer has not sent",
+        };
+        log::warn!(
+            "test: {what} on {} has been outstanding for {:.1} s while NCCL keeps testing it ({}); look at that peer \
+             (warned once per request after {}={} s)",
+            c.label(),
+            age.as_secs_f64(),
+            detail.unwrap_or_else(|| side.to_string()),
+            crate::config::STALL_WARN.name,
+            limit.as_secs_f64()
+        );
+    }
+
+    fn finish(&self, c: &CommRec, key: ReqKey, sizes: Option<&mut [i32]>) -> Result<bool> {
+        let mut r = c.request("test", key)?;
+        let n = r.posted.n.clamp(1, MAX_RECVS);
+        let mut local = [0i32; MAX_RECVS];
+        let ireq = r
+            .inner
+            .ok_or_else(|| Error::internal("test: request has no inner request"))?;
+        // SAFETY: the inner request is outstanding (its record is live and locked), and `local`
+        // has one entry per grouped receive.
+        let done = match unsafe { self.inner.test(ireq, Some(&mut local[..n])) } {
+            Ok(d) => d,
+            Err(e) => {
+                c.counters.error();
+                c.retire(key, r);
+                return Err(e.context(format!("test on {}", c.label())));
+            }
+        };
+        if !done {
+            r.tests = r.tests.wrapping_add(1);
+            if let Some(limit) = self.stall_warn {
+                if !r.warned && r.tests % STALL_SAMPLE == 0 {
+                    self.warn_stalled(c, &mut r, limit);
+                }
+            }
+            return Ok(false);
+        }
+        let op = r.posted.op;
+        let bytes = match op {
+            Op::Send => r.posted.bytes(),
+            _ => local[..n].iter().map(|&s| s.max(0) as i64).sum(),
+        };
+        if op != Op::Flush {
+            c.counters.complete(bytes as u64);
+        }
+        if let Some(out) = sizes {
+            let k = out.len().min(n);
+            out[..k].copy_from_slice(&local[..k]);
+        }
+        if c.unpack && op == Op::Recv {
+            c.completed_unpack(key, Some(ireq));
+        }
+        c.retire(key, r);
+        Ok(true)
+    }
+
+    /// Registers on the inner comm and records the registration.
+    fn register(
+        &self,
+        call: &str,
+        comm: Opaque,
+        rec: MrRec,
+        inner: impl FnOnce(Opaque) -> Result<Opaque>,
+    ) -> Result<Opaque> {
+        let c = self.live_comm(call, comm, None)?;
+        let imr = inner(c.inner).map_err(|e| e.context(format!("{call} on {}", c.label())))?;
+        match c.add_mr(MrRec { inner: imr, ..rec }) {
+            Ok(k) => Ok(k.to_opaque()),
+            Err(e) => {
+                // SAFETY: `imr` was just registered on the open inner comm and nobody else has it.
+                let _ = unsafe { self.inner.dereg_mr(c.inner, imr) };
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Transport for Shim {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn devices(&self) -> Result<i32> {
+        Ok(self.info.devices)
+    }
+
+    fn properties(&self, dev: i32) -> Result<Properties> {
+        self.check_dev("getProperties", dev)?;
+        self.inner.properties(dev)
+    }
+
+    fn listen(&self, dev: i32, handle: &mut [u8; HANDLE_SIZE]) -> Result<Opaque> {
+        self.check_dev("listen", dev)?;
+        let mut scratch = [handle::CANARY; HANDLE_SIZE];
+        let inner = self.inner.listen(dev, &mut scratch)?;
+        match self.handles.publish(&scratch, handle, self.inner.name()) {
+            Ok(served) => self.wrap(Kind::Listen, inner, dev, served).inspect_err(|_| {
+                if let Some(id) = served {
+                    self.handles.withdraw(id);
+                }
+                // SAFETY: `inner` is the listen comm just made; nothing else has it.
+                let _ = unsafe { self.inner.close_listen(inner) };
+            }),
+            Err(e) => {
+                // SAFETY: as above.
+                let _ = unsafe { self.inner.close_listen(inner) };
+                Err(e)
+            }
+        }
+    }
+
+    unsafe fn connect(
+        &self,
+        dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        dev_handle: *mut *mut DevHandle,
+    ) -> Result<Option<Opaque>> {
+        self.check_dev("connect", dev)?;
+        let res = self.handles.connect(handle, |inner_handle| {
+            // SAFETY: `inner_handle` is the same buffer, unchanged, on every call for this
+            // connection (NCCL's own in inline mode, the pending connect's in served mode), and
+            // the caller passes a valid or NULL dev_handle.
+            unsafe { self.inner.connect(dev, inner_handle, dev_handle) }
+        });
+        match res.map_err(|e| e.context(format!("connect on dev {dev}")))? {
+            Some(c) => self.wrap(Kind::Send, c, dev, None).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    unsafe fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
+        let l = self.live_comm("accept", listen, Some(Kind::Listen))?;
+        // SAFETY: the listen comm is open; dev_handle is passed as the caller gave it.
+        let inner = unsafe { self.inner.accept(l.inner, dev_handle) }
+            .map_err(|e| e.context(format!("accept on dev {}", l.dev)))?;
+        match inner {
+            Some(c) => self.wrap(Kind::Recv, c, l.dev, None).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    unsafe fn reg_mr(&self, comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
+        let rec = MrRec {
+            data: data as usize,
+            size,
+            ptr_type,
+            dmabuf: None,
+            inner: comm,
+        };
+        self.register("regMr", comm, rec, |ic| {
+            // SAFETY: `ic` is the open inner comm; the caller vouches for the buffer.
+            unsafe { self.inner.reg_mr(ic, data, size, ptr_type) }
+        })
+    }
+
+    unsafe fn reg_mr_dmabuf(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: usize,
+        ptr_type: i32,
+        offset: u64,
+        fd: i32,
+    ) -> Result<Opaque> {
+        let rec = MrRec {
+            data: data as usize,
+            size,
+            ptr_type,
+            dmabuf: Some((offset, fd)),
+            inner: comm,
+        };
+        self.register("regMrDmaBuf", comm, rec, |ic| {
+            // SAFETY: as in reg_mr.
+            unsafe { self.inner.reg_mr_dmabuf(ic, data, size, ptr_type, offset, fd) }
+        })
+    }
+
+    fn has_dmabuf(&self) -> bool {
+        self.inner.has_dmabuf()
+    }
+
+    unsafe fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()> {
+        let c = self.comm("deregMr", comm, None)?;
+        let key = MrKey::from_opaque(mr).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "deregMr: {:#x} is not a tcpxshim memory handle",
+                mr.as_ptr() as usize
+            ))
+        })?;
+        let rec = c.remove_mr("deregMr", key)?;
+        // SAFETY: the registration was live on this open comm and is now removed from the
+        // record, so this is its only release.
+        unsafe { self.inner.dereg_mr(c.inner, rec.inner) }.map_err(|e| e.context(format!("deregMr on {}", c.label())))
+    }
+
+    unsafe fn isend(
+        &self,
+        comm: Opaque,
+        data: *mut c_void,
+        size: i32,
+        tag: i32,
+        mr: Option<Opaque>,
+    ) -> Result<Option<Opaque>> {
+        let c = self.live_comm("isend", comm, Some(Kind::Send))?;
+        let mrs = [mr];
+        let imr = self.inner_mrs("isend", &c, &mrs, &[data], &[size])?[0];
+        let posted = Posted::new(Op::Send, &[data], &[size], &[tag], &Self::mr_keys(&mrs));
+        // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
+        // the buffer until the request completes.
+        let key = c.post(posted, || unsafe { self.inner.isend(c.inner, data, size, tag, imr) })?;
+        Ok(key.map(ReqKey::to_opaque))
+    }
+
+    unsafe fn irecv(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        tags: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>> {
+        let c = self.live_comm("irecv", comm, Some(Kind::Recv))?;
+        let n = data.len();
+        if n == 0 || n > MAX_RECVS || sizes.len() < n || tags.len() < n || mrs.len() < n {
+            return Err(Error::invalid_argument(format!(
+                "irecv: n={n} is out of range (1 to {MAX_RECVS}) or the arrays are shorter"
+            )));
+        }
+        let imrs = self.inner_mrs("irecv", &c, &mrs[..n], data, sizes)?;
+        let posted = Posted::new(Op::Recv, data, sizes, tags, &Self::mr_keys(&mrs[..n]));
+        // SAFETY: as in isend; the inner registrations are this comm's.
+        let key = c.post(posted, || unsafe {
+            self.inner.irecv(c.inner, data, &sizes[..n], &tags[..n], &imrs[..n])
+        })?;
+        Ok(key.map(ReqKey::to_opaque))
+    }
+
+    unsafe fn iflush(
+        &self,
+        comm: Opaque,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Option<Opaque>> {
+        let c = self.live_comm("iflush", comm, Some(Kind::Recv))?;
+        let n = data.len().min(MAX_RECVS);
+        if sizes.len() < n || mrs.len() < n {
+            return Err(Error::invalid_argument("iflush: the arrays are shorter than n"));
+        }
+        let imrs = self.inner_mrs("iflush", &c, &mrs[..n], data, sizes)?;
+        let posted = Posted::new(Op::Flush, data, sizes, &[], &Self::mr_keys(&mrs[..n]));
+        // SAFETY: as in irecv.
+        let key = c.post(posted, || unsafe {
+            self.inner.iflush(c.inner, &data[..n], &sizes[..n], &imrs[..n])
+        })?;
+        Ok(key.map(ReqKey::to_opaque))
+    }
+
+    unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
+        let (c, key) = self.request_comm("test", req)?;
+        c.check_live("test")?;
+        self.finish(&c, key, sizes)
+    }
+
+    unsafe fn close_send(&self, comm: Opaque) -> Result<()> {
+        self.close("closeSend", comm, Kind::Send)
+    }
+
+    unsafe fn close_recv(&self, comm: Opaque) -> Result<()> {
+        self.close("closeRecv", comm, Kind::Recv)
+    }
+
+    unsafe fn close_listen(&self, comm: Opaque) -> Result<()> {
+        self.close("closeListen", comm, Kind::Listen)
+    }
+
+    unsafe fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
+        let c = self.live_comm("getDeviceMr", comm, None)?;
+        let key = MrKey::from_opaque(mr).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "getDeviceMr: {:#x} is not a tcpxshim memory handle",
+                mr.as_ptr() as usize
+            ))
+        })?;
+        let rec = c.mr("getDeviceMr", key)?;
+        // SAFETY: the registration is live on this open comm.
+        unsafe { self.inner.get_device_mr(c.inner, rec.inner) }
+    }
+
+    unsafe fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
+        let c = self.live_comm("irecvConsumed", comm, Some(Kind::Recv))?;
+        if !c.unpack {
+            // Host-type transports deliver into the destination buffer: nothing to release.
+            return Ok(());
+        }
+        let inner_req = match req {
+            Some(r) => {
+                let key = ReqKey::from_opaque(r).filter(|k| k.of(c.key())).ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "irecvConsumed: {:#x} is not a request of {}",
+                        r.as_ptr() as usize,
+                        c.label()
+                    ))
+                })?;
+                c.take_consumed(key)?
+            }
+            None => None,
+        };
+        // SAFETY: the inner request completed on this open comm and was not released yet.
+        unsafe { self.inner.irecv_consumed(c.inner, n, inner_req) }
+    }
+
+    unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
+        self.lookup("", comm).ok().map(|c| c.label())
+    }
+}
