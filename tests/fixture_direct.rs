@@ -262,19 +262,30 @@ fn tcpx_allows_16_outstanding_and_polices_the_17th() {
 #[test]
 fn tcpx_handle_layout_and_state_pointer() {
     let (net, ctl) = fresh_fixture(Fixture::Tcpx);
+    assert_eq!(ctl.get("connect_nulls"), 3, "TCPX connects in stages by default");
     let mut h: Handle = [0xA5; 128];
     let listen = net.listen_into(0, &mut h).unwrap();
     assert!(h[88..].iter().all(|&b| b == 0xA5), "listen wrote past byte 88");
     assert!(h[80..88].iter().all(|&b| b == 0), "state slot must start zeroed");
+    let listened = h;
+    // The first call starts the connect and writes the state pointer; it returns no comm yet.
+    assert!(
+        net.connect(0, &mut h).unwrap().is_none(),
+        "TCPX's first connect says call again"
+    );
+    let state: [u8; 8] = h[80..88].try_into().unwrap();
+    assert_ne!(state, [0; 8], "first connect writes the state pointer at offset 80");
+    assert_eq!(h[..80], listened[..80], "connect changed the handle before offset 80");
+    // Later calls read it back from the same, unchanged buffer; the comm comes on the fourth call.
+    assert!(net.connect(0, &mut h).unwrap().is_none());
+    assert!(net.connect(0, &mut h).unwrap().is_none());
     let send = net
         .connect(0, &mut h)
         .unwrap()
-        .expect("TCPX connect returns the comm at once");
-    assert!(
-        h[80..88].iter().any(|&b| b != 0),
-        "first connect writes the state pointer at offset 80"
-    );
+        .expect("fourth connect returns the comm");
+    assert_eq!(h[80..88], state, "the state pointer stays as the first call wrote it");
     assert!(h[88..].iter().all(|&b| b == 0xA5), "connect wrote past byte 88");
+    assert_eq!(ctl.violations(), 0, "{}", ctl.last_violation());
     // Slow accept: the first two calls say "try again" even though the peer connected.
     assert!(net.accept(listen).unwrap().is_none());
     assert!(net.accept(listen).unwrap().is_none());
@@ -288,7 +299,7 @@ fn tcpx_handle_layout_and_state_pointer() {
 fn tcpx_background_connect_returns_null_requests() {
     let (net, ctl) = fresh_fixture(Fixture::Tcpx);
     let (mut h, listen) = net.listen(1).unwrap();
-    let send = net.connect(1, &mut h).unwrap().unwrap();
+    let send = poll_until("connect", || net.connect(1, &mut h).unwrap());
     let buf = AlignedBuf::new(8);
     let smr = net.reg_buf(send, &buf, PTR_HOST).unwrap();
     // Before accept, the connection is not complete.
@@ -333,14 +344,23 @@ fn tcpx_failed_background_connect_errors() {
 
 #[test]
 fn tcpx_polices_repeated_connect_with_copied_or_altered_handle() {
+    // Default settings: the first connect says "call again", so later calls are legitimate and checked.
     let (net, ctl) = fresh_fixture(Fixture::Tcpx);
-    ctl.set("connect_nulls", 1); // the first connect says "try again", so a second call is legitimate
     let (mut h, listen) = net.listen(0).unwrap();
+    let listened = h;
     assert!(net.connect(0, &mut h).unwrap().is_none());
 
+    // A copy of the buffer the first call wrote its state into, at another address.
     let mut copy = h;
     let msg = ctl.expect_violation("connect with a copied handle buffer", || net.connect(0, &mut copy));
-    assert!(msg.contains("different") || msg.contains("buffer"), "{msg}");
+    assert!(msg.contains("same buffer") && msg.contains("quirk 1"), "{msg}");
+
+    // A fresh copy of the handle as listen() wrote it (no state pointer).
+    let mut fresh = listened;
+    let msg = ctl.expect_violation("connect with a fresh copy of the listen handle", || {
+        net.connect(0, &mut fresh)
+    });
+    assert!(msg.contains("in progress") && msg.contains("fresh copy"), "{msg}");
 
     h[40] ^= 0xff;
     let msg = ctl.expect_violation("connect with altered handle bytes", || net.connect(0, &mut h));
@@ -358,11 +378,19 @@ fn tcpx_polices_repeated_connect_with_copied_or_altered_handle() {
     assert!(msg.contains("magic"), "{msg}");
 
     ctl.reset_violations();
-    let send = net
-        .connect(0, &mut h)
-        .unwrap()
-        .expect("second connect with the same buffer succeeds");
+    // Calls that raised a violation did not advance the connect: two more NULLs, then the comm.
+    let mut nulls = 0;
+    let send = poll_until("connect with the same buffer", || {
+        let c = net.connect(0, &mut h).unwrap();
+        nulls += c.is_none() as u32;
+        c
+    });
+    assert_eq!(nulls, 2);
+    assert_eq!(ctl.violations(), 0, "{}", ctl.last_violation());
     let msg = ctl.expect_violation("reusing a handle", || net.connect(0, &mut h));
+    assert!(msg.contains("reuse"), "{msg}");
+    let mut fresh = listened;
+    let msg = ctl.expect_violation("reusing a fresh copy of a used handle", || net.connect(0, &mut fresh));
     assert!(msg.contains("reuse"), "{msg}");
     ctl.reset_violations();
 
@@ -372,11 +400,295 @@ fn tcpx_polices_repeated_connect_with_copied_or_altered_handle() {
     finish(&net, &ctl, send, recv);
 }
 
+/// A wrapper that hands the plugin a fresh copy of NCCL's handle on every connect(), in its two forms:
+/// copying the state back to NCCL's buffer after each call, or not.
+#[test]
+fn tcpx_catches_a_wrapper_that_copies_the_handle_on_every_connect() {
+    let (net, ctl) = fresh_fixture(Fixture::Tcpx);
+
+    // Copies NCCL's buffer in, calls connect on the copy, copies the result back.
+    let (mut nccl, listen) = net.listen(0).unwrap();
+    let mut first = nccl;
+    assert!(net.connect(0, &mut first).unwrap().is_none());
+    nccl = first;
+    let mut second = nccl;
+    let msg = ctl.expect_violation("second connect on a copy with the state pointer", || {
+        net.connect(0, &mut second)
+    });
+    assert!(
+        msg.contains("same buffer") && msg.contains(&format!("{:p}", first.as_ptr())),
+        "names the first call's buffer: {msg}"
+    );
+    net.close_listen(listen).unwrap();
+
+    // Copies NCCL's buffer in and never copies back: every call looks like a first call.
+    let (nccl, listen) = net.listen(1).unwrap();
+    let mut first = nccl;
+    assert!(net.connect(1, &mut first).unwrap().is_none());
+    assert_eq!(nccl[80..88], [0; 8], "NCCL's buffer never got the state pointer");
+    let mut second = nccl;
+    let msg = ctl.expect_violation("second connect on a fresh copy of the listen handle", || {
+        net.connect(1, &mut second)
+    });
+    assert!(msg.contains("in progress") && msg.contains("quirk 1"), "{msg}");
+    assert_eq!(ctl.violations(), 2);
+    ctl.reset_violations();
+    net.close_listen(listen).unwrap();
+    assert_eq!(ctl.live_objects(), 0);
+
+    // The generic plugin keeps no state in the handle: copying it is harmless there.
+    let (net, ctl) = fresh_fixture(Fixture::V7);
+    let (nccl, listen) = net.listen(0).unwrap();
+    let send = poll_until("connect on fresh copies", || {
+        let mut copy = nccl;
+        net.connect(0, &mut copy).unwrap()
+    });
+    let (recv, _) = poll_until("accept", || net.accept(listen).unwrap());
+    net.close_listen(listen).unwrap();
+    net.transfer(send, recv, 64);
+    finish(&net, &ctl, send, recv);
+}
+
+#[test]
+fn new_knobs_default_off() {
+    for kind in [Fixture::V7, Fixture::Tcpx] {
+        let (_net, ctl) = fresh_fixture(kind);
+        for knob in ["connect_fail_first", "connect_cost_ms", "handle_zero_all"] {
+            assert_eq!(ctl.get(knob), 0, "{kind:?} {knob}");
+        }
+        assert_eq!(ctl.get("connect_nulls"), if kind == Fixture::Tcpx { 3 } else { 2 });
+        assert_eq!(ctl.try_set("handle_zero_all", 2), None, "handle_zero_all is 0 or 1");
+        assert_eq!(ctl.try_set("connect_cost_ms", -1), None);
+        assert_eq!(ctl.try_set("no_such_knob", 1), None);
+    }
+}
+
+/// A 128-byte handle: connect() checks every byte listen() wrote, so a caller that keeps only 88 bytes
+/// (or changes any) is caught, and told which byte differed.
+#[test]
+fn a_128_byte_handle_is_checked_byte_for_byte() {
+    for kind in [Fixture::V7, Fixture::Tcpx] {
+        let (net, ctl) = fresh_fixture(kind);
+        ctl.set("handle_bytes", 128);
+        let mut h: Handle = [0xA5; 128];
+        let listen = net.listen_into(0, &mut h).unwrap();
+        assert!(
+            h[88..].iter().all(|&b| b != 0),
+            "{kind:?}: filler bytes are never zero: {:?}",
+            &h[88..]
+        );
+        assert!(
+            h[88..].iter().any(|&b| b != 0xA5),
+            "{kind:?}: listen wrote bytes 88..128"
+        );
+        if kind == Fixture::Tcpx {
+            assert_eq!(
+                h[80..88],
+                [0; 8],
+                "the TCPX state slot stays at offset 80 and starts zeroed"
+            );
+        }
+        let listened = h;
+
+        // Truncated to 88 bytes (the rest zero, or a wrapper's own trailer).
+        for fill in [0u8, 0xA5] {
+            let mut t: Handle = [fill; 128];
+            t[..88].copy_from_slice(&h[..88]);
+            let msg = ctl.expect_violation("connect with a truncated handle", || net.connect(0, &mut t));
+            assert!(
+                msg.contains(&format!("byte 88 is {fill:#04x}, but listen() wrote {:#04x}", h[88]))
+                    && msg.contains("128 handle bytes"),
+                "{kind:?}: {msg}"
+            );
+            if kind == Fixture::Tcpx {
+                assert_eq!(t[80..88], [0; 8], "no state written into a refused handle");
+            }
+        }
+        // Any other byte.
+        for i in [40, 100, 127] {
+            let mut t = h;
+            t[i] ^= 0x01;
+            let msg = ctl.expect_violation("connect with one handle byte changed", || net.connect(0, &mut t));
+            assert!(msg.contains(&format!("byte {i} is")), "{kind:?}: {msg}");
+        }
+        assert_eq!(h, listened);
+        ctl.reset_violations();
+
+        // The intact handle connects; TCPX writes its state at offset 80 and leaves bytes 88..128 alone.
+        let (send, (recv, _)) = net.connect_accept(0, &mut h, listen);
+        if kind == Fixture::Tcpx {
+            assert_ne!(h[80..88], [0; 8], "state pointer at offset 80");
+            assert_eq!(h[..80], listened[..80]);
+        }
+        assert_eq!(h[88..], listened[88..]);
+        net.close_listen(listen).unwrap();
+        net.transfer(send, recv, 100);
+        finish(&net, &ctl, send, recv);
+    }
+}
+
+#[test]
+fn handle_bytes_past_the_plugins_share_are_not_checked() {
+    // With the default sizes (generic 32, TCPX 88), a wrapper may use the rest of the 128 bytes.
+    for kind in [Fixture::V7, Fixture::Tcpx] {
+        let (net, ctl) = fresh_fixture(kind);
+        let used = ctl.get("handle_bytes") as usize;
+        let (mut h, listen) = net.listen(0).unwrap();
+        h[used..].fill(0x77);
+        let (send, (recv, _)) = net.connect_accept(0, &mut h, listen);
+        assert!(
+            h[used..].iter().all(|&b| b == 0x77),
+            "{kind:?}: connect left the caller's bytes alone"
+        );
+        net.close_listen(listen).unwrap();
+        finish(&net, &ctl, send, recv);
+    }
+}
+
+#[test]
+fn handle_zero_all_zeroes_the_whole_handle_in_listen() {
+    for kind in [Fixture::V7, Fixture::Tcpx] {
+        let (net, ctl) = fresh_fixture(kind);
+        let used = ctl.get("handle_bytes") as usize;
+        // Default: bytes past handle_bytes are left as the caller had them.
+        let mut h: Handle = [0xA5; 128];
+        let l = net.listen_into(0, &mut h).unwrap();
+        assert!(h[used..].iter().all(|&b| b == 0xA5), "{kind:?}");
+        let written = h;
+        net.close_listen(l).unwrap();
+
+        assert_eq!(ctl.set("handle_zero_all", 1), 0);
+        let mut h: Handle = [0xA5; 128];
+        let listen = net.listen_into(0, &mut h).unwrap();
+        assert!(
+            h[used..].iter().all(|&b| b == 0),
+            "{kind:?}: all 128 bytes zeroed: {:?}",
+            &h[used..]
+        );
+        assert_eq!(
+            h[..8],
+            written[..8],
+            "{kind:?}: the plugin's own fields are still written"
+        );
+        assert!(
+            h[32..used].iter().any(|&b| b != 0) || used == 32,
+            "{kind:?}: filler written"
+        );
+        let (send, (recv, _)) = net.connect_accept(0, &mut h, listen);
+        net.close_listen(listen).unwrap();
+        net.transfer(send, recv, 10);
+
+        // With 128-byte handles every byte is the plugin's either way.
+        ctl.set("handle_bytes", 128);
+        let mut h: Handle = [0xA5; 128];
+        let l = net.listen_into(0, &mut h).unwrap();
+        assert!(
+            h[88..].iter().all(|&b| b != 0),
+            "{kind:?}: bytes 88..128 are the plugin's filler"
+        );
+        net.close_listen(l).unwrap();
+        finish(&net, &ctl, send, recv);
+    }
+}
+
+#[test]
+fn connect_cost_ms_delays_the_completing_connect() {
+    const COST: u64 = 30;
+    for kind in [Fixture::V7, Fixture::Tcpx] {
+        let (net, ctl) = fresh_fixture(kind);
+        assert_eq!(ctl.set("connect_cost_ms", COST as i64), 0);
+        let (mut h, listen) = net.listen(0).unwrap();
+        let mut calls = 0;
+        let (send, took) = poll_until("connect", || {
+            calls += 1;
+            let t = std::time::Instant::now();
+            net.connect(0, &mut h).unwrap().map(|c| (c, t.elapsed()))
+        });
+        assert_eq!(
+            calls,
+            ctl.get("connect_nulls") + 1,
+            "{kind:?}: the cost does not change the stages"
+        );
+        assert!(
+            took >= std::time::Duration::from_millis(COST),
+            "{kind:?}: the completing connect took {took:?}, less than {COST} ms"
+        );
+        let (recv, _) = poll_until("accept", || net.accept(listen).unwrap());
+        net.close_listen(listen).unwrap();
+        net.transfer(send, recv, 10);
+        finish(&net, &ctl, send, recv);
+    }
+}
+
+#[test]
+fn generic_connect_fail_first_refuses_the_first_attempts_of_each_connection() {
+    let (net, ctl) = fresh_fixture(Fixture::V7);
+    assert_eq!(ctl.set("connect_fail_first", 2), 0);
+    let (mut h, listen) = net.listen(0).unwrap();
+    let mut pairs = Vec::new();
+    for conn in 0..2 {
+        for attempt in 0..2 {
+            assert_eq!(
+                net.connect(0, &mut h),
+                Err(ncclResult_t::ncclSystemError),
+                "connection {conn}, attempt {attempt}"
+            );
+        }
+        // Then the usual two "call again" answers and the comm.
+        assert!(net.connect(0, &mut h).unwrap().is_none());
+        assert!(net.connect(0, &mut h).unwrap().is_none());
+        let send = net.connect(0, &mut h).unwrap().expect("comm after the refusals");
+        let (recv, _) = poll_until("accept", || net.accept(listen).unwrap());
+        pairs.push((send, recv));
+    }
+    assert_eq!(ctl.violations(), 0, "a refused connect is not a rule violation");
+    net.close_listen(listen).unwrap();
+    let (last, rest) = pairs.split_last().unwrap();
+    for &(send, recv) in rest {
+        net.transfer(send, recv, 50);
+        net.close_send(send).unwrap();
+        net.close_recv(recv).unwrap();
+    }
+    net.transfer(last.0, last.1, 50);
+    finish(&net, &ctl, last.0, last.1);
+}
+
+#[test]
+fn tcpx_connect_fail_first_refuses_before_writing_state() {
+    let (net, ctl) = fresh_fixture(Fixture::Tcpx);
+    ctl.set("connect_fail_first", 2);
+    let (mut h, listen) = net.listen(0).unwrap();
+    let listened = h;
+    // Refused first calls write nothing, so a retry may even use another copy of the handle.
+    let mut copy = h;
+    assert_eq!(net.connect(0, &mut copy), Err(ncclResult_t::ncclSystemError));
+    assert_eq!(
+        copy, listened,
+        "a refused first call leaves the handle as listen() wrote it"
+    );
+    assert_eq!(net.connect(0, &mut h), Err(ncclResult_t::ncclSystemError));
+    assert_eq!(h, listened);
+    // The third attempt starts the staged connect: state at offset 80, then three NULLs in all, then the comm.
+    assert!(net.connect(0, &mut h).unwrap().is_none());
+    assert_ne!(h[80..88], [0; 8]);
+    assert!(net.connect(0, &mut h).unwrap().is_none());
+    assert!(net.connect(0, &mut h).unwrap().is_none());
+    let send = net
+        .connect(0, &mut h)
+        .unwrap()
+        .expect("comm on the fourth call of the attempt");
+    assert_eq!(ctl.violations(), 0, "{}", ctl.last_violation());
+    let (recv, _) = poll_until("accept", || net.accept(listen).unwrap());
+    net.close_listen(listen).unwrap();
+    net.transfer(send, recv, 10);
+    finish(&net, &ctl, send, recv);
+}
+
 #[test]
 fn tcpx_polices_accept_rules() {
     let (net, ctl) = fresh_fixture(Fixture::Tcpx);
     let (mut h, listen) = net.listen(2).unwrap();
-    let send = net.connect(2, &mut h).unwrap().unwrap();
+    let send = poll_until("connect", || net.connect(2, &mut h).unwrap());
     // SAFETY: a NULL recvDevComm, or a pointer to a NULL device-handle pointer, are what we are testing.
     let msg = ctl.expect_violation("accept(recvDevComm = NULL)", || unsafe {
         net.accept_raw(listen, std::ptr::null_mut())

@@ -510,19 +510,22 @@ impl FixtureCtl {
     }
 
     /// Sets a behaviour knob and returns its previous value. Knobs: connect_nulls, accept_nulls,
-    /// accept_delay_ms, bg_polls, connect_fail, handle_bytes, complete_polls, init_result, ndev
-    /// (see netfixture.c). Panics on an unknown knob or a bad value.
+    /// accept_delay_ms, bg_polls, connect_fail, connect_fail_first, connect_cost_ms, handle_bytes,
+    /// handle_zero_all, complete_polls, init_result, ndev (semantics and defaults: the comment above
+    /// `g_knobs` in netfixture.c). Panics on an unknown knob or a bad value.
     pub fn set(&self, knob: &str, value: i64) -> i64 {
+        self.try_set(knob, value)
+            .unwrap_or_else(|| panic!("fixture_set({knob:?}, {value}) rejected (unknown knob or bad value)"))
+    }
+
+    /// Like [`FixtureCtl::set`], returning `None` when the fixture rejects the knob or the value.
+    pub fn try_set(&self, knob: &str, value: i64) -> Option<i64> {
         let k = CString::new(knob).expect("knob name");
         // SAFETY: k is a valid C string for the duration of the call.
         let old = unsafe { (self.set)(k.as_ptr(), value as c_long) };
-        assert!(
-            old >= 0,
-            "fixture_set({knob:?}, {value}) rejected (unknown knob or bad value)"
-        );
         #[allow(clippy::unnecessary_cast)] // c_long is not i64 everywhere
         let old = old as i64;
-        old
+        (old >= 0).then_some(old)
     }
 
     /// Reads a knob (panics on an unknown knob).
