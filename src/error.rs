@@ -275,3 +275,14 @@ mod tests {
         assert!(check("test", ncclResult_t::ncclSuccess).is_ok());
     }
 }
+
+/// The message a panic carried (the text of `panic!`), for log lines.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}

@@ -6,7 +6,7 @@
 
 #![allow(non_upper_case_globals)]
 
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use crate::ffi::*;
 use crate::stack::{self, Shim};
 use crate::transport::{Opaque, Properties, Transport};
@@ -48,29 +48,60 @@ pub static mut ncclNetPlugin_v7: ncclNet_v7_t = ncclNet_v7_t {
     irecvConsumed: Some(irecv_consumed),
 };
 
-fn panic_message(p: &(dyn Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
-}
-
 thread_local! {
     /// Where the last panic on this thread happened, recorded by the panic hook for the WARN line.
     static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// How many [`guard`]ed entry points are running on this thread.
+    static GUARD_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// Replaces the default panic hook (which prints to stderr) in this library's copy of std: the
-/// location is kept for the guard's WARN line instead.
+/// Marks this thread as inside a guarded entry point while it lives.
+struct Guarded;
+
+impl Guarded {
+    fn enter() -> Guarded {
+        GUARD_DEPTH.with(|d| d.set(d.get() + 1));
+        Guarded
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        GUARD_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+/// What the panic hook does. Inside a guarded entry point it only records the location, which the
+/// guard's WARN line reports; anywhere else (an I/O worker, any thread the shim spawns) nothing
+/// else will report the panic, so it logs one WARN naming the thread, the location and the message.
+fn on_panic(location: Option<&std::panic::Location<'_>>, payload: &(dyn Any + Send)) {
+    let at = location.map(|l| format!("{}:{}", l.file(), l.line()));
+    // try_with: a panic while this thread's locals are being destroyed counts as unguarded.
+    if GUARD_DEPTH.try_with(|d| d.get()).unwrap_or(0) > 0 {
+        let _ = PANIC_AT.try_with(|p| *p.borrow_mut() = at);
+        return;
+    }
+    let thread = std::thread::current();
+    log::warn!(
+        "panic on thread {} at {}: {}",
+        thread.name().unwrap_or("<unnamed>"),
+        at.as_deref().unwrap_or("unknown location"),
+        panic_message(payload)
+    );
+}
+
+/// Replaces the default panic hook (which prints to stderr) in this library's copy of std with
+/// [`on_panic`], which reports through NCCL's logger instead.
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
-            PANIC_AT.with(|p| *p.borrow_mut() = at);
+        // Unit tests keep the default report as well, so a failing assertion still says why.
+        #[cfg(test)]
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            on_panic(info.location(), info.payload());
+            #[cfg(test)]
+            previous(info);
         }))
     });
 }
@@ -84,7 +115,10 @@ fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) 
         }
         f()
     };
-    match catch_unwind(AssertUnwindSafe(run)) {
+    let guarded = Guarded::enter();
+    let outcome = catch_unwind(AssertUnwindSafe(run));
+    drop(guarded);
+    match outcome {
         Ok(Ok(())) => ncclResult_t::ncclSuccess,
         Ok(Err(e)) => {
             let msg = e.to_string();
@@ -530,4 +564,87 @@ extern "C" fn irecv_consumed(comm: *mut c_void, n: c_int, request: *mut c_void) 
         // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
         unsafe { the_shim("irecvConsumed")?.irecv_consumed(c, n, Opaque::from_ptr(request)) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logging::capture;
+
+    /// The line number a panic message of the form "... on line N" names.
+    fn line_named(msg: &str) -> u32 {
+        msg.rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a line number")
+    }
+
+    #[test]
+    fn a_panic_on_a_thread_of_its_own_is_logged_with_thread_and_location() {
+        capture::start();
+        install_panic_hook();
+        let t = std::thread::Builder::new()
+            .name("tcpxshim-test-io-7".into())
+            .spawn(|| panic!("own-thread test panic on line {}", line!()))
+            .expect("spawn");
+        assert!(t.join().is_err(), "the thread panicked");
+        let lines = capture::lines_containing("own-thread test panic on line");
+        assert_eq!(lines.len(), 1, "one line for one panic: {lines:?}");
+        let (level, line) = &lines[0];
+        let n = line_named(line);
+        assert_eq!(*level, log::Level::Warn);
+        assert_eq!(
+            *line,
+            format!(
+                "{} panic on thread tcpxshim-test-io-7 at {}:{n}: own-thread test panic on line {n}",
+                crate::logging::PREFIX,
+                file!()
+            )
+        );
+    }
+
+    #[test]
+    fn a_panic_inside_a_guarded_call_is_left_to_the_guard() {
+        capture::start();
+        install_panic_hook();
+        let t = std::thread::Builder::new()
+            .name("tcpxshim-test-guarded".into())
+            .spawn(|| {
+                let r = guard("testCall", null_mut(), || {
+                    panic!("inside-guard test panic on line {}", line!())
+                });
+                // Out of the guard again: a panic here is this thread's own and is logged.
+                let _ = catch_unwind(|| panic!("after-guard test panic on line {}", line!()));
+                r
+            })
+            .expect("spawn");
+        assert_eq!(t.join().ok(), Some(ncclResult_t::ncclInternalError));
+
+        let guarded = capture::lines_containing("inside-guard test panic on line");
+        assert_eq!(guarded.len(), 1, "only the guard's line: {guarded:?}");
+        let n = line_named(
+            guarded[0]
+                .1
+                .trim_end_matches("); the comm is now unusable. Please report this with the NCCL_DEBUG=INFO log"),
+        );
+        assert!(
+            guarded[0].1.contains(&format!(
+                "testCall: internal error (panic at {}:{n}: inside-guard test panic on line {n})",
+                file!()
+            )),
+            "the guard's WARN names the location: {guarded:?}"
+        );
+
+        let after = capture::lines_containing("after-guard test panic on line");
+        assert_eq!(after.len(), 1, "{after:?}");
+        let n = line_named(&after[0].1);
+        assert_eq!(
+            after[0].1,
+            format!(
+                "{} panic on thread tcpxshim-test-guarded at {}:{n}: after-guard test panic on line {n}",
+                crate::logging::PREFIX,
+                file!()
+            )
+        );
+    }
 }

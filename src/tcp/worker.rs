@@ -269,8 +269,13 @@ impl Pool {
             Err(p) => std::mem::take(&mut *p.into_inner()),
         };
         for j in joins {
-            if j.join().is_err() {
-                log::error!("built-in TCP transport: an I/O worker panicked");
+            let name = j.thread().name().unwrap_or("?").to_string();
+            if let Err(p) = j.join() {
+                // Where it panicked was logged when it did (see export::on_panic).
+                log::error!(
+                    "built-in TCP transport: I/O worker {name} panicked: {}",
+                    crate::error::panic_message(&*p)
+                );
             }
         }
     }
