@@ -2,7 +2,6 @@
 //! its own built-in kernel-TCP transport, adding visibility and robustness.
 
 pub mod config;
-pub mod cuda;
 pub mod error;
 pub mod ffi;
 pub mod handle;

@@ -24,6 +24,7 @@
 
 mod comm;
 mod conn;
+pub(crate) mod cuda;
 mod gpu;
 mod iface;
 mod sys;
@@ -178,7 +179,7 @@ impl TcpTransport {
             cfg.inline_max
         );
         let gpu = if cfg.cuda {
-            match crate::cuda::driver() {
+            match cuda::driver() {
                 Ok(cuda) => {
                     let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
                     log::info!(

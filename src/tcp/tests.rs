@@ -1231,7 +1231,7 @@ fn cuda_mode_needs_a_driver_and_otherwise_stays_host_only() {
     let p = t.properties(0).unwrap();
     let host = crate::ffi::NCCL_PTR_HOST as i32;
     let cuda = crate::ffi::NCCL_PTR_CUDA as i32;
-    if crate::cuda::driver().is_ok() {
+    if cuda::driver().is_ok() {
         assert_eq!(p.ptr_support, host | cuda);
     } else {
         assert_eq!(p.ptr_support, host, "no CUDA driver here: host memory only");
