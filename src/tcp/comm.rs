@@ -5,6 +5,7 @@
 //! state sits behind a mutex that only the calling thread takes (workers never do), so it is never
 //! contended; `try_lock` turns a caller that breaks NCCL's one-thread-per-comm rule into an error.
 
+use super::shared::{clone_error, Shared, MAX_REQUESTS};
 use super::sys;
 use super::wire::{self, Header, FLAG_INLINE, HEADER_LEN};
 use super::worker::{Dir, Pool, Task};
@@ -14,12 +15,9 @@ use socket2::Socket;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-/// Outstanding requests per comm (NCCL_NET_MAX_REQUESTS).
-pub const MAX_REQUESTS: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
 const _: () = assert!(MAX_REQUESTS <= 32, "free-slot bitmask is a u32");
 
 /// First word of every object this transport hands out, so a mixed-up pointer is caught.
@@ -37,72 +35,6 @@ const DIRECT_READ_MIN: usize = 16 << 10;
 const LOOKAHEAD_MAX_SKIP: u32 = 64;
 /// Most ranges (a header and an inline payload per message) gathered into one sendmsg.
 const MAX_IOV: usize = sys::MAX_GATHER;
-
-/// The part of a comm that workers see.
-pub struct Shared {
-    /// The remote end of the connection.
-    pub peer: SocketAddr,
-    pending: [AtomicU32; MAX_REQUESTS],
-    failed: AtomicBool,
-    failure: Mutex<Option<Error>>,
-}
-
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::InvalidUsage(m) => Error::InvalidUsage(m.clone()),
-        Error::System(m) => Error::System(m.clone()),
-        Error::Remote(m) => Error::Remote(m.clone()),
-        Error::Internal(m) => Error::Internal(m.clone()),
-        Error::Inner { .. } => e.clone(),
-    }
-}
-
-impl Shared {
-    /// A fresh shared part for a connection to `peer`.
-    pub fn new(peer: SocketAddr) -> Shared {
-        Shared {
-            peer,
-            pending: std::array::from_fn(|_| AtomicU32::new(0)),
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
-        }
-    }
-
-    /// A worker finished one chunk of the request in `slot`.
-    pub fn chunk_done(&self, slot: u8) {
-        // Release: the chunk's bytes are in place before the count says so.
-        self.pending[slot as usize].fetch_sub(1, Ordering::Release);
-    }
-
-    /// Records the first failure; the comm is unusable afterwards.
-    pub fn fail(&self, err: Error) {
-        let mut f = match self.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if f.is_none() {
-            *f = Some(err);
-        }
-        self.failed.store(true, Ordering::Release);
-    }
-
-    /// The recorded failure, if any.
-    pub fn failure(&self) -> Option<Error> {
-        if !self.failed.load(Ordering::Acquire) {
-            return None;
-        }
-        let f = match self.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f.as_ref().map(clone_error)
-    }
-
-    fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
-}
 
 /// What NCCL holds as a request: a fixed slot of its comm.
 #[repr(C)]
@@ -521,11 +453,11 @@ impl Comm {
             ctrl_done: 0,
         };
         if inline {
-            self.shared.pending[i].store(0, Ordering::Relaxed);
+            self.shared.set_chunks(i, 0);
         } else {
             // Post chunks before writing the header: workers start moving data while we write it.
             let n = wire::chunks(seq, size, chunk, self.streams).count() as u32;
-            self.shared.pending[i].store(n, Ordering::Release);
+            self.shared.set_chunks(i, n);
             for (stream, off, len) in wire::chunks(seq, size, chunk, self.streams) {
                 let d = &self.data[stream];
                 let task = Task {
@@ -790,7 +722,7 @@ impl Comm {
             req.phase = Phase::Striped;
             let chunk = h.chunk as usize;
             let n = wire::chunks(h.seq, size, chunk, self.streams).count() as u32;
-            self.shared.pending[i].store(n, Ordering::Release);
+            self.shared.set_chunks(i, n);
             for (stream, off, len) in wire::chunks(h.seq, size, chunk, self.streams) {
                 let d = &self.data[stream];
                 let task = Task {
@@ -877,7 +809,7 @@ impl Comm {
                 if s.queue.len > 0 {
                     self.flush_ctrl(s);
                 }
-                let left = self.shared.pending[i].load(Ordering::Acquire);
+                let left = self.shared.chunks_left(i);
                 let r = &mut s.reqs[i];
                 let done = r.ctrl_done == r.ctrl_len && left == 0;
                 if !done {
@@ -913,7 +845,7 @@ impl Comm {
                     // lets their chunks start early, but need not cost a syscall on every poll.
                     self.look_ahead(r);
                 }
-                let left = self.shared.pending[i].load(Ordering::Acquire);
+                let left = self.shared.chunks_left(i);
                 let q = &mut r.reqs[i];
                 let done = match q.phase {
                     Phase::Done => true,

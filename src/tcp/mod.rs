@@ -27,6 +27,7 @@ mod conn;
 pub(crate) mod cuda;
 mod gpu;
 mod iface;
+mod shared;
 mod sys;
 #[cfg(test)]
 mod tests;
