@@ -16,7 +16,6 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant};
 
 const _: () = assert!(MAX_REQUESTS <= 32, "free-slot bitmask is a u32");
 
@@ -52,7 +51,6 @@ struct DataSock {
 
 #[derive(Clone, Copy)]
 struct SendReq {
-    stall: Stall,
     ptr: *const u8,
     size: usize,
     seq: u64,
@@ -60,6 +58,21 @@ struct SendReq {
     /// Header plus inline payload bytes to write on the control socket.
     ctrl_len: usize,
     ctrl_done: usize,
+}
+
+impl SendReq {
+    /// What this outstanding send waits for, given its chunks still with the workers; `None` when
+    /// nothing (the next test completes it).
+    fn detail(&self, left: u32) -> Option<String> {
+        if self.ctrl_done == self.ctrl_len && left == 0 {
+            return None;
+        }
+        Some(format!(
+            "message #{}: {} of {} control bytes written, {left} chunk(s) still with the I/O workers (the peer \
+             is not reading: is its irecv posted?)",
+            self.seq, self.ctrl_done, self.ctrl_len
+        ))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,7 +89,6 @@ enum Phase {
 
 #[derive(Clone, Copy)]
 struct RecvReq {
-    stall: Stall,
     ptr: *mut u8,
     cap: usize,
     size: usize,
@@ -173,6 +185,31 @@ struct RecvSide {
     idle_reads: u64,
 }
 
+impl RecvSide {
+    /// What outstanding receive `i` waits for, given its chunks still with the workers; `None`
+    /// when nothing (the next test completes it).
+    fn detail(&self, i: usize, left: u32) -> Option<String> {
+        let q = &self.reqs[i];
+        match q.phase {
+            Phase::Header => {
+                let ahead = (0..self.waiting.len)
+                    .take_while(|&k| self.waiting.get(k) as usize != i)
+                    .count();
+                Some(format!(
+                    "no message from the sender yet ({ahead} earlier receive(s) of this connection waiting too; is \
+                     the peer's isend posted?)"
+                ))
+            }
+            Phase::Inline { done } => Some(format!("message #{} inline, {done} of {} bytes in", q.seq, q.size)),
+            Phase::Striped if left > 0 => Some(format!(
+                "message #{} of {} bytes, {left} chunk(s) still to arrive",
+                q.seq, q.size
+            )),
+            Phase::Striped | Phase::Done => None,
+        }
+    }
+}
+
 // The comm is boxed already; boxing a variant too would only add a pointer chase per call.
 #[allow(clippy::large_enum_variant)]
 enum Side {
@@ -190,7 +227,6 @@ pub struct Comm {
     streams: usize,
     inline_max: usize,
     min_chunk: usize,
-    stall_warn: Option<Duration>,
     fds: Vec<RawFd>,
     state: Mutex<Side>,
     slots: [Slot; MAX_REQUESTS],
@@ -205,47 +241,6 @@ pub struct CommParams {
     pub inline_max: usize,
     /// Smallest striping chunk.
     pub min_chunk: usize,
-    /// When a tested request is reported as stalled (NCCL_TCPXSHIM_STALL_WARN).
-    pub stall_warn: Option<Duration>,
-}
-
-/// How long a request has been outstanding, for the stall warning.
-#[derive(Clone, Copy)]
-struct Stall {
-    posted: Instant,
-    polls: u32,
-    warned: bool,
-}
-
-impl Stall {
-    /// Polls between two looks at the clock.
-    const EVERY: u32 = 1024;
-
-    fn new() -> Stall {
-        Stall {
-            posted: Instant::now(),
-            polls: 0,
-            warned: false,
-        }
-    }
-
-    /// The request's age, the first time a poll finds it outstanding for `after` or longer (the
-    /// clock is read once every `EVERY` polls, so an unfinished test costs nothing more).
-    fn due(&mut self, after: Option<Duration>) -> Option<Duration> {
-        let after = after?;
-        if self.warned {
-            return None;
-        }
-        self.polls = self.polls.wrapping_add(1);
-        if self.polls % Stall::EVERY != 0 {
-            return None;
-        }
-        let age = self.posted.elapsed();
-        (age >= after).then(|| {
-            self.warned = true;
-            age
-        })
-    }
 }
 
 impl Comm {
@@ -281,7 +276,6 @@ impl Comm {
                 next_seq: 0,
                 slots: Slots::all_free(),
                 reqs: [SendReq {
-                    stall: Stall::new(),
                     ptr: std::ptr::null(),
                     size: 0,
                     seq: 0,
@@ -296,7 +290,6 @@ impl Comm {
                 next_seq: 0,
                 slots: Slots::all_free(),
                 reqs: [RecvReq {
-                    stall: Stall::new(),
                     ptr: std::ptr::null_mut(),
                     cap: 0,
                     size: 0,
@@ -322,7 +315,6 @@ impl Comm {
             streams: p.streams,
             inline_max: p.inline_max,
             min_chunk: p.min_chunk,
-            stall_warn: p.stall_warn,
             fds,
             state: Mutex::new(side),
             slots: std::array::from_fn(|i| Slot {
@@ -444,7 +436,6 @@ impl Comm {
             flags: if inline { FLAG_INLINE } else { 0 },
         };
         s.reqs[i] = SendReq {
-            stall: Stall::new(),
             ptr: data,
             size,
             seq,
@@ -562,7 +553,6 @@ impl Comm {
         };
         let i = r.slots.take().ok_or_else(|| self.too_many("irecv"))?;
         r.reqs[i] = RecvReq {
-            stall: Stall::new(),
             ptr: data,
             cap,
             size: 0,
@@ -810,23 +800,8 @@ impl Comm {
                     self.flush_ctrl(s);
                 }
                 let left = self.shared.chunks_left(i);
-                let r = &mut s.reqs[i];
+                let r = &s.reqs[i];
                 let done = r.ctrl_done == r.ctrl_len && left == 0;
-                if !done {
-                    if let Some(age) = r.stall.due(self.stall_warn) {
-                        log::warn!(
-                            "test: send #{} of {} bytes to {} outstanding for {:.1} s: {} of {} control bytes written, \
-                             {left} chunk(s) still with the I/O workers (the peer is not reading: is its irecv \
-                             posted?); NCCL_TCPXSHIM_STALL_WARN sets when this is said",
-                            r.seq,
-                            r.size,
-                            self.shared.peer,
-                            age.as_secs_f64(),
-                            r.ctrl_done,
-                            r.ctrl_len
-                        );
-                    }
-                }
                 let size = r.size;
                 done.then(|| {
                     s.slots.release(i);
@@ -846,39 +821,12 @@ impl Comm {
                     self.look_ahead(r);
                 }
                 let left = self.shared.chunks_left(i);
-                let q = &mut r.reqs[i];
+                let q = &r.reqs[i];
                 let done = match q.phase {
                     Phase::Done => true,
                     Phase::Striped => left == 0,
                     _ => false,
                 };
-                if !done {
-                    if let Some(age) = q.stall.due(self.stall_warn) {
-                        let ahead = (0..r.waiting.len)
-                            .take_while(|&k| r.waiting.get(k) as usize != i)
-                            .count();
-                        let what = match q.phase {
-                            Phase::Header => format!(
-                                "no message from the sender yet ({ahead} earlier receive(s) of this connection \
-                                 waiting too; is the peer's isend posted?)"
-                            ),
-                            Phase::Inline { done } => {
-                                format!("message #{} inline, {done} of {} bytes in", q.seq, q.size)
-                            }
-                            _ => format!(
-                                "message #{} of {} bytes, {left} chunk(s) still to arrive",
-                                q.seq, q.size
-                            ),
-                        };
-                        log::warn!(
-                            "test: receive of up to {} bytes from {} outstanding for {:.1} s: {what}; \
-                             NCCL_TCPXSHIM_STALL_WARN sets when this is said",
-                            q.cap,
-                            self.shared.peer,
-                            age.as_secs_f64()
-                        );
-                    }
-                }
                 let size = q.size;
                 done.then(|| {
                     r.slots.release(i);
@@ -897,6 +845,24 @@ impl Comm {
                 Some(e) => Err(e),
                 None => Ok(false),
             },
+        }
+    }
+
+    /// What request slot `i` still waits for (see [`stall_detail`]). Reads no socket and moves
+    /// nothing forward; never waits for the comm's lock.
+    fn slot_detail(&self, i: usize) -> Option<String> {
+        let g = match self.state.try_lock() {
+            Ok(g) => g,
+            // Only reads follow; a panic elsewhere cannot make them unsafe.
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // Another thread drives the comm right now.
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let left = self.shared.chunks_left(i);
+        match &*g {
+            Side::Send(s) if s.slots.is_busy(i) => s.reqs[i].detail(left),
+            Side::Recv(r) if r.slots.is_busy(i) => r.detail(i, left),
+            _ => None,
         }
     }
 
@@ -928,24 +894,51 @@ impl Comm {
     }
 }
 
+/// The request slot behind `req`, checking that it is one.
+///
+/// # Safety
+/// `req` must be a pointer this transport returned that has not been freed; if it is a request,
+/// its comm must still be open.
+unsafe fn request_slot<'a>(req: Opaque, call: &str) -> Result<&'a Slot> {
+    // SAFETY: every object this transport hands out is #[repr(C)] with a u64 tag first (caller's
+    // contract for liveness).
+    let tag = unsafe { *(req.as_ptr() as *const u64) };
+    if tag != TAG_REQ {
+        return Err(Error::InvalidArgument(format!(
+            "{call}: {:p} is not a request of the built-in TCP transport",
+            req.as_ptr()
+        )));
+    }
+    // SAFETY: the tag identifies a Slot inside a live comm; its back pointer was set at creation.
+    Ok(unsafe { &*(req.as_ptr() as *const Slot) })
+}
+
 /// Tests the request `req` (a slot of some comm).
 ///
 /// # Safety
 /// `req` must be a request returned by isend/irecv of a comm that is still open.
 pub unsafe fn test_request(req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
-    // SAFETY: requests are #[repr(C)] Slots with the tag first (caller's contract).
-    let tag = unsafe { *(req.as_ptr() as *const u64) };
-    if tag != TAG_REQ {
-        return Err(Error::InvalidArgument(format!(
-            "test: {:p} is not a request of the built-in TCP transport",
-            req.as_ptr()
-        )));
-    }
-    // SAFETY: the tag identifies a Slot inside a live comm; its back pointer was set at creation.
-    let slot = unsafe { &*(req.as_ptr() as *const Slot) };
+    // SAFETY: forwarded caller contract.
+    let slot = unsafe { request_slot(req, "test")? };
     // SAFETY: slots live inside their comm, so the comm is live too.
     let comm = unsafe { &*slot.comm };
     comm.test_slot(slot.index as usize, sizes)
+}
+
+/// What request `req` of comm `comm` still waits for, in words (see
+/// `TcpTransport::stall_detail_of`); `None` when `req` is not an outstanding request of `comm`,
+/// has everything it waits for, or when another thread holds the comm at this moment.
+///
+/// # Safety
+/// `comm` must be an open comm of this transport and `req` a request isend/irecv returned on it.
+pub unsafe fn stall_detail(comm: Opaque, req: Opaque) -> Option<String> {
+    // SAFETY: forwarded caller contract.
+    let slot = unsafe { request_slot(req, "stall detail") }.ok()?;
+    if !std::ptr::eq(slot.comm, comm.as_ptr() as *const Comm) {
+        return None;
+    }
+    // SAFETY: slots live inside their comm, which the caller keeps open.
+    unsafe { &*slot.comm }.slot_detail(slot.index as usize)
 }
 
 /// Takes `socks` away from their workers, waiting until every worker has let go (see `Pool::remove`).

@@ -240,7 +240,6 @@ impl TcpTransport {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
             min_chunk: self.cfg.min_chunk,
-            stall_warn: self.cfg.stall_warn,
         }
     }
 
@@ -286,6 +285,28 @@ impl TcpTransport {
         }
         // SAFETY: the tag identifies a live ListenComm.
         Ok(unsafe { &*(o.as_ptr() as *const ListenComm) })
+    }
+
+    /// What request `req` of comm `comm` still waits for, in this transport's own words; the shim's
+    /// stall warning asks for it (and says comm, peer, operation, size and age itself). A send:
+    /// "message #3: 32 of 32 control bytes written, 2 chunk(s) still with the I/O workers (the peer
+    /// is not reading: is its irecv posted?)". A receive: "no message from the sender yet (1 earlier
+    /// receive(s) of this connection waiting too; is the peer's isend posted?)", "message #3 inline,
+    /// 400 of 1000 bytes in" or "message #3 of 4194304 bytes, 3 chunk(s) still to arrive".
+    ///
+    /// A pure query: it reads no socket and moves no request forward. `None` when `req` is not an
+    /// outstanding request of `comm` (already completed, or another comm's), when it waits for
+    /// nothing any more (the next test completes it), or when another thread is using the comm at
+    /// that moment (the query never waits for it).
+    ///
+    /// # Safety
+    /// `comm` and `req` are live objects of this transport: `comm` a send or receive comm not yet
+    /// closed, `req` a request that isend or irecv returned on it (completed or not).
+    // Until the Transport trait has a stall_detail method calling it, only the tests do.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) unsafe fn stall_detail_of(&self, comm: Opaque, req: Opaque) -> Option<String> {
+        // SAFETY: forwarded caller contract.
+        unsafe { comm::stall_detail(comm, req) }
     }
 
     /// Raw fds a comm or listen comm holds (tests check they are all closed afterwards).
