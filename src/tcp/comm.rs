@@ -162,6 +162,26 @@ struct SendSide {
     queue: Ring,
 }
 
+impl SendSide {
+    /// A send side with every slot free, writing headers to `ctrl`.
+    fn new(ctrl: Socket) -> SendSide {
+        SendSide {
+            ctrl,
+            next_seq: 0,
+            slots: Slots::all_free(),
+            reqs: [SendReq {
+                ptr: std::ptr::null(),
+                size: 0,
+                seq: 0,
+                hdr: [0; HEADER_LEN],
+                ctrl_len: 0,
+                ctrl_done: 0,
+            }; MAX_REQUESTS],
+            queue: Ring::new(),
+        }
+    }
+}
+
 struct RecvSide {
     ctrl: Socket,
     next_seq: u64,
@@ -186,6 +206,31 @@ struct RecvSide {
 }
 
 impl RecvSide {
+    /// A receive side with every slot free, reading headers from `ctrl`.
+    fn new(ctrl: Socket) -> RecvSide {
+        RecvSide {
+            ctrl,
+            next_seq: 0,
+            slots: Slots::all_free(),
+            reqs: [RecvReq {
+                ptr: std::ptr::null_mut(),
+                cap: 0,
+                size: 0,
+                seq: 0,
+                phase: Phase::Done,
+            }; MAX_REQUESTS],
+            waiting: Ring::new(),
+            cur: None,
+            stage: vec![0u8; STAGE_LEN].into_boxed_slice(),
+            lo: 0,
+            hi: 0,
+            skip: 0,
+            backoff: 0,
+            #[cfg(test)]
+            idle_reads: 0,
+        }
+    }
+
     /// What outstanding receive `i` waits for, given its chunks still with the workers; `None`
     /// when nothing (the next test completes it).
     fn detail(&self, i: usize, left: u32) -> Option<String> {
@@ -271,41 +316,8 @@ impl Comm {
             }
         }
         let side = match dir {
-            Dir::Send => Side::Send(SendSide {
-                ctrl,
-                next_seq: 0,
-                slots: Slots::all_free(),
-                reqs: [SendReq {
-                    ptr: std::ptr::null(),
-                    size: 0,
-                    seq: 0,
-                    hdr: [0; HEADER_LEN],
-                    ctrl_len: 0,
-                    ctrl_done: 0,
-                }; MAX_REQUESTS],
-                queue: Ring::new(),
-            }),
-            Dir::Recv => Side::Recv(RecvSide {
-                ctrl,
-                next_seq: 0,
-                slots: Slots::all_free(),
-                reqs: [RecvReq {
-                    ptr: std::ptr::null_mut(),
-                    cap: 0,
-                    size: 0,
-                    seq: 0,
-                    phase: Phase::Done,
-                }; MAX_REQUESTS],
-                waiting: Ring::new(),
-                cur: None,
-                stage: vec![0u8; STAGE_LEN].into_boxed_slice(),
-                lo: 0,
-                hi: 0,
-                skip: 0,
-                backoff: 0,
-                #[cfg(test)]
-                idle_reads: 0,
-            }),
+            Dir::Send => Side::Send(SendSide::new(ctrl)),
+            Dir::Recv => Side::Recv(RecvSide::new(ctrl)),
         };
         let comm = Box::new(Comm {
             tag: if dir == Dir::Send { TAG_SEND } else { TAG_RECV },
@@ -447,24 +459,13 @@ impl Comm {
             self.shared.set_chunks(i, 0);
         } else {
             // Post chunks before writing the header: workers start moving data while we write it.
-            let n = wire::chunks(seq, size, chunk, self.streams).count() as u32;
-            self.shared.set_chunks(i, n);
-            for (stream, off, len) in wire::chunks(seq, size, chunk, self.streams) {
-                let d = &self.data[stream];
-                let task = Task {
-                    // SAFETY: off < size and NCCL's buffer holds `size` bytes.
-                    ptr: unsafe { data.add(off) } as *mut u8,
-                    len,
-                    done: 0,
-                    slot: i as u8,
-                    seq,
-                };
-                if let Err(e) = self.pool.post(d.worker, d.token, task) {
-                    let e = e.context(format!("isend: connection to {peer}"));
-                    self.shared.fail(clone_error(&e));
-                    s.slots.release(i);
-                    return Err(e);
-                }
+            // SAFETY: NCCL's send buffer holds `size` bytes until the request completes; send
+            // chunks only read it.
+            if let Err(e) = unsafe { self.post_chunks(i, seq, size, chunk, data as *mut u8) } {
+                let e = e.context(format!("isend: connection to {peer}"));
+                self.shared.fail(clone_error(&e));
+                s.slots.release(i);
+                return Err(e);
             }
         }
         s.queue.push(i as u8);
@@ -621,114 +622,150 @@ impl Comm {
     /// Reads headers and inline payloads for posted receives, in order, and hands striped
     /// messages' chunks to the workers. Failures are recorded on the comm for test() to report.
     fn progress_recv(&self, r: &mut RecvSide) {
-        let peer = self.shared.peer;
         while !self.shared.is_failed() {
-            if let Some(i) = r.cur {
-                let req = &mut r.reqs[i];
-                let Phase::Inline { mut done } = req.phase else {
-                    r.cur = None;
-                    continue;
-                };
-                let take = (req.size - done).min(r.hi - r.lo);
-                if take > 0 {
-                    // SAFETY: done + take <= size <= cap, the posted buffer's length; the stage range is
-                    // initialised bytes of our own buffer, which cannot overlap NCCL's.
-                    unsafe { std::ptr::copy_nonoverlapping(r.stage[r.lo..].as_ptr(), req.ptr.add(done), take) };
-                    done += take;
-                    r.lo += take;
-                    req.phase = Phase::Inline { done };
-                }
-                let left = req.size - done;
-                if left == 0 {
-                    req.phase = Phase::Done;
-                    r.cur = None;
-                    continue;
-                }
-                let seq = req.seq;
-                if left >= DIRECT_READ_MIN {
-                    // SAFETY: the range lies in the posted buffer (done + left = size <= cap), which
-                    // only this comm writes while the request is outstanding.
-                    match unsafe { sys::recv_raw(r.ctrl.as_raw_fd(), req.ptr.add(done), left) } {
-                        Ok(0) => {
-                            self.shared.fail(Error::Remote(format!(
-                                "irecv: connection to {peer} closed while receiving message {seq}"
-                            )));
-                            return;
-                        }
-                        Ok(n) => {
-                            req.phase = Phase::Inline { done: done + n };
-                            r.backoff = 0;
-                        }
-                        Err(e) if sys::is_would_block(&e) => {
-                            #[cfg(test)]
-                            {
-                                r.idle_reads += 1;
-                            }
-                            return;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            self.fail_io(e, seq);
-                            return;
-                        }
-                    }
-                } else if !self.fill_stage(r, seq) {
-                    return;
-                }
-                continue;
-            }
-            let Some(i) = r.waiting.front() else { return };
-            let i = i as usize;
-            if r.hi - r.lo < HEADER_LEN {
-                if !self.fill_stage(r, r.next_seq) {
-                    return;
-                }
-                continue;
-            }
-            let Some(h) = Header::decode(&r.stage[r.lo..r.hi]) else {
-                self.shared.fail(Error::Remote(format!(
-                    "irecv: malformed message header {} from {peer} (stream out of sync: does the peer run \
-                     the same tcpxshim version?)",
-                    r.next_seq
-                )));
-                return;
+            let more = match r.cur {
+                Some(i) => self.read_inline(r, i),
+                None => self.next_header(r),
             };
-            if let Err(e) = self.check_header(&h, r.next_seq, r.reqs[i].cap) {
-                self.shared.fail(e);
+            if !more {
                 return;
-            }
-            r.lo += HEADER_LEN;
-            r.waiting.pop();
-            r.next_seq += 1;
-            let size = h.size as usize;
-            let req = &mut r.reqs[i];
-            req.seq = h.seq;
-            req.size = size;
-            if h.flags & FLAG_INLINE != 0 {
-                req.phase = Phase::Inline { done: 0 };
-                r.cur = Some(i);
-                continue;
-            }
-            req.phase = Phase::Striped;
-            let chunk = h.chunk as usize;
-            let n = wire::chunks(h.seq, size, chunk, self.streams).count() as u32;
-            self.shared.set_chunks(i, n);
-            for (stream, off, len) in wire::chunks(h.seq, size, chunk, self.streams) {
-                let d = &self.data[stream];
-                let task = Task {
-                    // SAFETY: off < size <= cap, inside the posted buffer.
-                    ptr: unsafe { req.ptr.add(off) },
-                    len,
-                    done: 0,
-                    slot: i as u8,
-                    seq: h.seq,
-                };
-                if let Err(e) = self.pool.post(d.worker, d.token, task) {
-                    self.shared.fail(e.context(format!("irecv: connection to {peer}")));
-                    return;
-                }
             }
         }
+    }
+
+    /// Moves the inline payload of receive `i` (the current one) from the stage into its buffer,
+    /// reading more from the control socket. False when the socket has nothing more for now or
+    /// the comm failed.
+    fn read_inline(&self, r: &mut RecvSide, i: usize) -> bool {
+        let req = &mut r.reqs[i];
+        let Phase::Inline { mut done } = req.phase else {
+            r.cur = None;
+            return true;
+        };
+        let take = (req.size - done).min(r.hi - r.lo);
+        if take > 0 {
+            // SAFETY: done + take <= size <= cap, the posted buffer's length; the stage range is
+            // initialised bytes of our own buffer, which cannot overlap NCCL's.
+            unsafe { std::ptr::copy_nonoverlapping(r.stage[r.lo..].as_ptr(), req.ptr.add(done), take) };
+            done += take;
+            r.lo += take;
+            req.phase = Phase::Inline { done };
+        }
+        let left = req.size - done;
+        if left == 0 {
+            req.phase = Phase::Done;
+            r.cur = None;
+            return true;
+        }
+        let seq = req.seq;
+        if left >= DIRECT_READ_MIN {
+            self.read_inline_direct(r, i, done, left)
+        } else {
+            self.fill_stage(r, seq)
+        }
+    }
+
+    /// Reads the `left` bytes of receive `i`'s inline payload after the first `done` straight from
+    /// the control socket into its buffer. False when the socket has nothing for now or failed.
+    fn read_inline_direct(&self, r: &mut RecvSide, i: usize, done: usize, left: usize) -> bool {
+        let req = &mut r.reqs[i];
+        let seq = req.seq;
+        // SAFETY: the range lies in the posted buffer (done + left = size <= cap), which only this
+        // comm writes while the request is outstanding.
+        match unsafe { sys::recv_raw(r.ctrl.as_raw_fd(), req.ptr.add(done), left) } {
+            Ok(0) => {
+                self.shared.fail(Error::Remote(format!(
+                    "irecv: connection to {} closed while receiving message {seq}",
+                    self.shared.peer
+                )));
+                false
+            }
+            Ok(n) => {
+                req.phase = Phase::Inline { done: done + n };
+                r.backoff = 0;
+                true
+            }
+            Err(e) if sys::is_would_block(&e) => {
+                #[cfg(test)]
+                {
+                    r.idle_reads += 1;
+                }
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                self.fail_io(e, seq);
+                false
+            }
+        }
+    }
+
+    /// Matches the next header on the control socket to the oldest waiting receive: an inline
+    /// message becomes the current one, a striped message's chunks go to the workers. False when
+    /// no receive waits, the socket has nothing for now, or the comm failed.
+    fn next_header(&self, r: &mut RecvSide) -> bool {
+        let peer = self.shared.peer;
+        let Some(i) = r.waiting.front() else { return false };
+        let i = i as usize;
+        if r.hi - r.lo < HEADER_LEN {
+            return self.fill_stage(r, r.next_seq);
+        }
+        let Some(h) = Header::decode(&r.stage[r.lo..r.hi]) else {
+            self.shared.fail(Error::Remote(format!(
+                "irecv: malformed message header {} from {peer} (stream out of sync: does the peer run \
+                 the same tcpxshim version?)",
+                r.next_seq
+            )));
+            return false;
+        };
+        if let Err(e) = self.check_header(&h, r.next_seq, r.reqs[i].cap) {
+            self.shared.fail(e);
+            return false;
+        }
+        r.lo += HEADER_LEN;
+        r.waiting.pop();
+        r.next_seq += 1;
+        let size = h.size as usize;
+        let req = &mut r.reqs[i];
+        req.seq = h.seq;
+        req.size = size;
+        if h.flags & FLAG_INLINE != 0 {
+            req.phase = Phase::Inline { done: 0 };
+            r.cur = Some(i);
+            return true;
+        }
+        req.phase = Phase::Striped;
+        // SAFETY: size <= cap (checked with the header), the length of the posted buffer, which
+        // stays valid until the request completes or the comm is closed.
+        if let Err(e) = unsafe { self.post_chunks(i, h.seq, size, h.chunk as usize, req.ptr) } {
+            self.shared.fail(e.context(format!("irecv: connection to {peer}")));
+            return false;
+        }
+        true
+    }
+
+    /// Sets the pending count of request slot `slot` and hands the chunks of message `seq`
+    /// (`size` bytes at `base`, striped by `chunk`) to the workers of their streams.
+    ///
+    /// # Safety
+    /// `base` points at `size` bytes of NCCL's buffer for the request, valid until the request
+    /// completes or the comm is closed; a receive's buffer is written by no one else meanwhile.
+    unsafe fn post_chunks(&self, slot: usize, seq: u64, size: usize, chunk: usize, base: *mut u8) -> Result<()> {
+        let n = wire::chunks(seq, size, chunk, self.streams).count() as u32;
+        self.shared.set_chunks(slot, n);
+        for (stream, off, len) in wire::chunks(seq, size, chunk, self.streams) {
+            let d = &self.data[stream];
+            let task = Task {
+                // SAFETY: off < size, so the pointer stays inside the buffer (caller's contract).
+                ptr: unsafe { base.add(off) },
+                len,
+                done: 0,
+                slot: slot as u8,
+                seq,
+            };
+            self.pool.post(d.worker, d.token, task)?;
+        }
+        Ok(())
     }
 
     /// Progress for receives behind the tested one, with the back-off described at `RecvSide::skip`.

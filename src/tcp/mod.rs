@@ -129,6 +129,24 @@ impl TcpTransport {
     }
 
     fn with_devices(cfg: &TcpConfig, devices: Vec<Device>) -> Result<TcpTransport> {
+        TcpTransport::check_settings(cfg)?;
+        let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
+        let pool = Arc::new(Pool::new(cfg.workers, id)?);
+        TcpTransport::log_start(cfg, &devices);
+        let gpu = TcpTransport::start_gpu(cfg);
+        Ok(TcpTransport {
+            gpu,
+            cfg: cfg.clone(),
+            devices,
+            pool,
+            pending: Mutex::new(HashMap::new()),
+            next_pending: AtomicU64::new(1),
+            abandon_after: ABANDON_AFTER,
+        })
+    }
+
+    /// Rejects settings out of the ranges the wire format and the worker pool allow.
+    fn check_settings(cfg: &TcpConfig) -> Result<()> {
         let check = |ok: bool, setting: &str, value: usize, range: &str| {
             if ok {
                 Ok(())
@@ -162,8 +180,11 @@ impl TcpTransport {
             cfg.inline_max,
             "0 to 2147483647",
         )?;
-        let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
-        let pool = Arc::new(Pool::new(cfg.workers, id)?);
+        Ok(())
+    }
+
+    /// The INFO line saying what the transport runs with.
+    fn log_start(cfg: &TcpConfig, devices: &[Device]) {
         log::info!(
             "built-in TCP transport: devices [{}], {} streams, {} workers, inline up to {} bytes",
             devices
@@ -179,35 +200,30 @@ impl TcpTransport {
             cfg.workers,
             cfg.inline_max
         );
-        let gpu = if cfg.cuda {
-            match cuda::driver() {
-                Ok(cuda) => {
-                    let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
-                    log::info!(
-                        "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
-                         host buffers, {} MiB of them pinned (NCCL_TCPXSHIM_TCP_CUDA_POOL)",
-                        cuda.devices,
-                        g.pool_size() >> 20
-                    );
-                    Some(g)
-                }
-                Err(e) => {
-                    log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
-                    None
-                }
+    }
+
+    /// GPU-memory support when NCCL_TCPXSHIM_TCP_CUDA=1 asks for it and a CUDA driver with a GPU
+    /// is there; otherwise a WARN (when asked for) and host memory only.
+    fn start_gpu(cfg: &TcpConfig) -> Option<gpu::Gpu> {
+        if !cfg.cuda {
+            return None;
+        }
+        match cuda::driver() {
+            Ok(cuda) => {
+                let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
+                log::info!(
+                    "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
+                     host buffers, {} MiB of them pinned (NCCL_TCPXSHIM_TCP_CUDA_POOL)",
+                    cuda.devices,
+                    g.pool_size() >> 20
+                );
+                Some(g)
             }
-        } else {
-            None
-        };
-        Ok(TcpTransport {
-            gpu,
-            cfg: cfg.clone(),
-            devices,
-            pool,
-            pending: Mutex::new(HashMap::new()),
-            next_pending: AtomicU64::new(1),
-            abandon_after: ABANDON_AFTER,
-        })
+            Err(e) => {
+                log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
+                None
+            }
+        }
     }
 
     /// The address device `dev` listens on.
