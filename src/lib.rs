@@ -3,7 +3,6 @@
 
 pub mod config;
 pub mod control;
-pub mod cuda;
 pub mod error;
 pub mod ffi;
 pub mod p2p;

@@ -260,7 +260,7 @@ fn stalled_requests_are_reported_once_with_what_they_wait_for() {
         "test: irecv of 1048573 bytes (tag 0) on recv comm",
         "peer 127.0.0.1:",
     );
-    assert_warned(&warns, "test: irecv of 1048573 bytes", "the peer has not sent");
+    assert_warned(&warns, "test: irecv of 1048573 bytes", "no message from the sender yet");
     assert_warned(&warns, "test", "NCCL_TCPXSHIM_STALL_WARN");
 }
 
@@ -273,7 +273,7 @@ fn a_send_nobody_receives_is_reported_as_stalled() {
         "test: isend of 67108864 bytes (tag 0) on send comm",
         "peer 127.0.0.1:",
     );
-    assert_warned(&warns, "test: isend of 67108864 bytes", "the peer is not receiving");
+    assert_warned(&warns, "test: isend of 67108864 bytes", "still with the I/O workers");
 }
 
 #[test]

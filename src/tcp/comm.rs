@@ -5,6 +5,7 @@
 //! state sits behind a mutex that only the calling thread takes (workers never do), so it is never
 //! contended; `try_lock` turns a caller that breaks NCCL's one-thread-per-comm rule into an error.
 
+use super::shared::{Shared, MAX_REQUESTS};
 use super::sys;
 use super::wire::{self, Header, FLAG_INLINE, HEADER_LEN};
 use super::worker::{Dir, Pool, Task};
@@ -14,12 +15,8 @@ use socket2::Socket;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant};
 
-/// Outstanding requests per comm (NCCL_NET_MAX_REQUESTS).
-pub const MAX_REQUESTS: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
 const _: () = assert!(MAX_REQUESTS <= 32, "free-slot bitmask is a u32");
 
 /// First word of every object this transport hands out, so a mixed-up pointer is caught.
@@ -38,61 +35,6 @@ const LOOKAHEAD_MAX_SKIP: u32 = 64;
 /// Most ranges (a header and an inline payload per message) gathered into one sendmsg.
 const MAX_IOV: usize = sys::MAX_GATHER;
 
-/// The part of a comm that workers see.
-pub struct Shared {
-    /// The remote end of the connection.
-    pub peer: SocketAddr,
-    pending: [AtomicU32; MAX_REQUESTS],
-    failed: AtomicBool,
-    failure: Mutex<Option<Error>>,
-}
-
-impl Shared {
-    /// A fresh shared part for a connection to `peer`.
-    pub fn new(peer: SocketAddr) -> Shared {
-        Shared {
-            peer,
-            pending: std::array::from_fn(|_| AtomicU32::new(0)),
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
-        }
-    }
-
-    /// A worker finished one chunk of the request in `slot`.
-    pub fn chunk_done(&self, slot: u8) {
-        // Release: the chunk's bytes are in place before the count says so.
-        self.pending[slot as usize].fetch_sub(1, Ordering::Release);
-    }
-
-    /// Records the first failure; the comm is unusable afterwards.
-    pub fn fail(&self, err: Error) {
-        let mut f = match self.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if f.is_none() {
-            *f = Some(err);
-        }
-        self.failed.store(true, Ordering::Release);
-    }
-
-    /// The recorded failure, if any.
-    pub fn failure(&self) -> Option<Error> {
-        if !self.failed.load(Ordering::Acquire) {
-            return None;
-        }
-        let f = match self.failure.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f.clone()
-    }
-
-    fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
-}
-
 /// What NCCL holds as a request: a fixed slot of its comm.
 #[repr(C)]
 struct Slot {
@@ -109,7 +51,6 @@ struct DataSock {
 
 #[derive(Clone, Copy)]
 struct SendReq {
-    stall: Stall,
     ptr: *const u8,
     size: usize,
     seq: u64,
@@ -117,6 +58,21 @@ struct SendReq {
     /// Header plus inline payload bytes to write on the control socket.
     ctrl_len: usize,
     ctrl_done: usize,
+}
+
+impl SendReq {
+    /// What this outstanding send waits for, given its chunks still with the workers; `None` when
+    /// nothing (the next test completes it).
+    fn detail(&self, left: u32) -> Option<String> {
+        if self.ctrl_done == self.ctrl_len && left == 0 {
+            return None;
+        }
+        Some(format!(
+            "message #{}: {} of {} control bytes written, {left} chunk(s) still with the I/O workers (the peer \
+             is not reading: is its irecv posted?)",
+            self.seq, self.ctrl_done, self.ctrl_len
+        ))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -133,7 +89,6 @@ enum Phase {
 
 #[derive(Clone, Copy)]
 struct RecvReq {
-    stall: Stall,
     ptr: *mut u8,
     cap: usize,
     size: usize,
@@ -207,6 +162,26 @@ struct SendSide {
     queue: Ring,
 }
 
+impl SendSide {
+    /// A send side with every slot free, writing headers to `ctrl`.
+    fn new(ctrl: Socket) -> SendSide {
+        SendSide {
+            ctrl,
+            next_seq: 0,
+            slots: Slots::all_free(),
+            reqs: [SendReq {
+                ptr: std::ptr::null(),
+                size: 0,
+                seq: 0,
+                hdr: [0; HEADER_LEN],
+                ctrl_len: 0,
+                ctrl_done: 0,
+            }; MAX_REQUESTS],
+            queue: Ring::new(),
+        }
+    }
+}
+
 struct RecvSide {
     ctrl: Socket,
     next_seq: u64,
@@ -230,6 +205,56 @@ struct RecvSide {
     idle_reads: u64,
 }
 
+impl RecvSide {
+    /// A receive side with every slot free, reading headers from `ctrl`.
+    fn new(ctrl: Socket) -> RecvSide {
+        RecvSide {
+            ctrl,
+            next_seq: 0,
+            slots: Slots::all_free(),
+            reqs: [RecvReq {
+                ptr: std::ptr::null_mut(),
+                cap: 0,
+                size: 0,
+                seq: 0,
+                phase: Phase::Done,
+            }; MAX_REQUESTS],
+            waiting: Ring::new(),
+            cur: None,
+            stage: vec![0u8; STAGE_LEN].into_boxed_slice(),
+            lo: 0,
+            hi: 0,
+            skip: 0,
+            backoff: 0,
+            #[cfg(test)]
+            idle_reads: 0,
+        }
+    }
+
+    /// What outstanding receive `i` waits for, given its chunks still with the workers; `None`
+    /// when nothing (the next test completes it).
+    fn detail(&self, i: usize, left: u32) -> Option<String> {
+        let q = &self.reqs[i];
+        match q.phase {
+            Phase::Header => {
+                let ahead = (0..self.waiting.len)
+                    .take_while(|&k| self.waiting.get(k) as usize != i)
+                    .count();
+                Some(format!(
+                    "no message from the sender yet ({ahead} earlier receive(s) of this connection waiting too; is \
+                     the peer's isend posted?)"
+                ))
+            }
+            Phase::Inline { done } => Some(format!("message #{} inline, {done} of {} bytes in", q.seq, q.size)),
+            Phase::Striped if left > 0 => Some(format!(
+                "message #{} of {} bytes, {left} chunk(s) still to arrive",
+                q.seq, q.size
+            )),
+            Phase::Striped | Phase::Done => None,
+        }
+    }
+}
+
 // The comm is boxed already; boxing a variant too would only add a pointer chase per call.
 #[allow(clippy::large_enum_variant)]
 enum Side {
@@ -247,7 +272,6 @@ pub struct Comm {
     streams: usize,
     inline_max: usize,
     min_chunk: usize,
-    stall_warn: Option<Duration>,
     fds: Vec<RawFd>,
     state: Mutex<Side>,
     slots: [Slot; MAX_REQUESTS],
@@ -262,47 +286,6 @@ pub struct CommParams {
     pub inline_max: usize,
     /// Smallest striping chunk.
     pub min_chunk: usize,
-    /// When a tested request is reported as stalled (NCCL_TCPXSHIM_STALL_WARN).
-    pub stall_warn: Option<Duration>,
-}
-
-/// How long a request has been outstanding, for the stall warning.
-#[derive(Clone, Copy)]
-struct Stall {
-    posted: Instant,
-    polls: u32,
-    warned: bool,
-}
-
-impl Stall {
-    /// Polls between two looks at the clock.
-    const EVERY: u32 = 1024;
-
-    fn new() -> Stall {
-        Stall {
-            posted: Instant::now(),
-            polls: 0,
-            warned: false,
-        }
-    }
-
-    /// The request's age, the first time a poll finds it outstanding for `after` or longer (the
-    /// clock is read once every `EVERY` polls, so an unfinished test costs nothing more).
-    fn due(&mut self, after: Option<Duration>) -> Option<Duration> {
-        let after = after?;
-        if self.warned {
-            return None;
-        }
-        self.polls = self.polls.wrapping_add(1);
-        if self.polls % Stall::EVERY != 0 {
-            return None;
-        }
-        let age = self.posted.elapsed();
-        (age >= after).then(|| {
-            self.warned = true;
-            age
-        })
-    }
 }
 
 impl Comm {
@@ -333,43 +316,8 @@ impl Comm {
             }
         }
         let side = match dir {
-            Dir::Send => Side::Send(SendSide {
-                ctrl,
-                next_seq: 0,
-                slots: Slots::all_free(),
-                reqs: [SendReq {
-                    stall: Stall::new(),
-                    ptr: std::ptr::null(),
-                    size: 0,
-                    seq: 0,
-                    hdr: [0; HEADER_LEN],
-                    ctrl_len: 0,
-                    ctrl_done: 0,
-                }; MAX_REQUESTS],
-                queue: Ring::new(),
-            }),
-            Dir::Recv => Side::Recv(RecvSide {
-                ctrl,
-                next_seq: 0,
-                slots: Slots::all_free(),
-                reqs: [RecvReq {
-                    stall: Stall::new(),
-                    ptr: std::ptr::null_mut(),
-                    cap: 0,
-                    size: 0,
-                    seq: 0,
-                    phase: Phase::Done,
-                }; MAX_REQUESTS],
-                waiting: Ring::new(),
-                cur: None,
-                stage: vec![0u8; STAGE_LEN].into_boxed_slice(),
-                lo: 0,
-                hi: 0,
-                skip: 0,
-                backoff: 0,
-                #[cfg(test)]
-                idle_reads: 0,
-            }),
+            Dir::Send => Side::Send(SendSide::new(ctrl)),
+            Dir::Recv => Side::Recv(RecvSide::new(ctrl)),
         };
         let comm = Box::new(Comm {
             tag: if dir == Dir::Send { TAG_SEND } else { TAG_RECV },
@@ -379,7 +327,6 @@ impl Comm {
             streams: p.streams,
             inline_max: p.inline_max,
             min_chunk: p.min_chunk,
-            stall_warn: p.stall_warn,
             fds,
             state: Mutex::new(side),
             slots: std::array::from_fn(|i| Slot {
@@ -501,7 +448,6 @@ impl Comm {
             flags: if inline { FLAG_INLINE } else { 0 },
         };
         s.reqs[i] = SendReq {
-            stall: Stall::new(),
             ptr: data,
             size,
             seq,
@@ -510,27 +456,16 @@ impl Comm {
             ctrl_done: 0,
         };
         if inline {
-            self.shared.pending[i].store(0, Ordering::Relaxed);
+            self.shared.set_chunks(i, 0);
         } else {
             // Post chunks before writing the header: workers start moving data while we write it.
-            let n = wire::chunks(seq, size, chunk, self.streams).count() as u32;
-            self.shared.pending[i].store(n, Ordering::Release);
-            for (stream, off, len) in wire::chunks(seq, size, chunk, self.streams) {
-                let d = &self.data[stream];
-                let task = Task {
-                    // SAFETY: off < size and NCCL's buffer holds `size` bytes.
-                    ptr: unsafe { data.add(off) } as *mut u8,
-                    len,
-                    done: 0,
-                    slot: i as u8,
-                    seq,
-                };
-                if let Err(e) = self.pool.post(d.worker, d.token, task) {
-                    let e = e.context(format!("isend: connection to {peer}"));
-                    self.shared.fail(Clone::clone(&e));
-                    s.slots.release(i);
-                    return Err(e);
-                }
+            // SAFETY: NCCL's send buffer holds `size` bytes until the request completes; send
+            // chunks only read it.
+            if let Err(e) = unsafe { self.post_chunks(i, seq, size, chunk, data as *mut u8) } {
+                let e = e.context(format!("isend: connection to {peer}"));
+                self.shared.fail(e.clone());
+                s.slots.release(i);
+                return Err(e);
             }
         }
         s.queue.push(i as u8);
@@ -615,7 +550,6 @@ impl Comm {
         };
         let i = r.slots.take().ok_or_else(|| self.too_many("irecv"))?;
         r.reqs[i] = RecvReq {
-            stall: Stall::new(),
             ptr: data,
             cap,
             size: 0,
@@ -680,114 +614,150 @@ impl Comm {
     /// Reads headers and inline payloads for posted receives, in order, and hands striped
     /// messages' chunks to the workers. Failures are recorded on the comm for test() to report.
     fn progress_recv(&self, r: &mut RecvSide) {
-        let peer = self.shared.peer;
         while !self.shared.is_failed() {
-            if let Some(i) = r.cur {
-                let req = &mut r.reqs[i];
-                let Phase::Inline { mut done } = req.phase else {
-                    r.cur = None;
-                    continue;
-                };
-                let take = (req.size - done).min(r.hi - r.lo);
-                if take > 0 {
-                    // SAFETY: done + take <= size <= cap, the posted buffer's length; the stage range is
-                    // initialised bytes of our own buffer, which cannot overlap NCCL's.
-                    unsafe { std::ptr::copy_nonoverlapping(r.stage[r.lo..].as_ptr(), req.ptr.add(done), take) };
-                    done += take;
-                    r.lo += take;
-                    req.phase = Phase::Inline { done };
-                }
-                let left = req.size - done;
-                if left == 0 {
-                    req.phase = Phase::Done;
-                    r.cur = None;
-                    continue;
-                }
-                let seq = req.seq;
-                if left >= DIRECT_READ_MIN {
-                    // SAFETY: the range lies in the posted buffer (done + left = size <= cap), which
-                    // only this comm writes while the request is outstanding.
-                    match unsafe { sys::recv_raw(r.ctrl.as_raw_fd(), req.ptr.add(done), left) } {
-                        Ok(0) => {
-                            self.shared.fail(Error::connection_lost(format!(
-                                "irecv: connection to {peer} closed while receiving message {seq}"
-                            )));
-                            return;
-                        }
-                        Ok(n) => {
-                            req.phase = Phase::Inline { done: done + n };
-                            r.backoff = 0;
-                        }
-                        Err(e) if sys::is_would_block(&e) => {
-                            #[cfg(test)]
-                            {
-                                r.idle_reads += 1;
-                            }
-                            return;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            self.fail_io(e, seq);
-                            return;
-                        }
-                    }
-                } else if !self.fill_stage(r, seq) {
-                    return;
-                }
-                continue;
-            }
-            let Some(i) = r.waiting.front() else { return };
-            let i = i as usize;
-            if r.hi - r.lo < HEADER_LEN {
-                if !self.fill_stage(r, r.next_seq) {
-                    return;
-                }
-                continue;
-            }
-            let Some(h) = Header::decode(&r.stage[r.lo..r.hi]) else {
-                self.shared.fail(Error::remote(format!(
-                    "irecv: malformed message header {} from {peer} (stream out of sync: does the peer run \
-                     the same tcpxshim version?)",
-                    r.next_seq
-                )));
-                return;
+            let more = match r.cur {
+                Some(i) => self.read_inline(r, i),
+                None => self.next_header(r),
             };
-            if let Err(e) = self.check_header(&h, r.next_seq, r.reqs[i].cap) {
-                self.shared.fail(e);
+            if !more {
                 return;
-            }
-            r.lo += HEADER_LEN;
-            r.waiting.pop();
-            r.next_seq += 1;
-            let size = h.size as usize;
-            let req = &mut r.reqs[i];
-            req.seq = h.seq;
-            req.size = size;
-            if h.flags & FLAG_INLINE != 0 {
-                req.phase = Phase::Inline { done: 0 };
-                r.cur = Some(i);
-                continue;
-            }
-            req.phase = Phase::Striped;
-            let chunk = h.chunk as usize;
-            let n = wire::chunks(h.seq, size, chunk, self.streams).count() as u32;
-            self.shared.pending[i].store(n, Ordering::Release);
-            for (stream, off, len) in wire::chunks(h.seq, size, chunk, self.streams) {
-                let d = &self.data[stream];
-                let task = Task {
-                    // SAFETY: off < size <= cap, inside the posted buffer.
-                    ptr: unsafe { req.ptr.add(off) },
-                    len,
-                    done: 0,
-                    slot: i as u8,
-                    seq: h.seq,
-                };
-                if let Err(e) = self.pool.post(d.worker, d.token, task) {
-                    self.shared.fail(e.context(format!("irecv: connection to {peer}")));
-                    return;
-                }
             }
         }
+    }
+
+    /// Moves the inline payload of receive `i` (the current one) from the stage into its buffer,
+    /// reading more from the control socket. False when the socket has nothing more for now or
+    /// the comm failed.
+    fn read_inline(&self, r: &mut RecvSide, i: usize) -> bool {
+        let req = &mut r.reqs[i];
+        let Phase::Inline { mut done } = req.phase else {
+            r.cur = None;
+            return true;
+        };
+        let take = (req.size - done).min(r.hi - r.lo);
+        if take > 0 {
+            // SAFETY: done + take <= size <= cap, the posted buffer's length; the stage range is
+            // initialised bytes of our own buffer, which cannot overlap NCCL's.
+            unsafe { std::ptr::copy_nonoverlapping(r.stage[r.lo..].as_ptr(), req.ptr.add(done), take) };
+            done += take;
+            r.lo += take;
+            req.phase = Phase::Inline { done };
+        }
+        let left = req.size - done;
+        if left == 0 {
+            req.phase = Phase::Done;
+            r.cur = None;
+            return true;
+        }
+        let seq = req.seq;
+        if left >= DIRECT_READ_MIN {
+            self.read_inline_direct(r, i, done, left)
+        } else {
+            self.fill_stage(r, seq)
+        }
+    }
+
+    /// Reads the `left` bytes of receive `i`'s inline payload after the first `done` straight from
+    /// the control socket into its buffer. False when the socket has nothing for now or failed.
+    fn read_inline_direct(&self, r: &mut RecvSide, i: usize, done: usize, left: usize) -> bool {
+        let req = &mut r.reqs[i];
+        let seq = req.seq;
+        // SAFETY: the range lies in the posted buffer (done + left = size <= cap), which only this
+        // comm writes while the request is outstanding.
+        match unsafe { sys::recv_raw(r.ctrl.as_raw_fd(), req.ptr.add(done), left) } {
+            Ok(0) => {
+                self.shared.fail(Error::connection_lost(format!(
+                    "irecv: connection to {} closed while receiving message {seq}",
+                    self.shared.peer
+                )));
+                false
+            }
+            Ok(n) => {
+                req.phase = Phase::Inline { done: done + n };
+                r.backoff = 0;
+                true
+            }
+            Err(e) if sys::is_would_block(&e) => {
+                #[cfg(test)]
+                {
+                    r.idle_reads += 1;
+                }
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                self.fail_io(e, seq);
+                false
+            }
+        }
+    }
+
+    /// Matches the next header on the control socket to the oldest waiting receive: an inline
+    /// message becomes the current one, a striped message's chunks go to the workers. False when
+    /// no receive waits, the socket has nothing for now, or the comm failed.
+    fn next_header(&self, r: &mut RecvSide) -> bool {
+        let peer = self.shared.peer;
+        let Some(i) = r.waiting.front() else { return false };
+        let i = i as usize;
+        if r.hi - r.lo < HEADER_LEN {
+            return self.fill_stage(r, r.next_seq);
+        }
+        let Some(h) = Header::decode(&r.stage[r.lo..r.hi]) else {
+            self.shared.fail(Error::remote(format!(
+                "irecv: malformed message header {} from {peer} (stream out of sync: does the peer run \
+                 the same tcpxshim version?)",
+                r.next_seq
+            )));
+            return false;
+        };
+        if let Err(e) = self.check_header(&h, r.next_seq, r.reqs[i].cap) {
+            self.shared.fail(e);
+            return false;
+        }
+        r.lo += HEADER_LEN;
+        r.waiting.pop();
+        r.next_seq += 1;
+        let size = h.size as usize;
+        let req = &mut r.reqs[i];
+        req.seq = h.seq;
+        req.size = size;
+        if h.flags & FLAG_INLINE != 0 {
+            req.phase = Phase::Inline { done: 0 };
+            r.cur = Some(i);
+            return true;
+        }
+        req.phase = Phase::Striped;
+        // SAFETY: size <= cap (checked with the header), the length of the posted buffer, which
+        // stays valid until the request completes or the comm is closed.
+        if let Err(e) = unsafe { self.post_chunks(i, h.seq, size, h.chunk as usize, req.ptr) } {
+            self.shared.fail(e.context(format!("irecv: connection to {peer}")));
+            return false;
+        }
+        true
+    }
+
+    /// Sets the pending count of request slot `slot` and hands the chunks of message `seq`
+    /// (`size` bytes at `base`, striped by `chunk`) to the workers of their streams.
+    ///
+    /// # Safety
+    /// `base` points at `size` bytes of NCCL's buffer for the request, valid until the request
+    /// completes or the comm is closed; a receive's buffer is written by no one else meanwhile.
+    unsafe fn post_chunks(&self, slot: usize, seq: u64, size: usize, chunk: usize, base: *mut u8) -> Result<()> {
+        let n = wire::chunks(seq, size, chunk, self.streams).count() as u32;
+        self.shared.set_chunks(slot, n);
+        for (stream, off, len) in wire::chunks(seq, size, chunk, self.streams) {
+            let d = &self.data[stream];
+            let task = Task {
+                // SAFETY: off < size, so the pointer stays inside the buffer (caller's contract).
+                ptr: unsafe { base.add(off) },
+                len,
+                done: 0,
+                slot: slot as u8,
+                seq,
+            };
+            self.pool.post(d.worker, d.token, task)?;
+        }
+        Ok(())
     }
 
     /// Progress for receives behind the tested one, with the back-off described at `RecvSide::skip`.
@@ -858,24 +828,9 @@ impl Comm {
                 if s.queue.len > 0 {
                     self.flush_ctrl(s);
                 }
-                let left = self.shared.pending[i].load(Ordering::Acquire);
-                let r = &mut s.reqs[i];
+                let left = self.shared.chunks_left(i);
+                let r = &s.reqs[i];
                 let done = r.ctrl_done == r.ctrl_len && left == 0;
-                if !done {
-                    if let Some(age) = r.stall.due(self.stall_warn) {
-                        log::warn!(
-                            "test: send #{} of {} bytes to {} outstanding for {:.1} s: {} of {} control bytes written, \
-                             {left} chunk(s) still with the I/O workers (the peer is not reading: is its irecv \
-                             posted?); NCCL_TCPXSHIM_STALL_WARN sets when this is said",
-                            r.seq,
-                            r.size,
-                            self.shared.peer,
-                            age.as_secs_f64(),
-                            r.ctrl_done,
-                            r.ctrl_len
-                        );
-                    }
-                }
                 let size = r.size;
                 done.then(|| {
                     s.slots.release(i);
@@ -894,40 +849,13 @@ impl Comm {
                     // lets their chunks start early, but need not cost a syscall on every poll.
                     self.look_ahead(r);
                 }
-                let left = self.shared.pending[i].load(Ordering::Acquire);
-                let q = &mut r.reqs[i];
+                let left = self.shared.chunks_left(i);
+                let q = &r.reqs[i];
                 let done = match q.phase {
                     Phase::Done => true,
                     Phase::Striped => left == 0,
                     _ => false,
                 };
-                if !done {
-                    if let Some(age) = q.stall.due(self.stall_warn) {
-                        let ahead = (0..r.waiting.len)
-                            .take_while(|&k| r.waiting.get(k) as usize != i)
-                            .count();
-                        let what = match q.phase {
-                            Phase::Header => format!(
-                                "no message from the sender yet ({ahead} earlier receive(s) of this connection \
-                                 waiting too; is the peer's isend posted?)"
-                            ),
-                            Phase::Inline { done } => {
-                                format!("message #{} inline, {done} of {} bytes in", q.seq, q.size)
-                            }
-                            _ => format!(
-                                "message #{} of {} bytes, {left} chunk(s) still to arrive",
-                                q.seq, q.size
-                            ),
-                        };
-                        log::warn!(
-                            "test: receive of up to {} bytes from {} outstanding for {:.1} s: {what}; \
-                             NCCL_TCPXSHIM_STALL_WARN sets when this is said",
-                            q.cap,
-                            self.shared.peer,
-                            age.as_secs_f64()
-                        );
-                    }
-                }
                 let size = q.size;
                 done.then(|| {
                     r.slots.release(i);
@@ -946,6 +874,24 @@ impl Comm {
                 Some(e) => Err(e),
                 None => Ok(false),
             },
+        }
+    }
+
+    /// What request slot `i` still waits for (see [`stall_detail`]). Reads no socket and moves
+    /// nothing forward; never waits for the comm's lock.
+    fn slot_detail(&self, i: usize) -> Option<String> {
+        let g = match self.state.try_lock() {
+            Ok(g) => g,
+            // Only reads follow; a panic elsewhere cannot make them unsafe.
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // Another thread drives the comm right now.
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let left = self.shared.chunks_left(i);
+        match &*g {
+            Side::Send(s) if s.slots.is_busy(i) => s.reqs[i].detail(left),
+            Side::Recv(r) if r.slots.is_busy(i) => r.detail(i, left),
+            _ => None,
         }
     }
 
@@ -977,24 +923,51 @@ impl Comm {
     }
 }
 
+/// The request slot behind `req`, checking that it is one.
+///
+/// # Safety
+/// `req` must be a pointer this transport returned that has not been freed; if it is a request,
+/// its comm must still be open.
+unsafe fn request_slot<'a>(req: Opaque, call: &str) -> Result<&'a Slot> {
+    // SAFETY: every object this transport hands out is #[repr(C)] with a u64 tag first (caller's
+    // contract for liveness).
+    let tag = unsafe { *(req.as_ptr() as *const u64) };
+    if tag != TAG_REQ {
+        return Err(Error::invalid_argument(format!(
+            "{call}: {:p} is not a request of the built-in TCP transport",
+            req.as_ptr()
+        )));
+    }
+    // SAFETY: the tag identifies a Slot inside a live comm; its back pointer was set at creation.
+    Ok(unsafe { &*(req.as_ptr() as *const Slot) })
+}
+
 /// Tests the request `req` (a slot of some comm).
 ///
 /// # Safety
 /// `req` must be a request returned by isend/irecv of a comm that is still open.
 pub unsafe fn test_request(req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
-    // SAFETY: requests are #[repr(C)] Slots with the tag first (caller's contract).
-    let tag = unsafe { *(req.as_ptr() as *const u64) };
-    if tag != TAG_REQ {
-        return Err(Error::invalid_argument(format!(
-            "test: {:p} is not a request of the built-in TCP transport",
-            req.as_ptr()
-        )));
-    }
-    // SAFETY: the tag identifies a Slot inside a live comm; its back pointer was set at creation.
-    let slot = unsafe { &*(req.as_ptr() as *const Slot) };
+    // SAFETY: forwarded caller contract.
+    let slot = unsafe { request_slot(req, "test")? };
     // SAFETY: slots live inside their comm, so the comm is live too.
     let comm = unsafe { &*slot.comm };
     comm.test_slot(slot.index as usize, sizes)
+}
+
+/// What request `req` of comm `comm` still waits for, in words (see
+/// `TcpTransport::stall_detail_of`); `None` when `req` is not an outstanding request of `comm`,
+/// has everything it waits for, or when another thread holds the comm at this moment.
+///
+/// # Safety
+/// `comm` must be an open comm of this transport and `req` a request isend/irecv returned on it.
+pub unsafe fn stall_detail(comm: Opaque, req: Opaque) -> Option<String> {
+    // SAFETY: forwarded caller contract.
+    let slot = unsafe { request_slot(req, "stall detail") }.ok()?;
+    if !std::ptr::eq(slot.comm, comm.as_ptr() as *const Comm) {
+        return None;
+    }
+    // SAFETY: slots live inside their comm, which the caller keeps open.
+    unsafe { &*slot.comm }.slot_detail(slot.index as usize)
 }
 
 /// Takes `socks` away from their workers, waiting until every worker has let go (see `Pool::remove`).

@@ -251,6 +251,14 @@ impl ListenComm {
             ))
         })?;
         let inner = &mut *g;
+        self.accept_new(inner)?;
+        self.read_hellos(inner)?;
+        self.drop_abandoned(inner);
+        self.take_complete(inner)
+    }
+
+    /// Accepts every socket waiting on the listener, as a half-open socket until its hello is in.
+    fn accept_new(&self, inner: &mut ListenInner) -> Result<()> {
         loop {
             match inner.listener.accept() {
                 Ok((sock, from)) => {
@@ -267,7 +275,7 @@ impl ListenComm {
                         since: Instant::now(),
                     });
                 }
-                Err(e) if super::sys::is_would_block(&e) => break,
+                Err(e) if super::sys::is_would_block(&e) => return Ok(()),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -276,6 +284,11 @@ impl ListenComm {
                 Err(e) => return Err(Error::io(format!("accept: accepting on {}", self.addr), e)),
             }
         }
+    }
+
+    /// Reads what has come of half-open sockets' hellos, filing each socket whose hello is
+    /// complete into its connection; sockets closed or failing before that are dropped.
+    fn read_hellos(&self, inner: &mut ListenInner) -> Result<()> {
         let mut i = 0;
         while i < inner.half.len() {
             let h = &mut inner.half[i];
@@ -305,7 +318,11 @@ impl ListenComm {
             let h = inner.half.swap_remove(i);
             self.place(&mut inner.groups, h)?;
         }
-        self.drop_abandoned(inner);
+        Ok(())
+    }
+
+    /// Takes out a connection whose sockets have all arrived, if there is one.
+    fn take_complete(&self, inner: &mut ListenInner) -> Result<Option<Accepted>> {
         let done = inner
             .groups
             .iter()

@@ -15,7 +15,7 @@
 //! current) on a non-blocking stream of the transport's own, and waited for; the I/O workers
 //! only ever see host memory.
 
-use crate::cuda::{Cuda, Pinned, Stream};
+use super::cuda::{Cuda, Pinned, Stream};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;

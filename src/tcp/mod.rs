@@ -24,8 +24,10 @@
 
 mod comm;
 mod conn;
+pub(crate) mod cuda;
 mod gpu;
 mod iface;
+mod shared;
 mod sys;
 #[cfg(test)]
 mod tests;
@@ -144,6 +146,24 @@ impl TcpTransport {
     }
 
     fn with_devices(cfg: &TcpConfig, devices: Vec<Device>) -> Result<TcpTransport> {
+        TcpTransport::check_settings(cfg)?;
+        let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
+        let pool = Arc::new(Pool::new(cfg.workers, id)?);
+        TcpTransport::log_start(cfg, &devices);
+        let gpu = TcpTransport::start_gpu(cfg);
+        Ok(TcpTransport {
+            gpu,
+            cfg: cfg.clone(),
+            devices,
+            pool,
+            pending: Mutex::new(HashMap::new()),
+            next_pending: AtomicU64::new(1),
+            abandon_after: ABANDON_AFTER,
+        })
+    }
+
+    /// Rejects settings out of the ranges the wire format and the worker pool allow.
+    fn check_settings(cfg: &TcpConfig) -> Result<()> {
         let check = |ok: bool, setting: &str, value: usize, range: &str| {
             if ok {
                 Ok(())
@@ -177,8 +197,11 @@ impl TcpTransport {
             cfg.inline_max,
             "0 to 2147483647",
         )?;
-        let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
-        let pool = Arc::new(Pool::new(cfg.workers, id)?);
+        Ok(())
+    }
+
+    /// The INFO line saying what the transport runs with.
+    fn log_start(cfg: &TcpConfig, devices: &[Device]) {
         log::info!(
             "built-in TCP transport: devices [{}], {} streams, {} workers, inline up to {} bytes",
             devices
@@ -194,35 +217,30 @@ impl TcpTransport {
             cfg.workers,
             cfg.inline_max
         );
-        let gpu = if cfg.cuda {
-            match crate::cuda::driver() {
-                Ok(cuda) => {
-                    let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
-                    log::info!(
-                        "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
-                         host buffers, {} MiB of them pinned (NCCL_TCPXSHIM_TCP_CUDA_POOL)",
-                        cuda.devices,
-                        g.pool_size() >> 20
-                    );
-                    Some(g)
-                }
-                Err(e) => {
-                    log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
-                    None
-                }
+    }
+
+    /// GPU-memory support when NCCL_TCPXSHIM_TCP_CUDA=1 asks for it and a CUDA driver with a GPU
+    /// is there; otherwise a WARN (when asked for) and host memory only.
+    fn start_gpu(cfg: &TcpConfig) -> Option<gpu::Gpu> {
+        if !cfg.cuda {
+            return None;
+        }
+        match cuda::driver() {
+            Ok(cuda) => {
+                let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
+                log::info!(
+                    "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
+                     host buffers, {} MiB of them pinned (NCCL_TCPXSHIM_TCP_CUDA_POOL)",
+                    cuda.devices,
+                    g.pool_size() >> 20
+                );
+                Some(g)
             }
-        } else {
-            None
-        };
-        Ok(TcpTransport {
-            gpu,
-            cfg: cfg.clone(),
-            devices,
-            pool,
-            pending: Mutex::new(HashMap::new()),
-            next_pending: AtomicU64::new(1),
-            abandon_after: ABANDON_AFTER,
-        })
+            Err(e) => {
+                log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
+                None
+            }
+        }
     }
 
     /// The address device `dev` listens on.
@@ -255,7 +273,6 @@ impl TcpTransport {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
             min_chunk: self.cfg.min_chunk,
-            stall_warn: None,
         }
     }
 
@@ -301,6 +318,26 @@ impl TcpTransport {
         }
         // SAFETY: the tag identifies a live ListenComm.
         Ok(unsafe { &*(o.as_ptr() as *const ListenComm) })
+    }
+
+    /// What request `req` of comm `comm` still waits for, in this transport's own words; the shim's
+    /// stall warning asks for it (and says comm, peer, operation, size and age itself). A send:
+    /// "message #3: 32 of 32 control bytes written, 2 chunk(s) still with the I/O workers (the peer
+    /// is not reading: is its irecv posted?)". A receive: "no message from the sender yet (1 earlier
+    /// receive(s) of this connection waiting too; is the peer's isend posted?)", "message #3 inline,
+    /// 400 of 1000 bytes in" or "message #3 of 4194304 bytes, 3 chunk(s) still to arrive".
+    ///
+    /// A pure query: it reads no socket and moves no request forward. `None` when `req` is not an
+    /// outstanding request of `comm` (already completed, or another comm's), when it waits for
+    /// nothing any more (the next test completes it), or when another thread is using the comm at
+    /// that moment (the query never waits for it).
+    ///
+    /// # Safety
+    /// `comm` and `req` are live objects of this transport: `comm` a send or receive comm not yet
+    /// closed, `req` a request that isend or irecv returned on it (completed or not).
+    pub(crate) unsafe fn stall_detail_of(&self, comm: Opaque, req: Opaque) -> Option<String> {
+        // SAFETY: forwarded caller contract.
+        unsafe { comm::stall_detail(comm, req) }
     }
 
     /// Raw fds a comm or listen comm holds (tests check they are all closed afterwards).
@@ -603,6 +640,11 @@ impl Transport for TcpTransport {
         // SAFETY: the tag identifies a ListenComm made by Opaque::from_box in listen; NCCL closes it once.
         drop(unsafe { Box::from_raw(comm.as_ptr() as *mut ListenComm) });
         Ok(())
+    }
+
+    unsafe fn stall_detail(&self, comm: Opaque, req: Opaque) -> Option<String> {
+        // SAFETY: the caller passes a live comm of this transport and a request posted on it.
+        unsafe { self.stall_detail_of(comm, req) }
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {

@@ -1320,7 +1320,7 @@ fn cuda_mode_needs_a_driver_and_otherwise_stays_host_only() {
         let p = t.properties(0).unwrap();
         let host = crate::ffi::NCCL_PTR_HOST as i32;
         let cuda = crate::ffi::NCCL_PTR_CUDA as i32;
-        if crate::cuda::driver().is_ok() {
+        if cuda::driver().is_ok() {
             assert_eq!(p.ptr_support, host | cuda);
         } else {
             assert_eq!(p.ptr_support, host, "no CUDA driver here: host memory only");
@@ -1379,5 +1379,217 @@ fn loopback_addresses_make_separate_devices_that_nccl_can_tell_apart() {
             close_pair(&t, p);
         }
         assert!(t.properties(3).is_err());
+    }
+}
+
+/// [`TcpTransport::stall_detail_of`] for request `req` of comm `comm` of `t`.
+fn stall_detail(t: &TcpTransport, comm: Opaque, req: Opaque) -> Option<String> {
+    // SAFETY: the tests pass open comms of `t` and requests posted on them.
+    unsafe { t.stall_detail_of(comm, req) }
+}
+
+/// Posts a send of `data` that nobody receives and tests it for a while, so that the workers and
+/// the control socket have written all that the socket buffers take; returns the request.
+fn stuck_send(t: &TcpTransport, send: Opaque, data: &[u8]) -> Opaque {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let req = t
+            .isend(send, data.as_ptr() as *mut _, data.len() as i32, 0, None)
+            .unwrap()
+            .unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(300) {
+            assert!(!t.test(req, None).unwrap(), "a send nobody receives cannot complete");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        req
+    }
+}
+
+/// Receives `data` on `recv` for the stuck send `sreq`, then checks that the completed send has no
+/// stall detail any more.
+fn unstick_send(t: &TcpTransport, (send, recv): (Opaque, Opaque), sreq: Opaque, data: &[u8]) {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut buf = vec![0u8; data.len()];
+        let rreq = t
+            .irecv(recv, &[buf.as_mut_ptr().cast()], &[data.len() as i32], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        let (s, r) = finish_both(t, sreq, rreq);
+        assert_eq!((s.unwrap(), r.unwrap()), (data.len() as i32, data.len() as i32));
+        assert!(buf == data, "payload corrupted");
+        assert_eq!(stall_detail(t, send, sreq), None, "a completed send waits for nothing");
+        assert_eq!(
+            stall_detail(t, recv, rreq),
+            None,
+            "a completed receive waits for nothing"
+        );
+    }
+}
+
+#[test]
+fn a_stuck_striped_send_says_its_chunks_are_with_the_workers() {
+    // Two streams: chunks of 32 MiB, far more than loopback socket buffers take without a reader.
+    let t = TcpTransport::new(&TcpConfig { streams: 2, ..lo_cfg() }).unwrap();
+    let p = pair(&t);
+    let data = pattern(64 << 20, 5);
+    let sreq = stuck_send(&t, p.0, &data);
+    let d = stall_detail(&t, p.0, sreq).expect("an outstanding send has a detail");
+    let head = format!("message #0: {0} of {0} control bytes written, ", wire::HEADER_LEN);
+    let left = d.strip_prefix(&head).unwrap_or_else(|| panic!("{d}"));
+    assert!(
+        left == "1 chunk(s) still with the I/O workers (the peer is not reading: is its irecv posted?)"
+            || left == "2 chunk(s) still with the I/O workers (the peer is not reading: is its irecv posted?)",
+        "{d}"
+    );
+    assert_eq!(stall_detail(&t, p.1, sreq), None, "not a request of the receive comm");
+    unstick_send(&t, (p.0, p.1), sreq, &data);
+    close_pair(&t, p);
+}
+
+#[test]
+fn a_stuck_inline_send_says_how_much_of_it_is_written() {
+    let size = 64 << 20;
+    let t = TcpTransport::new(&TcpConfig {
+        inline_max: size,
+        ..lo_cfg()
+    })
+    .unwrap();
+    let p = pair(&t);
+    let data = pattern(size, 6);
+    let sreq = stuck_send(&t, p.0, &data);
+    let d = stall_detail(&t, p.0, sreq).expect("an outstanding send has a detail");
+    let written: usize = d
+        .strip_prefix("message #0: ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{d}"));
+    let ctrl = size + wire::HEADER_LEN;
+    assert!(written < ctrl, "{d}");
+    assert!(
+        d.ends_with(&format!(
+            " of {ctrl} control bytes written, 0 chunk(s) still with the I/O workers (the peer is not reading: \
+             is its irecv posted?)"
+        )),
+        "{d}"
+    );
+    unstick_send(&t, (p.0, p.1), sreq, &data);
+    close_pair(&t, p);
+}
+
+/// A receive comm of `t` (and its listen comm) whose sender is the test itself, through raw
+/// sockets: the control socket first, then one per data stream.
+fn fake_sender(t: &TcpTransport) -> (Opaque, Opaque, Vec<std::net::TcpStream>) {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        use std::io::Write;
+        let mut h = [0u8; 128];
+        let l = t.listen(0, &mut h).unwrap();
+        let lh = ListenHandle::read(&h).unwrap();
+        let socks: Vec<std::net::TcpStream> = (0..=lh.streams)
+            .map(|index| {
+                let mut s = std::net::TcpStream::connect(lh.addr).unwrap();
+                s.set_nodelay(true).unwrap();
+                let hello = wire::Hello {
+                    index,
+                    streams: lh.streams,
+                    inline_max: lh.inline_max,
+                    nonce: 42,
+                    token: lh.token,
+                };
+                s.write_all(&hello.encode()).unwrap();
+                s
+            })
+            .collect();
+        let r = wait("the fake sender's connection", || t.accept(l, null_mut()).unwrap());
+        (r, l, socks)
+    }
+}
+
+/// Tests `req` (which must not complete) until its stall detail is `want`.
+fn wait_for_detail(t: &TcpTransport, comm: Opaque, req: Opaque, want: &str) {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let mut last = None;
+        wait(want, || {
+            assert!(!t.test(req, None).unwrap(), "{want}: the request completed");
+            last = stall_detail(t, comm, req);
+            (last.as_deref() == Some(want)).then_some(())
+        });
+    }
+}
+
+#[test]
+fn stuck_receives_say_what_they_wait_for() {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        use std::io::Write;
+        let t = transport();
+        let (r, l, mut socks) = fake_sender(&t);
+        let (small, big) = (1000, 1 << 20);
+        let mut a = vec![0u8; small];
+        let mut b = vec![0u8; big];
+        let post = |buf: &mut Vec<u8>| {
+            t.irecv(r, &[buf.as_mut_ptr().cast()], &[buf.len() as i32], &[0], &[None])
+                .unwrap()
+                .unwrap()
+        };
+        let (ra, rb) = (post(&mut a), post(&mut b));
+        let no_header = |ahead: usize| {
+            format!(
+                "no message from the sender yet ({ahead} earlier receive(s) of this connection waiting too; is the \
+             peer's isend posted?)"
+            )
+        };
+        wait_for_detail(&t, r, ra, &no_header(0));
+        assert_eq!(stall_detail(&t, r, rb), Some(no_header(1)));
+
+        // Message 0, inline: its header and 400 of its 1000 bytes.
+        let inline = pattern(small, 1);
+        let hdr = wire::Header {
+            seq: 0,
+            size: small as u64,
+            chunk: 0,
+            flags: wire::FLAG_INLINE,
+        };
+        socks[0].write_all(&hdr.encode()).unwrap();
+        socks[0].write_all(&inline[..400]).unwrap();
+        wait_for_detail(&t, r, ra, "message #0 inline, 400 of 1000 bytes in");
+        assert_eq!(stall_detail(&t, r, rb), Some(no_header(0)));
+        socks[0].write_all(&inline[400..]).unwrap();
+        assert_eq!(finish(&t, ra, "the inline receive").unwrap(), small as i32);
+        assert!(a == inline, "inline payload corrupted");
+        assert_eq!(stall_detail(&t, r, ra), None, "a completed receive waits for nothing");
+
+        // Message 1, striped: its header first (the receiver queues chunk reads only then), then all
+        // chunks but the last.
+        let (streams, min_chunk) = (lo_cfg().streams, lo_cfg().min_chunk);
+        let chunk = wire::chunk_size(big, streams, min_chunk);
+        let chunks: Vec<(usize, usize, usize)> = wire::chunks(1, big, chunk, streams).collect();
+        assert!(chunks.len() > 1, "the test needs a message of several chunks");
+        let hdr = wire::Header {
+            seq: 1,
+            size: big as u64,
+            chunk: chunk as u32,
+            flags: 0,
+        };
+        socks[0].write_all(&hdr.encode()).unwrap();
+        let striped = |n: usize| format!("message #1 of {big} bytes, {n} chunk(s) still to arrive");
+        wait_for_detail(&t, r, rb, &striped(chunks.len()));
+        let data = pattern(big, 2);
+        let (last, first) = chunks.split_last().unwrap();
+        for &(stream, off, len) in first {
+            socks[1 + stream].write_all(&data[off..off + len]).unwrap();
+        }
+        wait_for_detail(&t, r, rb, &striped(1));
+        let &(stream, off, len) = last;
+        socks[1 + stream].write_all(&data[off..off + len]).unwrap();
+        assert_eq!(finish(&t, rb, "the striped receive").unwrap(), big as i32);
+        assert!(b == data, "striped payload corrupted");
+        assert_eq!(stall_detail(&t, r, rb), None, "a completed receive waits for nothing");
+
+        t.close_recv(r).unwrap();
+        t.close_listen(l).unwrap();
     }
 }

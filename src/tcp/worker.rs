@@ -10,7 +10,7 @@
 //! A worker that stops (transport dropped, or a panic) fails every request it still had chunks
 //! for, so test() reports an error instead of "not done" forever.
 
-use super::comm::Shared;
+use super::shared::{Shared, MAX_REQUESTS};
 use super::sys;
 use crate::error::{Error, Result};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -416,7 +416,7 @@ impl Worker {
                         dir,
                         index,
                         shared,
-                        tasks: VecDeque::with_capacity(crate::ffi::NCCL_NET_MAX_REQUESTS as usize),
+                        tasks: VecDeque::with_capacity(MAX_REQUESTS),
                         ready: true,
                         queued: false,
                         dead: false,

@@ -187,10 +187,6 @@ impl Pinned {
     pub fn len(&self) -> usize {
         self.size
     }
-    /// Whether the buffer is empty.
-    pub fn is_empty(&self) -> bool {
-        self.size == 0
-    }
 }
 
 impl Drop for Pinned {
