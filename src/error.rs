@@ -214,6 +214,17 @@ pub fn check(call: &'static str, code: NcclResult) -> Result<()> {
     }
 }
 
+/// The message a panic carried (the text of `panic!`), for log lines.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,16 +284,5 @@ mod tests {
             "{e}"
         );
         assert!(check("test", ncclResult_t::ncclSuccess).is_ok());
-    }
-}
-
-/// The message a panic carried (the text of `panic!`), for log lines.
-pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
     }
 }
