@@ -126,6 +126,25 @@ pub fn global() -> Result<&'static Shim> {
     Ok(GLOBAL.get_or_init(|| shim))
 }
 
+/// Makes `shim` the process-wide stack that the exported plugin table drives, instead of one
+/// built from the environment at init (for programs and tests that build their stack from a
+/// [`Config`] of their own). Fails if a stack is in place already.
+pub fn install_global(shim: Shim) -> Result<&'static Shim> {
+    let _guard = GLOBAL_INIT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut placed = false;
+    let s = GLOBAL.get_or_init(|| {
+        placed = true;
+        shim
+    });
+    if !placed {
+        return Err(crate::error::Error::invalid_usage(
+            "install_global: the process already has its stack (built at init or installed earlier)",
+        ));
+    }
+    log::info!("{}", s.summary());
+    Ok(s)
+}
+
 /// The process-wide stack, if it has been built.
 pub fn try_global() -> Option<&'static Shim> {
     GLOBAL.get()
