@@ -247,8 +247,8 @@ fn a_null_device_handle_pointer_is_passed_as_nccl_gave_it() {
     let (net, ctl) = shim_over(Fixture::Tcpx, &[]);
     let (mut handle, listen) = net.listen(0).unwrap();
     let _ = net.connect(0, &mut handle).unwrap();
-    // SAFETY: NULL recvDevComm on purpose.
     let res = poll_until("accept to answer", || {
+        // SAFETY: NULL recvDevComm on purpose: the fixture checks it and reports a violation.
         match unsafe { net.accept_raw(listen, std::ptr::null_mut()) } {
             Ok(None) => None,
             other => Some(other),

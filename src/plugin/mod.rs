@@ -123,8 +123,8 @@ impl PluginTransport {
     }
 
     fn from_library(value: &str, lib: Library, own_table: *const c_void, logger: ncclDebugLogger_t) -> Result<Self> {
-        // SAFETY (all three lookups): the symbols are const structs of the named ABI version; a
-        // plugin exporting one under that name promises that layout.
+        // SAFETY: the symbols are const structs of the named ABI version (a plugin exporting one
+        // under that name promises that layout), and the library is never unloaded.
         let table = unsafe {
             if let Ok(s) = lib.get::<*const ncclNet_v7_t>(b"ncclNetPlugin_v7\0") {
                 Table::V7(&**s)

@@ -654,10 +654,15 @@ pub struct Mr(pub *mut c_void);
 // SAFETY: these are opaque tokens the harness never dereferences; which threads may use them is the
 // plugin's contract (NCCL uses one comm from one proxy thread at a time, as should tests).
 unsafe impl Send for Comm {}
+// SAFETY: as above.
 unsafe impl Sync for Comm {}
+// SAFETY: as above.
 unsafe impl Send for Req {}
+// SAFETY: as above.
 unsafe impl Sync for Req {}
+// SAFETY: as above.
 unsafe impl Send for Mr {}
+// SAFETY: as above.
 unsafe impl Sync for Mr {}
 
 /// Device properties, copied out of `ncclNetProperties_v7_t`.
@@ -726,6 +731,7 @@ pub struct Net {
 // SAFETY: the table is immutable static data of a library that is never unloaded; the plugin's
 // functions are meant to be called from several threads (NCCL does).
 unsafe impl Send for Net {}
+// SAFETY: as above.
 unsafe impl Sync for Net {}
 
 /// Reads one function pointer of the table, panicking if it is NULL.
