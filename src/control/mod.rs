@@ -201,6 +201,7 @@ impl Service {
     }
 
     /// Requests turned away so far.
+    #[cfg(test)]
     pub fn rejected(&self) -> &Rejections {
         &self.shared.rejected
     }

@@ -120,7 +120,7 @@ fn random_u64() -> u64 {
 /// The address the built-in transport would use first with interface selection `ifname`
 /// (NCCL_SOCKET_IFNAME syntax; `None`: the default choice), for services that must be reachable
 /// where the data goes.
-pub fn default_address(ifname: Option<&str>) -> Result<IpAddr> {
+pub(crate) fn default_address(ifname: Option<&str>) -> Result<IpAddr> {
     let seen = iface::list_interfaces()?;
     let first = |spec: Option<&str>| iface::select(spec, &seen).ok().and_then(|d| d.first().map(|d| d.addr));
     // A machine with nothing but loopback talks to itself.
