@@ -497,22 +497,14 @@ extern "C" fn iflush(
 }
 
 extern "C" fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> NcclResult {
-    let comm = stack::try_global().map_or(null_mut(), |s| s.comm_of_request(request));
-    guard("test", comm, || {
+    // A panic poisons the request's comm: the shim resolves request keys too.
+    guard("test", request, || {
         let done = non_null("test", "done", done)?;
         // SAFETY: non-NULL pointer to an int NCCL owns.
         unsafe { *done = 0 };
         let r = opaque("test", "request", request)?;
-        let n = the_shim("test")?.request_len(r)?;
-        let sizes = if sizes.is_null() {
-            None
-        } else {
-            // SAFETY: NCCL passes room for one size per grouped receive of this request.
-            Some(unsafe { std::slice::from_raw_parts_mut(sizes, n) })
-        };
-        // SAFETY: the shim finds NCCL's comms, registrations and requests through its object table
-        // (a stale or foreign one is an error); data pointers are NCCL's buffers, valid as the ABI says.
-        let finished = unsafe { the_shim("test")?.test(r, sizes) }?;
+        // SAFETY: NCCL passes room for one size per grouped receive of this request, or NULL.
+        let finished = unsafe { the_shim("test")?.test_into(r, sizes) }?;
         // SAFETY: as above.
         unsafe { *done = finished as c_int };
         Ok(())

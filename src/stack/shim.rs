@@ -8,7 +8,7 @@
 
 use super::handle::{self, Handles};
 use super::objects::{CommRec, CommSpec, Kind, MrRec, Op, Posted, MAX_RECVS};
-use super::table::{CommKey, Keyed, MrKey, ReqKey, Table, MAX_COMMS};
+use super::table::{CommKey, Entry, Keyed, MrKey, ReqKey, Table, MAX_COMMS};
 use super::LoadInfo;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -18,7 +18,6 @@ use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// How often (in test() calls of one request) the stall clock is read.
@@ -110,7 +109,7 @@ impl Shim {
     }
 
     /// The open comm NCCL's `comm` stands for, of kind `kind` (any data kind when `None`).
-    fn comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Arc<CommRec>> {
+    fn comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Entry<CommRec>> {
         let c = self.lookup(call, comm)?;
         match kind {
             Some(k) if c.kind != k => Err(Error::invalid_usage(format!(
@@ -127,7 +126,7 @@ impl Shim {
     }
 
     /// Like [`Shim::comm`] without the kind check and without refusing a poisoned comm.
-    fn lookup(&self, call: &str, comm: Opaque) -> Result<Arc<CommRec>> {
+    fn lookup(&self, call: &str, comm: Opaque) -> Result<Entry<CommRec>> {
         CommKey::from_opaque(comm)
             .and_then(|k| self.comms.get(k))
             .ok_or_else(|| {
@@ -138,7 +137,7 @@ impl Shim {
             })
     }
 
-    fn live_comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Arc<CommRec>> {
+    fn live_comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Entry<CommRec>> {
         let c = self.comm(call, comm, kind)?;
         c.check_live(call)?;
         Ok(c)
@@ -214,14 +213,25 @@ impl Shim {
         out
     }
 
-    /// How many grouped receives a request covers (the length of test()'s sizes array).
-    pub fn request_len(&self, req: Opaque) -> Result<usize> {
+    /// [`Transport::test`] for a caller that has room for one size per grouped receive of the
+    /// request at `sizes` (or NULL), as NCCL's test() does.
+    ///
+    /// # Safety
+    /// `sizes` is NULL or valid for writing as many `i32`s as the request has grouped receives.
+    pub unsafe fn test_into(&self, req: Opaque, sizes: *mut i32) -> Result<bool> {
         let (c, key) = self.request_comm("test", req)?;
-        let n = c.request("test", key)?.posted.n.max(1);
-        Ok(n)
+        c.check_live("test")?;
+        let Some((local, n)) = self.finish(&c, key)? else {
+            return Ok(false);
+        };
+        if !sizes.is_null() {
+            // SAFETY: the caller gives room for `n` sizes (one per grouped receive).
+            unsafe { std::ptr::copy_nonoverlapping(local.as_ptr(), sizes, n) };
+        }
+        Ok(true)
     }
 
-    fn request_comm(&self, call: &str, req: Opaque) -> Result<(Arc<CommRec>, ReqKey)> {
+    fn request_comm(&self, call: &str, req: Opaque) -> Result<(Entry<CommRec>, ReqKey)> {
         let key = ReqKey::from_opaque(req).ok_or_else(|| {
             Error::invalid_argument(format!(
                 "{call}: {:#x} is not a tcpxshim request",
@@ -237,18 +247,15 @@ impl Shim {
         Ok((c, key))
     }
 
-    /// Marks the comm NCCL's `comm` stands for (if it is one) unusable.
-    pub fn poison(&self, comm: *mut c_void) {
-        if let Some(c) = Opaque::from_ptr(comm).and_then(|o| self.lookup("", o).ok()) {
+    /// Marks unusable the comm NCCL's `obj` stands for, or the comm of the request it stands for
+    /// (nothing if it is neither).
+    pub fn poison(&self, obj: *mut c_void) {
+        let Some(o) = Opaque::from_ptr(obj) else { return };
+        if let Ok(c) = self.lookup("", o) {
+            c.poison();
+        } else if let Ok((c, _)) = self.request_comm("", o) {
             c.poison();
         }
-    }
-
-    /// The comm a request belongs to, as NCCL's pointer (NULL if none), to poison it.
-    pub fn comm_of_request(&self, req: *mut c_void) -> *mut c_void {
-        Opaque::from_ptr(req)
-            .and_then(|r| self.request_comm("", r).ok())
-            .map_or(std::ptr::null_mut(), |(c, _)| c.key().to_opaque().as_ptr())
     }
 
     /// Open comms (for tests and the end-of-run summary).
@@ -285,7 +292,9 @@ impl Shim {
         );
     }
 
-    fn finish(&self, c: &CommRec, key: ReqKey, sizes: Option<&mut [i32]>) -> Result<bool> {
+    /// Tests request `key` of `c` on the inner transport: `None` while not done, else the sizes
+    /// (one per grouped receive) and how many there are.
+    fn finish(&self, c: &CommRec, key: ReqKey) -> Result<Option<([i32; MAX_RECVS], usize)>> {
         let mut r = c.request("test", key)?;
         let n = r.posted.n.clamp(1, MAX_RECVS);
         let mut local = [0i32; MAX_RECVS];
@@ -309,7 +318,7 @@ impl Shim {
                     self.warn_stalled(c, &mut r, limit);
                 }
             }
-            return Ok(false);
+            return Ok(None);
         }
         let op = r.posted.op;
         let bytes = match op {
@@ -319,15 +328,11 @@ impl Shim {
         if op != Op::Flush {
             c.counters.complete(bytes as u64);
         }
-        if let Some(out) = sizes {
-            let k = out.len().min(n);
-            out[..k].copy_from_slice(&local[..k]);
-        }
         if c.unpack && op == Op::Recv {
             c.completed_unpack(key, Some(ireq));
         }
         c.retire(key, r);
-        Ok(true)
+        Ok(Some((local, n)))
     }
 
     /// Registers on the inner comm and records the registration.
@@ -535,7 +540,14 @@ impl Transport for Shim {
     unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
         let (c, key) = self.request_comm("test", req)?;
         c.check_live("test")?;
-        self.finish(&c, key, sizes)
+        let Some((local, n)) = self.finish(&c, key)? else {
+            return Ok(false);
+        };
+        if let Some(out) = sizes {
+            let k = out.len().min(n);
+            out[..k].copy_from_slice(&local[..k]);
+        }
+        Ok(true)
     }
 
     unsafe fn close_send(&self, comm: Opaque) -> Result<()> {

@@ -159,6 +159,20 @@ pub trait Keyed {
     fn key(&self) -> CommKey;
 }
 
+/// A record found in a [`Table`]; it stays alive while this is held (a cheap, lock-free borrow
+/// of the slot's `Arc`, no reference count touched in the common case).
+pub struct Entry<T>(arc_swap::Guard<Option<Arc<T>>>);
+
+impl<T> std::ops::Deref for Entry<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match &*self.0 {
+            Some(rec) => rec,
+            None => unreachable!("entries are made from occupied slots only"),
+        }
+    }
+}
+
 /// A fixed-capacity table of records addressed by [`CommKey`].
 pub struct Table<T> {
     slots: Box<[ArcSwapOption<T>]>,
@@ -209,16 +223,22 @@ impl<T: Keyed> Table<T> {
     }
 
     /// The live record for `key`, if there is one.
-    pub fn get(&self, key: CommKey) -> Option<Arc<T>> {
-        let rec = self.slots.get(key.index as usize)?.load_full()?;
-        (rec.key() == key).then_some(rec)
+    pub fn get(&self, key: CommKey) -> Option<Entry<T>> {
+        self.find(key.index, |k| k == key)
     }
 
     /// The live record in slot `index` whose generation ends in `gen16` (request and
     /// registration keys carry 16 bits of it).
-    pub fn get16(&self, index: u16, gen16: u16) -> Option<Arc<T>> {
-        let rec = self.slots.get(index as usize)?.load_full()?;
-        (rec.key().gen as u16 == gen16).then_some(rec)
+    pub fn get16(&self, index: u16, gen16: u16) -> Option<Entry<T>> {
+        self.find(index, |k| k.gen as u16 == gen16)
+    }
+
+    fn find(&self, index: u16, matches: impl FnOnce(CommKey) -> bool) -> Option<Entry<T>> {
+        let g = self.slots.get(index as usize)?.load();
+        match &*g {
+            Some(rec) if matches(rec.key()) => Some(Entry(g)),
+            _ => None,
+        }
     }
 
     /// Takes the record for `key` out of the table; `None` if it is not (or no longer) there.
