@@ -42,6 +42,12 @@ impl CommCounters {
         TOTALS.bytes.fetch_add(s.bytes, Relaxed);
         TOTALS.errors.fetch_add(s.errors, Relaxed);
     }
+    /// Starts over from zero (a record reused for a new connection).
+    pub fn reset(&self) {
+        self.messages.store(0, Relaxed);
+        self.bytes.store(0, Relaxed);
+        self.errors.store(0, Relaxed);
+    }
     /// Reads the counters.
     pub fn snapshot(&self) -> CounterSnapshot {
         CounterSnapshot {

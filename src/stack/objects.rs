@@ -3,15 +3,23 @@
 //! Each record keeps what is needed to describe the object in a log line and to make it again
 //! on a new inner comm (a registration's buffer, size and type; a request's op, buffers, sizes,
 //! tags, registrations and post time).
+//!
+//! Records are reused (see `table`), so every field a lookup can read is an atomic or behind a
+//! lock. A request slot is owned through its state word: a poster owns a slot it took from the
+//! comm's free bitmap, a tester owns it while it has moved the state from live to busy; only the
+//! owner touches the request's fields.
 
-use super::table::{CommKey, Keyed, MrKey, ReqKey, MAX_MRS};
+use super::table::{CommKey, MrKey, Record, ReqKey, MAX_MRS};
 use crate::error::{Error, Result};
 use crate::metrics::CommCounters;
 use crate::transport::Opaque;
+use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 /// Requests per comm the shim can track (one bit each in a u64). NCCL keeps at most
@@ -24,13 +32,14 @@ const CONSUMED_BACKLOG: usize = 4096;
 
 /// What a comm is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Kind {
     /// From listen.
-    Listen,
+    Listen = 1,
     /// From connect.
-    Send,
+    Send = 2,
     /// From accept.
-    Recv,
+    Recv = 3,
 }
 
 impl Kind {
@@ -40,6 +49,13 @@ impl Kind {
             Kind::Listen => "listen",
             Kind::Send => "send",
             Kind::Recv => "recv",
+        }
+    }
+    fn from_u8(v: u8) -> Kind {
+        match v {
+            1 => Kind::Listen,
+            2 => Kind::Send,
+            _ => Kind::Recv,
         }
     }
 }
@@ -83,25 +99,6 @@ pub struct Posted {
     pub mrs: [Option<MrKey>; MAX_RECVS],
 }
 
-impl MrRec {
-    /// Checks that `size` bytes at `data` lie inside the registered range.
-    pub fn covers(&self, call: &str, data: usize, size: i32) -> Result<()> {
-        let end = self.data.saturating_add(self.size);
-        if size <= 0 || (data >= self.data && data.saturating_add(size as usize) <= end) {
-            return Ok(());
-        }
-        let kind = match (self.ptr_type, self.dmabuf) {
-            (_, Some((off, fd))) => format!("DMA-BUF fd {fd} offset {off}"),
-            (2, None) => "CUDA".to_string(),
-            _ => "host".to_string(),
-        };
-        Err(Error::invalid_argument(format!(
-            "{call}: buffer {data:#x}+{size} is outside its memory handle's {kind} registration {:#x}+{}",
-            self.data, self.size
-        )))
-    }
-}
-
 impl Posted {
     /// A request of `op` over the first `data.len()` entries of each array.
     pub fn new(op: Op, data: &[*mut c_void], sizes: &[i32], tags: &[i32], mrs: &[Option<MrKey>]) -> Posted {
@@ -127,23 +124,39 @@ impl Posted {
     }
 }
 
-/// One request slot of a comm.
+/// An outstanding request.
 pub struct ReqRec {
-    /// Generation; the key NCCL holds carries it.
-    pub gen: u16,
-    /// Whether the slot holds an outstanding request.
-    pub live: bool,
     /// What was posted.
     pub posted: Posted,
     /// The inner transport's request.
-    pub inner: Option<Opaque>,
-    /// When it was posted.
-    pub at: Instant,
+    pub inner: Opaque,
+    /// When it was posted (coarse monotonic clock, nanoseconds).
+    pub at_ns: u64,
     /// test() calls that found it not done.
     pub tests: u32,
     /// Whether the stall warning was given.
     pub warned: bool,
 }
+
+const FREE: u32 = 0;
+const LIVE: u32 = 1;
+const BUSY: u32 = 2;
+
+fn req_state(gen: u16, phase: u32) -> u32 {
+    (gen as u32) << 16 | phase
+}
+
+struct ReqSlot {
+    /// `generation << 16 | phase` (FREE, LIVE, BUSY).
+    state: AtomicU32,
+    rec: UnsafeCell<Option<ReqRec>>,
+}
+
+// SAFETY: `rec` is only touched by the slot's owner: the poster that took the slot from the free
+// bitmap (before the state says LIVE), or the tester that moved the state from LIVE to BUSY (until
+// it stores LIVE or FREE again). The state word's Release stores and Acquire CAS order those
+// accesses, so no two threads touch `rec` at once.
+unsafe impl Sync for ReqSlot {}
 
 /// A memory registration NCCL holds.
 #[derive(Clone, Copy, Debug)]
@@ -160,57 +173,75 @@ pub struct MrRec {
     pub inner: Opaque,
 }
 
-struct MrEntry {
-    gen: u16,
-    rec: Option<MrRec>,
+impl MrRec {
+    /// Checks that `size` bytes at `data` lie inside the registered range.
+    pub fn covers(&self, call: &str, data: usize, size: i32) -> Result<()> {
+        let end = self.data.saturating_add(self.size);
+        if size <= 0 || (data >= self.data && data.saturating_add(size as usize) <= end) {
+            return Ok(());
+        }
+        let kind = match (self.ptr_type, self.dmabuf) {
+            (_, Some((off, fd))) => format!("DMA-BUF fd {fd} offset {off}"),
+            (2, None) => "CUDA".to_string(),
+            _ => "host".to_string(),
+        };
+        Err(Error::invalid_argument(format!(
+            "{call}: buffer {data:#x}+{size} is outside its memory handle's {kind} registration {:#x}+{}",
+            self.data, self.size
+        )))
+    }
 }
 
+/// One registration slot: read without a lock (a state word checked before and after reading the
+/// fields), written under the comm's registration lock.
 #[derive(Default)]
-struct Mrs {
-    entries: Vec<MrEntry>,
+struct MrSlot {
+    /// `generation << 1 | live`.
+    state: AtomicU32,
+    data: AtomicUsize,
+    size: AtomicUsize,
+    ptr_type: AtomicI32,
+    dmabuf_offset: AtomicU64,
+    /// -1: not a DMA-BUF registration.
+    dmabuf_fd: AtomicI32,
+    inner: AtomicPtr<c_void>,
+}
+
+const MR_CHUNK: usize = 64;
+
+#[derive(Default)]
+struct MrAlloc {
+    used: usize,
     free: VecDeque<u16>,
 }
 
 /// A comm as NCCL sees it.
 pub struct CommRec {
-    key: CommKey,
-    /// What it is for.
-    pub kind: Kind,
-    /// The inner transport's comm.
-    pub inner: Opaque,
-    /// Device.
-    pub dev: i32,
-    /// Process-wide number, for log lines.
-    pub id: u64,
-    /// The peer, as the inner transport describes it.
-    pub peer: String,
-    /// Whether the device is UNPACK-type (TCPX).
-    pub unpack: bool,
-    /// For a listen comm whose inner handle the control service serves: its entry there.
-    pub served: Option<u32>,
+    state: AtomicU64,
+    kind: AtomicU8,
+    inner: AtomicPtr<c_void>,
+    dev: AtomicI32,
+    id: AtomicU64,
+    unpack: AtomicBool,
+    served: AtomicU32,
     poisoned: AtomicBool,
+    peer: Mutex<String>,
+    opened: Mutex<Instant>,
     /// Per-connection counters.
     pub counters: CommCounters,
     free: AtomicU64,
     cursor: AtomicU32,
-    slots: Box<[Mutex<ReqRec>]>,
-    mrs: Mutex<Mrs>,
-    consumed: Mutex<VecDeque<(ReqKey, Option<Opaque>)>>,
-    /// When it was opened.
-    pub opened: Instant,
-}
-
-impl Keyed for CommRec {
-    fn key(&self) -> CommKey {
-        self.key
-    }
+    slots: Box<[ReqSlot]>,
+    mr_chunks: Box<[OnceLock<Box<[MrSlot]>>]>,
+    mr_alloc: Mutex<MrAlloc>,
+    consumed: Mutex<VecDeque<(ReqKey, Opaque)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// What a new comm record is made of.
+/// What a new comm is made of.
 pub struct CommSpec {
     /// What it is for.
     pub kind: Kind,
@@ -224,55 +255,126 @@ pub struct CommSpec {
     pub peer: String,
     /// UNPACK-type device.
     pub unpack: bool,
-    /// Control-service entry of a listen comm.
-    pub served: Option<u32>,
+    /// Control-service entry of a listen comm (0: none).
+    pub served: u32,
+}
+
+impl Record for CommRec {
+    type Spec = CommSpec;
+
+    fn empty() -> CommRec {
+        CommRec {
+            state: AtomicU64::new(0),
+            kind: AtomicU8::new(0),
+            inner: AtomicPtr::new(std::ptr::null_mut()),
+            dev: AtomicI32::new(0),
+            id: AtomicU64::new(0),
+            unpack: AtomicBool::new(false),
+            served: AtomicU32::new(0),
+            poisoned: AtomicBool::new(false),
+            peer: Mutex::new(String::new()),
+            opened: Mutex::new(Instant::now()),
+            counters: CommCounters::default(),
+            free: AtomicU64::new(u64::MAX),
+            cursor: AtomicU32::new(0),
+            slots: (0..MAX_REQUESTS)
+                .map(|_| ReqSlot {
+                    state: AtomicU32::new(req_state(0, FREE)),
+                    rec: UnsafeCell::new(None),
+                })
+                .collect(),
+            mr_chunks: (0..MAX_MRS / MR_CHUNK).map(|_| OnceLock::new()).collect(),
+            mr_alloc: Mutex::new(MrAlloc::default()),
+            consumed: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn state(&self) -> &AtomicU64 {
+        &self.state
+    }
+
+    fn reset(&self, _key: CommKey, spec: CommSpec) {
+        self.kind.store(spec.kind as u8, Ordering::Relaxed);
+        self.inner.store(spec.inner.as_ptr(), Ordering::Relaxed);
+        self.dev.store(spec.dev, Ordering::Relaxed);
+        self.id.store(spec.id, Ordering::Relaxed);
+        self.unpack.store(spec.unpack, Ordering::Relaxed);
+        self.served.store(spec.served, Ordering::Relaxed);
+        self.poisoned.store(false, Ordering::Relaxed);
+        *lock(&self.peer) = spec.peer;
+        *lock(&self.opened) = Instant::now();
+        self.counters.reset();
+        lock(&self.consumed).clear();
+        // Requests and registrations of the comm that used this record before are unreachable:
+        // their keys carry its generation. Their slots start over, except one a tester still
+        // holds (only a caller breaking the close contract can be there): it stays out of use.
+        let mut free = 0u64;
+        for (i, s) in self.slots.iter().enumerate() {
+            let mut cur = s.state.load(Ordering::Acquire);
+            while cur & 0xffff != BUSY {
+                match s
+                    .state
+                    .compare_exchange(cur, cur & !0xffff | FREE, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => {
+                        free |= 1 << i;
+                        break;
+                    }
+                    Err(now) => cur = now,
+                }
+            }
+        }
+        self.free.store(free, Ordering::Release);
+        let mut a = lock(&self.mr_alloc);
+        for chunk in self.mr_chunks.iter().filter_map(|c| c.get()) {
+            for m in chunk.iter() {
+                m.state.fetch_and(!1, Ordering::AcqRel);
+            }
+        }
+        a.free = (0..a.used as u16).collect();
+    }
 }
 
 impl CommRec {
-    /// A record for `spec` stored under `key`.
-    pub fn new(key: CommKey, spec: CommSpec) -> CommRec {
-        let nslots = if spec.kind == Kind::Listen { 0 } else { MAX_REQUESTS };
-        let slots = (0..nslots)
-            .map(|_| {
-                Mutex::new(ReqRec {
-                    gen: 0,
-                    live: false,
-                    posted: Posted::new(Op::Send, &[], &[], &[], &[]),
-                    inner: None,
-                    at: Instant::now(),
-                    tests: 0,
-                    warned: false,
-                })
-            })
-            .collect();
-        CommRec {
-            key,
-            kind: spec.kind,
-            inner: spec.inner,
-            dev: spec.dev,
-            id: spec.id,
-            peer: spec.peer,
-            unpack: spec.unpack,
-            served: spec.served,
-            poisoned: AtomicBool::new(false),
-            counters: CommCounters::default(),
-            free: AtomicU64::new(if nslots == 0 { 0 } else { u64::MAX >> (64 - nslots) }),
-            cursor: AtomicU32::new(0),
-            slots,
-            mrs: Mutex::new(Mrs::default()),
-            consumed: Mutex::new(VecDeque::new()),
-            opened: Instant::now(),
-        }
+    /// What it is for.
+    pub fn kind(&self) -> Kind {
+        Kind::from_u8(self.kind.load(Ordering::Relaxed))
+    }
+
+    /// The inner transport's comm.
+    pub fn inner(&self) -> Opaque {
+        Opaque::from_ptr(self.inner.load(Ordering::Relaxed))
+            .unwrap_or_else(|| unreachable!("live comms have an inner comm"))
+    }
+
+    /// Device.
+    pub fn dev(&self) -> i32 {
+        self.dev.load(Ordering::Relaxed)
+    }
+
+    /// Whether the device is UNPACK-type (TCPX).
+    pub fn unpack(&self) -> bool {
+        self.unpack.load(Ordering::Relaxed)
+    }
+
+    /// The control-service entry of a listen comm whose inner handle is served.
+    pub fn served(&self) -> Option<u32> {
+        Some(self.served.load(Ordering::Relaxed)).filter(|&v| v != 0)
+    }
+
+    /// Seconds since the comm opened.
+    pub fn age_secs(&self) -> f64 {
+        lock(&self.opened).elapsed().as_secs_f64()
     }
 
     /// "send comm #3 (dev 0, peer 127.0.0.1:5000)", for messages.
     pub fn label(&self) -> String {
         format!(
             "{} comm #{} (dev {}, {})",
-            self.kind.label(),
-            self.id,
-            self.dev,
-            self.peer
+            self.kind().label(),
+            self.id.load(Ordering::Relaxed),
+            self.dev(),
+            lock(&self.peer)
         )
     }
 
@@ -322,31 +424,41 @@ impl CommRec {
         self.free.fetch_or(1u64 << idx, Ordering::Release);
     }
 
-    /// Posts one operation in a fresh request slot: `inner` posts it on the inner transport.
-    /// Returns the key NCCL sees; "try again" and errors give the slot back.
-    pub fn post(&self, posted: Posted, inner: impl FnOnce() -> Result<Option<Opaque>>) -> Result<Option<ReqKey>> {
+    /// Posts one operation in a fresh request slot of the comm under `key`: `inner` posts it on
+    /// the inner transport. Returns the request key NCCL sees; "try again" and errors give the
+    /// slot back.
+    pub fn post(
+        &self,
+        key: CommKey,
+        posted: Posted,
+        at_ns: u64,
+        inner: impl FnOnce() -> Result<Option<Opaque>>,
+    ) -> Result<Option<ReqKey>> {
         let call = posted.op.call();
         let idx = self.take_slot(call)?;
-        let mut r = lock(&self.slots[idx]);
-        let res = inner();
-        match res {
+        let slot = &self.slots[idx];
+        match inner() {
             Ok(Some(ireq)) => {
-                r.gen = r.gen.wrapping_add(1);
-                r.live = true;
-                r.posted = posted;
-                r.inner = Some(ireq);
-                r.at = Instant::now();
-                r.tests = 0;
-                r.warned = false;
-                Ok(Some(ReqKey::new(self.key, idx, r.gen)))
+                let gen = ((slot.state.load(Ordering::Acquire) >> 16) as u16).wrapping_add(1);
+                // SAFETY: the slot came out of the free bitmap, so this poster owns it; no tester
+                // can take it before the Release store below says LIVE.
+                unsafe {
+                    *slot.rec.get() = Some(ReqRec {
+                        posted,
+                        inner: ireq,
+                        at_ns,
+                        tests: 0,
+                        warned: false,
+                    })
+                };
+                slot.state.store(req_state(gen, LIVE), Ordering::Release);
+                Ok(Some(ReqKey::new(key, idx, gen)))
             }
             Ok(None) => {
-                drop(r);
                 self.give_back(idx);
                 Ok(None)
             }
             Err(e) => {
-                drop(r);
                 self.give_back(idx);
                 self.counters.error();
                 Err(e.context(format!("{call} of {} bytes on {}", posted.bytes(), self.label())))
@@ -354,39 +466,49 @@ impl CommRec {
         }
     }
 
-    /// The outstanding request `key` (locked), or an error saying why there is none.
-    pub fn request(&self, call: &str, key: ReqKey) -> Result<MutexGuard<'_, ReqRec>> {
-        let stale = || {
+    /// Takes the outstanding request `key` for testing, or says why there is none.
+    pub fn request(&self, call: &str, key: ReqKey) -> Result<ReqGuard<'_>> {
+        let stale = |why: &str| {
             Error::invalid_argument(format!(
-                "{call}: {:#x} is not an outstanding request of {} (already completed, or never issued)",
+                "{call}: {:#x} is not an outstanding request of {} ({why})",
                 key.to_opaque().as_ptr() as usize,
                 self.label()
             ))
         };
-        let slot = self.slots.get(key.slot as usize).ok_or_else(stale)?;
-        let r = lock(slot);
-        if !r.live || r.gen != key.gen || !key.of(self.key) {
-            return Err(stale());
+        let slot = self
+            .slots
+            .get(key.slot as usize)
+            .ok_or_else(|| stale("no such request slot"))?;
+        match slot.state.compare_exchange(
+            req_state(key.gen, LIVE),
+            req_state(key.gen, BUSY),
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => Ok(ReqGuard {
+                comm: self,
+                slot,
+                index: key.slot as usize,
+                gen: key.gen,
+                done: false,
+            }),
+            Err(s) if s == req_state(key.gen, BUSY) => Err(Error::invalid_usage(format!(
+                "{call}: request {:#x} of {} is being tested on another thread at the same time",
+                key.to_opaque().as_ptr() as usize,
+                self.label()
+            ))),
+            Err(_) => Err(stale("already completed, or never issued")),
         }
-        Ok(r)
-    }
-
-    /// Ends the request held in `r` (completed or failed): its slot is free again.
-    pub fn retire(&self, key: ReqKey, mut r: MutexGuard<'_, ReqRec>) {
-        r.live = false;
-        r.inner = None;
-        drop(r);
-        self.give_back(key.slot as usize);
     }
 
     /// Records a registration and returns its key.
-    pub fn add_mr(&self, rec: MrRec) -> Result<MrKey> {
-        let mut m = lock(&self.mrs);
-        let index = match m.free.pop_front() {
+    pub fn add_mr(&self, key: CommKey, rec: MrRec) -> Result<MrKey> {
+        let mut a = lock(&self.mr_alloc);
+        let index = match a.free.pop_front() {
             Some(i) => i as usize,
-            None if m.entries.len() < MAX_MRS => {
-                m.entries.push(MrEntry { gen: 0, rec: None });
-                m.entries.len() - 1
+            None if a.used < MAX_MRS => {
+                a.used += 1;
+                a.used - 1
             }
             None => {
                 return Err(Error::invalid_usage(format!(
@@ -395,19 +517,49 @@ impl CommRec {
                 )))
             }
         };
-        let e = &mut m.entries[index];
-        e.gen = e.gen.wrapping_add(1) & 0xfff;
-        e.rec = Some(rec);
-        Ok(MrKey::new(self.key, index, e.gen))
+        let chunk = self.mr_chunks[index / MR_CHUNK].get_or_init(|| (0..MR_CHUNK).map(|_| MrSlot::default()).collect());
+        let m = &chunk[index % MR_CHUNK];
+        let gen = ((m.state.load(Ordering::Acquire) >> 1) as u16).wrapping_add(1) & 0xfff;
+        m.data.store(rec.data, Ordering::Relaxed);
+        m.size.store(rec.size, Ordering::Relaxed);
+        m.ptr_type.store(rec.ptr_type, Ordering::Relaxed);
+        let (off, fd) = rec.dmabuf.unwrap_or((0, -1));
+        m.dmabuf_offset.store(off, Ordering::Relaxed);
+        m.dmabuf_fd.store(fd, Ordering::Relaxed);
+        m.inner.store(rec.inner.as_ptr(), Ordering::Relaxed);
+        m.state.store((gen as u32) << 1 | 1, Ordering::Release);
+        Ok(MrKey::new(key, index, gen))
     }
 
-    /// The registration `key` of this comm.
-    pub fn mr(&self, call: &str, key: MrKey) -> Result<MrRec> {
-        let m = lock(&self.mrs);
-        match m.entries.get(key.index as usize) {
-            Some(MrEntry { gen, rec: Some(r) }) if *gen == key.gen && key.of(self.key) => Ok(*r),
-            _ => Err(self.foreign_mr(call, key)),
-        }
+    fn mr_slot(&self, key: MrKey) -> Option<&MrSlot> {
+        let i = key.index as usize;
+        self.mr_chunks.get(i / MR_CHUNK)?.get().map(|c| &c[i % MR_CHUNK])
+    }
+
+    fn read_mr(m: &MrSlot) -> Option<MrRec> {
+        let fd = m.dmabuf_fd.load(Ordering::Relaxed);
+        Some(MrRec {
+            data: m.data.load(Ordering::Relaxed),
+            size: m.size.load(Ordering::Relaxed),
+            ptr_type: m.ptr_type.load(Ordering::Relaxed),
+            dmabuf: (fd >= 0).then(|| (m.dmabuf_offset.load(Ordering::Relaxed), fd)),
+            inner: Opaque::from_ptr(m.inner.load(Ordering::Relaxed))?,
+        })
+    }
+
+    /// The registration `key` of this comm (the comm standing under `comm`).
+    pub fn mr(&self, call: &str, comm: CommKey, key: MrKey) -> Result<MrRec> {
+        let live = (key.gen as u32) << 1 | 1;
+        let found = self.mr_slot(key).filter(|_| key.of(comm)).and_then(|m| {
+            if m.state.load(Ordering::Acquire) != live {
+                return None;
+            }
+            let rec = Self::read_mr(m);
+            // The fields were read between two looks at the state: unchanged means consistent.
+            fence(Ordering::Acquire);
+            rec.filter(|_| m.state.load(Ordering::Relaxed) == live)
+        });
+        found.ok_or_else(|| self.foreign_mr(call, key))
     }
 
     fn foreign_mr(&self, call: &str, key: MrKey) -> Error {
@@ -419,15 +571,19 @@ impl CommRec {
     }
 
     /// Removes the registration `key` and returns it.
-    pub fn remove_mr(&self, call: &str, key: MrKey) -> Result<MrRec> {
-        let mut m = lock(&self.mrs);
-        let found = match m.entries.get_mut(key.index as usize) {
-            Some(e) if e.gen == key.gen && key.of(self.key) => e.rec.take(),
-            _ => None,
-        };
-        match found {
+    pub fn remove_mr(&self, call: &str, comm: CommKey, key: MrKey) -> Result<MrRec> {
+        let mut a = lock(&self.mr_alloc);
+        let live = (key.gen as u32) << 1 | 1;
+        let m = self.mr_slot(key).filter(|_| key.of(comm));
+        let rec = m.and_then(|m| {
+            m.state
+                .compare_exchange(live, live - 1, Ordering::AcqRel, Ordering::Acquire)
+                .ok()
+                .and_then(|_| Self::read_mr(m))
+        });
+        match rec {
             Some(r) => {
-                m.free.push_back(key.index);
+                a.free.push_back(key.index);
                 Ok(r)
             }
             None => Err(self.foreign_mr(call, key)),
@@ -435,7 +591,7 @@ impl CommRec {
     }
 
     /// Remembers a completed UNPACK receive until irecvConsumed names it.
-    pub fn completed_unpack(&self, key: ReqKey, inner: Option<Opaque>) {
+    pub fn completed_unpack(&self, key: ReqKey, inner: Opaque) {
         let mut q = lock(&self.consumed);
         if q.len() >= CONSUMED_BACKLOG {
             q.pop_front();
@@ -444,7 +600,7 @@ impl CommRec {
     }
 
     /// The inner request of the completed UNPACK receive `key`, forgotten from now on.
-    pub fn take_consumed(&self, key: ReqKey) -> Result<Option<Opaque>> {
+    pub fn take_consumed(&self, key: ReqKey) -> Result<Opaque> {
         let mut q = lock(&self.consumed);
         let pos = q.iter().position(|(k, _)| *k == key).ok_or_else(|| {
             Error::invalid_usage(format!(
@@ -453,6 +609,46 @@ impl CommRec {
                 self.label()
             ))
         })?;
-        Ok(q.remove(pos).and_then(|(_, inner)| inner))
+        q.remove(pos)
+            .map(|(_, inner)| inner)
+            .ok_or_else(|| Error::internal("irecvConsumed: completed receive vanished"))
+    }
+}
+
+/// A request taken for testing; given back when dropped, or ended with [`ReqGuard::retire`].
+pub struct ReqGuard<'a> {
+    comm: &'a CommRec,
+    slot: &'a ReqSlot,
+    index: usize,
+    gen: u16,
+    done: bool,
+}
+
+impl ReqGuard<'_> {
+    /// The request.
+    pub fn rec(&mut self) -> &mut ReqRec {
+        // SAFETY: this guard moved the slot from LIVE to BUSY, so it owns `rec` until it stores
+        // LIVE or FREE again (in retire or drop); a LIVE slot always holds a request.
+        match unsafe { &mut *self.slot.rec.get() } {
+            Some(r) => r,
+            None => unreachable!("a live request slot holds a request"),
+        }
+    }
+
+    /// Ends the request (completed or failed): its slot is free again.
+    pub fn retire(mut self) {
+        self.done = true;
+        // SAFETY: as in rec(): this guard owns the slot until the store below.
+        unsafe { *self.slot.rec.get() = None };
+        self.slot.state.store(req_state(self.gen, FREE), Ordering::Release);
+        self.comm.give_back(self.index);
+    }
+}
+
+impl Drop for ReqGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.slot.state.store(req_state(self.gen, LIVE), Ordering::Release);
+        }
     }
 }

@@ -7,8 +7,8 @@
 //! exactly the stack NCCL drives.
 
 use super::handle::{self, Handles};
-use super::objects::{CommRec, CommSpec, Kind, MrRec, Op, Posted, MAX_RECVS};
-use super::table::{CommKey, Entry, Keyed, MrKey, ReqKey, Table, MAX_COMMS};
+use super::objects::{CommRec, CommSpec, Kind, MrRec, Op, Posted, ReqRec, MAX_RECVS};
+use super::table::{CommKey, MrKey, ReqKey, Table, MAX_COMMS};
 use super::LoadInfo;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -19,6 +19,28 @@ use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// A comm found in the table, with the key it stands under.
+struct Found<'a> {
+    key: CommKey,
+    rec: &'a CommRec,
+}
+
+impl std::ops::Deref for Found<'_> {
+    type Target = CommRec;
+    fn deref(&self) -> &CommRec {
+        self.rec
+    }
+}
+
+/// Now on the coarse monotonic clock (a few milliseconds of resolution, a fraction of the cost of
+/// a precise read), in nanoseconds: when requests were posted, for the stall warning.
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// How often (in test() calls of one request) the stall clock is read.
 const STALL_SAMPLE: u32 = 1024;
@@ -94,9 +116,9 @@ impl Shim {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
             unpack: self.unpack.get(dev as usize).copied().unwrap_or(false),
-            served,
+            served: served.unwrap_or(0),
         };
-        let Some(rec) = self.comms.insert(|key| CommRec::new(key, spec)) else {
+        let Some((key, rec)) = self.comms.insert(spec) else {
             return Err(Error::invalid_usage(format!(
                 "{}: this process already has {MAX_COMMS} comms open through tcpxshim",
                 kind.label()
@@ -105,19 +127,19 @@ impl Shim {
         if kind != Kind::Listen {
             log::info!("opened {}", rec.label());
         }
-        Ok(rec.key().to_opaque())
+        Ok(key.to_opaque())
     }
 
     /// The open comm NCCL's `comm` stands for, of kind `kind` (any data kind when `None`).
-    fn comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Entry<CommRec>> {
+    fn comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Found<'_>> {
         let c = self.lookup(call, comm)?;
         match kind {
-            Some(k) if c.kind != k => Err(Error::invalid_usage(format!(
+            Some(k) if c.kind() != k => Err(Error::invalid_usage(format!(
                 "{call}: expected a {} comm, got {}",
                 k.label(),
                 c.label()
             ))),
-            None if c.kind == Kind::Listen => Err(Error::invalid_usage(format!(
+            None if c.kind() == Kind::Listen => Err(Error::invalid_usage(format!(
                 "{call}: expected a send or receive comm, got {}",
                 c.label()
             ))),
@@ -126,9 +148,9 @@ impl Shim {
     }
 
     /// Like [`Shim::comm`] without the kind check and without refusing a poisoned comm.
-    fn lookup(&self, call: &str, comm: Opaque) -> Result<Entry<CommRec>> {
+    fn lookup(&self, call: &str, comm: Opaque) -> Result<Found<'_>> {
         CommKey::from_opaque(comm)
-            .and_then(|k| self.comms.get(k))
+            .and_then(|key| self.comms.get(key).map(|rec| Found { key, rec }))
             .ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "{call}: {:#x} is not an open tcpxshim comm (closed already, or never returned by this plugin)",
@@ -137,7 +159,7 @@ impl Shim {
             })
     }
 
-    fn live_comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Entry<CommRec>> {
+    fn live_comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Found<'_>> {
         let c = self.comm(call, comm, kind)?;
         c.check_live(call)?;
         Ok(c)
@@ -145,7 +167,7 @@ impl Shim {
 
     fn close(&self, call: &str, comm: Opaque, kind: Kind) -> Result<()> {
         let c = self.comm(call, comm, Some(kind))?;
-        if self.comms.remove(c.key()).is_none() {
+        if !self.comms.remove(c.key) {
             return Err(Error::invalid_argument(format!(
                 "{call}: {} is being closed already",
                 c.label()
@@ -155,12 +177,12 @@ impl Shim {
         // made this the only close.
         let result = unsafe {
             match kind {
-                Kind::Send => self.inner.close_send(c.inner),
-                Kind::Recv => self.inner.close_recv(c.inner),
-                Kind::Listen => self.inner.close_listen(c.inner),
+                Kind::Send => self.inner.close_send(c.inner()),
+                Kind::Recv => self.inner.close_recv(c.inner()),
+                Kind::Listen => self.inner.close_listen(c.inner()),
             }
         };
-        if let Some(id) = c.served {
+        if let Some(id) = c.served() {
             self.handles.withdraw(id);
         }
         if kind != Kind::Listen {
@@ -172,7 +194,7 @@ impl Shim {
                 s.messages,
                 human_bytes(s.bytes),
                 s.errors,
-                c.opened.elapsed().as_secs_f64()
+                c.age_secs()
             );
         }
         result.map_err(|e| e.context(call))
@@ -183,7 +205,7 @@ impl Shim {
     fn inner_mrs(
         &self,
         call: &str,
-        c: &CommRec,
+        c: &Found<'_>,
         mrs: &[Option<Opaque>],
         data: &[*mut c_void],
         sizes: &[i32],
@@ -197,7 +219,7 @@ impl Shim {
                         m.as_ptr() as usize
                     ))
                 })?;
-                let rec = c.mr(call, key)?;
+                let rec = c.mr(call, c.key, key)?;
                 rec.covers(call, data[i] as usize, sizes[i])?;
                 *o = Some(rec.inner);
             }
@@ -231,20 +253,20 @@ impl Shim {
         Ok(true)
     }
 
-    fn request_comm(&self, call: &str, req: Opaque) -> Result<(Entry<CommRec>, ReqKey)> {
+    fn request_comm(&self, call: &str, req: Opaque) -> Result<(Found<'_>, ReqKey)> {
         let key = ReqKey::from_opaque(req).ok_or_else(|| {
             Error::invalid_argument(format!(
                 "{call}: {:#x} is not a tcpxshim request",
                 req.as_ptr() as usize
             ))
         })?;
-        let c = self.comms.get16(key.comm, key.comm_gen).ok_or_else(|| {
+        let (ckey, rec) = self.comms.get16(key.comm, key.comm_gen).ok_or_else(|| {
             Error::invalid_argument(format!(
                 "{call}: request {:#x} belongs to a comm that is closed",
                 req.as_ptr() as usize
             ))
         })?;
-        Ok((c, key))
+        Ok((Found { key: ckey, rec }, key))
     }
 
     /// Marks unusable the comm NCCL's `obj` stands for, or the comm of the request it stands for
@@ -260,11 +282,11 @@ impl Shim {
 
     /// Open comms (for tests and the end-of-run summary).
     pub fn open_comms(&self) -> usize {
-        self.comms.live().len()
+        self.comms.live_count()
     }
 
-    fn warn_stalled(&self, c: &CommRec, r: &mut super::objects::ReqRec, limit: Duration) {
-        let age = r.at.elapsed();
+    fn warn_stalled(&self, c: &CommRec, r: &mut ReqRec, limit: Duration) {
+        let age = Duration::from_nanos(coarse_ns().saturating_sub(r.at_ns));
         if age < limit {
             return;
         }
@@ -276,7 +298,7 @@ impl Shim {
             format!("{} of {} bytes (tag {})", p.op.call(), p.bytes(), p.tags[0])
         };
         // SAFETY: the comm is open and the request outstanding (its slot is locked by the caller).
-        let detail = r.inner.and_then(|ir| unsafe { self.inner.stall_detail(c.inner, ir) });
+        let detail = unsafe { self.inner.stall_detail(c.inner(), r.inner) };
         let side = match p.op {
             Op::Send => "the peer is not receiving",
             _ => "the peer has not sent",
@@ -294,20 +316,19 @@ impl Shim {
 
     /// Tests request `key` of `c` on the inner transport: `None` while not done, else the sizes
     /// (one per grouped receive) and how many there are.
-    fn finish(&self, c: &CommRec, key: ReqKey) -> Result<Option<([i32; MAX_RECVS], usize)>> {
-        let mut r = c.request("test", key)?;
+    fn finish(&self, c: &Found<'_>, key: ReqKey) -> Result<Option<([i32; MAX_RECVS], usize)>> {
+        let mut g = c.request("test", key)?;
+        let r = g.rec();
         let n = r.posted.n.clamp(1, MAX_RECVS);
         let mut local = [0i32; MAX_RECVS];
-        let ireq = r
-            .inner
-            .ok_or_else(|| Error::internal("test: request has no inner request"))?;
-        // SAFETY: the inner request is outstanding (its record is live and locked), and `local`
-        // has one entry per grouped receive.
+        let ireq = r.inner;
+        // SAFETY: the inner request is outstanding (its record is live and this call holds it),
+        // and `local` has one entry per grouped receive.
         let done = match unsafe { self.inner.test(ireq, Some(&mut local[..n])) } {
             Ok(d) => d,
             Err(e) => {
                 c.counters.error();
-                c.retire(key, r);
+                g.retire();
                 return Err(e.context(format!("test on {}", c.label())));
             }
         };
@@ -315,7 +336,7 @@ impl Shim {
             r.tests = r.tests.wrapping_add(1);
             if let Some(limit) = self.stall_warn {
                 if !r.warned && r.tests % STALL_SAMPLE == 0 {
-                    self.warn_stalled(c, &mut r, limit);
+                    self.warn_stalled(c, r, limit);
                 }
             }
             return Ok(None);
@@ -328,10 +349,10 @@ impl Shim {
         if op != Op::Flush {
             c.counters.complete(bytes as u64);
         }
-        if c.unpack && op == Op::Recv {
-            c.completed_unpack(key, Some(ireq));
+        if c.unpack() && op == Op::Recv {
+            c.completed_unpack(key, ireq);
         }
-        c.retire(key, r);
+        g.retire();
         Ok(Some((local, n)))
     }
 
@@ -344,12 +365,12 @@ impl Shim {
         inner: impl FnOnce(Opaque) -> Result<Opaque>,
     ) -> Result<Opaque> {
         let c = self.live_comm(call, comm, None)?;
-        let imr = inner(c.inner).map_err(|e| e.context(format!("{call} on {}", c.label())))?;
-        match c.add_mr(MrRec { inner: imr, ..rec }) {
+        let imr = inner(c.inner()).map_err(|e| e.context(format!("{call} on {}", c.label())))?;
+        match c.add_mr(c.key, MrRec { inner: imr, ..rec }) {
             Ok(k) => Ok(k.to_opaque()),
             Err(e) => {
                 // SAFETY: `imr` was just registered on the open inner comm and nobody else has it.
-                let _ = unsafe { self.inner.dereg_mr(c.inner, imr) };
+                let _ = unsafe { self.inner.dereg_mr(c.inner(), imr) };
                 Err(e)
             }
         }
@@ -412,10 +433,10 @@ impl Transport for Shim {
     unsafe fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
         let l = self.live_comm("accept", listen, Some(Kind::Listen))?;
         // SAFETY: the listen comm is open; dev_handle is passed as the caller gave it.
-        let inner = unsafe { self.inner.accept(l.inner, dev_handle) }
-            .map_err(|e| e.context(format!("accept on dev {}", l.dev)))?;
+        let inner = unsafe { self.inner.accept(l.inner(), dev_handle) }
+            .map_err(|e| e.context(format!("accept on dev {}", l.dev())))?;
         match inner {
-            Some(c) => self.wrap(Kind::Recv, c, l.dev, None).map(Some),
+            Some(c) => self.wrap(Kind::Recv, c, l.dev(), None).map(Some),
             None => Ok(None),
         }
     }
@@ -468,10 +489,10 @@ impl Transport for Shim {
                 mr.as_ptr() as usize
             ))
         })?;
-        let rec = c.remove_mr("deregMr", key)?;
+        let rec = c.remove_mr("deregMr", c.key, key)?;
         // SAFETY: the registration was live on this open comm and is now removed from the
         // record, so this is its only release.
-        unsafe { self.inner.dereg_mr(c.inner, rec.inner) }.map_err(|e| e.context(format!("deregMr on {}", c.label())))
+        unsafe { self.inner.dereg_mr(c.inner(), rec.inner) }.map_err(|e| e.context(format!("deregMr on {}", c.label())))
     }
 
     unsafe fn isend(
@@ -488,7 +509,9 @@ impl Transport for Shim {
         let posted = Posted::new(Op::Send, &[data], &[size], &[tag], &Self::mr_keys(&mrs));
         // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
         // the buffer until the request completes.
-        let key = c.post(posted, || unsafe { self.inner.isend(c.inner, data, size, tag, imr) })?;
+        let key = c.post(c.key, posted, coarse_ns(), || unsafe {
+            self.inner.isend(c.inner(), data, size, tag, imr)
+        })?;
         Ok(key.map(ReqKey::to_opaque))
     }
 
@@ -510,8 +533,8 @@ impl Transport for Shim {
         let imrs = self.inner_mrs("irecv", &c, &mrs[..n], data, sizes)?;
         let posted = Posted::new(Op::Recv, data, sizes, tags, &Self::mr_keys(&mrs[..n]));
         // SAFETY: as in isend; the inner registrations are this comm's.
-        let key = c.post(posted, || unsafe {
-            self.inner.irecv(c.inner, data, &sizes[..n], &tags[..n], &imrs[..n])
+        let key = c.post(c.key, posted, coarse_ns(), || unsafe {
+            self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
     }
@@ -531,8 +554,8 @@ impl Transport for Shim {
         let imrs = self.inner_mrs("iflush", &c, &mrs[..n], data, sizes)?;
         let posted = Posted::new(Op::Flush, data, sizes, &[], &Self::mr_keys(&mrs[..n]));
         // SAFETY: as in irecv.
-        let key = c.post(posted, || unsafe {
-            self.inner.iflush(c.inner, &data[..n], &sizes[..n], &imrs[..n])
+        let key = c.post(c.key, posted, coarse_ns(), || unsafe {
+            self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
     }
@@ -570,32 +593,32 @@ impl Transport for Shim {
                 mr.as_ptr() as usize
             ))
         })?;
-        let rec = c.mr("getDeviceMr", key)?;
+        let rec = c.mr("getDeviceMr", c.key, key)?;
         // SAFETY: the registration is live on this open comm.
-        unsafe { self.inner.get_device_mr(c.inner, rec.inner) }
+        unsafe { self.inner.get_device_mr(c.inner(), rec.inner) }
     }
 
     unsafe fn irecv_consumed(&self, comm: Opaque, n: i32, req: Option<Opaque>) -> Result<()> {
         let c = self.live_comm("irecvConsumed", comm, Some(Kind::Recv))?;
-        if !c.unpack {
+        if !c.unpack() {
             // Host-type transports deliver into the destination buffer: nothing to release.
             return Ok(());
         }
         let inner_req = match req {
             Some(r) => {
-                let key = ReqKey::from_opaque(r).filter(|k| k.of(c.key())).ok_or_else(|| {
+                let key = ReqKey::from_opaque(r).filter(|k| k.of(c.key)).ok_or_else(|| {
                     Error::invalid_argument(format!(
                         "irecvConsumed: {:#x} is not a request of {}",
                         r.as_ptr() as usize,
                         c.label()
                     ))
                 })?;
-                c.take_consumed(key)?
+                Some(c.take_consumed(key)?)
             }
             None => None,
         };
         // SAFETY: the inner request completed on this open comm and was not released yet.
-        unsafe { self.inner.irecv_consumed(c.inner, n, inner_req) }
+        unsafe { self.inner.irecv_consumed(c.inner(), n, inner_req) }
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {

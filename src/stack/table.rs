@@ -6,14 +6,16 @@
 //! a newer object whose generation does not match) and becomes an error, never a read of freed
 //! memory. Requests and registrations are keys of the same kind that also name their comm.
 //!
-//! Slots hold `ArcSwapOption`s: a lookup is a lock-free load, a record stays alive while a call
-//! that found it still runs, and closing a comm only empties its slot.
+//! The records themselves are allocated once per slot, on first use, and reused by later
+//! objects in that slot; they are freed only with the table. Everything in a record that a
+//! lookup may read is an atomic or behind a lock, so a lookup is two plain atomic loads (the
+//! slot's record, its state) and no reference count: this is what keeps the shim's cost per
+//! message small.
 
 use crate::transport::Opaque;
-use arc_swap::ArcSwapOption;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Most comms one process can hold open at once (TCPX allows 65536 per device).
 pub const MAX_COMMS: usize = 1 << 16;
@@ -153,30 +155,34 @@ fn raw(v: u64) -> Opaque {
     Opaque::from_addr(v as usize).unwrap_or_else(|| unreachable!("keys have a non-zero tag"))
 }
 
-/// Records that know their own key.
-pub trait Keyed {
-    /// The key the record was made with.
-    fn key(&self) -> CommKey;
+/// A record that a [`Table`] slot holds and reuses.
+pub trait Record: Send + Sync {
+    /// What a new object in the slot is made from.
+    type Spec;
+    /// An empty record for slot `index`.
+    fn empty() -> Self;
+    /// The slot's state word: `generation << 1 | live`.
+    fn state(&self) -> &AtomicU64;
+    /// Takes on `spec` as a new object (the slot is not live while this runs).
+    fn reset(&self, key: CommKey, spec: Self::Spec);
 }
 
-/// A record found in a [`Table`]; it stays alive while this is held (a cheap, lock-free borrow
-/// of the slot's `Arc`, no reference count touched in the common case).
-pub struct Entry<T>(arc_swap::Guard<Option<Arc<T>>>);
+fn live(gen: u32) -> u64 {
+    (gen as u64) << 1 | 1
+}
 
-impl<T> std::ops::Deref for Entry<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        match &*self.0 {
-            Some(rec) => rec,
-            None => unreachable!("entries are made from occupied slots only"),
-        }
-    }
+/// The key a record stands under now, if it is live.
+pub fn key_of<T: Record>(index: u16, rec: &T) -> Option<CommKey> {
+    let s = rec.state().load(Ordering::Acquire);
+    (s & 1 == 1).then_some(CommKey {
+        index,
+        gen: (s >> 1) as u32,
+    })
 }
 
 /// A fixed-capacity table of records addressed by [`CommKey`].
 pub struct Table<T> {
-    slots: Box<[ArcSwapOption<T>]>,
-    gens: Box<[AtomicU32]>,
+    slots: Box<[OnceLock<Box<T>>]>,
     free: Mutex<Free>,
 }
 
@@ -187,13 +193,12 @@ struct Free {
     released: VecDeque<u16>,
 }
 
-impl<T: Keyed> Table<T> {
+impl<T: Record> Table<T> {
     /// An empty table with room for `capacity` (at most [`MAX_COMMS`]) records.
     pub fn new(capacity: usize) -> Table<T> {
         let capacity = capacity.min(MAX_COMMS);
         Table {
-            slots: (0..capacity).map(|_| ArcSwapOption::const_empty()).collect(),
-            gens: (0..capacity).map(|_| AtomicU32::new(0)).collect(),
+            slots: (0..capacity).map(|_| OnceLock::new()).collect(),
             free: Mutex::new(Free {
                 next_unused: 0,
                 released: VecDeque::new(),
@@ -201,81 +206,90 @@ impl<T: Keyed> Table<T> {
         }
     }
 
-    /// Puts the record `make(key)` in a free slot and returns it; `None` when the table is full.
-    pub fn insert(&self, make: impl FnOnce(CommKey) -> T) -> Option<Arc<T>> {
-        let index = {
-            let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if f.next_unused < self.slots.len() {
-                f.next_unused += 1;
-                f.next_unused - 1
-            } else {
-                f.released.pop_front()? as usize
-            }
+    /// Makes a new object from `spec` in a free slot; `None` when the table is full.
+    pub fn insert(&self, spec: T::Spec) -> Option<(CommKey, &T)> {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let index = if f.next_unused < self.slots.len() {
+            f.next_unused += 1;
+            f.next_unused - 1
+        } else {
+            f.released.pop_front()? as usize
         };
-        let gen = self.gens[index].fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        let rec: &T = self.slots[index].get_or_init(|| Box::new(T::empty()));
+        let gen = ((rec.state().load(Ordering::Acquire) >> 1) as u32).wrapping_add(1);
         let key = CommKey {
             index: index as u16,
             gen,
         };
-        let rec = Arc::new(make(key));
-        self.slots[index].store(Some(rec.clone()));
-        Some(rec)
+        rec.reset(key, spec);
+        rec.state().store(live(gen), Ordering::Release);
+        Some((key, rec))
     }
 
     /// The live record for `key`, if there is one.
-    pub fn get(&self, key: CommKey) -> Option<Entry<T>> {
-        self.find(key.index, |k| k == key)
+    pub fn get(&self, key: CommKey) -> Option<&T> {
+        let rec = self.slots.get(key.index as usize)?.get()?;
+        (rec.state().load(Ordering::Acquire) == live(key.gen)).then_some(&**rec)
     }
 
     /// The live record in slot `index` whose generation ends in `gen16` (request and
-    /// registration keys carry 16 bits of it).
-    pub fn get16(&self, index: u16, gen16: u16) -> Option<Entry<T>> {
-        self.find(index, |k| k.gen as u16 == gen16)
+    /// registration keys carry 16 bits of it), with its full key.
+    pub fn get16(&self, index: u16, gen16: u16) -> Option<(CommKey, &T)> {
+        let rec = self.slots.get(index as usize)?.get()?;
+        let key = key_of(index, &**rec)?;
+        (key.gen as u16 == gen16).then_some((key, &**rec))
     }
 
-    fn find(&self, index: u16, matches: impl FnOnce(CommKey) -> bool) -> Option<Entry<T>> {
-        let g = self.slots.get(index as usize)?.load();
-        match &*g {
-            Some(rec) if matches(rec.key()) => Some(Entry(g)),
-            _ => None,
+    /// Ends the object `key`: later lookups of it find nothing. `false` if it was not (or no
+    /// longer) live.
+    pub fn remove(&self, key: CommKey) -> bool {
+        let Some(rec) = self.slots.get(key.index as usize).and_then(|s| s.get()) else {
+            return false;
+        };
+        let ended = rec
+            .state()
+            .compare_exchange(live(key.gen), live(key.gen) - 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if ended {
+            self.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .released
+                .push_back(key.index);
         }
+        ended
     }
 
-    /// Takes the record for `key` out of the table; `None` if it is not (or no longer) there.
-    pub fn remove(&self, key: CommKey) -> Option<Arc<T>> {
-        let slot = self.slots.get(key.index as usize)?;
-        let cur = slot.load_full()?;
-        if cur.key() != key {
-            return None;
-        }
-        let prev = slot.compare_and_swap(&Some(cur.clone()), None);
-        let taken = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &cur));
-        if !taken {
-            return None;
-        }
-        drop(prev);
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .released
-            .push_back(key.index);
-        Some(cur)
-    }
-
-    /// Every live record (for summaries and tests).
-    pub fn live(&self) -> Vec<Arc<T>> {
-        self.slots.iter().filter_map(|s| s.load_full()).collect()
+    /// How many objects are live.
+    pub fn live_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| s.get())
+            .filter(|r| r.state().load(Ordering::Acquire) & 1 == 1)
+            .count()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
 
-    struct Rec(CommKey);
-    impl Keyed for Rec {
-        fn key(&self) -> CommKey {
-            self.0
+    #[derive(Default)]
+    struct Rec {
+        state: AtomicU64,
+        value: AtomicU32,
+    }
+    impl Record for Rec {
+        type Spec = u32;
+        fn empty() -> Self {
+            Rec::default()
+        }
+        fn state(&self) -> &AtomicU64 {
+            &self.state
+        }
+        fn reset(&self, _key: CommKey, spec: u32) {
+            self.value.store(spec, Ordering::Relaxed);
         }
     }
 
@@ -306,28 +320,22 @@ mod tests {
     #[test]
     fn stale_keys_find_nothing_after_removal_and_reuse() {
         let t: Table<Rec> = Table::new(2);
-        let a = t.insert(Rec).unwrap().key();
-        let b = t.insert(Rec).unwrap().key();
-        assert!(t.insert(Rec).is_none(), "full");
-        assert!(t.get(a).is_some());
-        assert!(t.remove(a).is_some());
-        assert!(t.remove(a).is_none(), "double remove");
+        let (a, _) = t.insert(1).unwrap();
+        let (b, _) = t.insert(2).unwrap();
+        assert!(t.insert(3).is_none(), "full");
+        assert_eq!(t.get(a).unwrap().value.load(Ordering::Relaxed), 1);
+        assert!(t.remove(a));
+        assert!(!t.remove(a), "double remove");
         assert!(t.get(a).is_none(), "use after remove");
-        let c = t.insert(Rec).unwrap().key();
+        let (c, _) = t.insert(4).unwrap();
         assert_eq!(c.index, a.index, "slot reused");
         assert_ne!(c.gen, a.gen);
         assert!(t.get(a).is_none(), "the stale key does not find the new record");
-        assert!(t.get(c).is_some() && t.get(b).is_some());
+        assert_eq!(t.get(c).unwrap().value.load(Ordering::Relaxed), 4);
+        assert!(t.get(b).is_some());
         assert!(t.get(CommKey { index: 9, gen: 1 }).is_none(), "out of range");
-        assert_eq!(t.live().len(), 2);
-    }
-
-    #[test]
-    fn a_record_outlives_its_removal_while_a_caller_holds_it() {
-        let t: Table<Rec> = Table::new(4);
-        let k = t.insert(Rec).unwrap().key();
-        let held = t.get(k).unwrap();
-        t.remove(k).unwrap();
-        assert_eq!(held.key(), k);
+        assert_eq!(t.get16(c.index, c.gen as u16).map(|(k, _)| k), Some(c));
+        assert!(t.get16(a.index, a.gen as u16).is_none());
+        assert_eq!(t.live_count(), 2);
     }
 }

@@ -120,7 +120,9 @@ pub struct Properties {
 /// - repeated `connect` calls for one connection pass the same handle buffer, unchanged since
 ///   the previous call (an inner plugin may keep a pointer in it), and a handle is never used for
 ///   a second connection;
-/// - `dev_handle` is NULL or valid for reading and writing one `*mut DevHandle`.
+/// - `dev_handle` is NULL or valid for reading and writing one `*mut DevHandle`;
+/// - a comm is not closed while another call on it, its registrations or its requests runs on
+///   another thread (NCCL drives each comm from one thread at a time).
 ///
 /// A transport that validates its objects (the shim's own layer does, through its object table)
 /// still keeps these signatures: the data pointers cannot be checked.
