@@ -124,16 +124,11 @@ pub const HANDLE: Setting = Setting {
 pub const FAULTS: Setting = Setting {
     name: "NCCL_TCPXSHIM_FAULTS",
     default: "(unset: no faults)",
-    doc: "Deterministic fault injection for tests and chaos runs, e.g. `seed=7;connect=fail:1;break=after:100`. \
-          See docs/design.md for the grammar. Never set it in production.",
-};
-
-/// Deliberate panic, to exercise the panic guard.
-pub const DEBUG_PANIC: Setting = Setting {
-    name: "NCCL_TCPXSHIM_DEBUG_PANIC",
-    default: "(unset)",
-    doc: "Testing aid: the plugin call named here (e.g. `isend`) panics inside the shim, to show that the panic \
-          guard turns it into ncclInternalError and poisons the comm. Never set it in production.",
+    doc: "Deterministic fault injection for tests and chaos runs: `;`-separated clauses `seed=N`, then `connect=`, \
+          `accept=` and `regmr=` with `fail:K` (the first K fail) or `p:P` (each fails with probability P), \
+          `break=after:N` or `break=p:P` (connections break), `delay=ms:D` or `delay=ms:D,p:P` (late completions), \
+          `panic=CALL` (that plugin call panics); e.g. `seed=7;connect=fail:1;break=after:100`. A bad value fails \
+          init. See docs/design.md (Fault injection). Never set it in production.",
 };
 
 /// All settings, in documentation order.
@@ -152,7 +147,6 @@ pub const SETTINGS: &[Setting] = &[
     CTRL_ADDR,
     HANDLE,
     FAULTS,
-    DEBUG_PANIC,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -204,10 +198,8 @@ pub struct Config {
     pub handle_mode: crate::stack::handle::HandleMode,
     /// NCCL_TCPXSHIM_CTRL_ADDR.
     pub ctrl_addr: Option<std::net::IpAddr>,
-    /// NCCL_TCPXSHIM_FAULTS, as given.
-    pub faults: Option<String>,
-    /// NCCL_TCPXSHIM_DEBUG_PANIC: the call that panics on purpose.
-    pub debug_panic: Option<String>,
+    /// NCCL_TCPXSHIM_FAULTS: the faults to inject; `None`: none (the layer is not stacked).
+    pub faults: Option<crate::stack::FaultSpec>,
     /// The built-in transport's settings.
     pub tcp: TcpConfig,
 }
@@ -253,8 +245,9 @@ impl Config {
             },
             handle_mode,
             ctrl_addr,
-            faults: get(vars, FAULTS.name),
-            debug_panic: get(vars, DEBUG_PANIC.name),
+            faults: get(vars, FAULTS.name)
+                .map(|t| crate::stack::FaultSpec::parse(&t))
+                .transpose()?,
             tcp: TcpConfig::from_vars(vars)?,
         })
     }

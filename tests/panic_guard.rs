@@ -1,5 +1,5 @@
 //! A panic inside the shim never crosses into NCCL: it becomes ncclInternalError with a WARN
-//! line, and the comm it happened on refuses further use. NCCL_TCPXSHIM_DEBUG_PANIC makes the
+//! line, and the comm it happened on refuses further use. NCCL_TCPXSHIM_FAULTS=panic=isend makes the
 //! named call panic on purpose.
 
 mod common;
@@ -11,7 +11,7 @@ use tcpxshim::ffi::ncclResult_t::*;
 fn a_panic_becomes_an_internal_error_and_poisons_the_comm() {
     std::env::set_var("NCCL_TCPXSHIM_PLUGIN", "builtin");
     std::env::set_var("NCCL_TCPXSHIM_TCP_IFNAME", "lo");
-    std::env::set_var("NCCL_TCPXSHIM_DEBUG_PANIC", "isend");
+    std::env::set_var("NCCL_TCPXSHIM_FAULTS", "panic=isend");
     let net = Net::open(shim_lib());
     net.init().unwrap_or_else(|e| panic!("init: {}", result_name(e)));
     let (send, recv) = net.connect_pair(0);

@@ -14,14 +14,7 @@ use std::any::Any;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{addr_of, addr_of_mut, null_mut};
-use std::sync::{Mutex, OnceLock};
-
-/// The call that NCCL_TCPXSHIM_DEBUG_PANIC names, read once.
-fn debug_panic_call() -> Option<&'static str> {
-    static CALL: OnceLock<Option<String>> = OnceLock::new();
-    CALL.get_or_init(|| crate::config::var(crate::config::DEBUG_PANIC.name))
-        .as_deref()
-}
+use std::sync::Mutex;
 
 /// The plugin table NCCL looks up. `name` and `regMrDmaBuf` are settled in `init`, before NCCL
 /// reads them, to mirror the inner transport.
@@ -108,15 +101,9 @@ fn install_panic_hook() {
 
 /// Runs one entry point: maps errors to ncclResult_t with a WARN line, and panics to
 /// ncclInternalError with the comm poisoned.
-fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) -> NcclResult {
-    let run = || {
-        if debug_panic_call() == Some(call) {
-            panic!("{}={call} asked for a panic", crate::config::DEBUG_PANIC.name);
-        }
-        f()
-    };
+pub(crate) fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> Result<()>) -> NcclResult {
     let guarded = Guarded::enter();
-    let outcome = catch_unwind(AssertUnwindSafe(run));
+    let outcome = catch_unwind(AssertUnwindSafe(f));
     drop(guarded);
     match outcome {
         Ok(Ok(())) => ncclResult_t::ncclSuccess,

@@ -151,6 +151,11 @@ pub trait Layer: Send + Sync {
         // SAFETY: forwarded under the caller's contract.
         unsafe { self.inner().stall_detail(comm, req) }
     }
+    /// See [`Transport::break_comm`].
+    unsafe fn break_comm(&self, comm: Opaque) -> bool {
+        // SAFETY: forwarded under the caller's contract.
+        unsafe { self.inner().break_comm(comm) }
+    }
 }
 
 // SAFETY (for every call below): each method keeps Transport's contract by handing its caller's
@@ -267,5 +272,9 @@ impl<L: Layer> Transport for L {
     unsafe fn stall_detail(&self, comm: Opaque, req: Opaque) -> Option<String> {
         // SAFETY: see the note on this impl.
         unsafe { Layer::stall_detail(self, comm, req) }
+    }
+    unsafe fn break_comm(&self, comm: Opaque) -> bool {
+        // SAFETY: see the note on this impl.
+        unsafe { Layer::break_comm(self, comm) }
     }
 }

@@ -10,12 +10,14 @@
 //! A new feature is a [`Layer`] in a file of its own and one line in [`build_over`]; neither
 //! `src/export` nor the other layers change.
 
+pub mod faults;
 pub mod handle;
 mod layer;
 mod objects;
 mod shim;
 mod table;
 
+pub use faults::{FaultSpec, Faults};
 pub use layer::Layer;
 pub use objects::{Kind, MAX_REQUESTS};
 pub use shim::Shim;
@@ -105,6 +107,10 @@ pub fn build(cfg: &Config) -> Result<Shim> {
 /// Stacks the layers `cfg` asks for over `inner`, with the shim's own layer on top.
 pub fn build_over(cfg: &Config, inner: Box<dyn Transport>, info: LoadInfo) -> Result<Shim> {
     let t = inner;
+    let t: Box<dyn Transport> = match &cfg.faults {
+        Some(f) => Box::new(Faults::new(t, f.clone())),
+        None => t,
+    };
     Shim::over(t, info, cfg)
 }
 

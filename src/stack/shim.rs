@@ -624,4 +624,12 @@ impl Transport for Shim {
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
         self.lookup("", comm).ok().map(|c| c.label())
     }
+
+    unsafe fn break_comm(&self, comm: Opaque) -> bool {
+        match self.lookup("", comm) {
+            // SAFETY: the record is in the table, so its inner comm is open.
+            Ok(c) if c.kind() != Kind::Listen => unsafe { self.inner.break_comm(c.inner()) },
+            _ => false,
+        }
+    }
 }

@@ -368,6 +368,23 @@ impl Comm {
         format!("peer {}, {} streams", self.shared.peer, self.streams)
     }
 
+    /// Shuts down (`SHUT_RDWR`) the control and data sockets, as a network failure would cut
+    /// them: this side's next read or write fails (end of stream, broken pipe), the peer reads
+    /// end of stream and its writes are reset. The fds stay open until the comm is closed, so
+    /// this is safe from any thread, while other threads use the comm.
+    pub fn cut(&self) {
+        log::debug!("cutting the connection to {} (fds {:?})", self.shared.peer, self.fds);
+        for &fd in &self.fds {
+            // SAFETY: shutdown only changes the state of the socket behind `fd`, which stays
+            // open (owned by this comm and its workers) until the comm is closed.
+            let r = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            if r != 0 {
+                // ENOTCONN: the connection has already ended, which is what was asked for.
+                log::debug!("shutdown of fd {fd}: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+
     /// Raw fds of the control and data sockets (tests check they get closed).
     #[cfg(test)]
     pub fn fds(&self) -> &[RawFd] {

@@ -647,6 +647,18 @@ impl Transport for TcpTransport {
         unsafe { self.stall_detail_of(comm, req) }
     }
 
+    unsafe fn break_comm(&self, comm: Opaque) -> bool {
+        // SAFETY: the caller passes an open comm of this transport.
+        match unsafe { TcpTransport::tag(comm) } {
+            TAG_SEND | TAG_RECV => {
+                // SAFETY: the tag identifies a live Comm.
+                unsafe { &*(comm.as_ptr() as *const Comm) }.cut();
+                true
+            }
+            _ => false,
+        }
+    }
+
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
         // SAFETY: NCCL (or the shim) passes a live comm of this transport.
         match unsafe { TcpTransport::tag(comm) } {

@@ -748,6 +748,50 @@ fn peer_close_is_an_error_not_a_hang() {
 }
 
 #[test]
+fn break_comm_cuts_the_connection_for_both_ends() {
+    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
+    unsafe {
+        let t = transport();
+        // The sender's side cut: its next send fails, the receiver reads end of stream (inline
+        // and striped messages).
+        for size in [64usize, 1 << 20] {
+            let p = pair(&t);
+            check_transfer(&t, p.0, p.1, 100, 100);
+            assert!(t.break_comm(p.0));
+            assert!(!t.break_comm(p.2), "a listen comm has no connection to cut");
+            let mut data = pattern(size, 9);
+            let (sr, rr, _) = transfer(&t, p.0, p.1, &mut data, size);
+            for e in [sr.unwrap_err(), rr.unwrap_err()] {
+                assert!(e.kind() == ErrorKind::ConnectionLost && e.retryable(), "{size}: {e}");
+            }
+            close_pair(&t, p);
+        }
+
+        // The receiver's side cut: it fails at once, and the peer's sends are reset.
+        let p = pair(&t);
+        check_transfer(&t, p.0, p.1, 100, 100);
+        assert!(t.break_comm(p.1));
+        let mut buf = vec![0u8; 64];
+        let req = t
+            .irecv(p.1, &[buf.as_mut_ptr().cast()], &[64], &[0], &[None])
+            .unwrap()
+            .unwrap();
+        let e = finish(&t, req, "a receive on a cut connection to fail").unwrap_err();
+        assert!(e.kind() == ErrorKind::ConnectionLost, "{e}");
+        let mut data = pattern(64, 3);
+        let e = wait("sends to a cut receiver to fail", || {
+            match t.isend(p.0, data.as_mut_ptr().cast(), 64, 0, None) {
+                Err(e) => Some(e),
+                Ok(Some(req)) => finish(&t, req, "send to a cut receiver").err(),
+                Ok(None) => None,
+            }
+        });
+        assert!(e.kind() == ErrorKind::ConnectionLost, "{e}");
+        close_pair(&t, p);
+    }
+}
+
+#[test]
 fn listen_comm_accepts_several_connections_and_closes_leftovers() {
     // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
     unsafe {

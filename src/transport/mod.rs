@@ -273,4 +273,16 @@ pub trait Transport: Send + Sync {
         let _ = (comm, req);
         None
     }
+    /// Cuts the connection of `comm` as a network failure would: later calls on it fail with a
+    /// connection-lost error, and the peer sees the connection end (EOF or reset). Returns whether
+    /// this transport could; the default cannot. The comm stays open and must still be closed.
+    /// Used by fault injection (`NCCL_TCPXSHIM_FAULTS`).
+    ///
+    /// # Safety
+    /// See the trait's safety section; `comm` is an open send or receive comm. It may be called
+    /// while another thread drives the comm.
+    unsafe fn break_comm(&self, comm: Opaque) -> bool {
+        let _ = comm;
+        false
+    }
 }
