@@ -5,9 +5,10 @@
 //! tags, registrations and post time).
 //!
 //! Records are reused (see `table`), so every field a lookup can read is an atomic or behind a
-//! lock. A request slot is owned through its state word: a poster owns a slot it took from the
-//! comm's free bitmap, a tester owns it while it has moved the state from live to busy; only the
-//! owner touches the request's fields.
+//! lock. A request slot is owned through its state word: a poster owns a slot it moved from free
+//! to posting, a tester owns it while it has moved the state from live to busy; only the owner
+//! touches the request's fields. One compare-and-swap per post and per test, nothing else shared
+//! is written on the data path.
 
 use super::table::{CommKey, MrKey, Record, ReqKey, MAX_MRS};
 use crate::error::{Error, Result};
@@ -101,6 +102,7 @@ pub struct Posted {
 
 impl Posted {
     /// A request of `op` over the first `data.len()` entries of each array.
+    #[inline]
     pub fn new(op: Op, data: &[*mut c_void], sizes: &[i32], tags: &[i32], mrs: &[Option<MrKey>]) -> Posted {
         let mut p = Posted {
             op,
@@ -141,20 +143,21 @@ pub struct ReqRec {
 const FREE: u32 = 0;
 const LIVE: u32 = 1;
 const BUSY: u32 = 2;
+const POSTING: u32 = 3;
 
 fn req_state(gen: u16, phase: u32) -> u32 {
     (gen as u32) << 16 | phase
 }
 
 struct ReqSlot {
-    /// `generation << 16 | phase` (FREE, LIVE, BUSY).
+    /// `generation << 16 | phase` (FREE, POSTING, LIVE, BUSY).
     state: AtomicU32,
     rec: UnsafeCell<Option<ReqRec>>,
 }
 
-// SAFETY: `rec` is only touched by the slot's owner: the poster that took the slot from the free
-// bitmap (before the state says LIVE), or the tester that moved the state from LIVE to BUSY (until
-// it stores LIVE or FREE again). The state word's Release stores and Acquire CAS order those
+// SAFETY: `rec` is only touched by the slot's owner: the poster that moved the state from FREE to
+// POSTING (until it stores LIVE or FREE), or the tester that moved it from LIVE to BUSY (until it
+// stores LIVE or FREE again). The state word's Release stores and Acquire CAS order those
 // accesses, so no two threads touch `rec` at once.
 unsafe impl Sync for ReqSlot {}
 
@@ -175,6 +178,7 @@ pub struct MrRec {
 
 impl MrRec {
     /// Checks that `size` bytes at `data` lie inside the registered range.
+    #[inline]
     pub fn covers(&self, call: &str, data: usize, size: i32) -> Result<()> {
         let end = self.data.saturating_add(self.size);
         if size <= 0 || (data >= self.data && data.saturating_add(size as usize) <= end) {
@@ -229,7 +233,6 @@ pub struct CommRec {
     opened: Mutex<Instant>,
     /// Per-connection counters.
     pub counters: CommCounters,
-    free: AtomicU64,
     cursor: AtomicU32,
     slots: Box<[ReqSlot]>,
     mr_chunks: Box<[OnceLock<Box<[MrSlot]>>]>,
@@ -275,7 +278,6 @@ impl Record for CommRec {
             peer: Mutex::new(String::new()),
             opened: Mutex::new(Instant::now()),
             counters: CommCounters::default(),
-            free: AtomicU64::new(u64::MAX),
             cursor: AtomicU32::new(0),
             slots: (0..MAX_REQUESTS)
                 .map(|_| ReqSlot {
@@ -306,25 +308,17 @@ impl Record for CommRec {
         self.counters.reset();
         lock(&self.consumed).clear();
         // Requests and registrations of the comm that used this record before are unreachable:
-        // their keys carry its generation. Their slots start over, except one a tester still
-        // holds (only a caller breaking the close contract can be there): it stays out of use.
-        let mut free = 0u64;
-        for (i, s) in self.slots.iter().enumerate() {
-            let mut cur = s.state.load(Ordering::Acquire);
-            while cur & 0xffff != BUSY {
-                match s
+        // their keys carry its generation. Their slots start over, except one a caller still
+        // holds (only a caller breaking the close contract can be there): it is left to that
+        // caller, who frees it when done.
+        for s in self.slots.iter() {
+            let cur = s.state.load(Ordering::Acquire);
+            if cur & 0xffff == LIVE {
+                let _ = s
                     .state
-                    .compare_exchange(cur, cur & !0xffff | FREE, Ordering::AcqRel, Ordering::Acquire)
-                {
-                    Ok(_) => {
-                        free |= 1 << i;
-                        break;
-                    }
-                    Err(now) => cur = now,
-                }
+                    .compare_exchange(cur, cur & !0xffff | FREE, Ordering::AcqRel, Ordering::Acquire);
             }
         }
-        self.free.store(free, Ordering::Release);
         let mut a = lock(&self.mr_alloc);
         for chunk in self.mr_chunks.iter().filter_map(|c| c.get()) {
             for m in chunk.iter() {
@@ -337,11 +331,13 @@ impl Record for CommRec {
 
 impl CommRec {
     /// What it is for.
+    #[inline]
     pub fn kind(&self) -> Kind {
         Kind::from_u8(self.kind.load(Ordering::Relaxed))
     }
 
     /// The inner transport's comm.
+    #[inline]
     pub fn inner(&self) -> Opaque {
         Opaque::from_ptr(self.inner.load(Ordering::Relaxed))
             .unwrap_or_else(|| unreachable!("live comms have an inner comm"))
@@ -353,6 +349,7 @@ impl CommRec {
     }
 
     /// Whether the device is UNPACK-type (TCPX).
+    #[inline]
     pub fn unpack(&self) -> bool {
         self.unpack.load(Ordering::Relaxed)
     }
@@ -379,6 +376,7 @@ impl CommRec {
     }
 
     /// Fails if an earlier panic made the comm unusable.
+    #[inline]
     pub fn check_live(&self, call: &str) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::internal(format!(
@@ -394,57 +392,54 @@ impl CommRec {
         self.poisoned.store(true, Ordering::Release);
     }
 
-    /// Takes a free request slot, preferring the one after the last taken, so a completed
-    /// request's key stays invalid as long as possible.
-    fn take_slot(&self, call: &str) -> Result<usize> {
-        let mut cur = self.free.load(Ordering::Acquire);
-        loop {
-            if cur == 0 {
-                return Err(Error::invalid_usage(format!(
-                    "{call}: more than {MAX_REQUESTS} outstanding requests on {}; NCCL keeps at most 32",
-                    self.label()
-                )));
+    /// Takes a free request slot, starting after the last one taken (so a completed request's
+    /// key stays invalid as long as possible), and returns it with its new generation.
+    #[inline]
+    fn take_slot(&self, call: &str) -> Result<(usize, u16)> {
+        let start = self.cursor.load(Ordering::Relaxed) as usize;
+        for k in 0..MAX_REQUESTS {
+            let idx = (start + k) % MAX_REQUESTS;
+            let state = &self.slots[idx].state;
+            let cur = state.load(Ordering::Relaxed);
+            if cur & 0xffff != FREE {
+                continue;
             }
-            let start = self.cursor.load(Ordering::Relaxed) % MAX_REQUESTS as u32;
-            let idx = (cur.rotate_right(start).trailing_zeros() + start) as usize % MAX_REQUESTS;
-            match self
-                .free
-                .compare_exchange_weak(cur, cur & !(1u64 << idx), Ordering::AcqRel, Ordering::Acquire)
+            let gen = ((cur >> 16) as u16).wrapping_add(1);
+            if state
+                .compare_exchange(cur, req_state(gen, POSTING), Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
             {
-                Ok(_) => {
-                    self.cursor.store(idx as u32 + 1, Ordering::Relaxed);
-                    return Ok(idx);
-                }
-                Err(now) => cur = now,
+                self.cursor.store(idx as u32 + 1, Ordering::Relaxed);
+                return Ok((idx, gen));
             }
         }
-    }
-
-    fn give_back(&self, idx: usize) {
-        self.free.fetch_or(1u64 << idx, Ordering::Release);
+        Err(Error::invalid_usage(format!(
+            "{call}: more than {MAX_REQUESTS} outstanding requests on {}; NCCL keeps at most 32",
+            self.label()
+        )))
     }
 
     /// Posts one operation in a fresh request slot of the comm under `key`: `inner` posts it on
     /// the inner transport. Returns the request key NCCL sees; "try again" and errors give the
     /// slot back.
+    #[inline]
     pub fn post(
         &self,
         key: CommKey,
-        posted: Posted,
+        posted: &Posted,
         at_ns: u64,
         inner: impl FnOnce() -> Result<Option<Opaque>>,
     ) -> Result<Option<ReqKey>> {
         let call = posted.op.call();
-        let idx = self.take_slot(call)?;
+        let (idx, gen) = self.take_slot(call)?;
         let slot = &self.slots[idx];
         match inner() {
             Ok(Some(ireq)) => {
-                let gen = ((slot.state.load(Ordering::Acquire) >> 16) as u16).wrapping_add(1);
-                // SAFETY: the slot came out of the free bitmap, so this poster owns it; no tester
-                // can take it before the Release store below says LIVE.
+                // SAFETY: this poster moved the slot from FREE to POSTING, so it owns `rec`; no
+                // tester can take it before the Release store below says LIVE.
                 unsafe {
                     *slot.rec.get() = Some(ReqRec {
-                        posted,
+                        posted: *posted,
                         inner: ireq,
                         at_ns,
                         tests: 0,
@@ -454,19 +449,22 @@ impl CommRec {
                 slot.state.store(req_state(gen, LIVE), Ordering::Release);
                 Ok(Some(ReqKey::new(key, idx, gen)))
             }
-            Ok(None) => {
-                self.give_back(idx);
-                Ok(None)
-            }
-            Err(e) => {
-                self.give_back(idx);
-                self.counters.error();
-                Err(e.context(format!("{call} of {} bytes on {}", posted.bytes(), self.label())))
+            done => {
+                // The generation is spent: no key was handed out under it.
+                slot.state.store(req_state(gen, FREE), Ordering::Release);
+                match done {
+                    Ok(_) => Ok(None),
+                    Err(e) => {
+                        self.counters.error();
+                        Err(e.context(format!("{call} of {} bytes on {}", posted.bytes(), self.label())))
+                    }
+                }
             }
         }
     }
 
     /// Takes the outstanding request `key` for testing, or says why there is none.
+    #[inline]
     pub fn request(&self, call: &str, key: ReqKey) -> Result<ReqGuard<'_>> {
         let stale = |why: &str| {
             Error::invalid_argument(format!(
@@ -486,9 +484,7 @@ impl CommRec {
             Ordering::Relaxed,
         ) {
             Ok(_) => Ok(ReqGuard {
-                comm: self,
                 slot,
-                index: key.slot as usize,
                 gen: key.gen,
                 done: false,
             }),
@@ -531,11 +527,13 @@ impl CommRec {
         Ok(MrKey::new(key, index, gen))
     }
 
+    #[inline]
     fn mr_slot(&self, key: MrKey) -> Option<&MrSlot> {
         let i = key.index as usize;
         self.mr_chunks.get(i / MR_CHUNK)?.get().map(|c| &c[i % MR_CHUNK])
     }
 
+    #[inline]
     fn read_mr(m: &MrSlot) -> Option<MrRec> {
         let fd = m.dmabuf_fd.load(Ordering::Relaxed);
         Some(MrRec {
@@ -548,6 +546,7 @@ impl CommRec {
     }
 
     /// The registration `key` of this comm (the comm standing under `comm`).
+    #[inline]
     pub fn mr(&self, call: &str, comm: CommKey, key: MrKey) -> Result<MrRec> {
         let live = (key.gen as u32) << 1 | 1;
         let found = self.mr_slot(key).filter(|_| key.of(comm)).and_then(|m| {
@@ -617,15 +616,14 @@ impl CommRec {
 
 /// A request taken for testing; given back when dropped, or ended with [`ReqGuard::retire`].
 pub struct ReqGuard<'a> {
-    comm: &'a CommRec,
     slot: &'a ReqSlot,
-    index: usize,
     gen: u16,
     done: bool,
 }
 
 impl ReqGuard<'_> {
     /// The request.
+    #[inline]
     pub fn rec(&mut self) -> &mut ReqRec {
         // SAFETY: this guard moved the slot from LIVE to BUSY, so it owns `rec` until it stores
         // LIVE or FREE again (in retire or drop); a LIVE slot always holds a request.
@@ -636,16 +634,17 @@ impl ReqGuard<'_> {
     }
 
     /// Ends the request (completed or failed): its slot is free again.
+    #[inline]
     pub fn retire(mut self) {
         self.done = true;
         // SAFETY: as in rec(): this guard owns the slot until the store below.
         unsafe { *self.slot.rec.get() = None };
         self.slot.state.store(req_state(self.gen, FREE), Ordering::Release);
-        self.comm.give_back(self.index);
     }
 }
 
 impl Drop for ReqGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         if !self.done {
             self.slot.state.store(req_state(self.gen, LIVE), Ordering::Release);

@@ -28,6 +28,7 @@ struct Found<'a> {
 
 impl std::ops::Deref for Found<'_> {
     type Target = CommRec;
+    #[inline]
     fn deref(&self) -> &CommRec {
         self.rec
     }
@@ -35,11 +36,18 @@ impl std::ops::Deref for Found<'_> {
 
 /// Now on the coarse monotonic clock (a few milliseconds of resolution, a fraction of the cost of
 /// a precise read), in nanoseconds: when requests were posted, for the stall warning.
+#[inline]
 fn coarse_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The registrations of one post: the inner transport's and the shim's keys.
+struct Mrs {
+    inner: [Option<Opaque>; MAX_RECVS],
+    keys: [Option<MrKey>; MAX_RECVS],
 }
 
 /// How often (in test() calls of one request) the stall clock is read.
@@ -131,6 +139,7 @@ impl Shim {
     }
 
     /// The open comm NCCL's `comm` stands for, of kind `kind` (any data kind when `None`).
+    #[inline]
     fn comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Found<'_>> {
         let c = self.lookup(call, comm)?;
         match kind {
@@ -148,6 +157,7 @@ impl Shim {
     }
 
     /// Like [`Shim::comm`] without the kind check and without refusing a poisoned comm.
+    #[inline]
     fn lookup(&self, call: &str, comm: Opaque) -> Result<Found<'_>> {
         CommKey::from_opaque(comm)
             .and_then(|key| self.comms.get(key).map(|rec| Found { key, rec }))
@@ -159,6 +169,7 @@ impl Shim {
             })
     }
 
+    #[inline]
     fn live_comm(&self, call: &str, comm: Opaque, kind: Option<Kind>) -> Result<Found<'_>> {
         let c = self.comm(call, comm, kind)?;
         c.check_live(call)?;
@@ -202,6 +213,7 @@ impl Shim {
 
     /// The inner registrations behind NCCL's memory handles (NULL stays NULL), each checked to
     /// cover its buffer.
+    #[inline]
     fn inner_mrs(
         &self,
         call: &str,
@@ -209,9 +221,12 @@ impl Shim {
         mrs: &[Option<Opaque>],
         data: &[*mut c_void],
         sizes: &[i32],
-    ) -> Result<[Option<Opaque>; MAX_RECVS]> {
-        let mut out = [None; MAX_RECVS];
-        for (i, (o, m)) in out.iter_mut().zip(mrs).enumerate() {
+    ) -> Result<Mrs> {
+        let mut out = Mrs {
+            inner: [None; MAX_RECVS],
+            keys: [None; MAX_RECVS],
+        };
+        for (i, m) in mrs.iter().enumerate().take(MAX_RECVS) {
             if let Some(m) = m {
                 let key = MrKey::from_opaque(*m).ok_or_else(|| {
                     Error::invalid_argument(format!(
@@ -221,18 +236,11 @@ impl Shim {
                 })?;
                 let rec = c.mr(call, c.key, key)?;
                 rec.covers(call, data[i] as usize, sizes[i])?;
-                *o = Some(rec.inner);
+                out.inner[i] = Some(rec.inner);
+                out.keys[i] = Some(key);
             }
         }
         Ok(out)
-    }
-
-    fn mr_keys(mrs: &[Option<Opaque>]) -> [Option<MrKey>; MAX_RECVS] {
-        let mut out = [None; MAX_RECVS];
-        for (o, m) in out.iter_mut().zip(mrs) {
-            *o = m.and_then(MrKey::from_opaque);
-        }
-        out
     }
 
     /// [`Transport::test`] for a caller that has room for one size per grouped receive of the
@@ -253,6 +261,7 @@ impl Shim {
         Ok(true)
     }
 
+    #[inline]
     fn request_comm(&self, call: &str, req: Opaque) -> Result<(Found<'_>, ReqKey)> {
         let key = ReqKey::from_opaque(req).ok_or_else(|| {
             Error::invalid_argument(format!(
@@ -316,6 +325,7 @@ impl Shim {
 
     /// Tests request `key` of `c` on the inner transport: `None` while not done, else the sizes
     /// (one per grouped receive) and how many there are.
+    #[inline]
     fn finish(&self, c: &Found<'_>, key: ReqKey) -> Result<Option<([i32; MAX_RECVS], usize)>> {
         let mut g = c.request("test", key)?;
         let r = g.rec();
@@ -505,11 +515,12 @@ impl Transport for Shim {
     ) -> Result<Option<Opaque>> {
         let c = self.live_comm("isend", comm, Some(Kind::Send))?;
         let mrs = [mr];
-        let imr = self.inner_mrs("isend", &c, &mrs, &[data], &[size])?[0];
-        let posted = Posted::new(Op::Send, &[data], &[size], &[tag], &Self::mr_keys(&mrs));
+        let m = self.inner_mrs("isend", &c, &mrs, &[data], &[size])?;
+        let imr = m.inner[0];
+        let posted = Posted::new(Op::Send, &[data], &[size], &[tag], &m.keys);
         // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
         // the buffer until the request completes.
-        let key = c.post(c.key, posted, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &posted, coarse_ns(), || unsafe {
             self.inner.isend(c.inner(), data, size, tag, imr)
         })?;
         Ok(key.map(ReqKey::to_opaque))
@@ -530,10 +541,11 @@ impl Transport for Shim {
                 "irecv: n={n} is out of range (1 to {MAX_RECVS}) or the arrays are shorter"
             )));
         }
-        let imrs = self.inner_mrs("irecv", &c, &mrs[..n], data, sizes)?;
-        let posted = Posted::new(Op::Recv, data, sizes, tags, &Self::mr_keys(&mrs[..n]));
+        let m = self.inner_mrs("irecv", &c, &mrs[..n], data, sizes)?;
+        let imrs = m.inner;
+        let posted = Posted::new(Op::Recv, data, sizes, tags, &m.keys);
         // SAFETY: as in isend; the inner registrations are this comm's.
-        let key = c.post(c.key, posted, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &posted, coarse_ns(), || unsafe {
             self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
@@ -551,10 +563,11 @@ impl Transport for Shim {
         if sizes.len() < n || mrs.len() < n {
             return Err(Error::invalid_argument("iflush: the arrays are shorter than n"));
         }
-        let imrs = self.inner_mrs("iflush", &c, &mrs[..n], data, sizes)?;
-        let posted = Posted::new(Op::Flush, data, sizes, &[], &Self::mr_keys(&mrs[..n]));
+        let m = self.inner_mrs("iflush", &c, &mrs[..n], data, sizes)?;
+        let imrs = m.inner;
+        let posted = Posted::new(Op::Flush, data, sizes, &[], &m.keys);
         // SAFETY: as in irecv.
-        let key = c.post(c.key, posted, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &posted, coarse_ns(), || unsafe {
             self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))

@@ -36,10 +36,12 @@ pub struct CommKey {
 
 impl CommKey {
     /// The pointer NCCL sees.
+    #[inline]
     pub fn to_opaque(self) -> Opaque {
         raw(TAG_COMM << TAG_SHIFT | (self.gen as u64) << 16 | self.index as u64)
     }
     /// The key a pointer from NCCL stands for, if it looks like a comm key at all.
+    #[inline]
     pub fn from_opaque(o: Opaque) -> Option<CommKey> {
         let v = o.as_ptr() as u64;
         (v >> TAG_SHIFT == TAG_COMM && (v >> 48) & 0xff == 0).then_some(CommKey {
@@ -68,6 +70,7 @@ pub struct ReqKey {
 
 impl ReqKey {
     /// A key for request slot `slot` (generation `gen`) of comm `c`.
+    #[inline]
     pub fn new(c: CommKey, slot: usize, gen: u16) -> ReqKey {
         ReqKey {
             comm: c.index,
@@ -77,6 +80,7 @@ impl ReqKey {
         }
     }
     /// The pointer NCCL sees.
+    #[inline]
     pub fn to_opaque(self) -> Opaque {
         raw(TAG_REQ << TAG_SHIFT
             | (self.slot as u64) << 48
@@ -85,6 +89,7 @@ impl ReqKey {
             | self.comm as u64)
     }
     /// The key a pointer from NCCL stands for, if it looks like a request key.
+    #[inline]
     pub fn from_opaque(o: Opaque) -> Option<ReqKey> {
         let v = o.as_ptr() as u64;
         (v >> TAG_SHIFT == TAG_REQ).then_some(ReqKey {
@@ -95,6 +100,7 @@ impl ReqKey {
         })
     }
     /// Whether this request belongs to comm `c`.
+    #[inline]
     pub fn of(self, c: CommKey) -> bool {
         self.comm == c.index && self.comm_gen == c.gen16()
     }
@@ -118,6 +124,7 @@ pub const MAX_MRS: usize = 1 << 12;
 
 impl MrKey {
     /// A key for registration `index` (generation `gen`, 12 bits used) of comm `c`.
+    #[inline]
     pub fn new(c: CommKey, index: usize, gen: u16) -> MrKey {
         MrKey {
             comm: c.index,
@@ -127,6 +134,7 @@ impl MrKey {
         }
     }
     /// The pointer NCCL sees.
+    #[inline]
     pub fn to_opaque(self) -> Opaque {
         raw(TAG_MR << TAG_SHIFT
             | (self.index as u64 & 0xfff) << 44
@@ -135,6 +143,7 @@ impl MrKey {
             | self.comm as u64)
     }
     /// The key a pointer from NCCL stands for, if it looks like a registration key.
+    #[inline]
     pub fn from_opaque(o: Opaque) -> Option<MrKey> {
         let v = o.as_ptr() as u64;
         (v >> TAG_SHIFT == TAG_MR).then_some(MrKey {
@@ -145,11 +154,13 @@ impl MrKey {
         })
     }
     /// Whether this registration belongs to comm `c`.
+    #[inline]
     pub fn of(self, c: CommKey) -> bool {
         self.comm == c.index && self.comm_gen == c.gen16()
     }
 }
 
+#[inline]
 fn raw(v: u64) -> Opaque {
     // Every key has a non-zero tag byte, so it is never NULL.
     Opaque::from_addr(v as usize).unwrap_or_else(|| unreachable!("keys have a non-zero tag"))
@@ -167,11 +178,13 @@ pub trait Record: Send + Sync {
     fn reset(&self, key: CommKey, spec: Self::Spec);
 }
 
+#[inline]
 fn live(gen: u32) -> u64 {
     (gen as u64) << 1 | 1
 }
 
 /// The key a record stands under now, if it is live.
+#[inline]
 pub fn key_of<T: Record>(index: u16, rec: &T) -> Option<CommKey> {
     let s = rec.state().load(Ordering::Acquire);
     (s & 1 == 1).then_some(CommKey {
@@ -227,6 +240,7 @@ impl<T: Record> Table<T> {
     }
 
     /// The live record for `key`, if there is one.
+    #[inline]
     pub fn get(&self, key: CommKey) -> Option<&T> {
         let rec = self.slots.get(key.index as usize)?.get()?;
         (rec.state().load(Ordering::Acquire) == live(key.gen)).then_some(&**rec)
@@ -234,6 +248,7 @@ impl<T: Record> Table<T> {
 
     /// The live record in slot `index` whose generation ends in `gen16` (request and
     /// registration keys carry 16 bits of it), with its full key.
+    #[inline]
     pub fn get16(&self, index: u16, gen16: u16) -> Option<(CommKey, &T)> {
         let rec = self.slots.get(index as usize)?.get()?;
         let key = key_of(index, &**rec)?;
