@@ -16,10 +16,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 use std::sync::{Mutex, OnceLock};
 
-/// The call that NCCL_TCPXSHIM_DEBUG_PANIC names, read once.
+/// The call that the stack's config names in debug_panic (NCCL_TCPXSHIM_DEBUG_PANIC): a stack
+/// installed with `stack::install_global` brings its own config. Before any stack is in place
+/// (during init), the environment's value, read once.
 fn debug_panic_call() -> Option<&'static str> {
-    static CALL: OnceLock<Option<String>> = OnceLock::new();
-    CALL.get_or_init(|| crate::config::var(crate::config::DEBUG_PANIC.name))
+    if let Some(s) = stack::try_global() {
+        return s.debug_panic();
+    }
+    static FROM_ENV: OnceLock<Option<String>> = OnceLock::new();
+    FROM_ENV
+        .get_or_init(|| crate::config::var(crate::config::DEBUG_PANIC.name))
         .as_deref()
 }
 

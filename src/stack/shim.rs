@@ -34,6 +34,7 @@ pub struct Shim {
     next_id: AtomicU64,
     stall_warn: Option<Duration>,
     handles: Handles,
+    debug_panic: Option<String>,
 }
 
 impl Shim {
@@ -55,7 +56,14 @@ impl Shim {
             next_id: AtomicU64::new(1),
             stall_warn: cfg.stall_warn,
             handles: Handles::new(cfg),
+            debug_panic: cfg.debug_panic.clone(),
         })
+    }
+
+    /// The plugin call its config asks to panic on purpose (NCCL_TCPXSHIM_DEBUG_PANIC), for the
+    /// exported entry points' panic guard.
+    pub fn debug_panic(&self) -> Option<&str> {
+        self.debug_panic.as_deref()
     }
 
     /// What was loaded.
