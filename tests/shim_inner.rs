@@ -2,26 +2,45 @@
 //! TCPX look-alike, whose rules (same handle buffer on repeated connect, one accept per listen
 //! comm, a valid device-handle pointer, FIFO test order, at most 16 outstanding, irecvConsumed in
 //! order) it polices: any rule the shim breaks shows up in its violation counter.
+//!
+//! Each test builds a stack of its own in this process, from a config naming a private copy of the
+//! fixture, and drives it through the stack's Rust interface ([`StackNet`]).
 
 mod common;
 
 use common::*;
 use std::ffi::c_void;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use tcpxshim::stack::handle::{Trailer, FLAG_SERVED, INNER_HANDLE_SIZE};
 
-/// A fresh shim instance over a fresh fixture instance (both private copies), with knobs set
-/// before the shim initialises it.
-fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (Net, FixtureCtl) {
-    let _g = serial();
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A stack of its own over a fresh fixture instance (a private copy), with knobs set before the
+/// shim initialises it, built in this process from a config naming that copy.
+fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (StackNet, FixtureCtl) {
+    shim_with(kind, knobs, |_| {})
+}
+
+/// [`shim_over`] with further settings.
+fn shim_with(kind: Fixture, knobs: &[(&str, i64)], cfg: impl FnOnce(&mut Config)) -> (StackNet, FixtureCtl) {
     let fixture = private_copy(&fixture_lib(kind));
     let ctl = FixtureCtl::open(&fixture);
     for (k, v) in knobs {
         ctl.set(k, *v);
     }
-    std::env::set_var("NCCL_TCPXSHIM_PLUGIN", &fixture);
-    std::env::set_var("NCCL_DEBUG", "INFO");
-    let net = Net::open_private(shim_lib());
-    net.init()
-        .unwrap_or_else(|e| panic!("shim init over {} failed: {}", kind.net_name(), result_name(e)));
+    let mut c = Config {
+        plugin: Some(fixture.to_string_lossy().into_owned()),
+        ctrl_addr: Some(LOCALHOST),
+        ..Config::default()
+    };
+    cfg(&mut c);
+    let net = StackNet::try_build(&c).unwrap_or_else(|e| {
+        panic!(
+            "stack over {} failed: {e} (result {})",
+            kind.net_name(),
+            result_name(e.code())
+        )
+    });
     (net, ctl)
 }
 
@@ -43,7 +62,7 @@ fn assert_clean(kind: Fixture, ctl: &FixtureCtl) {
 
 /// Posts `n` receives and then `n` sends of `size` bytes (each buffer registered on its own) and
 /// completes them in posting order.
-fn outstanding(net: &Net, send: Comm, recv: Comm, n: usize, size: usize) {
+fn outstanding(net: &dyn Driver, send: Comm, recv: Comm, n: usize, size: usize) {
     let sbufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(size)).collect();
     let rbufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(size)).collect();
     let smrs: Vec<Mr> = sbufs.iter().map(|b| net.reg_buf(send, b, PTR_HOST).unwrap()).collect();
@@ -74,14 +93,13 @@ fn outstanding(net: &Net, send: Comm, recv: Comm, n: usize, size: usize) {
 
 fn wraps(kind: Fixture, version: u32) {
     let (net, ctl) = shim_over(kind, &[]);
-    let log = net.captured_log();
     assert_eq!(net.name(), kind.net_name(), "the inner transport's name is reported");
-    let loaded = log
-        .iter()
-        .find(|l| l.contains("NET/TCPXSHIM loaded"))
-        .unwrap_or_else(|| panic!("{log:?}"));
+    // What install_global logs at INFO once a stack becomes the process's.
+    let loaded = net.shim.summary();
     assert!(
-        loaded.contains(&format!("(ncclNet v{version})")) && loaded.contains("2 device(s)"),
+        loaded.starts_with(&format!("loaded {} from {}", kind.net_name(), net.shim.info().source))
+            && loaded.contains(&format!("(ncclNet v{version})"))
+            && loaded.contains("2 device(s)"),
         "{loaded}"
     );
     assert_eq!(ctl.init_count(), 1, "the inner plugin is initialised once");
@@ -92,7 +110,7 @@ fn wraps(kind: Fixture, version: u32) {
         ("fix1", 1, PTR_HOST, 1)
     );
     assert_eq!(
-        net.table().regMrDmaBuf.is_some(),
+        net.has_reg_mr_dmabuf(),
         version >= 6,
         "regMrDmaBuf mirrors the inner table"
     );
@@ -138,7 +156,7 @@ fn tcpx_properties_and_name_pass_through() {
         assert_eq!((p.guid, p.port, p.max_comms, p.max_recvs), (dev as u64, 0, 65536, 1));
     }
     assert!(
-        net.table().regMrDmaBuf.is_none(),
+        !net.has_reg_mr_dmabuf(),
         "TCPX has no regMrDmaBuf, so neither does the shim"
     );
     assert_clean(Fixture::Tcpx, &ctl);
@@ -224,16 +242,34 @@ fn the_shim_does_not_hide_a_callers_broken_rule() {
     net.close_recv(recv).unwrap();
 }
 
+/// Listens on `dev`, checks that the handle is served by a control service on 127.0.0.1 (the
+/// configs' ctrl_addr), connects and accepts, and closes the listen comm. Returns the pair and the
+/// service's address.
+fn served_pair(net: &dyn Driver, dev: i32) -> (Comm, Comm, SocketAddr) {
+    let (mut handle, listen) = net.listen(dev).unwrap();
+    let t = Trailer::read(&handle).expect("a tcpxshim handle");
+    assert_ne!(t.flags & FLAG_SERVED, 0, "the handle says it is served: {t:?}");
+    let ctrl = t.ctrl_socket().expect("the handle names the control service");
+    assert_eq!(ctrl.ip(), LOCALHOST, "the service listens on the configured ctrl_addr");
+    assert!(
+        handle[..INNER_HANDLE_SIZE].iter().all(|&b| b == 0),
+        "a served handle carries only the trailer"
+    );
+    let (send, (recv, _)) = net.connect_accept(dev, &mut handle, listen);
+    net.close_listen(listen).unwrap();
+    (send, recv, ctrl)
+}
+
 #[test]
 fn an_inner_handle_longer_than_its_share_is_served_and_carries_verified_traffic() {
     let (net, ctl) = shim_over(Fixture::V7, &[("handle_bytes", 100)]);
-    let (send, recv) = net.connect_pair(0);
+    let (send, recv, ctrl) = served_pair(&net, 0);
     outstanding(&net, send, recv, 4, 4096);
-    let log = net.captured_log();
+    let ctrl = ctrl.to_string();
+    let lines = in_process_log().lines_with(&["writes past byte 88", "control service", &ctrl]);
     assert!(
-        log.iter()
-            .any(|l| l.starts_with("INFO") && l.contains("writes past byte 88") && l.contains("control service")),
-        "{log:?}"
+        lines.len() == 1 && lines[0].starts_with("INFO"),
+        "one INFO line says why the handle is served: {lines:?}"
     );
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();

@@ -1704,12 +1704,6 @@ pub fn fresh_fixture(kind: Fixture) -> (Net, FixtureCtl) {
     (net, ctl)
 }
 
-/// Serialises tests that touch process-wide state (environment variables, the shared shim instance).
-pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Open file descriptors of this process (entries of /proc/self/fd, including the one used to read it).
 pub fn count_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd").count()
