@@ -1,7 +1,9 @@
 //! The shim over loaded plugins: the fixture plugin through its v7, v6 and v5 symbols, and the
 //! TCPX look-alike, whose rules (same handle buffer on repeated connect, one accept per listen
 //! comm, a valid device-handle pointer, FIFO test order, at most 16 outstanding, irecvConsumed in
-//! order) it polices: any rule the shim breaks shows up in its violation counter.
+//! order) it polices: any rule the shim breaks shows up in its violation counter. Also the
+//! handles the shim serves from its control service (an inner handle with no room for the trailer,
+//! or served mode forced), and its stall warning over a plugin that says nothing itself.
 //!
 //! Each test builds a stack of its own in this process, from a config naming a private copy of the
 //! fixture, and drives it through the stack's Rust interface ([`StackNet`]).
@@ -11,7 +13,7 @@ mod common;
 use common::*;
 use std::ffi::c_void;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use tcpxshim::stack::handle::{Trailer, FLAG_SERVED, INNER_HANDLE_SIZE};
+use tcpxshim::stack::handle::{HandleMode, Trailer, FLAG_SERVED, INNER_HANDLE_SIZE};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
@@ -271,6 +273,192 @@ fn an_inner_handle_longer_than_its_share_is_served_and_carries_verified_traffic(
         lines.len() == 1 && lines[0].starts_with("INFO"),
         "one INFO line says why the handle is served: {lines:?}"
     );
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::V7, &ctl);
+}
+
+#[test]
+fn a_served_handle_of_a_plugin_that_zeroes_and_writes_all_128_bytes_carries_verified_traffic() {
+    let (net, ctl) = shim_over(Fixture::V7, &[("handle_bytes", 128), ("handle_zero_all", 1)]);
+    let (send, recv, _) = served_pair(&net, 1);
+    for size in [0, 1, 4097, (1 << 20) + 5] {
+        net.transfer(send, recv, size);
+    }
+    outstanding(&net, send, recv, 8, 1000);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_eq!(net.shim.open_comms(), 0);
+    assert_clean(Fixture::V7, &ctl);
+}
+
+#[test]
+fn a_served_tcpx_handle_of_all_128_bytes_keeps_the_tcpx_quirks() {
+    // The fixture polices quirk 1 (its connect returns a NULL comm 3 times and checks that every
+    // call gets the buffer its first call wrote its state into, unchanged), quirk 2 (one accept per
+    // listen comm) and quirk 3 (accept gets a valid device-handle pointer).
+    let (net, ctl) = shim_over(Fixture::Tcpx, &[("handle_bytes", 128), ("handle_zero_all", 1)]);
+    assert_eq!(ctl.get("connect_nulls"), 3);
+    let mut pairs = Vec::new();
+    for dev in 0..2 {
+        let (send, recv, _) = served_pair(&net, dev);
+        pairs.push((send, recv));
+    }
+    for &(send, recv) in &pairs {
+        for size in [1usize, 4096, 100_003] {
+            let mut o = TransferOpts::new(size);
+            o.recv_type = PTR_CUDA;
+            net.transfer_opts(send, recv, &o);
+        }
+        outstanding(&net, send, recv, 16, 512);
+    }
+    for (send, recv) in pairs {
+        net.close_send(send).unwrap();
+        net.close_recv(recv).unwrap();
+    }
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn forced_served_mode_carries_traffic_over_the_builtin_transport() {
+    let mut cfg = Config {
+        plugin: Some("builtin".into()),
+        handle_mode: HandleMode::Served,
+        ctrl_addr: Some(LOCALHOST),
+        ..Config::default()
+    };
+    cfg.tcp.ifname = Some("lo".into());
+    let net = StackNet::build(&cfg);
+    let (send, recv, _) = served_pair(&net, 0);
+    for size in [0, 3, 65537, (4 << 20) + 1] {
+        net.transfer(send, recv, size);
+    }
+    outstanding(&net, send, recv, 8, 70_001);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_eq!(net.shim.open_comms(), 0);
+}
+
+#[test]
+fn forced_served_mode_over_tcpx_keeps_its_quirks() {
+    // TCPX's 88 bytes fit inline; forced served mode moves them to the control service, and the
+    // fixture's quirk checks still see one unchanged buffer per connection.
+    let (net, ctl) = shim_with(Fixture::Tcpx, &[], |c| c.handle_mode = HandleMode::Served);
+    let (send, recv, _) = served_pair(&net, 3);
+    let mut o = TransferOpts::new(1 << 20);
+    o.recv_type = PTR_CUDA;
+    net.transfer_opts(send, recv, &o);
+    outstanding(&net, send, recv, 16, 64);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn a_pending_served_connect_copied_to_a_fresh_buffer_leaves_the_stale_buffer_an_error() {
+    // In served mode the first bytes of NCCL's handle name the shim's pending connect. NCCL should
+    // keep calling with one buffer; here the bytes are copied into a fresh buffer after the first
+    // call, the copy finishes the connection, and the original is used again.
+    let (net, ctl) = shim_with(Fixture::Tcpx, &[], |c| c.handle_mode = HandleMode::Served);
+    let (mut original, listen) = net.listen(0).unwrap();
+    assert_eq!(
+        net.connect(0, &mut original),
+        Ok(None),
+        "TCPX's connect takes several calls"
+    );
+    assert_eq!(&original[..8], b"TXSHPEND", "the handle names the pending connect");
+    let mut copy: Handle = original;
+    let (send, (recv, _)) = net.connect_accept(0, &mut copy, listen);
+    let t = std::time::Instant::now();
+    let stale = net.connect(0, &mut original);
+    assert_eq!(stale, Err(tcpxshim::ffi::ncclResult_t::ncclInvalidArgument));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "answered at once, not after a wait"
+    );
+    let msg = net.last_error().unwrap();
+    assert!(
+        msg.contains("names connect #") && msg.contains("which this process does not have"),
+        "{msg}"
+    );
+    // Again: still an error, and no second connection was made from the handle.
+    assert!(net.connect(0, &mut original).is_err());
+    assert_eq!(net.shim.open_comms(), 3, "listen, send and recv comm only");
+    net.transfer(send, recv, 4096);
+    net.close_listen(listen).unwrap();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+/// The "outstanding for X s" age a stall warning gives.
+fn warned_age(line: &str) -> f64 {
+    let rest = line
+        .split("outstanding for ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no age: {line}"));
+    rest.split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no age: {line}"))
+}
+
+#[test]
+fn a_request_the_inner_plugin_never_finishes_is_warned_about_once() {
+    // The shim's own stall warning, over a loaded plugin that says nothing about its requests:
+    // the fixture reports a matched send and receive "not done" for 20000 tests.
+    const SIZE: i32 = 12_347; // no other test uses it
+    let limit = std::time::Duration::from_millis(300);
+    let (net, ctl) = shim_with(Fixture::V7, &[("complete_polls", 20_000)], |c| {
+        c.stall_warn = Some(limit)
+    });
+    let (send, recv) = net.connect_pair(0);
+    let sbuf = AlignedBuf::new(SIZE as usize);
+    let rbuf = AlignedBuf::new(SIZE as usize);
+    let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
+    let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
+    let r = net.post_recv(recv, rbuf.as_ptr(), SIZE, 0, rmr).unwrap();
+    let s = net.post_send(send, sbuf.as_ptr(), SIZE, 0, smr).unwrap();
+    let posted = std::time::Instant::now();
+    // Until the limit, slowly: each pass sleeps, so fewer than 20000 tests happen before it.
+    while posted.elapsed() < limit {
+        assert_eq!(net.test(r), Ok(None));
+        assert_eq!(net.test(s), Ok(None));
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    // Past it, as fast as NCCL's proxy: thousands of tests each (the clock is read every 1024).
+    let (mut sdone, mut rdone) = (None, None);
+    let mut tests_after = 0u32;
+    while sdone.is_none() || rdone.is_none() {
+        assert!(posted.elapsed() < DEADLINE, "the fixture completes after 20000 tests");
+        if rdone.is_none() {
+            rdone = net.test(r).unwrap();
+            tests_after += 1;
+        }
+        if sdone.is_none() {
+            sdone = net.test(s).unwrap();
+        }
+    }
+    assert!(tests_after > 2048, "{tests_after} tests past the limit");
+    assert_eq!((sdone, rdone), (Some(SIZE), Some(SIZE)), "both still complete normally");
+    let stalls = in_process_log().lines_with(&["12347 bytes", "outstanding for"]);
+    for (op, comm) in [("isend", send), ("irecv", recv)] {
+        let label = net.label(comm).unwrap();
+        let mine: Vec<&String> = stalls.iter().filter(|l| l.contains(op)).collect();
+        assert_eq!(mine.len(), 1, "one warning per stalled request: {stalls:?}");
+        let l = mine[0];
+        assert!(l.starts_with("WARN") && l.contains("NET/TCPXSHIM test: "), "{l}");
+        assert!(
+            l.contains(&format!("{op} of 12347 bytes (tag 0) on {label}")),
+            "names op, size and comm: {l}"
+        );
+        assert!(l.contains("Fixture_v7 dev 0"), "names the peer: {l}");
+        assert!(l.contains("NCCL_TCPXSHIM_STALL_WARN=0.3 s"), "names the setting: {l}");
+        let age = warned_age(l);
+        assert!(age >= 0.3 && age < DEADLINE.as_secs_f64(), "age {age} s: {l}");
+    }
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
     assert_clean(Fixture::V7, &ctl);
