@@ -1,16 +1,16 @@
 //! The shim's overhead over the plugin it wraps.
 //!
 //! Runs the same workload (a) on the generic v7 fixture loaded directly and (b) through the shim
-//! (`libtcpxshim.so`) wrapping that fixture (`NCCL_TCPXSHIM_PLUGIN`), alternating repetitions
-//! (a b b a a b ...) so that drift and noise hit both alike, then prints one table.
+//! wrapping that fixture: a stack built in this process from a config naming the fixture, driven
+//! through the exported `ncclNetPlugin_v7` table as NCCL drives it. Repetitions alternate
+//! (a b b a a b ...) so that drift and noise hit both alike, then one table is printed.
 //!
 //! Workloads, one connection on device 0, single thread:
 //! - small-message round: irecv + isend of 8 bytes, then test both until done; ns per round;
 //! - bandwidth: 64 MiB messages (irecv + isend + test until done), GB/s.
 //!
 //! Run with `cargo bench --bench overhead` (Cargo.toml: `[[bench]] name = "overhead" harness = false`).
-//! `TCPXSHIM_BENCH_QUICK=1` shrinks the iteration counts for a smoke run. If the shim is not built,
-//! only (a) runs.
+//! `TCPXSHIM_BENCH_QUICK=1` shrinks the iteration counts for a smoke run.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -43,9 +43,8 @@ struct Bench {
 }
 
 impl Bench {
+    /// A connection of `net`, initialised already.
     fn new(label: &'static str, net: Net, p: &Params) -> Result<Bench, String> {
-        net.init()
-            .map_err(|e| format!("{label}: init failed: {}", result_name(e)))?;
         let ndev = net
             .devices()
             .map_err(|e| format!("{label}: devices failed: {}", result_name(e)))?;
@@ -224,38 +223,25 @@ fn main() {
         }
     };
 
-    // Before anything is loaded: the shim reads NCCL_TCPXSHIM_PLUGIN at init.
     let fixture = fixture_lib(Fixture::V7);
-    std::env::set_var("NCCL_TCPXSHIM_PLUGIN", &fixture);
-
     // The direct side uses a private copy, so the fixture instance at `fixture` belongs to the shim alone.
-    let direct = Bench::new("direct", Net::open_private(&fixture), &p).unwrap_or_else(|e| panic!("{e}"));
-    let shim_path = shim_lib();
-    let shim = if !shim_path.exists() {
-        println!(
-            "note: {} is not built; measuring the direct path only",
-            shim_path.display()
-        );
-        None
-    } else {
-        match Net::try_open(&shim_path).and_then(|n| Bench::new("shim", n, &p)) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                println!("note: cannot use the shim ({e}); measuring the direct path only");
-                None
-            }
-        }
+    let direct_net = Net::open_private(&fixture);
+    direct_net
+        .init()
+        .unwrap_or_else(|e| panic!("direct: init failed: {}", result_name(e)));
+    let direct = Bench::new("direct", direct_net, &p).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = Config {
+        plugin: Some(fixture.to_string_lossy().into_owned()),
+        ..Config::default()
     };
-    if let Some(s) = &shim {
-        println!(
-            "shim: {} (name {:?}) wrapping {}",
-            shim_path.display(),
-            s.net.name(),
-            fixture.display()
-        );
-    }
+    let shim = Bench::new("shim", Net::in_process(&cfg), &p).unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "shim: the in-process stack (name {:?}) wrapping {}",
+        shim.net.name(),
+        fixture.display()
+    );
 
-    let mut benches: Vec<Bench> = std::iter::once(direct).chain(shim).collect();
+    let mut benches: Vec<Bench> = vec![direct, shim];
     let mut results: Vec<Results> = benches.iter().map(|_| Results::default()).collect();
     for rep in 0..p.reps {
         // a b, then b a, ...
@@ -305,27 +291,21 @@ fn main() {
         "workload", "direct", "through shim", "shim/direct"
     );
     for (name, v) in &rows {
-        let direct = v[0];
-        match v.get(1) {
-            Some(&shim) => println!("{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3}", shim / direct),
-            None => println!("{name:<32} {direct:>12.1} {:>14} {:>12}", "-", "-"),
-        }
+        let (direct, shim) = (v[0], v[1]);
+        println!("{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3}", shim / direct);
     }
     println!("(a round is irecv + isend + test until both complete; for GB/s a ratio below 1 is the shim's cost)");
 
-    let had_shim = benches.len() > 1;
     for b in benches.drain(..) {
         b.close();
     }
-    if had_shim {
-        let ctl = FixtureCtl::open(&fixture);
-        println!(
-            "inner fixture after closing: {} violation(s), {} live object(s)",
-            ctl.violations(),
-            ctl.live_objects()
-        );
-        if ctl.violations() != 0 {
-            println!("last violation: {}", ctl.last_violation());
-        }
+    let ctl = FixtureCtl::open(&fixture);
+    println!(
+        "inner fixture after closing: {} violation(s), {} live object(s)",
+        ctl.violations(),
+        ctl.live_objects()
+    );
+    if ctl.violations() != 0 {
+        println!("last violation: {}", ctl.last_violation());
     }
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::Driver;
+
 use object::{Object, ObjectSection, ObjectSymbol};
 
 #[test]

@@ -1,6 +1,8 @@
 //! A panic inside the shim never crosses into NCCL: it becomes ncclInternalError with a WARN
-//! line, and the comm it happened on refuses further use. NCCL_TCPXSHIM_FAULTS=panic=isend makes the
-//! named call panic on purpose.
+//! line, and the comm it happened on refuses further use. The config's fault `panic=isend` (NCCL_TCPXSHIM_FAULTS)
+//! makes the named call panic on purpose. The calls go through the
+//! exported C entry points of this binary, whose guard catches the panic, so the stack is the
+//! process's own: this file is a process of its own.
 
 mod common;
 
@@ -9,11 +11,13 @@ use tcpxshim::ffi::ncclResult_t::*;
 
 #[test]
 fn a_panic_becomes_an_internal_error_and_poisons_the_comm() {
-    std::env::set_var("NCCL_TCPXSHIM_PLUGIN", "builtin");
-    std::env::set_var("NCCL_TCPXSHIM_TCP_IFNAME", "lo");
-    std::env::set_var("NCCL_TCPXSHIM_FAULTS", "panic=isend");
-    let net = Net::open(shim_lib());
-    net.init().unwrap_or_else(|e| panic!("init: {}", result_name(e)));
+    let mut cfg = Config {
+        plugin: Some("builtin".into()),
+        faults: Some(tcpxshim::stack::FaultSpec::parse("panic=isend").expect("a valid fault spec")),
+        ..Config::default()
+    };
+    cfg.tcp.ifname = Some("lo".into());
+    let net = Net::in_process(&cfg);
     let (send, recv) = net.connect_pair(0);
     let buf = AlignedBuf::new(64);
     let mr = net.reg_buf(send, &buf, PTR_HOST).unwrap();

@@ -1,6 +1,7 @@
 //! Resources come back: after many connections are opened, used and closed, the process has the
 //! file descriptors and threads it had before, and the I/O thread count never grew with them.
-//! Alone in its binary so that no other test opens descriptors or threads meanwhile.
+//! Alone in its binary so that no other test opens descriptors or threads meanwhile; the stack is
+//! built in this process over the built-in transport on lo and driven through the exported table.
 
 mod common;
 
@@ -8,10 +9,12 @@ use common::*;
 
 #[test]
 fn descriptors_and_threads_return_to_where_they_started() {
-    std::env::set_var("NCCL_TCPXSHIM_PLUGIN", "builtin");
-    std::env::set_var("NCCL_TCPXSHIM_TCP_IFNAME", "lo");
-    let net = Net::open(shim_lib());
-    net.init().unwrap_or_else(|e| panic!("init: {}", result_name(e)));
+    let mut cfg = Config {
+        plugin: Some("builtin".into()),
+        ..Config::default()
+    };
+    cfg.tcp.ifname = Some("lo".into());
+    let net = Net::in_process(&cfg);
     // Warm up once so that lazily created process-wide state exists before the baseline.
     let (s, r) = net.connect_pair(0);
     net.transfer(s, r, 100);

@@ -1,34 +1,81 @@
-//! Which inner transport NCCL_TCPXSHIM_PLUGIN selects, and the errors for a wrong one.
-//! Each case loads a private copy of the shim (its own globals) under its own environment.
+//! Which inner transport the plugin setting selects, and the errors for a wrong one: the value as
+//! NCCL_TCPXSHIM_PLUGIN gives it (Config::from_vars over a map), and the stack built from the
+//! config (stack::load_inner, stack::build), each case with a config of its own.
 
 mod common;
 
 use common::*;
+use std::collections::HashMap;
 use tcpxshim::ffi::ncclResult_t::*;
+use tcpxshim::stack;
+use tcpxshim::transport::Transport;
 
-/// Initialises a fresh shim instance with NCCL_TCPXSHIM_PLUGIN set to `plugin` (or unset).
-fn init_with_plugin(plugin: Option<&str>) -> (Net, Result<(), u32>, Vec<String>) {
-    let _g = serial();
-    init_with_plugin_locked(plugin)
+/// The config the variables in `pairs` give (every other setting at its default).
+fn config_of(pairs: &[(&str, &str)]) -> Config {
+    let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Config::from_vars(&|k| m.get(k).cloned()).unwrap_or_else(|e| panic!("{pairs:?}: {e}"))
 }
 
-/// [`init_with_plugin`] for a caller that already holds [`serial`].
-fn init_with_plugin_locked(plugin: Option<&str>) -> (Net, Result<(), u32>, Vec<String>) {
-    match plugin {
-        Some(p) => std::env::set_var("NCCL_TCPXSHIM_PLUGIN", p),
-        None => std::env::remove_var("NCCL_TCPXSHIM_PLUGIN"),
+/// A config selecting `plugin` (or nothing), the built-in transport on lo if it comes to that.
+fn selecting(plugin: Option<&str>) -> Config {
+    let mut c = Config {
+        plugin: plugin.map(str::to_string),
+        ..Config::default()
+    };
+    c.tcp.ifname = Some("lo".into());
+    c
+}
+
+/// The error building a stack from `cfg` gives: its result code and message.
+fn build_error(cfg: &Config) -> (u32, String) {
+    match stack::build(cfg) {
+        Ok(s) => panic!("{cfg:?} built a stack: {}", s.summary()),
+        Err(e) => (e.code(), e.to_string()),
     }
-    std::env::set_var("NCCL_TCPXSHIM_TCP_IFNAME", "lo");
-    std::env::set_var("NCCL_DEBUG", "INFO");
-    let net = Net::open_private(shim_lib());
-    let res = net.init();
-    let log = net.captured_log();
-    (net, res, log)
 }
 
-fn warned(log: &[String], words: &[&str]) -> bool {
-    log.iter()
-        .any(|l| l.starts_with("WARN") && words.iter().all(|w| l.contains(w)))
+#[test]
+fn the_setting_is_read_trimmed_and_empty_means_unset() {
+    assert_eq!(config_of(&[]).plugin, None);
+    assert_eq!(config_of(&[("NCCL_TCPXSHIM_PLUGIN", "")]).plugin, None);
+    assert_eq!(config_of(&[("NCCL_TCPXSHIM_PLUGIN", "  \t")]).plugin, None);
+    assert_eq!(
+        config_of(&[("NCCL_TCPXSHIM_PLUGIN", " builtin ")]).plugin.as_deref(),
+        Some("builtin")
+    );
+    assert_eq!(
+        config_of(&[("NCCL_TCPXSHIM_PLUGIN", "/usr/local/tcpx/lib64/libnccl-net.so")])
+            .plugin
+            .as_deref(),
+        Some("/usr/local/tcpx/lib64/libnccl-net.so")
+    );
+    assert_eq!(
+        config_of(&[("NCCL_TCPXSHIM_PLUGIN", "tcpx")]).plugin.as_deref(),
+        Some("tcpx")
+    );
+    // What each kind of value is handed to dlopen as.
+    assert_eq!(
+        tcpxshim::plugin::candidates("tcpx"),
+        vec!["libnccl-net-tcpx.so".to_string(), "tcpx".to_string()]
+    );
+    assert_eq!(tcpxshim::plugin::candidates("libfoo.so"), vec!["libfoo.so".to_string()]);
+    assert_eq!(tcpxshim::plugin::candidates("./x/y"), vec!["./x/y".to_string()]);
+}
+
+#[test]
+fn a_value_read_from_the_variables_builds_the_stack_it_names() {
+    let fixture = private_copy(&fixture_lib(Fixture::V6));
+    let cfg = config_of(&[("NCCL_TCPXSHIM_PLUGIN", &format!(" {} ", fixture.display()))]);
+    let s = stack::build(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.name(), "Fixture_v6");
+    assert_eq!((s.info().abi_version, s.info().devices), (6, 2));
+    assert_eq!(s.info().source, fixture.display().to_string());
+    let s = stack::build(&config_of(&[
+        ("NCCL_TCPXSHIM_PLUGIN", "builtin"),
+        ("NCCL_SOCKET_IFNAME", "lo"),
+    ]))
+    .unwrap();
+    assert_eq!(s.info().source, "built-in");
 }
 
 #[test]
@@ -39,42 +86,41 @@ fn unset_falls_back_to_the_builtin_transport_when_tcpx_is_absent() {
             "this test expects a machine without TCPX ({path})"
         );
     }
-    let (net, res, log) = init_with_plugin(None);
-    assert_eq!(res, Ok(()));
-    assert_eq!(net.name(), "tcpxshim");
+    let (inner, info) = stack::load_inner(&selecting(None)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (inner.name(), info.source.as_str(), info.abi_version),
+        ("tcpxshim", "built-in", 0)
+    );
+    let s = stack::build(&selecting(None)).unwrap();
+    assert_eq!(s.name(), "tcpxshim");
     assert!(
-        log.iter().any(|l| l.contains("loaded tcpxshim from built-in")),
-        "{log:?}"
+        s.summary().starts_with("loaded tcpxshim from built-in"),
+        "{}",
+        s.summary()
     );
 }
 
 #[test]
 fn builtin_selects_the_builtin_transport() {
-    let (net, res, _) = init_with_plugin(Some("builtin"));
-    assert_eq!(res, Ok(()));
-    assert_eq!(net.devices(), Ok(1));
+    let (_, info) = stack::load_inner(&selecting(Some("builtin"))).unwrap();
+    assert_eq!(info.source, "built-in");
+    let net = StackNet::build(&selecting(Some("builtin")));
+    assert_eq!(net.devices(), Ok(1), "lo is one device");
 }
 
 #[test]
 fn a_missing_plugin_is_an_error_naming_the_setting() {
-    let (_, res, log) = init_with_plugin(Some("/nonexistent/libnccl-net-nothing.so"));
-    assert_eq!(res, Err(ncclSystemError));
+    let (code, msg) = build_error(&selecting(Some("/nonexistent/libnccl-net-nothing.so")));
+    assert_eq!(code, ncclSystemError);
     assert!(
-        warned(
-            &log,
-            &[
-                "init",
-                "NCCL_TCPXSHIM_PLUGIN=/nonexistent/libnccl-net-nothing.so",
-                "cannot load"
-            ]
-        ),
-        "{log:?}"
+        msg.contains("NCCL_TCPXSHIM_PLUGIN=/nonexistent/libnccl-net-nothing.so") && msg.contains("cannot load"),
+        "{msg}"
     );
-    let (_, res, log) = init_with_plugin(Some("nothing"));
-    assert_eq!(res, Err(ncclSystemError));
+    let (code, msg) = build_error(&selecting(Some("nothing")));
+    assert_eq!(code, ncclSystemError);
     assert!(
-        warned(&log, &["libnccl-net-nothing.so"]),
-        "a short name is tried as libnccl-net-<name>.so: {log:?}"
+        msg.contains("libnccl-net-nothing.so"),
+        "a short name is tried as libnccl-net-<name>.so: {msg}"
     );
 }
 
@@ -86,30 +132,37 @@ fn the_shim_refuses_to_load_itself_whatever_the_file_is_called() {
     std::fs::rename(&copy, &disguised).unwrap();
     for path in [shim_lib(), disguised] {
         let p = path.to_string_lossy().to_string();
-        let (_, res, log) = init_with_plugin(Some(&p));
-        assert_eq!(res, Err(ncclInvalidArgument), "{p}");
-        assert!(warned(&log, &["is tcpxshim itself"]), "{p}: {log:?}");
+        let (code, msg) = build_error(&selecting(Some(&p)));
+        assert_eq!(code, ncclInvalidArgument, "{p}");
+        assert!(msg.contains("is tcpxshim itself"), "{p}: {msg}");
     }
 }
 
 #[test]
 fn a_library_without_a_plugin_table_is_refused() {
-    let (_, res, log) = init_with_plugin(Some(&logcapture_lib().to_string_lossy()));
-    assert_eq!(res, Err(ncclInvalidArgument));
-    assert!(warned(&log, &["exports none of ncclNetPlugin_v7, _v6, _v5"]), "{log:?}");
+    let (code, msg) = build_error(&selecting(Some(&logcapture_lib().to_string_lossy())));
+    assert_eq!(code, ncclInvalidArgument);
+    assert!(msg.contains("exports none of ncclNetPlugin_v7, _v6, _v5"), "{msg}");
 }
 
 #[test]
-fn a_failing_inner_init_is_reported_and_a_later_init_can_succeed() {
+fn a_failing_inner_init_is_reported_and_a_later_build_can_succeed() {
     let fixture = private_copy(&fixture_lib(Fixture::V7));
     let ctl = FixtureCtl::open(&fixture);
     ctl.set("init_result", 2);
-    // Held throughout: the second init reads the environment again.
-    let _g = serial();
-    let (net, res, log) = init_with_plugin_locked(Some(&fixture.to_string_lossy()));
-    assert_eq!(res, Err(ncclSystemError), "the inner plugin's error code is passed on");
-    assert!(warned(&log, &["inner plugin Fixture_v7", "init returned 2"]), "{log:?}");
+    let cfg = selecting(Some(&fixture.to_string_lossy()));
+    let (code, msg) = build_error(&cfg);
+    assert_eq!(code, ncclSystemError, "the inner plugin's error code is passed on");
+    assert!(
+        msg.contains("inner plugin Fixture_v7") && msg.contains("init returned 2"),
+        "{msg}"
+    );
     ctl.set("init_result", 0);
-    assert_eq!(net.init(), Ok(()), "init is retried once the inner plugin can start");
-    assert_eq!(net.name(), "Fixture_v7");
+    let net = StackNet::build(&cfg);
+    assert_eq!(
+        net.name(),
+        "Fixture_v7",
+        "the same config builds once the inner plugin can start"
+    );
+    assert_eq!(ctl.init_count(), 2);
 }

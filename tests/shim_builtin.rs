@@ -1,6 +1,7 @@
 //! The plugin as NCCL drives it, over the built-in TCP transport on loopback: init, devices,
 //! properties, non-blocking connect/accept, transfers with byte checks, outstanding requests,
-//! closing with requests in flight, and bad inputs answered with errors and WARN lines.
+//! closing with requests in flight, and bad inputs answered with errors and WARN lines. The stack is
+//! built in this process from a config and driven through the C table this binary exports.
 
 mod common;
 
@@ -15,19 +16,21 @@ struct Setup {
     init_log: Vec<String>,
 }
 
-/// The shim, loaded and initialised once for this test binary, over the built-in transport on `lo`.
+/// The shim as NCCL drives it, through the exported table of this binary, over a stack built once
+/// for this test binary: the built-in transport on `lo`, requests outstanding for a second reported
+/// (stalled_requests_are_reported).
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let _g = serial();
-        std::env::set_var("NCCL_TCPXSHIM_PLUGIN", "builtin");
-        std::env::set_var("NCCL_TCPXSHIM_TCP_IFNAME", "lo");
-        std::env::set_var("NCCL_DEBUG", "INFO");
-        // Requests outstanding for a second are reported (stalled_requests_are_reported).
-        std::env::set_var("NCCL_TCPXSHIM_STALL_WARN", "1");
-        let net = Net::open(shim_lib());
-        net.init().unwrap_or_else(|e| panic!("init failed: {}", result_name(e)));
-        let init_log = net.captured_log();
+        let mut cfg = Config {
+            plugin: Some("builtin".into()),
+            stall_warn: Some(std::time::Duration::from_secs(1)),
+            ..Config::default()
+        };
+        cfg.tcp.ifname = Some("lo".into());
+        let mark = in_process_log().mark();
+        let net = Net::in_process(&cfg);
+        let init_log = in_process_log().since(mark);
         Setup { net, init_log }
     })
 }
@@ -36,18 +39,15 @@ fn net() -> &'static Net {
     &setup().net
 }
 
-/// Runs `f`, then returns the WARN lines the shim logged meanwhile. Serialised, so that lines of
-/// concurrently running tests don't mix in.
+/// Runs `f`, then returns the WARN lines logged meanwhile. Serialised with the other callers; tests
+/// running concurrently may add lines of their own, so callers look for lines only they cause.
 fn warns_of<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    net().captured_log();
+    let log = net().log;
+    let mark = log.mark();
     let out = f();
-    let warns = net()
-        .captured_log()
-        .into_iter()
-        .filter(|l| l.starts_with("WARN"))
-        .collect();
+    let warns = log.since(mark).into_iter().filter(|l| l.starts_with("WARN")).collect();
     (out, warns)
 }
 
@@ -206,7 +206,7 @@ fn closing_with_requests_in_flight_is_safe() {
 }
 
 /// Deregisters both memory registrations of a connected pair and closes it.
-fn close_registered(net: &Net, (send, recv): (Comm, Comm), (smr, rmr): (Mr, Mr)) {
+fn close_registered(net: &dyn Driver, (send, recv): (Comm, Comm), (smr, rmr): (Mr, Mr)) {
     net.dereg_mr(send, smr).unwrap();
     net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
@@ -453,14 +453,13 @@ fn null_pointers_and_bad_arguments_give_errors_not_crashes() {
 #[test]
 fn closing_a_connection_logs_its_counters() {
     let net = net();
-    let (lines, _) = warns_of(|| {
-        let (send, recv) = net.connect_pair(0);
-        net.transfer(send, recv, 1000);
-        net.transfer(send, recv, 23);
-        net.close_send(send).unwrap();
-        net.close_recv(recv).unwrap();
-        net.captured_log()
-    });
+    let mark = net.log.mark();
+    let (send, recv) = net.connect_pair(0);
+    net.transfer(send, recv, 1000);
+    net.transfer(send, recv, 23);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    let lines = net.log.since(mark);
     let closed: Vec<&String> = lines.iter().filter(|l| l.contains("NET/TCPXSHIM closed")).collect();
     assert!(
         closed.iter().any(|l| l.starts_with("INFO")

@@ -1,27 +1,48 @@
 //! The shim over loaded plugins: the fixture plugin through its v7, v6 and v5 symbols, and the
 //! TCPX look-alike, whose rules (same handle buffer on repeated connect, one accept per listen
 //! comm, a valid device-handle pointer, FIFO test order, at most 16 outstanding, irecvConsumed in
-//! order) it polices: any rule the shim breaks shows up in its violation counter.
+//! order) it polices: any rule the shim breaks shows up in its violation counter. Also the
+//! handles the shim serves from its control service (an inner handle with no room for the trailer,
+//! or served mode forced), and its stall warning over a plugin that says nothing itself.
+//!
+//! Each test builds a stack of its own in this process, from a config naming a private copy of the
+//! fixture, and drives it through the stack's Rust interface ([`StackNet`]).
 
 mod common;
 
 use common::*;
 use std::ffi::c_void;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use tcpxshim::stack::handle::{HandleMode, Trailer, FLAG_SERVED, INNER_HANDLE_SIZE};
 
-/// A fresh shim instance over a fresh fixture instance (both private copies), with knobs set
-/// before the shim initialises it.
-fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (Net, FixtureCtl) {
-    let _g = serial();
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A stack of its own over a fresh fixture instance (a private copy), with knobs set before the
+/// shim initialises it, built in this process from a config naming that copy.
+fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (StackNet, FixtureCtl) {
+    shim_with(kind, knobs, |_| {})
+}
+
+/// [`shim_over`] with further settings.
+fn shim_with(kind: Fixture, knobs: &[(&str, i64)], cfg: impl FnOnce(&mut Config)) -> (StackNet, FixtureCtl) {
     let fixture = private_copy(&fixture_lib(kind));
     let ctl = FixtureCtl::open(&fixture);
     for (k, v) in knobs {
         ctl.set(k, *v);
     }
-    std::env::set_var("NCCL_TCPXSHIM_PLUGIN", &fixture);
-    std::env::set_var("NCCL_DEBUG", "INFO");
-    let net = Net::open_private(shim_lib());
-    net.init()
-        .unwrap_or_else(|e| panic!("shim init over {} failed: {}", kind.net_name(), result_name(e)));
+    let mut c = Config {
+        plugin: Some(fixture.to_string_lossy().into_owned()),
+        ctrl_addr: Some(LOCALHOST),
+        ..Config::default()
+    };
+    cfg(&mut c);
+    let net = StackNet::try_build(&c).unwrap_or_else(|e| {
+        panic!(
+            "stack over {} failed: {e} (result {})",
+            kind.net_name(),
+            result_name(e.code())
+        )
+    });
     (net, ctl)
 }
 
@@ -43,7 +64,7 @@ fn assert_clean(kind: Fixture, ctl: &FixtureCtl) {
 
 /// Posts `n` receives and then `n` sends of `size` bytes (each buffer registered on its own) and
 /// completes them in posting order.
-fn outstanding(net: &Net, send: Comm, recv: Comm, n: usize, size: usize) {
+fn outstanding(net: &dyn Driver, send: Comm, recv: Comm, n: usize, size: usize) {
     let sbufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(size)).collect();
     let rbufs: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(size)).collect();
     let smrs: Vec<Mr> = sbufs.iter().map(|b| net.reg_buf(send, b, PTR_HOST).unwrap()).collect();
@@ -74,14 +95,13 @@ fn outstanding(net: &Net, send: Comm, recv: Comm, n: usize, size: usize) {
 
 fn wraps(kind: Fixture, version: u32) {
     let (net, ctl) = shim_over(kind, &[]);
-    let log = net.captured_log();
     assert_eq!(net.name(), kind.net_name(), "the inner transport's name is reported");
-    let loaded = log
-        .iter()
-        .find(|l| l.contains("NET/TCPXSHIM loaded"))
-        .unwrap_or_else(|| panic!("{log:?}"));
+    // What install_global logs at INFO once a stack becomes the process's.
+    let loaded = net.shim.summary();
     assert!(
-        loaded.contains(&format!("(ncclNet v{version})")) && loaded.contains("2 device(s)"),
+        loaded.starts_with(&format!("loaded {} from {}", kind.net_name(), net.shim.info().source))
+            && loaded.contains(&format!("(ncclNet v{version})"))
+            && loaded.contains("2 device(s)"),
         "{loaded}"
     );
     assert_eq!(ctl.init_count(), 1, "the inner plugin is initialised once");
@@ -92,7 +112,7 @@ fn wraps(kind: Fixture, version: u32) {
         ("fix1", 1, PTR_HOST, 1)
     );
     assert_eq!(
-        net.table().regMrDmaBuf.is_some(),
+        net.has_reg_mr_dmabuf(),
         version >= 6,
         "regMrDmaBuf mirrors the inner table"
     );
@@ -138,7 +158,7 @@ fn tcpx_properties_and_name_pass_through() {
         assert_eq!((p.guid, p.port, p.max_comms, p.max_recvs), (dev as u64, 0, 65536, 1));
     }
     assert!(
-        net.table().regMrDmaBuf.is_none(),
+        !net.has_reg_mr_dmabuf(),
         "TCPX has no regMrDmaBuf, so neither does the shim"
     );
     assert_clean(Fixture::Tcpx, &ctl);
@@ -224,17 +244,221 @@ fn the_shim_does_not_hide_a_callers_broken_rule() {
     net.close_recv(recv).unwrap();
 }
 
+/// Listens on `dev`, checks that the handle is served by a control service on 127.0.0.1 (the
+/// configs' ctrl_addr), connects and accepts, and closes the listen comm. Returns the pair and the
+/// service's address.
+fn served_pair(net: &dyn Driver, dev: i32) -> (Comm, Comm, SocketAddr) {
+    let (mut handle, listen) = net.listen(dev).unwrap();
+    let t = Trailer::read(&handle).expect("a tcpxshim handle");
+    assert_ne!(t.flags & FLAG_SERVED, 0, "the handle says it is served: {t:?}");
+    let ctrl = t.ctrl_socket().expect("the handle names the control service");
+    assert_eq!(ctrl.ip(), LOCALHOST, "the service listens on the configured ctrl_addr");
+    assert!(
+        handle[..INNER_HANDLE_SIZE].iter().all(|&b| b == 0),
+        "a served handle carries only the trailer"
+    );
+    let (send, (recv, _)) = net.connect_accept(dev, &mut handle, listen);
+    net.close_listen(listen).unwrap();
+    (send, recv, ctrl)
+}
+
 #[test]
 fn an_inner_handle_longer_than_its_share_is_served_and_carries_verified_traffic() {
     let (net, ctl) = shim_over(Fixture::V7, &[("handle_bytes", 100)]);
-    let (send, recv) = net.connect_pair(0);
+    let (send, recv, ctrl) = served_pair(&net, 0);
     outstanding(&net, send, recv, 4, 4096);
-    let log = net.captured_log();
+    let ctrl = ctrl.to_string();
+    let lines = in_process_log().lines_with(&["writes past byte 88", "control service", &ctrl]);
     assert!(
-        log.iter()
-            .any(|l| l.starts_with("INFO") && l.contains("writes past byte 88") && l.contains("control service")),
-        "{log:?}"
+        lines.len() == 1 && lines[0].starts_with("INFO"),
+        "one INFO line says why the handle is served: {lines:?}"
     );
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::V7, &ctl);
+}
+
+#[test]
+fn a_served_handle_of_a_plugin_that_zeroes_and_writes_all_128_bytes_carries_verified_traffic() {
+    let (net, ctl) = shim_over(Fixture::V7, &[("handle_bytes", 128), ("handle_zero_all", 1)]);
+    let (send, recv, _) = served_pair(&net, 1);
+    for size in [0, 1, 4097, (1 << 20) + 5] {
+        net.transfer(send, recv, size);
+    }
+    outstanding(&net, send, recv, 8, 1000);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_eq!(net.shim.open_comms(), 0);
+    assert_clean(Fixture::V7, &ctl);
+}
+
+#[test]
+fn a_served_tcpx_handle_of_all_128_bytes_keeps_the_tcpx_quirks() {
+    // The fixture polices quirk 1 (its connect returns a NULL comm 3 times and checks that every
+    // call gets the buffer its first call wrote its state into, unchanged), quirk 2 (one accept per
+    // listen comm) and quirk 3 (accept gets a valid device-handle pointer).
+    let (net, ctl) = shim_over(Fixture::Tcpx, &[("handle_bytes", 128), ("handle_zero_all", 1)]);
+    assert_eq!(ctl.get("connect_nulls"), 3);
+    let mut pairs = Vec::new();
+    for dev in 0..2 {
+        let (send, recv, _) = served_pair(&net, dev);
+        pairs.push((send, recv));
+    }
+    for &(send, recv) in &pairs {
+        for size in [1usize, 4096, 100_003] {
+            let mut o = TransferOpts::new(size);
+            o.recv_type = PTR_CUDA;
+            net.transfer_opts(send, recv, &o);
+        }
+        outstanding(&net, send, recv, 16, 512);
+    }
+    for (send, recv) in pairs {
+        net.close_send(send).unwrap();
+        net.close_recv(recv).unwrap();
+    }
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn forced_served_mode_carries_traffic_over_the_builtin_transport() {
+    let mut cfg = Config {
+        plugin: Some("builtin".into()),
+        handle_mode: HandleMode::Served,
+        ctrl_addr: Some(LOCALHOST),
+        ..Config::default()
+    };
+    cfg.tcp.ifname = Some("lo".into());
+    let net = StackNet::build(&cfg);
+    let (send, recv, _) = served_pair(&net, 0);
+    for size in [0, 3, 65537, (4 << 20) + 1] {
+        net.transfer(send, recv, size);
+    }
+    outstanding(&net, send, recv, 8, 70_001);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_eq!(net.shim.open_comms(), 0);
+}
+
+#[test]
+fn forced_served_mode_over_tcpx_keeps_its_quirks() {
+    // TCPX's 88 bytes fit inline; forced served mode moves them to the control service, and the
+    // fixture's quirk checks still see one unchanged buffer per connection.
+    let (net, ctl) = shim_with(Fixture::Tcpx, &[], |c| c.handle_mode = HandleMode::Served);
+    let (send, recv, _) = served_pair(&net, 3);
+    let mut o = TransferOpts::new(1 << 20);
+    o.recv_type = PTR_CUDA;
+    net.transfer_opts(send, recv, &o);
+    outstanding(&net, send, recv, 16, 64);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn a_pending_served_connect_copied_to_a_fresh_buffer_leaves_the_stale_buffer_an_error() {
+    // In served mode the first bytes of NCCL's handle name the shim's pending connect. NCCL should
+    // keep calling with one buffer; here the bytes are copied into a fresh buffer after the first
+    // call, the copy finishes the connection, and the original is used again.
+    let (net, ctl) = shim_with(Fixture::Tcpx, &[], |c| c.handle_mode = HandleMode::Served);
+    let (mut original, listen) = net.listen(0).unwrap();
+    assert_eq!(
+        net.connect(0, &mut original),
+        Ok(None),
+        "TCPX's connect takes several calls"
+    );
+    assert_eq!(&original[..8], b"TXSHPEND", "the handle names the pending connect");
+    let mut copy: Handle = original;
+    let (send, (recv, _)) = net.connect_accept(0, &mut copy, listen);
+    let t = std::time::Instant::now();
+    let stale = net.connect(0, &mut original);
+    assert_eq!(stale, Err(tcpxshim::ffi::ncclResult_t::ncclInvalidArgument));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "answered at once, not after a wait"
+    );
+    let msg = net.last_error().unwrap();
+    assert!(
+        msg.contains("names connect #") && msg.contains("which this process does not have"),
+        "{msg}"
+    );
+    // Again: still an error, and no second connection was made from the handle.
+    assert!(net.connect(0, &mut original).is_err());
+    assert_eq!(net.shim.open_comms(), 3, "listen, send and recv comm only");
+    net.transfer(send, recv, 4096);
+    net.close_listen(listen).unwrap();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+/// The "outstanding for X s" age a stall warning gives.
+fn warned_age(line: &str) -> f64 {
+    let rest = line
+        .split("outstanding for ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no age: {line}"));
+    rest.split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no age: {line}"))
+}
+
+#[test]
+fn a_request_the_inner_plugin_never_finishes_is_warned_about_once() {
+    // The shim's own stall warning, over a loaded plugin that says nothing about its requests:
+    // the fixture reports a matched send and receive "not done" for 20000 tests.
+    const SIZE: i32 = 12_347; // no other test uses it
+    let limit = std::time::Duration::from_millis(300);
+    let (net, ctl) = shim_with(Fixture::V7, &[("complete_polls", 20_000)], |c| {
+        c.stall_warn = Some(limit)
+    });
+    let (send, recv) = net.connect_pair(0);
+    let sbuf = AlignedBuf::new(SIZE as usize);
+    let rbuf = AlignedBuf::new(SIZE as usize);
+    let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
+    let rmr = net.reg_buf(recv, &rbuf, PTR_HOST).unwrap();
+    let r = net.post_recv(recv, rbuf.as_ptr(), SIZE, 0, rmr).unwrap();
+    let s = net.post_send(send, sbuf.as_ptr(), SIZE, 0, smr).unwrap();
+    let posted = std::time::Instant::now();
+    // Until the limit, slowly: each pass sleeps, so fewer than 20000 tests happen before it.
+    while posted.elapsed() < limit {
+        assert_eq!(net.test(r), Ok(None));
+        assert_eq!(net.test(s), Ok(None));
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    // Past it, as fast as NCCL's proxy: thousands of tests each (the clock is read every 1024).
+    let (mut sdone, mut rdone) = (None, None);
+    let mut tests_after = 0u32;
+    while sdone.is_none() || rdone.is_none() {
+        assert!(posted.elapsed() < DEADLINE, "the fixture completes after 20000 tests");
+        if rdone.is_none() {
+            rdone = net.test(r).unwrap();
+            tests_after += 1;
+        }
+        if sdone.is_none() {
+            sdone = net.test(s).unwrap();
+        }
+    }
+    assert!(tests_after > 2048, "{tests_after} tests past the limit");
+    assert_eq!((sdone, rdone), (Some(SIZE), Some(SIZE)), "both still complete normally");
+    let stalls = in_process_log().lines_with(&["12347 bytes", "outstanding for"]);
+    for (op, comm) in [("isend", send), ("irecv", recv)] {
+        let label = net.label(comm).unwrap();
+        let mine: Vec<&String> = stalls.iter().filter(|l| l.contains(op)).collect();
+        assert_eq!(mine.len(), 1, "one warning per stalled request: {stalls:?}");
+        let l = mine[0];
+        assert!(l.starts_with("WARN") && l.contains("NET/TCPXSHIM test: "), "{l}");
+        assert!(
+            l.contains(&format!("{op} of 12347 bytes (tag 0) on {label}")),
+            "names op, size and comm: {l}"
+        );
+        assert!(l.contains("Fixture_v7 dev 0"), "names the peer: {l}");
+        assert!(l.contains("NCCL_TCPXSHIM_STALL_WARN=0.3 s"), "names the setting: {l}");
+        let age = warned_age(l);
+        assert!(age >= 0.3 && age < DEADLINE.as_secs_f64(), "age {age} s: {l}");
+    }
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
     assert_clean(Fixture::V7, &ctl);

@@ -1,5 +1,16 @@
-//! Shared test harness: builds the C stand-in plugins (tests/fixtures/*.c), loads a net plugin
-//! (a fixture or the shim itself) and drives its `ncclNetPlugin_v7` table the way NCCL does.
+//! Shared test harness: builds the C stand-in plugins (tests/fixtures/*.c), loads a net plugin and
+//! drives it the way NCCL does, or builds the shim's stack inside the test process from a [`Config`].
+//!
+//! One API, [`Driver`], two ways to answer it:
+//! - [`Net`]: a `ncclNetPlugin_v7` table, either of a loaded library (a fixture, or the built shim for
+//!   the tests of the library file itself) or the table this test binary exports, over a stack built
+//!   in-process and installed as the process's own ([`Net::in_process`]: the real C ABI trampolines,
+//!   one config per test binary);
+//! - [`StackNet`]: a stack built in-process and driven through its Rust interface, for files that need
+//!   several configs in one process.
+//!
+//! Stacks built in-process log into [`in_process_log`]. Nothing here sets environment variables:
+//! every stack is built from a `Config` value.
 //!
 //! Used by the integration tests (`mod common;`) and by benches/overhead.rs
 //! (`#[path = "../tests/common/mod.rs"] mod common;`).
@@ -20,10 +31,13 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+pub use tcpxshim::config::Config;
 use tcpxshim::ffi::{
     ncclDebugLogLevel, ncclDebugLogger_t, ncclNetDeviceHandle_v7_t, ncclNetProperties_v7_t, ncclNet_v7_t, ncclResult_t,
     HANDLE_SIZE, NCCL_PTR_CUDA, NCCL_PTR_HOST,
 };
+use tcpxshim::stack::Shim;
+use tcpxshim::transport::{Opaque, Transport};
 
 /// How long any polling loop of the harness waits before panicking.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -345,12 +359,26 @@ pub fn symbol_addr(lib: &Library, name: &str) -> Option<*mut c_void> {
 /// The C logger type NCCL hands to `init` (the non-NULL function inside `ncclDebugLogger_t`).
 pub type LoggerFn = unsafe extern "C" fn(ncclDebugLogLevel::Type, c_ulong, *const c_char, c_int, *const c_char, ...);
 
+/// Lines read out of a capture's C buffer and kept for reading by position.
+#[derive(Default)]
+struct Seen {
+    /// Lines logged before `lines[0]` that were taken or cleared already.
+    base: usize,
+    lines: Vec<String>,
+}
+
 /// One loaded copy of tests/fixtures/logcapture.c and its in-memory log buffer.
+///
+/// Read it destructively ([`LogCapture::take`], [`LogCapture::clear`]) when one test owns the capture,
+/// or by position ([`LogCapture::mark`], [`LogCapture::since`], [`LogCapture::lines`]) when tests running
+/// concurrently share it (the capture of stacks running in this process, [`in_process_log`]): each then
+/// picks its own lines by something only it logs (a comm's address or label, an odd message size).
 pub struct LogCapture {
     pub path: PathBuf,
     logger: LoggerFn,
     take: unsafe extern "C" fn(*mut c_char, usize) -> usize,
     clear: unsafe extern "C" fn(),
+    seen: Mutex<Seen>,
 }
 
 impl LogCapture {
@@ -366,6 +394,7 @@ impl LogCapture {
                 logger: std::mem::transmute::<*mut c_void, LoggerFn>(logger),
                 take: std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut c_char, usize) -> usize>(take),
                 clear: std::mem::transmute::<*mut c_void, unsafe extern "C" fn()>(clear),
+                seen: Mutex::new(Seen::default()),
             }
         }
     }
@@ -386,8 +415,8 @@ impl LogCapture {
         Some(self.logger)
     }
 
-    /// Takes (and clears) the captured lines, each "LEVEL 0xFLAGS message" (e.g. "INFO 0x11 NET/...").
-    pub fn take(&self) -> Vec<String> {
+    /// Empties the C buffer into lines.
+    fn drain(&self) -> Vec<String> {
         let mut buf: Vec<u8> = Vec::new();
         loop {
             // SAFETY: capture_take writes at most `len` bytes into `buf`.
@@ -401,10 +430,49 @@ impl LogCapture {
         String::from_utf8_lossy(&buf).lines().map(str::to_string).collect()
     }
 
+    fn seen(&self) -> MutexGuard<'_, Seen> {
+        let mut s = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let new = self.drain();
+        s.lines.extend(new);
+        s
+    }
+
+    /// Takes (and clears) the captured lines, each "LEVEL 0xFLAGS message" (e.g. "INFO 0x11 NET/...").
+    pub fn take(&self) -> Vec<String> {
+        let mut s = self.seen();
+        s.base += s.lines.len();
+        std::mem::take(&mut s.lines)
+    }
+
     /// Discards what was captured.
     pub fn clear(&self) {
-        // SAFETY: no arguments; guarded by the library's mutex.
-        unsafe { (self.clear)() }
+        self.take();
+    }
+
+    /// A position in the log: [`LogCapture::since`] returns the lines logged after it.
+    pub fn mark(&self) -> usize {
+        let s = self.seen();
+        s.base + s.lines.len()
+    }
+
+    /// The lines logged since `mark` (all kept lines if they were taken meanwhile), without removing them.
+    pub fn since(&self, mark: usize) -> Vec<String> {
+        let s = self.seen();
+        let from = mark.saturating_sub(s.base).min(s.lines.len());
+        s.lines[from..].to_vec()
+    }
+
+    /// Every line logged so far (and not taken), without removing them.
+    pub fn lines(&self) -> Vec<String> {
+        self.since(0)
+    }
+
+    /// The lines so far that contain every one of `words`.
+    pub fn lines_with(&self, words: &[&str]) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .collect()
     }
 
     /// Calls the logger from Rust (for tests of the capture itself), with a "%s" format.
@@ -422,6 +490,20 @@ impl LogCapture {
             )
         }
     }
+}
+
+/// The capture that receives what stacks built in this process log ([`Net::in_process`], [`StackNet`]):
+/// the shim logs through the `log` crate into the NCCL logger given to `tcpxshim::logging::install`,
+/// here this capture's C logger, at INFO level. Installed once per process, on first use; tests share
+/// it, so each reads it by position or by words only it logs.
+pub fn in_process_log() -> &'static LogCapture {
+    static LOG: OnceLock<&'static LogCapture> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let cap = LogCapture::private();
+        tcpxshim::logging::install(cap.logger());
+        log::set_max_level(log::LevelFilter::Info);
+        cap
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -681,7 +763,7 @@ pub struct Props {
     pub net_device_version: i32,
 }
 
-/// Both ends of a connection made by [`Net::connect_pair_full`].
+/// Both ends of a connection made by [`Driver::connect_pair_full`].
 #[derive(Clone, Copy, Debug)]
 pub struct Pair {
     pub send: Comm,
@@ -690,7 +772,7 @@ pub struct Pair {
     pub dev_handle: DevHandle,
 }
 
-/// Options of [`Net::transfer_opts`].
+/// Options of [`Driver::transfer_opts`].
 #[derive(Clone, Debug)]
 pub struct TransferOpts {
     /// Bytes sent.
@@ -718,182 +800,103 @@ impl TransferOpts {
     }
 }
 
-/// A loaded net plugin, called through its `ncclNetPlugin_v7` table. Every call returns the plugin's
-/// `ncclResult_t` as `Err(code)` when it is not ncclSuccess.
-pub struct Net {
-    pub path: PathBuf,
-    pub lib: &'static Library,
-    table: *const ncclNet_v7_t,
-    /// The log capture whose logger [`Net::init`] passes.
-    pub log: &'static LogCapture,
-}
+/// The calls of the v7 net ABI as NCCL makes them, whoever answers them: a `ncclNetPlugin_v7` table
+/// ([`Net`]: a loaded library, or the shim's own exported table in this process) or a stack built in
+/// this process and driven through its Rust interface ([`StackNet`]). The required methods are the
+/// plugin's calls; the provided ones are the polling helpers tests are written with (connect until
+/// done, post until accepted, test until complete, checked transfers), bounded by [`DEADLINE`].
+///
+/// Every call returns the plugin's `ncclResult_t` as `Err(code)` when it is not ncclSuccess.
+pub trait Driver: Sync {
+    /// The name the plugin reports (NCCL_NET matches it).
+    fn name(&self) -> String;
 
-// SAFETY: the table is immutable static data of a library that is never unloaded; the plugin's
-// functions are meant to be called from several threads (NCCL does).
-unsafe impl Send for Net {}
-// SAFETY: as above.
-unsafe impl Sync for Net {}
+    fn devices(&self) -> NetResult<i32>;
 
-/// Reads one function pointer of the table, panicking if it is NULL.
-macro_rules! func {
-    ($self:ident, $field:ident) => {
-        $self.opt_fn(
-            // SAFETY: `table` points at the plugin's exported ncclNet_v7_t, which stays mapped for the life of
-            // the process (the library is never unloaded); we read one field without forming a reference.
-            unsafe { std::ptr::addr_of!((*$self.table).$field).read() },
-            stringify!($field),
-        )
-    };
-}
-
-impl Net {
-    /// Loads `path` and takes its `ncclNetPlugin_v7`; panics with the reason if that fails.
-    /// The plugin gets a private log capture.
-    pub fn open(path: impl AsRef<Path>) -> Net {
-        Net::try_open(path).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Like [`Net::open`], returning the reason on failure.
-    pub fn try_open(path: impl AsRef<Path>) -> Result<Net, String> {
-        let path = path.as_ref().to_path_buf();
-        let lib = load_library(&path)?;
-        let table = symbol_addr(lib, "ncclNetPlugin_v7")
-            .ok_or_else(|| format!("{} does not export ncclNetPlugin_v7", path.display()))?
-            as *const ncclNet_v7_t;
-        Ok(Net {
-            path,
-            lib,
-            table,
-            log: LogCapture::private(),
-        })
-    }
-
-    /// Loads a private copy of `path` (its own globals: counters, knobs, state).
-    pub fn open_private(path: impl AsRef<Path>) -> Net {
-        Net::open(private_copy(path.as_ref()))
-    }
-
-    /// The fixture controls of this library (panics if it is not a fixture).
-    pub fn fixture(&self) -> FixtureCtl {
-        FixtureCtl::from_lib(self.lib).unwrap_or_else(|| panic!("{} is not a net fixture", self.path.display()))
-    }
-
-    /// A copy of the whole table (function pointers may be compared, e.g. closeSend == closeRecv).
-    pub fn table(&self) -> ncclNet_v7_t {
-        // SAFETY: see `func!`; the table is plain old data.
-        unsafe { std::ptr::read(self.table) }
-    }
-
-    fn opt_fn<F>(&self, f: Option<F>, name: &str) -> F {
-        f.unwrap_or_else(|| panic!("{}: ncclNet_v7_t.{name} is NULL", self.path.display()))
-    }
-
-    /// The table's `name`.
-    pub fn name(&self) -> String {
-        // SAFETY: see `func!`.
-        let p = unsafe { std::ptr::addr_of!((*self.table).name).read() };
-        assert!(!p.is_null(), "{}: ncclNet_v7_t.name is NULL", self.path.display());
-        // SAFETY: the plugin's name is a NUL-terminated static string.
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().to_string()
-    }
-
-    /// init with this Net's log capture.
-    pub fn init(&self) -> NetResult<()> {
-        self.init_with(self.log.logger())
-    }
-
-    pub fn init_with(&self, logger: ncclDebugLogger_t) -> NetResult<()> {
-        let f = func!(self, init);
-        // SAFETY: a valid (or NULL) logger that lives for the whole process.
-        check(unsafe { f(logger) })
-    }
-
-    /// Takes the lines logged so far through this Net's capture (see [`LogCapture::take`]).
-    pub fn captured_log(&self) -> Vec<String> {
-        self.log.take()
-    }
-
-    pub fn devices(&self) -> NetResult<i32> {
-        let f = func!(self, devices);
-        let mut n: c_int = -1;
-        // SAFETY: n is a valid out-pointer.
-        check(unsafe { f(&mut n) })?;
-        Ok(n)
-    }
-
-    pub fn properties_raw(&self, dev: i32) -> NetResult<ncclNetProperties_v7_t> {
-        let f = func!(self, getProperties);
-        let mut p = ncclNetProperties_v7_t::default();
-        // SAFETY: p is a valid, writable v7 properties struct.
-        check(unsafe { f(dev, &mut p) })?;
-        Ok(p)
-    }
-
-    pub fn properties(&self, dev: i32) -> NetResult<Props> {
-        let p = self.properties_raw(dev)?;
-        let s = |c: *mut c_char| {
-            // SAFETY: plugins return NUL-terminated strings that outlive the call (static or per device).
-            (!c.is_null()).then(|| unsafe { CStr::from_ptr(c) }.to_string_lossy().to_string())
-        };
-        Ok(Props {
-            name: s(p.name).unwrap_or_default(),
-            pci_path: s(p.pciPath),
-            guid: p.guid,
-            ptr_support: p.ptrSupport,
-            speed: p.speed,
-            port: p.port,
-            latency: p.latency,
-            max_comms: p.maxComms,
-            max_recvs: p.maxRecvs,
-            net_device_type: p.netDeviceType,
-            net_device_version: p.netDeviceVersion,
-        })
-    }
-
-    /// listen on `dev`: the handle (zeroed before the call) and the listen comm.
-    pub fn listen(&self, dev: i32) -> NetResult<(Handle, Comm)> {
-        let mut h: Handle = [0; HANDLE_SIZE];
-        let c = self.listen_into(dev, &mut h)?;
-        Ok((h, c))
-    }
+    fn properties(&self, dev: i32) -> NetResult<Props>;
 
     /// listen writing into a caller's handle buffer (e.g. pre-filled with a canary).
-    pub fn listen_into(&self, dev: i32, handle: &mut Handle) -> NetResult<Comm> {
-        let f = func!(self, listen);
-        let mut c: *mut c_void = std::ptr::null_mut();
-        // SAFETY: handle is a writable 128-byte buffer; c a valid out-pointer.
-        check(unsafe { f(dev, handle.as_mut_ptr().cast(), &mut c) })?;
-        Ok(Comm(c))
-    }
-
-    /// One connect call, as NCCL makes it (sendDevComm points at a NULL device-handle pointer).
-    /// `None` means "call again with the same handle buffer".
-    pub fn connect(&self, dev: i32, handle: &mut Handle) -> NetResult<Option<Comm>> {
-        let mut dh: *mut DevHandle = std::ptr::null_mut();
-        // SAFETY: handle is a 128-byte buffer we hold mutably; dh a valid out-pointer.
-        unsafe { self.connect_raw(dev, handle.as_mut_ptr().cast(), &mut dh) }
-    }
+    fn listen_into(&self, dev: i32, handle: &mut Handle) -> NetResult<Comm>;
 
     /// connect with raw arguments.
     ///
     /// # Safety
     /// `handle` must point at 128 writable bytes and `send_dev_comm` must be NULL or valid for writes.
-    pub unsafe fn connect_raw(
+    unsafe fn connect_raw(
         &self,
         dev: i32,
         handle: *mut c_void,
         send_dev_comm: *mut *mut DevHandle,
-    ) -> NetResult<Option<Comm>> {
-        let f = func!(self, connect);
-        let mut c: *mut c_void = std::ptr::null_mut();
-        // SAFETY: forwarded from the caller's contract; c is a valid out-pointer.
-        check(unsafe { f(dev, handle, &mut c, send_dev_comm) })?;
-        Ok((!c.is_null()).then_some(Comm(c)))
+    ) -> NetResult<Option<Comm>>;
+
+    /// accept with a raw recvDevComm.
+    ///
+    /// # Safety
+    /// `recv_dev_comm` must be NULL or point at a pointer that is NULL or valid for writes.
+    unsafe fn accept_raw(&self, listen: Comm, recv_dev_comm: *mut *mut DevHandle) -> NetResult<Option<Comm>>;
+
+    fn reg_mr(&self, comm: Comm, data: *mut c_void, size: usize, ty: i32) -> NetResult<Mr>;
+
+    /// Whether the plugin has regMrDmaBuf (TCPX: no).
+    fn has_reg_mr_dmabuf(&self) -> bool;
+
+    fn reg_mr_dmabuf(&self, comm: Comm, data: *mut c_void, size: usize, ty: i32, offset: u64, fd: i32)
+        -> NetResult<Mr>;
+
+    fn dereg_mr(&self, comm: Comm, mr: Mr) -> NetResult<()>;
+
+    fn has_get_device_mr(&self) -> bool;
+
+    fn get_device_mr(&self, comm: Comm, mr: Mr) -> NetResult<*mut c_void>;
+
+    /// One isend call. `None` means "try again later".
+    fn isend(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Option<Req>>;
+
+    /// irecv with n = data.len() (all slices must have the same length).
+    fn irecv_n(
+        &self,
+        comm: Comm,
+        data: &mut [*mut c_void],
+        sizes: &mut [i32],
+        tags: &mut [i32],
+        mrs: &mut [*mut c_void],
+    ) -> NetResult<Option<Req>>;
+
+    /// One iflush call (n == 1). `None` means nothing to wait for.
+    fn iflush(&self, comm: Comm, data: *mut c_void, size: i32, mr: Mr) -> NetResult<Option<Req>>;
+
+    /// One test call with a caller's sizes array (or NULL, as NCCL does for flushes). Returns `done`.
+    fn test_sizes(&self, req: Req, sizes: Option<&mut [i32]>) -> NetResult<bool>;
+
+    fn has_irecv_consumed(&self) -> bool;
+
+    /// irecvConsumed(comm, n, req); like NCCL, does nothing when the plugin has none.
+    fn irecv_consumed_n(&self, comm: Comm, n: i32, req: Req) -> NetResult<()>;
+
+    fn close_send(&self, comm: Comm) -> NetResult<()>;
+
+    fn close_recv(&self, comm: Comm) -> NetResult<()>;
+
+    fn close_listen(&self, comm: Comm) -> NetResult<()>;
+
+    /// listen on `dev`: the handle (zeroed before the call) and the listen comm.
+    fn listen(&self, dev: i32) -> NetResult<(Handle, Comm)> {
+        let mut h: Handle = [0; HANDLE_SIZE];
+        let c = self.listen_into(dev, &mut h)?;
+        Ok((h, c))
+    }
+
+    /// One connect call, as NCCL makes it (sendDevComm points at a NULL device-handle pointer).
+    /// `None` means "call again with the same handle buffer".
+    fn connect(&self, dev: i32, handle: &mut Handle) -> NetResult<Option<Comm>> {
+        let mut dh: *mut DevHandle = std::ptr::null_mut();
+        // SAFETY: handle is a 128-byte buffer we hold mutably; dh a valid out-pointer.
+        unsafe { self.connect_raw(dev, handle.as_mut_ptr().cast(), &mut dh) }
     }
 
     /// One accept call, as NCCL makes it: recvDevComm points at a pointer to a zeroed device handle,
     /// which is returned (copied) with the comm. `None` means "call again".
-    pub fn accept(&self, listen: Comm) -> NetResult<Option<(Comm, DevHandle)>> {
+    fn accept(&self, listen: Comm) -> NetResult<Option<(Comm, DevHandle)>> {
         let mut storage = Box::<DevHandle>::default();
         let mut dh: *mut DevHandle = &mut *storage;
         // SAFETY: dh points at a live, writable device handle.
@@ -901,27 +904,15 @@ impl Net {
         Ok(c.map(|c| (c, *storage)))
     }
 
-    /// accept with a raw recvDevComm.
-    ///
-    /// # Safety
-    /// `recv_dev_comm` must be NULL or point at a pointer that is NULL or valid for writes.
-    pub unsafe fn accept_raw(&self, listen: Comm, recv_dev_comm: *mut *mut DevHandle) -> NetResult<Option<Comm>> {
-        let f = func!(self, accept);
-        let mut c: *mut c_void = std::ptr::null_mut();
-        // SAFETY: forwarded from the caller's contract; c is a valid out-pointer.
-        check(unsafe { f(listen.0, &mut c, recv_dev_comm) })?;
-        Ok((!c.is_null()).then_some(Comm(c)))
-    }
-
     /// Listens on `dev`, then calls connect and accept until both return a comm (bounded by [`DEADLINE`]),
     /// then closes the listen comm. Panics on any error.
-    pub fn connect_pair(&self, dev: i32) -> (Comm, Comm) {
+    fn connect_pair(&self, dev: i32) -> (Comm, Comm) {
         let p = self.connect_pair_full(dev);
         (p.send, p.recv)
     }
 
-    /// [`Net::connect_pair`], also returning the device handle accept filled.
-    pub fn connect_pair_full(&self, dev: i32) -> Pair {
+    /// [`Driver::connect_pair`], also returning the device handle accept filled.
+    fn connect_pair_full(&self, dev: i32) -> Pair {
         let (mut handle, listen) = self
             .listen(dev)
             .unwrap_or_else(|e| panic!("connect_pair: listen(dev {dev}) failed: {}", result_name(e)));
@@ -932,7 +923,7 @@ impl Net {
     }
 
     /// Calls connect (always with `handle`, the same buffer) and accept until both are done. Panics on errors.
-    pub fn connect_accept(&self, dev: i32, handle: &mut Handle, listen: Comm) -> (Comm, (Comm, DevHandle)) {
+    fn connect_accept(&self, dev: i32, handle: &mut Handle, listen: Comm) -> (Comm, (Comm, DevHandle)) {
         let mut send = None;
         let mut recv = None;
         let start = Instant::now();
@@ -961,70 +952,13 @@ impl Net {
         (send.unwrap(), recv.unwrap())
     }
 
-    pub fn reg_mr(&self, comm: Comm, data: *mut c_void, size: usize, ty: i32) -> NetResult<Mr> {
-        let f = func!(self, regMr);
-        let size = c_int::try_from(size).expect("regMr size must fit in an int");
-        let mut m: *mut c_void = std::ptr::null_mut();
-        // SAFETY: the plugin only records data/size; m is a valid out-pointer.
-        check(unsafe { f(comm.0, data, size, ty, &mut m) })?;
-        Ok(Mr(m))
-    }
-
     /// Registers a whole buffer (its capacity, at least 1 byte).
-    pub fn reg_buf(&self, comm: Comm, buf: &AlignedBuf, ty: i32) -> NetResult<Mr> {
+    fn reg_buf(&self, comm: Comm, buf: &AlignedBuf, ty: i32) -> NetResult<Mr> {
         self.reg_mr(comm, buf.as_ptr(), buf.capacity(), ty)
     }
 
-    /// Whether the table has regMrDmaBuf (TCPX: no).
-    pub fn has_reg_mr_dmabuf(&self) -> bool {
-        self.table().regMrDmaBuf.is_some()
-    }
-
-    pub fn reg_mr_dmabuf(
-        &self,
-        comm: Comm,
-        data: *mut c_void,
-        size: usize,
-        ty: i32,
-        offset: u64,
-        fd: i32,
-    ) -> NetResult<Mr> {
-        let f = func!(self, regMrDmaBuf);
-        let mut m: *mut c_void = std::ptr::null_mut();
-        // SAFETY: as reg_mr; the fd is only passed through.
-        check(unsafe { f(comm.0, data, size, ty, offset, fd, &mut m) })?;
-        Ok(Mr(m))
-    }
-
-    pub fn dereg_mr(&self, comm: Comm, mr: Mr) -> NetResult<()> {
-        let f = func!(self, deregMr);
-        // SAFETY: opaque pointers handed back to the plugin.
-        check(unsafe { f(comm.0, mr.0) })
-    }
-
-    pub fn has_get_device_mr(&self) -> bool {
-        self.table().getDeviceMr.is_some()
-    }
-
-    pub fn get_device_mr(&self, comm: Comm, mr: Mr) -> NetResult<*mut c_void> {
-        let f = func!(self, getDeviceMr);
-        let mut d: *mut c_void = std::ptr::null_mut();
-        // SAFETY: d is a valid out-pointer.
-        check(unsafe { f(comm.0, mr.0, &mut d) })?;
-        Ok(d)
-    }
-
-    /// One isend call. `None` means "try again later".
-    pub fn isend(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Option<Req>> {
-        let f = func!(self, isend);
-        let mut r: *mut c_void = std::ptr::null_mut();
-        // SAFETY: data must stay valid until the request completes: callers keep their buffers alive.
-        check(unsafe { f(comm.0, data, size, tag, mr.0, &mut r) })?;
-        Ok((!r.is_null()).then_some(Req(r)))
-    }
-
     /// One irecv call with n == 1. `None` means "try again later".
-    pub fn irecv(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Option<Req>> {
+    fn irecv(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Option<Req>> {
         let mut d = [data];
         let mut s = [size];
         let mut t = [tag];
@@ -1032,63 +966,14 @@ impl Net {
         self.irecv_n(comm, &mut d, &mut s, &mut t, &mut m)
     }
 
-    /// irecv with n = data.len() (all slices must have the same length).
-    pub fn irecv_n(
-        &self,
-        comm: Comm,
-        data: &mut [*mut c_void],
-        sizes: &mut [i32],
-        tags: &mut [i32],
-        mrs: &mut [*mut c_void],
-    ) -> NetResult<Option<Req>> {
-        assert!(sizes.len() == data.len() && tags.len() == data.len() && mrs.len() == data.len());
-        let f = func!(self, irecv);
-        let mut r: *mut c_void = std::ptr::null_mut();
-        // SAFETY: the arrays hold n entries each; buffers stay alive until the request completes.
-        check(unsafe {
-            f(
-                comm.0,
-                data.len() as c_int,
-                data.as_mut_ptr(),
-                sizes.as_mut_ptr(),
-                tags.as_mut_ptr(),
-                mrs.as_mut_ptr(),
-                &mut r,
-            )
-        })?;
-        Ok((!r.is_null()).then_some(Req(r)))
-    }
-
-    /// One iflush call (n == 1). `None` means nothing to wait for.
-    pub fn iflush(&self, comm: Comm, data: *mut c_void, size: i32, mr: Mr) -> NetResult<Option<Req>> {
-        let f = func!(self, iflush);
-        let mut d = [data];
-        let mut s = [size];
-        let mut m = [mr.0];
-        let mut r: *mut c_void = std::ptr::null_mut();
-        // SAFETY: one-entry arrays; r is a valid out-pointer.
-        check(unsafe { f(comm.0, 1, d.as_mut_ptr(), s.as_mut_ptr(), m.as_mut_ptr(), &mut r) })?;
-        Ok((!r.is_null()).then_some(Req(r)))
-    }
-
     /// One test call: `Some(size)` when done (size of the first/only buffer).
-    pub fn test(&self, req: Req) -> NetResult<Option<i32>> {
+    fn test(&self, req: Req) -> NetResult<Option<i32>> {
         let mut sizes = [-1 as c_int; 8];
         Ok(self.test_sizes(req, Some(&mut sizes))?.then_some(sizes[0]))
     }
 
-    /// One test call with a caller's sizes array (or NULL, as NCCL does for flushes). Returns `done`.
-    pub fn test_sizes(&self, req: Req, sizes: Option<&mut [i32]>) -> NetResult<bool> {
-        let f = func!(self, test);
-        let mut done: c_int = 0;
-        let sp = sizes.map_or(std::ptr::null_mut(), |s| s.as_mut_ptr());
-        // SAFETY: done is a valid out-pointer; sizes is NULL or has room for the request's n entries.
-        check(unsafe { f(req.0, &mut done, sp) })?;
-        Ok(done != 0)
-    }
-
     /// Tests until done (bounded by [`DEADLINE`]); returns the reported size.
-    pub fn wait(&self, req: Req) -> NetResult<i32> {
+    fn wait(&self, req: Req) -> NetResult<i32> {
         let start = Instant::now();
         let mut i = 0u32;
         loop {
@@ -1106,44 +991,13 @@ impl Net {
         }
     }
 
-    pub fn has_irecv_consumed(&self) -> bool {
-        self.table().irecvConsumed.is_some()
-    }
-
-    /// irecvConsumed(comm, 1, req); like NCCL, does nothing when the table has none.
-    pub fn irecv_consumed(&self, comm: Comm, req: Req) -> NetResult<()> {
+    /// irecvConsumed(comm, 1, req); like NCCL, does nothing when the plugin has none.
+    fn irecv_consumed(&self, comm: Comm, req: Req) -> NetResult<()> {
         self.irecv_consumed_n(comm, 1, req)
     }
 
-    pub fn irecv_consumed_n(&self, comm: Comm, n: i32, req: Req) -> NetResult<()> {
-        // SAFETY: see `func!`.
-        let Some(f) = (unsafe { std::ptr::addr_of!((*self.table).irecvConsumed).read() }) else {
-            return Ok(());
-        };
-        // SAFETY: opaque pointers handed back to the plugin.
-        check(unsafe { f(comm.0, n, req.0) })
-    }
-
-    pub fn close_send(&self, comm: Comm) -> NetResult<()> {
-        let f = func!(self, closeSend);
-        // SAFETY: opaque pointer handed back to the plugin.
-        check(unsafe { f(comm.0) })
-    }
-
-    pub fn close_recv(&self, comm: Comm) -> NetResult<()> {
-        let f = func!(self, closeRecv);
-        // SAFETY: opaque pointer handed back to the plugin.
-        check(unsafe { f(comm.0) })
-    }
-
-    pub fn close_listen(&self, comm: Comm) -> NetResult<()> {
-        let f = func!(self, closeListen);
-        // SAFETY: opaque pointer handed back to the plugin.
-        check(unsafe { f(comm.0) })
-    }
-
     /// isend, retrying while the plugin says "try again" (bounded). Errors are returned.
-    pub fn post_send(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Req> {
+    fn post_send(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Req> {
         let start = Instant::now();
         let mut i = 0u32;
         loop {
@@ -1159,7 +1013,7 @@ impl Net {
     }
 
     /// irecv (n == 1), retrying while the plugin says "try again" (bounded). Errors are returned.
-    pub fn post_recv(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Req> {
+    fn post_recv(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Req> {
         let start = Instant::now();
         let mut i = 0u32;
         loop {
@@ -1175,7 +1029,7 @@ impl Net {
     }
 
     /// Tests two requests alternately until both are done (bounded); returns their sizes.
-    pub fn wait_both(&self, a: Req, b: Req) -> NetResult<(i32, i32)> {
+    fn wait_both(&self, a: Req, b: Req) -> NetResult<(i32, i32)> {
         let (mut ra, mut rb) = (None, None);
         let start = Instant::now();
         let mut i = 0u32;
@@ -1204,19 +1058,19 @@ impl Net {
     }
 
     /// Sends `size` pattern bytes from `send` to `recv` (fresh registered buffers), waits, and checks every byte
-    /// and the sizes both sides report; calls irecvConsumed when the table has it. Panics on any failure.
-    pub fn transfer(&self, send: Comm, recv: Comm, size: usize) {
+    /// and the sizes both sides report; calls irecvConsumed when the plugin has it. Panics on any failure.
+    fn transfer(&self, send: Comm, recv: Comm, size: usize) {
         self.transfer_opts(send, recv, &TransferOpts::new(size))
     }
 
-    /// [`Net::transfer`] with options. Panics on any failure.
-    pub fn transfer_opts(&self, send: Comm, recv: Comm, o: &TransferOpts) {
+    /// [`Driver::transfer`] with options. Panics on any failure.
+    fn transfer_opts(&self, send: Comm, recv: Comm, o: &TransferOpts) {
         self.try_transfer(send, recv, o)
             .unwrap_or_else(|e| panic!("transfer of {} bytes: {e}", o.size))
     }
 
-    /// [`Net::transfer_opts`] returning failures as messages instead of panicking (deadlines still panic).
-    pub fn try_transfer(&self, send: Comm, recv: Comm, o: &TransferOpts) -> Result<(), String> {
+    /// [`Driver::transfer_opts`] returning failures as messages instead of panicking (deadlines still panic).
+    fn try_transfer(&self, send: Comm, recv: Comm, o: &TransferOpts) -> Result<(), String> {
         assert!(o.recv_size >= o.size, "recv_size must be >= size");
         let size = i32::try_from(o.size).expect("size fits in an int");
         let rsize = i32::try_from(o.recv_size).expect("recv_size fits in an int");
@@ -1259,6 +1113,585 @@ impl Net {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A v7 table: a loaded plugin, or the shim's own table in this process
+// ---------------------------------------------------------------------------------------------
+
+/// A net plugin called through its `ncclNetPlugin_v7` table: a loaded library ([`Net::open`]) or the
+/// table this test binary itself exports, over a stack built in-process ([`Net::in_process`]).
+pub struct Net {
+    pub path: PathBuf,
+    /// The library the table comes from; `None` for the in-process table.
+    pub lib: Option<&'static Library>,
+    table: *const ncclNet_v7_t,
+    /// The log capture whose logger [`Net::init`] passes.
+    pub log: &'static LogCapture,
+}
+
+// SAFETY: the table is static data of a library that is never unloaded (or of this binary), written
+// only by the plugin's own init; the plugin's functions are meant to be called from several threads
+// (NCCL does).
+unsafe impl Send for Net {}
+// SAFETY: as above.
+unsafe impl Sync for Net {}
+
+/// Reads one function pointer of the table, panicking if it is NULL.
+macro_rules! func {
+    ($self:ident, $field:ident) => {
+        $self.opt_fn(
+            // SAFETY: `table` points at the plugin's exported ncclNet_v7_t, which stays mapped for the life of
+            // the process (the library is never unloaded); we read one field without forming a reference.
+            unsafe { std::ptr::addr_of!((*$self.table).$field).read() },
+            stringify!($field),
+        )
+    };
+}
+
+impl Net {
+    /// Loads `path` and takes its `ncclNetPlugin_v7`; panics with the reason if that fails.
+    /// The plugin gets a private log capture.
+    pub fn open(path: impl AsRef<Path>) -> Net {
+        Net::try_open(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Net::open`], returning the reason on failure.
+    pub fn try_open(path: impl AsRef<Path>) -> Result<Net, String> {
+        let path = path.as_ref().to_path_buf();
+        let lib = load_library(&path)?;
+        let table = symbol_addr(lib, "ncclNetPlugin_v7")
+            .ok_or_else(|| format!("{} does not export ncclNetPlugin_v7", path.display()))?
+            as *const ncclNet_v7_t;
+        Ok(Net {
+            path,
+            lib: Some(lib),
+            table,
+            log: LogCapture::private(),
+        })
+    }
+
+    /// Loads a private copy of `path` (its own globals: counters, knobs, state).
+    pub fn open_private(path: impl AsRef<Path>) -> Net {
+        Net::open(private_copy(path.as_ref()))
+    }
+
+    /// The shim as NCCL drives it, inside this process: builds the stack `cfg` describes, makes it the
+    /// one the exported `tcpxshim::export::ncclNetPlugin_v7` table drives (`stack::install_global`) and
+    /// initialises that table, with [`in_process_log`] as NCCL's logger. Every call then goes through
+    /// the real C ABI trampolines. Once per process (each tests/*.rs file is a process of its own);
+    /// panics if the stack cannot be built or a stack is in place already.
+    pub fn in_process(cfg: &Config) -> Net {
+        let log = in_process_log();
+        let shim = tcpxshim::stack::build(cfg).unwrap_or_else(|e| panic!("building the stack of {cfg:?}: {e}"));
+        tcpxshim::stack::install_global(shim).unwrap_or_else(|e| panic!("Net::in_process (once per process): {e}"));
+        let net = Net {
+            path: PathBuf::from("(this process's ncclNetPlugin_v7)"),
+            lib: None,
+            table: std::ptr::addr_of!(tcpxshim::export::ncclNetPlugin_v7),
+            log,
+        };
+        // init installs the shim's panic hook, which reports panics through NCCL's logger only; keep it
+        // (the panic guard's WARN lines name the location it records) and still print test failures.
+        let before = std::panic::take_hook();
+        let res = net.init();
+        let shim_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            shim_hook(info);
+            before(info);
+        }));
+        // init set the level from NCCL_DEBUG; tests read INFO lines.
+        log::set_max_level(log::LevelFilter::Info);
+        res.unwrap_or_else(|e| panic!("init of the in-process table failed: {}", result_name(e)));
+        net
+    }
+
+    /// The fixture controls of this library (panics if it is not a fixture).
+    pub fn fixture(&self) -> FixtureCtl {
+        self.lib
+            .and_then(FixtureCtl::from_lib)
+            .unwrap_or_else(|| panic!("{} is not a net fixture", self.path.display()))
+    }
+
+    /// A copy of the whole table (function pointers may be compared, e.g. closeSend == closeRecv).
+    pub fn table(&self) -> ncclNet_v7_t {
+        // SAFETY: see `func!`; the table is plain old data.
+        unsafe { std::ptr::read(self.table) }
+    }
+
+    fn opt_fn<F>(&self, f: Option<F>, name: &str) -> F {
+        f.unwrap_or_else(|| panic!("{}: ncclNet_v7_t.{name} is NULL", self.path.display()))
+    }
+
+    /// init with this Net's log capture.
+    pub fn init(&self) -> NetResult<()> {
+        self.init_with(self.log.logger())
+    }
+
+    pub fn init_with(&self, logger: ncclDebugLogger_t) -> NetResult<()> {
+        let f = func!(self, init);
+        // SAFETY: a valid (or NULL) logger that lives for the whole process.
+        check(unsafe { f(logger) })
+    }
+
+    /// Takes the lines logged so far through this Net's capture (see [`LogCapture::take`]).
+    pub fn captured_log(&self) -> Vec<String> {
+        self.log.take()
+    }
+
+    pub fn properties_raw(&self, dev: i32) -> NetResult<ncclNetProperties_v7_t> {
+        let f = func!(self, getProperties);
+        let mut p = ncclNetProperties_v7_t::default();
+        // SAFETY: p is a valid, writable v7 properties struct.
+        check(unsafe { f(dev, &mut p) })?;
+        Ok(p)
+    }
+}
+
+impl Driver for Net {
+    fn name(&self) -> String {
+        // SAFETY: see `func!`.
+        let p = unsafe { std::ptr::addr_of!((*self.table).name).read() };
+        assert!(!p.is_null(), "{}: ncclNet_v7_t.name is NULL", self.path.display());
+        // SAFETY: the plugin's name is a NUL-terminated static string.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().to_string()
+    }
+
+    fn devices(&self) -> NetResult<i32> {
+        let f = func!(self, devices);
+        let mut n: c_int = -1;
+        // SAFETY: n is a valid out-pointer.
+        check(unsafe { f(&mut n) })?;
+        Ok(n)
+    }
+
+    fn properties(&self, dev: i32) -> NetResult<Props> {
+        let p = self.properties_raw(dev)?;
+        let s = |c: *mut c_char| {
+            // SAFETY: plugins return NUL-terminated strings that outlive the call (static or per device).
+            (!c.is_null()).then(|| unsafe { CStr::from_ptr(c) }.to_string_lossy().to_string())
+        };
+        Ok(Props {
+            name: s(p.name).unwrap_or_default(),
+            pci_path: s(p.pciPath),
+            guid: p.guid,
+            ptr_support: p.ptrSupport,
+            speed: p.speed,
+            port: p.port,
+            latency: p.latency,
+            max_comms: p.maxComms,
+            max_recvs: p.maxRecvs,
+            net_device_type: p.netDeviceType,
+            net_device_version: p.netDeviceVersion,
+        })
+    }
+
+    fn listen_into(&self, dev: i32, handle: &mut Handle) -> NetResult<Comm> {
+        let f = func!(self, listen);
+        let mut c: *mut c_void = std::ptr::null_mut();
+        // SAFETY: handle is a writable 128-byte buffer; c a valid out-pointer.
+        check(unsafe { f(dev, handle.as_mut_ptr().cast(), &mut c) })?;
+        Ok(Comm(c))
+    }
+
+    unsafe fn connect_raw(
+        &self,
+        dev: i32,
+        handle: *mut c_void,
+        send_dev_comm: *mut *mut DevHandle,
+    ) -> NetResult<Option<Comm>> {
+        let f = func!(self, connect);
+        let mut c: *mut c_void = std::ptr::null_mut();
+        // SAFETY: forwarded from the caller's contract; c is a valid out-pointer.
+        check(unsafe { f(dev, handle, &mut c, send_dev_comm) })?;
+        Ok((!c.is_null()).then_some(Comm(c)))
+    }
+
+    unsafe fn accept_raw(&self, listen: Comm, recv_dev_comm: *mut *mut DevHandle) -> NetResult<Option<Comm>> {
+        let f = func!(self, accept);
+        let mut c: *mut c_void = std::ptr::null_mut();
+        // SAFETY: forwarded from the caller's contract; c is a valid out-pointer.
+        check(unsafe { f(listen.0, &mut c, recv_dev_comm) })?;
+        Ok((!c.is_null()).then_some(Comm(c)))
+    }
+
+    fn reg_mr(&self, comm: Comm, data: *mut c_void, size: usize, ty: i32) -> NetResult<Mr> {
+        let f = func!(self, regMr);
+        let size = c_int::try_from(size).expect("regMr size must fit in an int");
+        let mut m: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the plugin only records data/size; m is a valid out-pointer.
+        check(unsafe { f(comm.0, data, size, ty, &mut m) })?;
+        Ok(Mr(m))
+    }
+
+    fn has_reg_mr_dmabuf(&self) -> bool {
+        self.table().regMrDmaBuf.is_some()
+    }
+
+    fn reg_mr_dmabuf(
+        &self,
+        comm: Comm,
+        data: *mut c_void,
+        size: usize,
+        ty: i32,
+        offset: u64,
+        fd: i32,
+    ) -> NetResult<Mr> {
+        let f = func!(self, regMrDmaBuf);
+        let mut m: *mut c_void = std::ptr::null_mut();
+        // SAFETY: as reg_mr; the fd is only passed through.
+        check(unsafe { f(comm.0, data, size, ty, offset, fd, &mut m) })?;
+        Ok(Mr(m))
+    }
+
+    fn dereg_mr(&self, comm: Comm, mr: Mr) -> NetResult<()> {
+        let f = func!(self, deregMr);
+        // SAFETY: opaque pointers handed back to the plugin.
+        check(unsafe { f(comm.0, mr.0) })
+    }
+
+    fn has_get_device_mr(&self) -> bool {
+        self.table().getDeviceMr.is_some()
+    }
+
+    fn get_device_mr(&self, comm: Comm, mr: Mr) -> NetResult<*mut c_void> {
+        let f = func!(self, getDeviceMr);
+        let mut d: *mut c_void = std::ptr::null_mut();
+        // SAFETY: d is a valid out-pointer.
+        check(unsafe { f(comm.0, mr.0, &mut d) })?;
+        Ok(d)
+    }
+
+    fn isend(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Option<Req>> {
+        let f = func!(self, isend);
+        let mut r: *mut c_void = std::ptr::null_mut();
+        // SAFETY: data must stay valid until the request completes: callers keep their buffers alive.
+        check(unsafe { f(comm.0, data, size, tag, mr.0, &mut r) })?;
+        Ok((!r.is_null()).then_some(Req(r)))
+    }
+
+    fn irecv_n(
+        &self,
+        comm: Comm,
+        data: &mut [*mut c_void],
+        sizes: &mut [i32],
+        tags: &mut [i32],
+        mrs: &mut [*mut c_void],
+    ) -> NetResult<Option<Req>> {
+        assert!(sizes.len() == data.len() && tags.len() == data.len() && mrs.len() == data.len());
+        let f = func!(self, irecv);
+        let mut r: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the arrays hold n entries each; buffers stay alive until the request completes.
+        check(unsafe {
+            f(
+                comm.0,
+                data.len() as c_int,
+                data.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                tags.as_mut_ptr(),
+                mrs.as_mut_ptr(),
+                &mut r,
+            )
+        })?;
+        Ok((!r.is_null()).then_some(Req(r)))
+    }
+
+    fn iflush(&self, comm: Comm, data: *mut c_void, size: i32, mr: Mr) -> NetResult<Option<Req>> {
+        let f = func!(self, iflush);
+        let mut d = [data];
+        let mut s = [size];
+        let mut m = [mr.0];
+        let mut r: *mut c_void = std::ptr::null_mut();
+        // SAFETY: one-entry arrays; r is a valid out-pointer.
+        check(unsafe { f(comm.0, 1, d.as_mut_ptr(), s.as_mut_ptr(), m.as_mut_ptr(), &mut r) })?;
+        Ok((!r.is_null()).then_some(Req(r)))
+    }
+
+    fn test_sizes(&self, req: Req, sizes: Option<&mut [i32]>) -> NetResult<bool> {
+        let f = func!(self, test);
+        let mut done: c_int = 0;
+        let sp = sizes.map_or(std::ptr::null_mut(), |s| s.as_mut_ptr());
+        // SAFETY: done is a valid out-pointer; sizes is NULL or has room for the request's n entries.
+        check(unsafe { f(req.0, &mut done, sp) })?;
+        Ok(done != 0)
+    }
+
+    fn has_irecv_consumed(&self) -> bool {
+        self.table().irecvConsumed.is_some()
+    }
+
+    fn irecv_consumed_n(&self, comm: Comm, n: i32, req: Req) -> NetResult<()> {
+        // SAFETY: see `func!`.
+        let Some(f) = (unsafe { std::ptr::addr_of!((*self.table).irecvConsumed).read() }) else {
+            return Ok(());
+        };
+        // SAFETY: opaque pointers handed back to the plugin.
+        check(unsafe { f(comm.0, n, req.0) })
+    }
+
+    fn close_send(&self, comm: Comm) -> NetResult<()> {
+        let f = func!(self, closeSend);
+        // SAFETY: opaque pointer handed back to the plugin.
+        check(unsafe { f(comm.0) })
+    }
+
+    fn close_recv(&self, comm: Comm) -> NetResult<()> {
+        let f = func!(self, closeRecv);
+        // SAFETY: opaque pointer handed back to the plugin.
+        check(unsafe { f(comm.0) })
+    }
+
+    fn close_listen(&self, comm: Comm) -> NetResult<()> {
+        let f = func!(self, closeListen);
+        // SAFETY: opaque pointer handed back to the plugin.
+        check(unsafe { f(comm.0) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A stack built in this process, driven through its Rust interface
+// ---------------------------------------------------------------------------------------------
+
+/// A stack built in this process from a [`Config`] (`tcpxshim::stack::build`), driven through the
+/// `Transport` interface of its top layer, the `Shim`: the methods the exported table's trampolines
+/// call, without the trampolines. Any number of them, each with a config of its own, can live in one
+/// test binary. Errors come back as their `ncclResult_t`; their messages are kept
+/// ([`StackNet::errors`]), since no trampoline logs them.
+///
+/// Every unsafe call below relies on the same two facts. The shim finds each comm, registration and
+/// request it is handed through its object table, so a stale, foreign or made-up one is an error, not
+/// a dereference. The data pointers and the handle buffer are the caller's, valid as the v7 ABI says
+/// (the harness's callers keep buffers alive until their requests complete), and the inner transports
+/// tests build stacks over (the fixtures, the built-in transport) check every handle byte they read.
+pub struct StackNet {
+    /// The stack (leaked: like a loaded plugin it lives until the process ends).
+    pub shim: &'static Shim,
+    errors: Mutex<Vec<String>>,
+}
+
+impl StackNet {
+    /// Builds the stack `cfg` describes, logging into [`in_process_log`]; panics if that fails.
+    pub fn build(cfg: &Config) -> StackNet {
+        StackNet::try_build(cfg).unwrap_or_else(|e| panic!("building the stack of {cfg:?}: {e}"))
+    }
+
+    /// Like [`StackNet::build`], returning the error.
+    pub fn try_build(cfg: &Config) -> tcpxshim::Result<StackNet> {
+        in_process_log();
+        let shim = tcpxshim::stack::build(cfg)?;
+        Ok(StackNet {
+            shim: Box::leak(Box::new(shim)),
+            errors: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The messages of the errors returned so far, oldest first.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The message of the last error returned.
+    pub fn last_error(&self) -> Option<String> {
+        self.errors().pop()
+    }
+
+    /// The shim's description of a comm ("send comm #3 (dev 0, ...)"), as its log lines name it.
+    pub fn label(&self, comm: Comm) -> Option<String> {
+        let c = Opaque::from_ptr(comm.0)?;
+        // SAFETY: the shim looks the comm up in its object table (see the type's documentation).
+        unsafe { self.shim.describe_comm(c) }
+    }
+
+    fn fail(&self, e: tcpxshim::Error) -> u32 {
+        let code = e.code();
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e.to_string());
+        code
+    }
+
+    fn res<T>(&self, r: tcpxshim::Result<T>) -> NetResult<T> {
+        r.map_err(|e| self.fail(e))
+    }
+
+    /// A comm or request the call needs (NULL is an error, as at the C boundary).
+    fn obj(&self, call: &str, what: &str, p: *mut c_void) -> NetResult<Opaque> {
+        Opaque::from_ptr(p)
+            .ok_or_else(|| self.fail(tcpxshim::Error::invalid_argument(format!("{call}: {what} is NULL"))))
+    }
+}
+
+fn comm_of(o: Opaque) -> Comm {
+    Comm(o.as_ptr())
+}
+
+fn req_of(o: Option<Opaque>) -> Option<Req> {
+    o.map(|o| Req(o.as_ptr()))
+}
+
+impl Driver for StackNet {
+    fn name(&self) -> String {
+        self.shim.name().to_string()
+    }
+
+    fn devices(&self) -> NetResult<i32> {
+        self.res(self.shim.devices())
+    }
+
+    fn properties(&self, dev: i32) -> NetResult<Props> {
+        let p = self.res(self.shim.properties(dev))?;
+        Ok(Props {
+            name: p.name,
+            pci_path: p.pci_path,
+            guid: p.guid,
+            ptr_support: p.ptr_support,
+            speed: p.speed_mbps,
+            port: p.port,
+            latency: p.latency_us,
+            max_comms: p.max_comms,
+            max_recvs: p.max_recvs,
+            net_device_type: p.device_type.raw(),
+            net_device_version: p.device_version,
+        })
+    }
+
+    fn listen_into(&self, dev: i32, handle: &mut Handle) -> NetResult<Comm> {
+        self.res(self.shim.listen(dev, handle)).map(comm_of)
+    }
+
+    unsafe fn connect_raw(
+        &self,
+        dev: i32,
+        handle: *mut c_void,
+        send_dev_comm: *mut *mut DevHandle,
+    ) -> NetResult<Option<Comm>> {
+        if handle.is_null() {
+            return Err(self.fail(tcpxshim::Error::invalid_argument("connect: handle is NULL")));
+        }
+        // SAFETY: the caller promises 128 writable bytes at `handle`, not touched by anyone else during the call.
+        let h = unsafe { &mut *(handle as *mut Handle) };
+        // SAFETY: see the type's documentation; send_dev_comm is NULL or valid, from the caller's contract.
+        let c = self.res(unsafe { self.shim.connect(dev, h, send_dev_comm) })?;
+        Ok(c.map(comm_of))
+    }
+
+    unsafe fn accept_raw(&self, listen: Comm, recv_dev_comm: *mut *mut DevHandle) -> NetResult<Option<Comm>> {
+        let l = self.obj("accept", "listenComm", listen.0)?;
+        // SAFETY: see the type's documentation; recv_dev_comm as the caller's contract says.
+        let c = self.res(unsafe { self.shim.accept(l, recv_dev_comm) })?;
+        Ok(c.map(comm_of))
+    }
+
+    fn reg_mr(&self, comm: Comm, data: *mut c_void, size: usize, ty: i32) -> NetResult<Mr> {
+        let c = self.obj("regMr", "comm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        let m = self.res(unsafe { self.shim.reg_mr(c, data, size, ty) })?;
+        Ok(Mr(m.as_ptr()))
+    }
+
+    fn has_reg_mr_dmabuf(&self) -> bool {
+        self.shim.has_dmabuf()
+    }
+
+    fn reg_mr_dmabuf(
+        &self,
+        comm: Comm,
+        data: *mut c_void,
+        size: usize,
+        ty: i32,
+        offset: u64,
+        fd: i32,
+    ) -> NetResult<Mr> {
+        let c = self.obj("regMrDmaBuf", "comm", comm.0)?;
+        // SAFETY: see the type's documentation; the fd is only passed through.
+        let m = self.res(unsafe { self.shim.reg_mr_dmabuf(c, data, size, ty, offset, fd) })?;
+        Ok(Mr(m.as_ptr()))
+    }
+
+    fn dereg_mr(&self, comm: Comm, mr: Mr) -> NetResult<()> {
+        let c = self.obj("deregMr", "comm", comm.0)?;
+        let m = self.obj("deregMr", "mhandle", mr.0)?;
+        // SAFETY: see the type's documentation.
+        self.res(unsafe { self.shim.dereg_mr(c, m) })
+    }
+
+    fn has_get_device_mr(&self) -> bool {
+        true
+    }
+
+    fn get_device_mr(&self, comm: Comm, mr: Mr) -> NetResult<*mut c_void> {
+        let c = self.obj("getDeviceMr", "comm", comm.0)?;
+        let m = self.obj("getDeviceMr", "mhandle", mr.0)?;
+        // SAFETY: see the type's documentation.
+        let d = self.res(unsafe { self.shim.get_device_mr(c, m) })?;
+        Ok(Opaque::opt_ptr(d))
+    }
+
+    fn isend(&self, comm: Comm, data: *mut c_void, size: i32, tag: i32, mr: Mr) -> NetResult<Option<Req>> {
+        let c = self.obj("isend", "sendComm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        let r = self.res(unsafe { self.shim.isend(c, data, size, tag, Opaque::from_ptr(mr.0)) })?;
+        Ok(req_of(r))
+    }
+
+    fn irecv_n(
+        &self,
+        comm: Comm,
+        data: &mut [*mut c_void],
+        sizes: &mut [i32],
+        tags: &mut [i32],
+        mrs: &mut [*mut c_void],
+    ) -> NetResult<Option<Req>> {
+        assert!(sizes.len() == data.len() && tags.len() == data.len() && mrs.len() == data.len());
+        let c = self.obj("irecv", "recvComm", comm.0)?;
+        let m: Vec<Option<Opaque>> = mrs.iter().map(|&p| Opaque::from_ptr(p)).collect();
+        // SAFETY: see the type's documentation.
+        let r = self.res(unsafe { self.shim.irecv(c, data, sizes, tags, &m) })?;
+        Ok(req_of(r))
+    }
+
+    fn iflush(&self, comm: Comm, data: *mut c_void, size: i32, mr: Mr) -> NetResult<Option<Req>> {
+        let c = self.obj("iflush", "recvComm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        let r = self.res(unsafe { self.shim.iflush(c, &[data], &[size], &[Opaque::from_ptr(mr.0)]) })?;
+        Ok(req_of(r))
+    }
+
+    fn test_sizes(&self, req: Req, sizes: Option<&mut [i32]>) -> NetResult<bool> {
+        let r = self.obj("test", "request", req.0)?;
+        // The shim fills as many sizes as both the request and the slice have.
+        // SAFETY: see the type's documentation.
+        self.res(unsafe { self.shim.test(r, sizes) })
+    }
+
+    fn has_irecv_consumed(&self) -> bool {
+        true
+    }
+
+    fn irecv_consumed_n(&self, comm: Comm, n: i32, req: Req) -> NetResult<()> {
+        let c = self.obj("irecvConsumed", "recvComm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        self.res(unsafe { self.shim.irecv_consumed(c, n, Opaque::from_ptr(req.0)) })
+    }
+
+    fn close_send(&self, comm: Comm) -> NetResult<()> {
+        let c = self.obj("closeSend", "sendComm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        self.res(unsafe { self.shim.close_send(c) })
+    }
+
+    fn close_recv(&self, comm: Comm) -> NetResult<()> {
+        let c = self.obj("closeRecv", "recvComm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        self.res(unsafe { self.shim.close_recv(c) })
+    }
+
+    fn close_listen(&self, comm: Comm) -> NetResult<()> {
+        let c = self.obj("closeListen", "listenComm", comm.0)?;
+        // SAFETY: see the type's documentation.
+        self.res(unsafe { self.shim.close_listen(c) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
@@ -1270,12 +1703,6 @@ pub fn fresh_fixture(kind: Fixture) -> (Net, FixtureCtl) {
     net.init()
         .unwrap_or_else(|e| panic!("{} init failed: {}", kind.net_name(), result_name(e)));
     (net, ctl)
-}
-
-/// Serialises tests that touch process-wide state (environment variables, the shared shim instance).
-pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Open file descriptors of this process (entries of /proc/self/fd, including the one used to read it).
