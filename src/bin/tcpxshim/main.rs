@@ -7,6 +7,9 @@
 //! tcpxshim demo                           # both sides in this process over loopback
 //! ```
 
+mod bench;
+
+use bench::{fmt_size, parse_size, Event, Plan, Report};
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -14,7 +17,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tcpxshim::config;
 use tcpxshim::ffi::{NCCL_PTR_CUDA, NCCL_PTR_DMABUF, NCCL_PTR_HOST};
-use tcpxshim::p2p::bench::{self, fmt_size, parse_size, Event, Plan, Report};
 use tcpxshim::p2p::{self, Endpoint};
 use tcpxshim::stack::LoadInfo as StackInfo;
 use tcpxshim::transport::{DeviceType, Transport};
