@@ -1,26 +1,20 @@
-//! Listen, connect, accept, memory registration and transfers over one [`Transport`].
+//! Listen, connect and accept over one [`Transport`], and the connections they give.
 //!
 //! Every wait here is bounded by a timeout. A transfer that fails or is abandoned while the
 //! transport may still use its buffer closes the connection at once (so the transport stops
 //! touching the buffer); later calls on that connection fail with a message saying why.
+//! Registered memory is in `buf`, transfers in `xfer`.
 
+use super::buf::{reg_on, RegBuf};
 use crate::error::{Error, Result};
-use crate::ffi::{DevHandle, HANDLE_SIZE, NCCL_PTR_HOST};
+use crate::ffi::{DevHandle, HANDLE_SIZE};
 use crate::transport::{DeviceType, Opaque, Transport};
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::ffi::c_void;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The 128-byte connection handle NCCL carries between ranks.
 pub type Handle = [u8; HANDLE_SIZE];
-
-/// Tag used for every message (TCPX ignores tags; the built-in transport matches in order).
-const TAG: i32 = 0x7C5;
-
-/// Most requests a stream keeps in flight on one comm (NCCL keeps NCCL_STEPS = 8).
-pub const MAX_INFLIGHT: usize = 8;
 
 /// Waits between polls: yields for the first millisecond (low latency), then sleeps a little
 /// longer each time, up to half a millisecond (no core burnt on long waits).
@@ -64,7 +58,7 @@ pub fn handle_digest(handle: &Handle) -> String {
 
 /// Which kind of comm a [`Comm`] holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Send,
     Recv,
 }
@@ -73,11 +67,15 @@ enum Kind {
 /// transfer fails, after which every call reports why. (Public only to the sealed trait.)
 #[doc(hidden)]
 pub struct Comm<'a> {
-    net: &'a dyn Transport,
+    pub(super) net: &'a dyn Transport,
     comm: Cell<Option<Opaque>>,
-    kind: Kind,
-    label: String,
+    pub(super) kind: Kind,
+    pub(super) label: String,
     why_closed: RefCell<Option<String>>,
+    /// Closing failed (or has not returned yet): the transport may still use what it was given
+    /// on this comm, so buffers of requests outstanding then, and registered memory, are never
+    /// freed.
+    close_failed: Cell<bool>,
 }
 
 impl<'a> Comm<'a> {
@@ -88,11 +86,12 @@ impl<'a> Comm<'a> {
             kind,
             label,
             why_closed: RefCell::new(None),
+            close_failed: Cell::new(false),
         }
     }
 
     /// The open comm, or an error saying why it was closed.
-    fn get(&self) -> Result<Opaque> {
+    pub(super) fn get(&self) -> Result<Opaque> {
         self.comm.get().ok_or_else(|| {
             let why = self.why_closed.borrow().clone().unwrap_or_else(|| "closed".into());
             Error::invalid_usage(format!(
@@ -102,21 +101,35 @@ impl<'a> Comm<'a> {
         })
     }
 
+    /// The open comm, if it is open.
+    pub(super) fn open(&self) -> Option<Opaque> {
+        self.comm.get()
+    }
+
+    /// Whether the comm was closed and closing succeeded: the transport then uses nothing it was
+    /// given on it any more (the trait's contract), so those buffers may be freed or handed back.
+    pub(super) fn released(&self) -> bool {
+        self.comm.get().is_none() && !self.close_failed.get()
+    }
+
     fn close_now(&self) -> Result<()> {
-        match self.comm.take() {
-            Some(c) => match self.kind {
-                // SAFETY: `c` was this connection's open comm, taken out so it is closed once.
-                Kind::Send => unsafe { self.net.close_send(c) },
-                // SAFETY: as above.
-                Kind::Recv => unsafe { self.net.close_recv(c) },
-            },
-            None => Ok(()),
-        }
+        let Some(c) = self.comm.take() else { return Ok(()) };
+        // Until the transport reports the comm closed, what it was given on it may still be in
+        // use; this holds too should the close panic.
+        self.close_failed.set(true);
+        let res = match self.kind {
+            // SAFETY: `c` was this connection's open comm, taken out so it is closed once.
+            Kind::Send => unsafe { self.net.close_send(c) },
+            // SAFETY: as above.
+            Kind::Recv => unsafe { self.net.close_recv(c) },
+        };
+        self.close_failed.set(res.is_err());
+        res
     }
 
     /// Closes the comm because a request on it can no longer be waited for: the transport must
     /// stop using that request's buffer.
-    fn abandon(&self, why: &str) {
+    pub(super) fn abandon(&self, why: &str) {
         if self.comm.get().is_none() {
             return;
         }
@@ -449,8 +462,6 @@ pub fn connect<'a>(net: &'a dyn Transport, dev: i32, handle: Handle, timeout: Du
 }
 
 mod sealed {
-    /// Implemented by this module's types only.
-    pub trait Sealed {}
     /// Gives the connection's comm to the provided methods of `Conn`.
     pub trait HasComm {
         fn comm_state(&self) -> &super::Comm<'_>;
@@ -459,9 +470,15 @@ mod sealed {
 
 /// A send or receive connection (something memory can be registered on).
 pub trait Conn: sealed::HasComm {
-    /// Registers `buf` (host memory) for transfers on this connection.
-    fn reg(&self, buf: &mut [u8]) -> Result<Mr<'_>> {
-        reg_on(self.comm_state(), buf)
+    /// Registers `mem` (host memory) for transfers on this connection and takes it over: the
+    /// [`RegBuf`] owns it, and deregisters, then frees it when dropped. Failing, `mem` is freed.
+    fn reg(&self, mem: Vec<u8>) -> Result<RegBuf<'_>> {
+        reg_on(self.comm_state(), mem)
+    }
+
+    /// Allocates `len` zeroed bytes and registers them on this connection.
+    fn alloc(&self, len: usize) -> Result<RegBuf<'_>> {
+        self.reg(vec![0u8; len])
     }
 
     /// A short description of the connection for messages.
@@ -471,248 +488,18 @@ pub trait Conn: sealed::HasComm {
 
     /// Whether the connection was closed after a failure.
     fn is_closed(&self) -> bool {
-        self.comm_state().comm.get().is_none()
+        self.comm_state().open().is_none()
     }
 }
 
-/// Registers `buf` (NCCL_PTR_HOST) on `conn`; deregistered when the [`Mr`] is dropped.
-pub fn reg<'c, C: Conn>(conn: &'c C, buf: &mut [u8]) -> Result<Mr<'c>> {
-    conn.reg(buf)
-}
-
-fn reg_on<'c>(c: &'c Comm<'_>, buf: &mut [u8]) -> Result<Mr<'c>> {
-    let comm = c.get()?;
-    // SAFETY: the comm is open and `buf` is host memory of that length; the transport only
-    // records the range (data moves with requests, which own their buffers).
-    let mr = unsafe {
-        c.net
-            .reg_mr(comm, buf.as_mut_ptr().cast::<c_void>(), buf.len(), NCCL_PTR_HOST as i32)
-    }
-    .map_err(|e| e.context(format!("{}: register {} B of host memory", c.label, buf.len())))?;
-    // Shorten the lifetime of the transport borrow to 'c ("&'c Comm<'c>") so Mr has one lifetime.
-    let c: &'c Comm<'c> = c;
-    Ok(Mr {
-        c,
-        mr,
-        base: buf.as_ptr() as usize,
-        len: buf.len(),
-    })
-}
-
-/// A memory registration; deregistered on drop (it cannot outlive its connection).
-pub struct Mr<'c> {
-    c: &'c Comm<'c>,
-    mr: Opaque,
-    base: usize,
-    len: usize,
-}
-
-impl Mr<'_> {
-    /// The registered length.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether the registration is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Checks that `buf` lies inside this registration, made on `c`.
-    fn check(&self, c: &Comm<'_>, buf: &[u8]) -> Result<Opaque> {
-        if !std::ptr::eq(
-            self.c as *const Comm<'_> as *const u8,
-            c as *const Comm<'_> as *const u8,
-        ) {
-            return Err(Error::invalid_usage(format!(
-                "{}: memory registration belongs to another connection ({})",
-                c.label, self.c.label
-            )));
-        }
-        let start = buf.as_ptr() as usize;
-        if start < self.base || start + buf.len() > self.base + self.len {
-            return Err(Error::invalid_usage(format!(
-                "{}: buffer {start:#x}+{} is outside the registered region {:#x}+{}",
-                c.label,
-                buf.len(),
-                self.base,
-                self.len
-            )));
-        }
-        Ok(self.mr)
-    }
-}
-
-impl Drop for Mr<'_> {
-    fn drop(&mut self) {
-        // A comm closed after a failure took its registrations with it.
-        if let Some(comm) = self.c.comm.get() {
-            // SAFETY: the registration was made on this open comm and is released once, here.
-            if let Err(e) = unsafe { self.c.net.dereg_mr(comm, self.mr) } {
-                log::warn!("{}: deregister memory: {e}", self.c.label);
-            }
-        }
-    }
-}
-
-/// Buffers a send may use while in flight: their bytes stay put when the owner moves.
-pub trait SendBuf: sealed::Sealed + std::ops::Deref<Target = [u8]> {}
-/// Buffers a receive may use while in flight: their bytes stay put when the owner moves.
-pub trait RecvBuf: SendBuf + std::ops::DerefMut {}
-impl sealed::Sealed for &[u8] {}
-impl SendBuf for &[u8] {}
-impl sealed::Sealed for &mut [u8] {}
-impl SendBuf for &mut [u8] {}
-impl RecvBuf for &mut [u8] {}
-impl sealed::Sealed for Vec<u8> {}
-impl SendBuf for Vec<u8> {}
-impl RecvBuf for Vec<u8> {}
-impl sealed::Sealed for Box<[u8]> {}
-impl SendBuf for Box<[u8]> {}
-impl RecvBuf for Box<[u8]> {}
-
-/// The outcome of a non-blocking post.
-pub enum Posted<P, B> {
-    /// The request is in flight.
-    Posted(P),
-    /// The transport said "try again"; here is the buffer back.
-    Busy(B),
-}
-
-fn size_i32(c: &Comm<'_>, len: usize) -> Result<i32> {
-    i32::try_from(len).map_err(|_| {
-        Error::invalid_argument(format!(
-            "{}: message of {len} B is larger than the v7 limit of 2^31-1 B",
-            c.label
-        ))
-    })
-}
-
-/// A request in flight, holding its buffer until completion. Test requests of one connection in
-/// the order they were posted (TCPX requires it). Dropping one before it completes closes the
-/// connection, so that the transport stops using the buffer.
-pub struct Pending<'c, B> {
-    c: &'c Comm<'c>,
-    req: Option<Opaque>,
-    buf: Option<B>,
-    size: usize,
-    done: Option<usize>,
-    index: u64,
-}
-
-/// A send in flight.
-pub type PendingSend<'c, B> = Pending<'c, B>;
-/// A receive in flight.
-pub type PendingRecv<'c, B> = Pending<'c, B>;
-
-impl<'c, B> Pending<'c, B> {
-    /// Tests once: `Some(bytes)` once complete (sent size, or received size).
-    pub fn poll(&mut self) -> Result<Option<usize>> {
-        if let Some(n) = self.done {
-            return Ok(Some(n));
-        }
-        let req = self.req.expect("a pending request has a request until done");
-        let mut sizes = [0i32; 1];
-        let what = |c: &Comm<'_>| match c.kind {
-            Kind::Send => format!("{}: send #{} ({} B)", c.label, self.index, self.size),
-            Kind::Recv => format!("{}: receive #{} ({} B posted)", c.label, self.index, self.size),
-        };
-        // SAFETY: `req` is outstanding on this connection's open comm.
-        let done = match unsafe { self.c.net.test(req, Some(&mut sizes)) } {
-            Ok(d) => d,
-            Err(e) => {
-                let msg = format!("{}: {e}", what(self.c));
-                self.c.abandon(&msg);
-                self.req = None;
-                self.done = Some(0);
-                return Err(e.context(what(self.c)));
-            }
-        };
-        if !done {
-            return Ok(None);
-        }
-        self.req = None;
-        let n = usize::try_from(sizes[0]).unwrap_or(0);
-        self.done = Some(n);
-        if self.c.kind == Kind::Recv && n > self.size {
-            let msg = format!("{}: received {n} B into a {} B buffer", what(self.c), self.size);
-            self.c.abandon(&msg);
-            return Err(Error::remote(msg));
-        }
-        Ok(Some(n))
-    }
-
-    /// Whether the request completed.
-    pub fn is_done(&self) -> bool {
-        self.done.is_some()
-    }
-
-    /// Waits until complete, failing if no completion comes within `timeout`. Returns the byte
-    /// count and the buffer.
-    pub fn wait(mut self, timeout: Duration) -> Result<(usize, B)> {
-        let start = Instant::now();
-        let mut backoff = Backoff::new();
-        loop {
-            if let Some(n) = self.poll()? {
-                let buf = self.buf.take().expect("buffer held until completion");
-                return Ok((n, buf));
-            }
-            if start.elapsed() >= timeout {
-                let kind = if self.c.kind == Kind::Send { "send" } else { "receive" };
-                return Err(Error::remote(format!(
-                    "{}: {kind} #{} of {} B did not complete within {}; the peer stopped {}",
-                    self.c.label,
-                    self.index,
-                    self.size,
-                    secs(timeout),
-                    if self.c.kind == Kind::Send {
-                        "receiving"
-                    } else {
-                        "sending"
-                    }
-                )));
-            }
-            backoff.snooze();
-        }
-    }
-}
-
-impl<B> Drop for Pending<'_, B> {
-    fn drop(&mut self) {
-        if self.req.is_some() {
-            let msg = format!("a request of {} B was dropped before it completed", self.size);
-            self.c.abandon(&msg);
-        }
-    }
-}
-
-/// Posts with retries on "try again" until `timeout`.
-fn post_retry<P, B>(
-    timeout: Duration,
-    what: impl Fn() -> String,
-    mut buf: B,
-    mut try_post: impl FnMut(B) -> Result<Posted<P, B>>,
-) -> Result<P> {
-    let start = Instant::now();
-    let mut backoff = Backoff::new();
-    loop {
-        match try_post(buf)? {
-            Posted::Posted(p) => return Ok(p),
-            Posted::Busy(b) => buf = b,
-        }
-        if start.elapsed() >= timeout {
-            return Err(Error::remote(format!(
-                "{}: the transport kept answering \"try again\" for {} (connection not ready?)",
-                what(),
-                secs(timeout)
-            )));
-        }
-        backoff.snooze();
-    }
+/// Registers `mem` (NCCL_PTR_HOST) on `conn`, handing it over to the [`RegBuf`]: see [`Conn::reg`].
+pub fn reg<C: Conn>(conn: &C, mem: Vec<u8>) -> Result<RegBuf<'_>> {
+    conn.reg(mem)
 }
 
 /// The sending side of a connection; closed on drop.
 pub struct SendConn<'a> {
-    c: Comm<'a>,
+    pub(super) c: Comm<'a>,
     dev: i32,
 }
 
@@ -729,209 +516,16 @@ impl sealed::HasComm for SendConn<'_> {
 }
 impl Conn for SendConn<'_> {}
 
-/// Per-comm request counters, for messages.
-static NEXT_INDEX: AtomicU64 = AtomicU64::new(1);
-
-impl<'a> SendConn<'a> {
+impl SendConn<'_> {
     /// The local device.
     pub fn dev(&self) -> i32 {
         self.dev
     }
-
-    /// Posts a send of `buf` (inside `mr`) once; `Busy` gives the buffer back on "try again".
-    pub fn try_isend<'c, B: SendBuf>(&'c self, buf: B, mr: &Mr<'_>) -> Result<Posted<PendingSend<'c, B>, B>> {
-        let c: &'c Comm<'c> = &self.c;
-        let mrh = mr.check(c, &buf)?;
-        let size = size_i32(c, buf.len())?;
-        let comm = c.get()?;
-        let ptr = buf.as_ptr().cast_mut().cast::<c_void>();
-        // SAFETY: the comm is open, `mrh` its registration covering the buffer, which the pending
-        // send owns until the request completes or the connection is closed.
-        match unsafe { self.c.net.isend(comm, ptr, size, TAG, Some(mrh)) } {
-            Ok(Some(req)) => Ok(Posted::Posted(Pending {
-                c,
-                req: Some(req),
-                size: buf.len(),
-                buf: Some(buf),
-                done: None,
-                index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
-            })),
-            Ok(None) => Ok(Posted::Busy(buf)),
-            Err(e) => Err(e.context(format!("{}: isend of {} B", c.label, buf.len()))),
-        }
-    }
-
-    /// Posts a send, retrying "try again" until `timeout`.
-    pub fn isend<'c, B: SendBuf>(&'c self, buf: B, mr: &Mr<'_>, timeout: Duration) -> Result<PendingSend<'c, B>> {
-        let len = buf.len();
-        post_retry(
-            timeout,
-            || format!("{}: isend of {len} B", self.c.label),
-            buf,
-            |b| self.try_isend(b, mr),
-        )
-    }
-
-    /// Sends `buf` and waits for completion (no completion or progress for `timeout`: error).
-    pub fn send(&self, buf: &[u8], mr: &Mr<'_>, timeout: Duration) -> Result<()> {
-        self.isend(buf, mr, timeout)?.wait(timeout).map(|_| ())
-    }
-
-    /// Sends `count` messages of `size` bytes with up to `depth` (at most [`MAX_INFLIGHT`]) in
-    /// flight, message `i` from slot `i % (buf.len() / size)` of `buf`.
-    ///
-    /// With `fill`, each slot is rewritten by `fill(i, slot)` just before message `i` goes out
-    /// (never while in flight, so fewer slots limit the depth); without it, the same bytes may be
-    /// in flight several times at once. Fails when nothing completes for `timeout`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn send_stream(
-        &self,
-        buf: &mut [u8],
-        size: usize,
-        count: usize,
-        depth: usize,
-        mr: &Mr<'_>,
-        timeout: Duration,
-        fill: Option<FillFn<'_>>,
-    ) -> Result<()> {
-        let nslots = slots_of(&self.c, buf.len(), size)?;
-        let depth = depth.clamp(1, MAX_INFLIGHT);
-        match fill {
-            Some(fill) => {
-                let slots = mut_slots(buf, size, nslots);
-                stream(
-                    &self.c,
-                    count,
-                    depth.min(nslots),
-                    timeout,
-                    slots,
-                    |i, s| fill(i, s),
-                    |b| self.try_isend(b, mr),
-                    |_, _, _| Ok(()),
-                )
-            }
-            None => {
-                let one: &[u8] = &buf[..size];
-                let slots: Vec<Option<&[u8]>> = vec![Some(one); depth];
-                stream(
-                    &self.c,
-                    count,
-                    depth,
-                    timeout,
-                    slots,
-                    |_, _| {},
-                    |b| self.try_isend(b, mr),
-                    |_, _, _| Ok(()),
-                )
-            }
-        }
-    }
-}
-
-/// Rewrites slot contents before message `i` goes out: `fill(i, slot)`.
-pub type FillFn<'f> = &'f mut dyn FnMut(usize, &mut [u8]);
-
-/// The number of `size`-byte slots in a buffer of `len` bytes (one for empty messages).
-fn slots_of(c: &Comm<'_>, len: usize, size: usize) -> Result<usize> {
-    if size == 0 {
-        return Ok(1);
-    }
-    if len < size {
-        return Err(Error::invalid_argument(format!(
-            "{}: buffer of {len} B is smaller than the message size {size} B",
-            c.label
-        )));
-    }
-    Ok(len / size)
-}
-
-/// `nslots` disjoint `size`-byte slots of `buf` (one empty slot at its start for 0-byte messages).
-fn mut_slots(buf: &mut [u8], size: usize, nslots: usize) -> Vec<Option<&mut [u8]>> {
-    if size == 0 {
-        return vec![Some(&mut buf[..0])];
-    }
-    buf.chunks_exact_mut(size).take(nslots).map(Some).collect()
-}
-
-/// The pipeline loop shared by both directions: keeps up to `depth` requests in flight, tests
-/// the oldest (FIFO), hands completed slots to `done` and reuses them.
-#[allow(clippy::too_many_arguments)]
-fn stream<'c, B: SendBuf>(
-    c: &Comm<'_>,
-    count: usize,
-    depth: usize,
-    timeout: Duration,
-    mut slots: Vec<Option<B>>,
-    mut fill: impl FnMut(usize, &mut B),
-    mut try_post: impl FnMut(B) -> Result<Posted<Pending<'c, B>, B>>,
-    mut done: impl FnMut(usize, usize, &B) -> Result<()>,
-) -> Result<()> {
-    let nslots = slots.len();
-    let depth = depth.min(nslots).max(1);
-    let mut inflight: VecDeque<(usize, Pending<'c, B>)> = VecDeque::with_capacity(depth);
-    let (mut posted, mut completed) = (0usize, 0usize);
-    let mut filled = false;
-    let mut last_progress = Instant::now();
-    let mut backoff = Backoff::new();
-    while completed < count {
-        let mut progressed = false;
-        if posted < count && inflight.len() < depth {
-            let slot = posted % nslots;
-            let mut b = slots[slot]
-                .take()
-                .expect("a slot is free once its previous message completed");
-            if !filled {
-                fill(posted, &mut b);
-                filled = true;
-            }
-            match try_post(b)? {
-                Posted::Posted(p) => {
-                    inflight.push_back((posted, p));
-                    posted += 1;
-                    filled = false;
-                    progressed = true;
-                }
-                Posted::Busy(b) => slots[slot] = Some(b),
-            }
-        }
-        if let Some((i, front)) = inflight.front_mut() {
-            if let Some(n) = front.poll()? {
-                let i = *i;
-                let (_, p) = inflight.pop_front().expect("front exists");
-                let (_, b) = p.wait(Duration::ZERO)?;
-                done(i, n, &b)?;
-                slots[i % nslots] = Some(b);
-                completed += 1;
-                progressed = true;
-            }
-        }
-        if progressed {
-            last_progress = Instant::now();
-            backoff.reset();
-            continue;
-        }
-        if last_progress.elapsed() >= timeout {
-            let state = if inflight.is_empty() {
-                "the transport kept answering \"try again\" to new requests".to_string()
-            } else {
-                format!("{} in flight", inflight.len())
-            };
-            return Err(Error::remote(format!(
-                "{}: no progress for {} at message {} of {count} ({state}); the peer stopped {}",
-                c.label,
-                secs(timeout),
-                completed + 1,
-                if c.kind == Kind::Send { "receiving" } else { "sending" }
-            )));
-        }
-        backoff.snooze();
-    }
-    Ok(())
 }
 
 /// The receiving side of a connection; closed on drop.
 pub struct RecvConn<'a> {
-    c: Comm<'a>,
+    pub(super) c: Comm<'a>,
     dev: i32,
     // Declared after `c`: the device handle outlives the comm that may point at it.
     slot: DevSlot,
@@ -950,7 +544,7 @@ impl sealed::HasComm for RecvConn<'_> {
 }
 impl Conn for RecvConn<'_> {}
 
-impl<'a> RecvConn<'a> {
+impl RecvConn<'_> {
     /// The local device.
     pub fn dev(&self) -> i32 {
         self.dev
@@ -959,81 +553,5 @@ impl<'a> RecvConn<'a> {
     /// What the transport wrote into the device handle at accept time (`None`: nothing).
     pub fn dev_handle(&self) -> Option<DevHandleInfo> {
         self.slot.info()
-    }
-
-    /// Posts a receive into `buf` (inside `mr`) once; `Busy` gives the buffer back on "try again".
-    pub fn try_irecv<'c, B: RecvBuf>(&'c self, mut buf: B, mr: &Mr<'_>) -> Result<Posted<PendingRecv<'c, B>, B>> {
-        let c: &'c Comm<'c> = &self.c;
-        let mrh = mr.check(c, &buf)?;
-        let size = size_i32(c, buf.len())?;
-        let comm = c.get()?;
-        let ptr = buf.as_mut_ptr().cast::<c_void>();
-        // SAFETY: as in try_isend; the pending receive owns the buffer meanwhile.
-        match unsafe { self.c.net.irecv(comm, &[ptr], &[size], &[TAG], &[Some(mrh)]) } {
-            Ok(Some(req)) => Ok(Posted::Posted(Pending {
-                c,
-                req: Some(req),
-                size: buf.len(),
-                buf: Some(buf),
-                done: None,
-                index: NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
-            })),
-            Ok(None) => Ok(Posted::Busy(buf)),
-            Err(e) => Err(e.context(format!("{}: irecv of {} B", c.label, buf.len()))),
-        }
-    }
-
-    /// Posts a receive, retrying "try again" until `timeout`.
-    pub fn irecv<'c, B: RecvBuf>(&'c self, buf: B, mr: &Mr<'_>, timeout: Duration) -> Result<PendingRecv<'c, B>> {
-        let len = buf.len();
-        post_retry(
-            timeout,
-            || format!("{}: irecv of {len} B", self.c.label),
-            buf,
-            |b| self.try_irecv(b, mr),
-        )
-    }
-
-    /// Receives one message into `buf`, returning its size (no completion for `timeout`: error).
-    pub fn recv(&self, buf: &mut [u8], mr: &Mr<'_>, timeout: Duration) -> Result<usize> {
-        self.irecv(buf, mr, timeout)?.wait(timeout).map(|(n, _)| n)
-    }
-
-    /// Receives `count` messages of exactly `size` bytes with up to `depth` (at most
-    /// [`MAX_INFLIGHT`], and at most `buf.len() / size`) in flight, message `i` into slot
-    /// `i % (buf.len() / size)`. `check(i, data)` sees each message once it has arrived; an error
-    /// from it stops the stream. Fails when nothing completes for `timeout`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn recv_stream(
-        &self,
-        buf: &mut [u8],
-        size: usize,
-        count: usize,
-        depth: usize,
-        mr: &Mr<'_>,
-        timeout: Duration,
-        check: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        let nslots = slots_of(&self.c, buf.len(), size)?;
-        let depth = depth.clamp(1, MAX_INFLIGHT).min(nslots);
-        let slots = mut_slots(buf, size, nslots);
-        let label = &self.c.label;
-        stream(
-            &self.c,
-            count,
-            depth,
-            timeout,
-            slots,
-            |_, _| {},
-            |b| self.try_irecv(b, mr),
-            |i, n, b| {
-                if n != size {
-                    return Err(Error::remote(format!(
-                        "{label}: message {i} has {n} B, expected {size} B"
-                    )));
-                }
-                check(i, b)
-            },
-        )
     }
 }

@@ -101,6 +101,27 @@ fn preview(b: &[u8]) -> String {
     format!("{s:?}")
 }
 
+/// The peer's details and handle from a complete hello (`HELLO_LEN` bytes, already checked).
+fn parse_hello(peer: SocketAddr, h: &[u8]) -> (PeerInfo, Handle) {
+    let i32_at = |i: usize| i32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let mut off = 24;
+    let transport = get_str(&h[off..off + NAME_LEN]);
+    off += NAME_LEN;
+    let host = get_str(&h[off..off + HOST_LEN]);
+    off += HOST_LEN;
+    let mut handle = [0u8; HANDLE_SIZE];
+    handle.copy_from_slice(&h[off..off + HANDLE_SIZE]);
+    let info = PeerInfo {
+        addr: peer,
+        host,
+        pid: i32_at(20) as u32,
+        transport,
+        ndev: i32_at(12),
+        dev: i32_at(16),
+    };
+    (info, handle)
+}
+
 /// The control connection: framed messages (`kind u8, len u32 LE, payload`) after the hello.
 struct Ctrl {
     stream: TcpStream,
@@ -185,29 +206,8 @@ impl Ctrl {
     /// Reads the peer's hello, checking magic and version as soon as their bytes arrive.
     fn read_hello(&mut self, deadline: Instant, timeout: Duration) -> Result<(PeerInfo, Handle)> {
         let peer = self.peer;
-        let not_ours = |b: &[u8]| {
-            Error::remote(format!(
-                "peer at {peer} is not a tcpxshim endpoint (it sent {}, expected a tcpxshim hello)",
-                preview(b)
-            ))
-        };
         loop {
-            let n = self.rbuf.len().min(MAGIC.len());
-            if self.rbuf[..n] != MAGIC[..n] {
-                return Err(not_ours(&self.rbuf));
-            }
-            if self.rbuf.len() >= 12 {
-                let version = u16::from_le_bytes([self.rbuf[8], self.rbuf[9]]);
-                let len = u16::from_le_bytes([self.rbuf[10], self.rbuf[11]]) as usize;
-                if version != PROTOCOL_VERSION || len != HELLO_LEN {
-                    return Err(Error::remote(format!(
-                        "peer at {peer} speaks tcpxshim bootstrap protocol version {version} ({len}-byte hello); this \
-                         build speaks version {PROTOCOL_VERSION} ({HELLO_LEN}-byte hello): run the same tcpxshim \
-                         version on both sides"
-                    )));
-                }
-            }
-            if self.rbuf.len() >= HELLO_LEN {
+            if self.check_hello_start()? {
                 break;
             }
             if Instant::now() >= deadline {
@@ -218,42 +218,61 @@ impl Ctrl {
                     self.rbuf.len()
                 )));
             }
-            match self.read_some(Some(deadline), "its hello") {
-                Ok(_) => {}
-                Err(e) if self.rbuf.is_empty() => {
-                    let how = match e.kind() {
-                        crate::error::ErrorKind::ConnectionLost => String::new(), // plain end of stream
-                        _ => format!(" ({e})"),
-                    };
-                    return Err(Error::connection_lost(format!(
-                        "peer at {peer} closed the connection without a word{how}: not a tcpxshim endpoint, or it \
-                         refused this connection (see its output)"
-                    )));
-                }
-                Err(e) if self.rbuf.len() < MAGIC.len() => {
-                    return Err(Error::remote(format!("{} (then: {e})", not_ours(&self.rbuf))))
-                }
-                Err(e) => return Err(e),
+            if let Err(e) = self.read_some(Some(deadline), "its hello") {
+                return Err(self.hello_read_error(e));
             }
         }
         let h: Vec<u8> = self.rbuf.drain(..HELLO_LEN).collect();
-        let i32_at = |i: usize| i32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        let mut off = 24;
-        let transport = get_str(&h[off..off + NAME_LEN]);
-        off += NAME_LEN;
-        let host = get_str(&h[off..off + HOST_LEN]);
-        off += HOST_LEN;
-        let mut handle = [0u8; HANDLE_SIZE];
-        handle.copy_from_slice(&h[off..off + HANDLE_SIZE]);
-        let info = PeerInfo {
-            addr: peer,
-            host,
-            pid: i32_at(20) as u32,
-            transport,
-            ndev: i32_at(12),
-            dev: i32_at(16),
-        };
-        Ok((info, handle))
+        Ok(parse_hello(peer, &h))
+    }
+
+    /// Checks what has arrived of the hello so far; true once all of it is there.
+    fn check_hello_start(&self) -> Result<bool> {
+        let peer = self.peer;
+        let n = self.rbuf.len().min(MAGIC.len());
+        if self.rbuf[..n] != MAGIC[..n] {
+            return Err(self.not_ours());
+        }
+        if self.rbuf.len() >= 12 {
+            let version = u16::from_le_bytes([self.rbuf[8], self.rbuf[9]]);
+            let len = u16::from_le_bytes([self.rbuf[10], self.rbuf[11]]) as usize;
+            if version != PROTOCOL_VERSION || len != HELLO_LEN {
+                return Err(Error::remote(format!(
+                    "peer at {peer} speaks tcpxshim bootstrap protocol version {version} ({len}-byte hello); this \
+                     build speaks version {PROTOCOL_VERSION} ({HELLO_LEN}-byte hello): run the same tcpxshim \
+                     version on both sides"
+                )));
+            }
+        }
+        Ok(self.rbuf.len() >= HELLO_LEN)
+    }
+
+    /// The error for bytes that do not start a tcpxshim hello.
+    fn not_ours(&self) -> Error {
+        Error::remote(format!(
+            "peer at {} is not a tcpxshim endpoint (it sent {}, expected a tcpxshim hello)",
+            self.peer,
+            preview(&self.rbuf)
+        ))
+    }
+
+    /// What a failed read while waiting for the hello means, given what arrived before it.
+    fn hello_read_error(&self, e: Error) -> Error {
+        if self.rbuf.is_empty() {
+            let how = match e.kind() {
+                crate::error::ErrorKind::ConnectionLost => String::new(), // plain end of stream
+                _ => format!(" ({e})"),
+            };
+            return Error::connection_lost(format!(
+                "peer at {} closed the connection without a word{how}: not a tcpxshim endpoint, or it refused this \
+                 connection (see its output)",
+                self.peer
+            ));
+        }
+        if self.rbuf.len() < MAGIC.len() {
+            return Error::remote(format!("{} (then: {e})", self.not_ours()));
+        }
+        e
     }
 
     /// A complete frame from the buffer, if there is one.
@@ -466,6 +485,17 @@ pub fn serve<'a>(net: &'a dyn Transport, dev: i32, bind: SocketAddr, timeout: Du
 pub fn connect_to<'a>(net: &'a dyn Transport, dev: i32, addr: &str, timeout: Duration) -> Result<Endpoint<'a>> {
     let start = Instant::now();
     check_device(net, dev)?;
+    let addrs = resolve(addr)?;
+    let stream = dial(addr, &addrs, start, timeout)?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| Error::io(format!("connect to {addr}: peer address"), e))?;
+    log::info!("bootstrap connection to {peer}");
+    establish(net, dev, stream, peer, timeout)
+}
+
+/// The addresses of "host:port".
+fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| {
@@ -479,56 +509,60 @@ pub fn connect_to<'a>(net: &'a dyn Transport, dev: i32, addr: &str, timeout: Dur
             "connect to {addr}: the name resolves to no address"
         )));
     }
+    Ok(addrs)
+}
+
+/// Connects to one of `addrs`, retrying transient failures until `timeout` after `start`.
+fn dial(addr: &str, addrs: &[SocketAddr], start: Instant, timeout: Duration) -> Result<TcpStream> {
     let mut attempts = 0u32;
     let mut last: Option<std::io::Error> = None;
-    let stream = 'outer: loop {
-        for sa in &addrs {
+    loop {
+        for sa in addrs {
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
                 break;
             }
             attempts += 1;
             match TcpStream::connect_timeout(sa, left.min(Duration::from_secs(3))) {
-                Ok(s) => break 'outer s,
-                Err(e) => {
-                    let transient = matches!(
-                        e.kind(),
-                        ErrorKind::ConnectionRefused
-                            | ErrorKind::TimedOut
-                            | ErrorKind::WouldBlock
-                            | ErrorKind::ConnectionReset
-                            | ErrorKind::ConnectionAborted
-                            | ErrorKind::Interrupted
-                    );
-                    if !transient {
-                        return Err(Error::io(format!("connect to {addr} ({sa})"), e));
-                    }
+                Ok(s) => return Ok(s),
+                Err(e) if is_transient(&e) => {
                     log::debug!("connect to {sa}: {e}; retrying");
                     last = Some(e);
                 }
+                Err(e) => return Err(Error::io(format!("connect to {addr} ({sa})"), e)),
             }
         }
         if start.elapsed() >= timeout {
-            let why = match &last {
-                Some(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    "connection refused: nothing listens there".to_string()
-                }
-                Some(e) => e.to_string(),
-                None => "no attempt finished".to_string(),
-            };
-            return Err(Error::remote(format!(
-                "connect to {addr}: no tcpxshim server reachable within {} ({attempts} attempts; last error: {why}); is \
-                 `tcpxshim serve` running on that host and port?",
-                secs(timeout)
-            )));
+            return Err(unreachable_error(addr, attempts, last.as_ref(), timeout));
         }
         std::thread::sleep(Duration::from_millis(100).min(timeout.saturating_sub(start.elapsed())));
+    }
+}
+
+/// Connect errors worth retrying: nothing listens yet, or the attempt was cut short.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused
+            | ErrorKind::TimedOut
+            | ErrorKind::WouldBlock
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::Interrupted
+    )
+}
+
+fn unreachable_error(addr: &str, attempts: u32, last: Option<&std::io::Error>, timeout: Duration) -> Error {
+    let why = match last {
+        Some(e) if e.kind() == ErrorKind::ConnectionRefused => "connection refused: nothing listens there".to_string(),
+        Some(e) => e.to_string(),
+        None => "no attempt finished".to_string(),
     };
-    let peer = stream
-        .peer_addr()
-        .map_err(|e| Error::io(format!("connect to {addr}: peer address"), e))?;
-    log::info!("bootstrap connection to {peer}");
-    establish(net, dev, stream, peer, timeout)
+    Error::remote(format!(
+        "connect to {addr}: no tcpxshim server reachable within {} ({attempts} attempts; last error: {why}); is \
+         `tcpxshim serve` running on that host and port?",
+        secs(timeout)
+    ))
 }
 
 /// Checks that `dev` exists; returns the device count.
@@ -591,7 +625,7 @@ fn establish_inner<'a>(
     let start = Instant::now();
     let deadline = start + timeout;
     let ndev = check_device(net, dev)?;
-    let mut listener = Listener::listen(net, dev)?;
+    let listener = Listener::listen(net, dev)?;
     ctrl.write(&encode_hello(net, ndev, dev, listener.handle()), "our hello")?;
     ctrl.sent_hello = true;
     let (info, handle) = ctrl.read_hello(deadline, timeout)?;
@@ -603,69 +637,109 @@ fn establish_inner<'a>(
             net.name()
         )));
     }
-    let mut connector = Connector::new(net, dev, handle).with_peer(format!("{} device {}", info.addr, info.dev));
-    let (mut send, mut recv) = (None, None);
-    let mut backoff = Backoff::new();
-    let mut last_ctrl_poll = Instant::now();
-    let mut peer_ready = false;
-    while send.is_none() || recv.is_none() {
-        let mut progressed = false;
-        if send.is_none() {
-            send = connector.try_connect()?;
-            progressed |= send.is_some();
-        }
-        if recv.is_none() {
-            recv = listener.try_accept()?;
-            progressed |= recv.is_some();
-        }
-        if last_ctrl_poll.elapsed() >= Duration::from_millis(50) {
-            last_ctrl_poll = Instant::now();
-            match ctrl.poll_frame("the transport connections")? {
-                Some(Frame::Ready) => peer_ready = true,
-                Some(Frame::Data(_)) => {
-                    return Err(Error::remote(format!(
-                        "peer {info}: unexpected control message during connection setup"
-                    )))
-                }
-                None => {}
+    let connector = Connector::new(net, dev, handle).with_peer(format!("{} device {}", info.addr, info.dev));
+    let mut setup = Setup {
+        ctrl,
+        info: &info,
+        net,
+        dev,
+        deadline,
+        timeout,
+    };
+    let (send, recv, peer_ready) = setup.connect_both(connector, listener)?;
+    setup.confirm_ready(peer_ready)?;
+    log::info!("connected to {info} in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
+    Ok((send, recv, info, ndev))
+}
+
+/// Connection setup once the hellos are exchanged.
+struct Setup<'s> {
+    ctrl: &'s mut Ctrl,
+    info: &'s PeerInfo,
+    net: &'s dyn Transport,
+    dev: i32,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Setup<'_> {
+    /// Connects to the peer's listener and accepts its connection, interleaved (each call is
+    /// non-blocking), watching the control connection for the peer's ready or failure. Returns
+    /// both connections and whether the peer said ready.
+    fn connect_both<'a>(
+        &mut self,
+        mut connector: Connector<'a>,
+        mut listener: Listener<'a>,
+    ) -> Result<(SendConn<'a>, RecvConn<'a>, bool)> {
+        let (mut send, mut recv) = (None, None);
+        let mut backoff = Backoff::new();
+        let mut last_ctrl_poll = Instant::now();
+        let mut peer_ready = false;
+        while send.is_none() || recv.is_none() {
+            let mut progressed = false;
+            if send.is_none() {
+                send = connector.try_connect()?;
+                progressed |= send.is_some();
+            }
+            if recv.is_none() {
+                recv = listener.try_accept()?;
+                progressed |= recv.is_some();
+            }
+            if last_ctrl_poll.elapsed() >= Duration::from_millis(50) {
+                last_ctrl_poll = Instant::now();
+                peer_ready |= self.peer_said_ready()?;
+            }
+            if Instant::now() >= self.deadline {
+                return Err(match send {
+                    None => connector.timeout_error(self.timeout),
+                    Some(_) => Error::remote(format!(
+                        "accept on {} device {}: peer {} did not connect within {}",
+                        self.net.name(),
+                        self.dev,
+                        self.info,
+                        secs(self.timeout)
+                    )),
+                });
+            }
+            if progressed {
+                backoff.reset();
+            } else {
+                backoff.snooze();
             }
         }
-        if Instant::now() >= deadline {
-            return Err(if send.is_none() {
-                connector.timeout_error(timeout)
-            } else {
-                Error::remote(format!(
-                    "accept on {} device {dev}: peer {info} did not connect within {}",
-                    net.name(),
-                    secs(timeout)
-                ))
-            });
-        }
-        if progressed {
-            backoff.reset();
-        } else {
-            backoff.snooze();
+        let (send, recv) = (send.expect("the loop ends when connected"), recv.expect("and accepted"));
+        Ok((send, recv, peer_ready))
+    }
+
+    /// Whether the peer's ready has arrived (without waiting).
+    fn peer_said_ready(&mut self) -> Result<bool> {
+        match self.ctrl.poll_frame("the transport connections")? {
+            Some(Frame::Ready) => Ok(true),
+            Some(Frame::Data(_)) => Err(Error::remote(format!(
+                "peer {}: unexpected control message during connection setup",
+                self.info
+            ))),
+            None => Ok(false),
         }
     }
-    let (send, recv) = (
-        send.expect("loop ends when connected"),
-        recv.expect("loop ends when accepted"),
-    );
-    // Both sides confirm, so neither starts transfers before the other is fully connected.
-    ctrl.send_frame(FRAME_READY, &[], "ready")?;
-    if !peer_ready {
-        let left = deadline
+
+    /// Both sides confirm, so neither starts transfers before the other is fully connected.
+    fn confirm_ready(&mut self, peer_ready: bool) -> Result<()> {
+        let ctrl = &mut *self.ctrl;
+        ctrl.send_frame(FRAME_READY, &[], "ready")?;
+        if peer_ready {
+            return Ok(());
+        }
+        let left = self
+            .deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
         match ctrl.next_frame(left, "the peer's ready")? {
-            Frame::Ready => {}
-            Frame::Data(_) => {
-                return Err(Error::remote(format!(
-                    "peer {info}: expected ready, got a data message"
-                )))
-            }
+            Frame::Ready => Ok(()),
+            Frame::Data(_) => Err(Error::remote(format!(
+                "peer {}: expected ready, got a data message",
+                self.info
+            ))),
         }
     }
-    log::info!("connected to {info} in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
-    Ok((send, recv, info, ndev))
 }

@@ -30,6 +30,8 @@ struct St {
     mrs: HashMap<usize, usize>,
     /// total isend/irecv "try again" answers, for the tests
     pub busy: u32,
+    /// close_send/close_recv fail (a transport that cannot tell whether it let go of buffers)
+    fail_close: bool,
 }
 
 /// The stand-in transport.
@@ -57,6 +59,10 @@ impl MockNet {
     /// How many "try again" answers isend/irecv gave.
     pub(crate) fn busy_answers(&self) -> u32 {
         self.st().busy
+    }
+    /// Makes every later close_send/close_recv fail.
+    pub(crate) fn fail_closes(&self) {
+        self.st().fail_close = true;
     }
     /// Open comms (send, recv, listen), to check that everything gets closed.
     pub(crate) fn open_comms(&self) -> (usize, usize, usize) {
@@ -281,6 +287,9 @@ impl Transport for MockNet {
         Ok(true)
     }
     unsafe fn close_send(&self, comm: Opaque) -> Result<()> {
+        if self.st().fail_close {
+            return Err(Error::internal("mock: close fails (test)"));
+        }
         self.st()
             .sends
             .remove(&id(comm))
@@ -289,6 +298,9 @@ impl Transport for MockNet {
     }
     unsafe fn close_recv(&self, comm: Opaque) -> Result<()> {
         let mut st = self.st();
+        if st.fail_close {
+            return Err(Error::internal("mock: close fails (test)"));
+        }
         let (_, posted, _) = st
             .recvs
             .remove(&id(comm))

@@ -2,6 +2,11 @@
 //! accept, register memory, send and receive with timeouts, and a TCP bootstrap that sets up a
 //! two-way [`Endpoint`] between two processes. `tcpxshim serve/connect/demo` are built on it.
 //!
+//! Transfers only ever use memory the API owns: [`RegBuf`], host memory registered on one
+//! connection. A send or receive takes its buffer by value and hands it back when it completes
+//! or fails, so no borrowed memory is ever in flight: a pending transfer that is dropped closes
+//! the connection before its buffer is freed, and one that is leaked leaks its buffer.
+//!
 //! ```no_run
 //! # fn main() -> tcpxshim::Result<()> {
 //! use std::time::Duration;
@@ -12,12 +17,12 @@
 //! let handle = *listener.handle(); // normally carried to the peer
 //! let send = p2p::connect(&net, 0, handle, t)?;
 //! let recv = listener.accept(t)?;
-//! let (mut a, mut b) = (vec![7u8; 4096], vec![0u8; 4096]);
-//! let (mr_a, mr_b) = (p2p::reg(&send, &mut a)?, p2p::reg(&recv, &mut b)?);
-//! let pending = recv.irecv(&mut b[..], &mr_b, t)?;
-//! send.send(&a, &mr_a, t)?;
-//! let (n, data) = pending.wait(t)?;
-//! assert_eq!((n, data[0]), (4096, 7));
+//! let a = p2p::reg(&send, vec![7u8; 4096])?; // registered, owned by `a` from now on
+//! let b = p2p::reg(&recv, vec![0u8; 4096])?;
+//! let pending = recv.irecv(b, 4096, t)?; // the pending receive owns `b` meanwhile
+//! let _a = send.send(a, 4096, t)?; // sends hand their buffer back too
+//! let (n, b) = pending.wait(t)?;
+//! assert_eq!((n, b[0]), (4096, 7));
 //! # Ok(()) }
 //! ```
 //!
@@ -26,17 +31,19 @@
 //! requests of a connection complete in posting order. Every wait has a timeout, and errors
 //! name the transport, the device, the peer and what was being waited for.
 
-pub mod bench;
+mod buf;
 mod conn;
 mod endpoint;
 #[cfg(test)]
 mod mock;
+mod stream;
+mod xfer;
 
-pub use conn::{
-    connect, handle_digest, reg, Conn, Connector, DevHandleInfo, FillFn, Handle, Listener, Mr, Pending, PendingRecv,
-    PendingSend, Posted, RecvBuf, RecvConn, SendBuf, SendConn, MAX_INFLIGHT,
-};
+pub use buf::{RecvBuf, RegBuf, SendBuf};
+pub use conn::{connect, handle_digest, reg, Conn, Connector, DevHandleInfo, Handle, Listener, RecvConn, SendConn};
 pub use endpoint::{connect_to, serve, Endpoint, PeerInfo, Server, HELLO_LEN, MAGIC, PROTOCOL_VERSION};
+pub use stream::{FillFn, StreamResult};
+pub use xfer::{OpError, Pending, PendingRecv, PendingSend, PostResult, Posted, MAX_INFLIGHT};
 
 #[cfg(test)]
 mod tests;

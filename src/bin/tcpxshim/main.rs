@@ -7,6 +7,9 @@
 //! tcpxshim demo                           # both sides in this process over loopback
 //! ```
 
+mod bench;
+
+use bench::{fmt_size, parse_size, Event, Plan, Report, Row, Verified};
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -14,7 +17,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tcpxshim::config;
 use tcpxshim::ffi::{NCCL_PTR_CUDA, NCCL_PTR_DMABUF, NCCL_PTR_HOST};
-use tcpxshim::p2p::bench::{self, fmt_size, parse_size, Event, Plan, Report};
 use tcpxshim::p2p::{self, Endpoint};
 use tcpxshim::stack::LoadInfo as StackInfo;
 use tcpxshim::transport::{DeviceType, Transport};
@@ -359,69 +361,84 @@ impl Printer {
             return;
         }
         let mut out = std::io::stdout().lock();
-        match e {
-            Event::Plan(p) => {
-                let _ = writeln!(
-                    out,
-                    "test plan: verify {} sizes ({}..{}) x {} messages each way, then sweep {} sizes {}..{}: {} \
-                     ping-pong iterations (fewer for large sizes), bandwidth with {} in flight",
-                    p.verify_sizes.len(),
-                    fmt_size(*p.verify_sizes.first().unwrap_or(&0)),
-                    fmt_size(p.max_size()),
-                    p.verify_iters,
-                    p.sizes.len(),
-                    fmt_size(*p.sizes.first().unwrap_or(&0)),
-                    fmt_size(*p.sizes.last().unwrap_or(&0)),
-                    p.iters,
-                    p.depth
-                );
-            }
-            Event::Verified(v) => {
-                let _ = writeln!(
-                    out,
-                    "verified: {} messages of {} sizes, {} checked byte by byte, both directions: OK",
-                    v.messages,
-                    v.sizes,
-                    fmt_size(v.bytes as usize)
-                );
-                let _ = writeln!(
-                    out,
-                    "sweep: latency is half a ping-pong round trip; bandwidth is one way, pipelined, timed to the \
-                     receiver's acknowledgement"
-                );
-                let _ = writeln!(
-                    out,
-                    "{:>10}  {:>10}  {:>6}  {:>9}  {:>6}  {:>6}",
-                    "size", "lat(us)", "iters", "GB/s", "msgs", "depth"
-                );
-            }
+        let _ = match e {
+            Event::Plan(p) => print_plan(&mut out, p),
+            Event::Verified(v) => print_verified(&mut out, v),
             Event::SizeStart { index, total, size } => {
-                let mut err = std::io::stderr().lock();
-                if self.tty {
-                    let _ = write!(err, "\r[{}] {index}/{total}: {} ...\x1b[K", self.side, fmt_size(size));
-                } else {
-                    let _ = writeln!(err, "[{}] sweep {index}/{total}: {}", self.side, fmt_size(size));
-                }
-                let _ = err.flush();
+                self.progress(index, total, size);
+                Ok(())
             }
             Event::Row(r) => {
                 if self.tty {
                     let _ = write!(std::io::stderr().lock(), "\r\x1b[K");
                 }
-                let _ = writeln!(
-                    out,
-                    "{:>10}  {:>10.2}  {:>6}  {:>9}  {:>6}  {:>6}",
-                    fmt_size(r.size),
-                    r.lat_us,
-                    r.lat_iters,
-                    fmt_gbps(r.gbps),
-                    r.bw_msgs,
-                    r.depth
-                );
+                print_row(&mut out, r)
             }
-        }
+        };
         let _ = out.flush();
     }
+
+    /// The progress line on stderr: rewritten in place on a terminal, one line per size otherwise.
+    fn progress(&self, index: usize, total: usize, size: usize) {
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r[{}] {index}/{total}: {} ...\x1b[K", self.side, fmt_size(size));
+        } else {
+            let _ = writeln!(err, "[{}] sweep {index}/{total}: {}", self.side, fmt_size(size));
+        }
+        let _ = err.flush();
+    }
+}
+
+fn print_plan(out: &mut dyn Write, p: &Plan) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "test plan: verify {} sizes ({}..{}) x {} messages each way, then sweep {} sizes {}..{}: {} \
+         ping-pong iterations (fewer for large sizes), bandwidth with {} in flight",
+        p.verify_sizes.len(),
+        fmt_size(*p.verify_sizes.first().unwrap_or(&0)),
+        fmt_size(p.max_size()),
+        p.verify_iters,
+        p.sizes.len(),
+        fmt_size(*p.sizes.first().unwrap_or(&0)),
+        fmt_size(*p.sizes.last().unwrap_or(&0)),
+        p.iters,
+        p.depth
+    )
+}
+
+/// The verification's result and the sweep table's header.
+fn print_verified(out: &mut dyn Write, v: &Verified) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "verified: {} messages of {} sizes, {} checked byte by byte, both directions: OK",
+        v.messages,
+        v.sizes,
+        fmt_size(v.bytes as usize)
+    )?;
+    writeln!(
+        out,
+        "sweep: latency is half a ping-pong round trip; bandwidth is one way, pipelined, timed to the \
+         receiver's acknowledgement"
+    )?;
+    writeln!(
+        out,
+        "{:>10}  {:>10}  {:>6}  {:>9}  {:>6}  {:>6}",
+        "size", "lat(us)", "iters", "GB/s", "msgs", "depth"
+    )
+}
+
+fn print_row(out: &mut dyn Write, r: &Row) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>10}  {:>10.2}  {:>6}  {:>9}  {:>6}  {:>6}",
+        fmt_size(r.size),
+        r.lat_us,
+        r.lat_iters,
+        fmt_gbps(r.gbps),
+        r.bw_msgs,
+        r.depth
+    )
 }
 
 /// GB/s with precision for small values too.

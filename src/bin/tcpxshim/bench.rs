@@ -2,11 +2,10 @@
 //! transfers in both directions, then a size sweep measuring ping-pong latency and pipelined
 //! bandwidth. The client decides the plan and sends it to the server over the control connection.
 
-use super::conn::{Conn, MAX_INFLIGHT};
-use super::endpoint::Endpoint;
-use crate::error::{Error, Result};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
+use tcpxshim::p2p::{Conn, Endpoint, RegBuf, MAX_INFLIGHT};
+use tcpxshim::{Error, Result};
 
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,21 +309,22 @@ pub fn check_pattern(buf: &[u8], seed: u64) -> Option<Mismatch> {
     first.map(|m| Mismatch { bad_bytes: bad, ..m })
 }
 
-/// Buffers and registrations of one side.
-struct Buffers {
-    send: Vec<u8>,
-    recv: Vec<u8>,
+/// The registered buffers of one side. Transfers take a buffer and hand it back, so the
+/// functions below take `Buffers` by value and return it.
+struct Buffers<'c> {
+    send: RegBuf<'c>,
+    recv: RegBuf<'c>,
 }
 
-impl Buffers {
-    fn for_plan(plan: &Plan) -> Buffers {
+impl<'c> Buffers<'c> {
+    fn for_plan(ep: &'c Endpoint<'_>, plan: &Plan) -> Result<Buffers<'c>> {
         let max = plan.max_size().max(64);
         // Receives need one slot per message in flight; cap the memory for big messages at 2 slots.
         let recv_len = (2 * max).max((MAX_INFLIGHT * max).min(32 << 20));
-        Buffers {
-            send: vec![0u8; max],
-            recv: vec![0u8; recv_len],
-        }
+        Ok(Buffers {
+            send: ep.send_conn().alloc(max)?,
+            recv: ep.recv_conn().alloc(recv_len)?,
+        })
     }
 }
 
@@ -339,7 +339,7 @@ struct Side<'e, 'a> {
     peer_failed: Cell<bool>,
 }
 
-impl Side<'_, '_> {
+impl<'e> Side<'e, '_> {
     fn recv_ctrl(&self, what: &str) -> Result<Vec<u8>> {
         self.ep
             .recv_ctrl(self.timeout, what)
@@ -377,20 +377,13 @@ impl Side<'_, '_> {
         Err(e)
     }
 
-    fn send_verified(&self, buf: &mut [u8], mr: &super::conn::Mr<'_>, plan: &Plan, size: usize, dir: u8) -> Result<()> {
+    fn send_verified<'b>(&self, buf: RegBuf<'b>, plan: &Plan, size: usize, dir: u8) -> Result<RegBuf<'b>> {
         let mut fill = |i: usize, slot: &mut [u8]| fill_pattern(slot, pattern_seed(size, i, dir));
-        self.ep.send_conn().send_stream(
-            buf,
-            size,
-            plan.verify_iters,
-            plan.depth,
-            mr,
-            self.timeout,
-            Some(&mut fill),
-        )
+        let send = self.ep.send_conn();
+        Ok(send.send_stream(buf, size, plan.verify_iters, plan.depth, self.timeout, Some(&mut fill))?)
     }
 
-    fn recv_verified(&self, buf: &mut [u8], mr: &super::conn::Mr<'_>, plan: &Plan, size: usize, dir: u8) -> Result<()> {
+    fn recv_verified<'b>(&self, buf: RegBuf<'b>, plan: &Plan, size: usize, dir: u8) -> Result<RegBuf<'b>> {
         let peer = self.ep.peer().addr;
         let mut check = |i: usize, data: &[u8]| match check_pattern(data, pattern_seed(size, i, dir)) {
             None => Ok(()),
@@ -400,9 +393,118 @@ impl Side<'_, '_> {
                 size, m.offset, m.expected, m.got, m.bad_bytes
             ))),
         };
-        self.ep
-            .recv_conn()
-            .recv_stream(buf, size, plan.verify_iters, plan.depth, mr, self.timeout, &mut check)
+        let recv = self.ep.recv_conn();
+        Ok(recv.recv_stream(buf, size, plan.verify_iters, plan.depth, self.timeout, &mut check)?)
+    }
+
+    /// The byte-by-byte check of one size, both ways: client to server, then back.
+    fn verify<'b>(&self, bufs: Buffers<'b>, plan: &Plan, size: usize, client: bool) -> Result<Buffers<'b>> {
+        let Buffers { mut send, mut recv } = bufs;
+        let peer_ok = format!("the peer's verification of {} messages", fmt_size(size));
+        if client {
+            send = self.send_verified(send, plan, size, DIR_C2S)?;
+            self.expect(OK, &peer_ok)?;
+            recv = self.recv_verified(recv, plan, size, DIR_S2C)?;
+            self.ep.send_ctrl(OK)?;
+        } else {
+            recv = self.recv_verified(recv, plan, size, DIR_C2S)?;
+            self.ep.send_ctrl(OK)?;
+            send = self.send_verified(send, plan, size, DIR_S2C)?;
+            self.expect(OK, &peer_ok)?;
+        }
+        Ok(Buffers { send, recv })
+    }
+
+    /// Verifies every size of the plan.
+    fn verify_all<'b>(&self, mut bufs: Buffers<'b>, plan: &Plan, client: bool) -> Result<(Verified, Buffers<'b>)> {
+        let mut v = Verified::default();
+        for &size in &plan.verify_sizes {
+            bufs = self.verify(bufs, plan, size, client)?;
+            v.sizes += 1;
+            v.messages += 2 * plan.verify_iters as u64;
+            v.bytes += 2 * (plan.verify_iters * size) as u64;
+        }
+        Ok((v, bufs))
+    }
+
+    /// The client's ping-pong at `size`: one untimed round trip, then `lat_iters` timed ones.
+    /// Returns half the mean round trip in microseconds.
+    fn ping_pong<'b>(&self, mut bufs: Buffers<'b>, size: usize, lat_iters: usize) -> Result<(f64, Buffers<'b>)> {
+        let (send, recv, t) = (self.ep.send_conn(), self.ep.recv_conn(), self.timeout);
+        let mut start = Instant::now();
+        for it in 0..=lat_iters {
+            if it == 1 {
+                start = Instant::now();
+            }
+            let pending = recv.irecv(bufs.recv, size, t)?;
+            bufs.send = send.send(bufs.send, size, t)?;
+            let (n, r) = pending.wait(t)?;
+            bufs.recv = r;
+            if n != size {
+                return Err(Error::remote(format!(
+                    "ping-pong at {}: the echo had {n} B",
+                    fmt_size(size)
+                )));
+            }
+        }
+        let lat_us = start.elapsed().as_secs_f64() * 1e6 / lat_iters as f64 / 2.0;
+        Ok((lat_us, bufs))
+    }
+
+    /// The client's bandwidth test at `size`: `bw_msgs` messages with `depth` in flight, timed
+    /// until the receiver's acknowledgement. Returns GB/s.
+    fn bandwidth<'b>(
+        &self,
+        mut bufs: Buffers<'b>,
+        plan: &Plan,
+        size: usize,
+        bw_msgs: usize,
+    ) -> Result<(f64, Buffers<'b>)> {
+        let (send, recv, t) = (self.ep.send_conn(), self.ep.recv_conn(), self.timeout);
+        let ack = recv.irecv(bufs.recv, 8, t)?;
+        let start = Instant::now();
+        bufs.send = send.send_stream(bufs.send, size, bw_msgs, plan.depth, t, None)?;
+        bufs.recv = ack.wait(t)?.1;
+        let secs = start.elapsed().as_secs_f64();
+        Ok(((size * bw_msgs) as f64 / secs / 1e9, bufs))
+    }
+
+    /// The client's measurements at one size.
+    fn measure<'b>(&self, bufs: Buffers<'b>, plan: &Plan, size: usize) -> Result<(Row, Buffers<'b>)> {
+        let lat_iters = plan.lat_iters(size);
+        let (lat_us, bufs) = self.ping_pong(bufs, size, lat_iters)?;
+        let bw_msgs = plan.bw_msgs(size);
+        let (gbps, bufs) = self.bandwidth(bufs, plan, size, bw_msgs)?;
+        let row = Row {
+            size,
+            lat_iters,
+            lat_us,
+            bw_msgs,
+            depth: plan.depth,
+            gbps,
+        };
+        Ok((row, bufs))
+    }
+
+    /// The server's side of one size: echoes the ping-pong, receives the bandwidth test and
+    /// acknowledges it.
+    fn serve_size<'b>(&self, mut bufs: Buffers<'b>, plan: &Plan, size: usize) -> Result<Buffers<'b>> {
+        let (send, recv, t) = (self.ep.send_conn(), self.ep.recv_conn(), self.timeout);
+        for _ in 0..=plan.lat_iters(size) {
+            let (n, r) = recv.recv(bufs.recv, size, t)?;
+            bufs.recv = r;
+            if n != size {
+                return Err(Error::remote(format!(
+                    "ping-pong at {}: received {n} B",
+                    fmt_size(size)
+                )));
+            }
+            bufs.send = send.send(bufs.send, size, t)?;
+        }
+        let bw_msgs = plan.bw_msgs(size);
+        bufs.recv = recv.recv_stream(bufs.recv, size, bw_msgs, plan.depth, t, &mut |_, _| Ok(()))?;
+        bufs.send = send.send(bufs.send, 8, t)?;
+        Ok(bufs)
     }
 }
 
@@ -419,25 +521,16 @@ pub fn run_client(ep: &Endpoint<'_>, plan: &Plan, timeout: Duration, on: &mut dy
 
 fn client_inner(side: &Side<'_, '_>, plan: &Plan, on: &mut dyn FnMut(Event<'_>)) -> Result<Report> {
     let ep = side.ep;
-    let timeout = side.timeout;
     on(Event::Plan(plan));
-    let mut bufs = Buffers::for_plan(plan);
-    let (send, recv) = (ep.send_conn(), ep.recv_conn());
-    let mr_s = send.reg(&mut bufs.send)?;
-    let mr_r = recv.reg(&mut bufs.recv)?;
+    let bufs = Buffers::for_plan(ep, plan)?;
     ep.send_ctrl(plan.encode().as_bytes())?;
     side.expect(b"plan-ok", "the peer's acceptance of the test plan")?;
 
-    let mut report = Report::default();
-    for &size in &plan.verify_sizes {
-        side.send_verified(&mut bufs.send, &mr_s, plan, size, DIR_C2S)?;
-        side.expect(OK, &format!("the peer's verification of {} messages", fmt_size(size)))?;
-        side.recv_verified(&mut bufs.recv, &mr_r, plan, size, DIR_S2C)?;
-        ep.send_ctrl(OK)?;
-        report.verified.sizes += 1;
-        report.verified.messages += 2 * plan.verify_iters as u64;
-        report.verified.bytes += 2 * (plan.verify_iters * size) as u64;
-    }
+    let (verified, mut bufs) = side.verify_all(bufs, plan, true)?;
+    let mut report = Report {
+        verified,
+        rows: Vec::new(),
+    };
     on(Event::Verified(&report.verified));
 
     for (k, &size) in plan.sizes.iter().enumerate() {
@@ -446,40 +539,8 @@ fn client_inner(side: &Side<'_, '_>, plan: &Plan, on: &mut dyn FnMut(Event<'_>))
             total: plan.sizes.len(),
             size,
         });
-        // Ping-pong: one untimed round trip, then `lat_iters` timed ones.
-        let lat_iters = plan.lat_iters(size);
-        let mut start = Instant::now();
-        for it in 0..=lat_iters {
-            if it == 1 {
-                start = Instant::now();
-            }
-            let pending = recv.irecv(&mut bufs.recv[..size], &mr_r, timeout)?;
-            send.send(&bufs.send[..size], &mr_s, timeout)?;
-            let (n, _) = pending.wait(timeout)?;
-            if n != size {
-                return Err(Error::remote(format!(
-                    "ping-pong at {}: the echo had {n} B",
-                    fmt_size(size)
-                )));
-            }
-        }
-        let lat_us = start.elapsed().as_secs_f64() * 1e6 / lat_iters as f64 / 2.0;
-
-        // Bandwidth: `bw_msgs` messages with `depth` in flight, timed until the receiver's ack.
-        let bw_msgs = plan.bw_msgs(size);
-        let ack = recv.irecv(&mut bufs.recv[..8], &mr_r, timeout)?;
-        let start = Instant::now();
-        send.send_stream(&mut bufs.send, size, bw_msgs, plan.depth, &mr_s, timeout, None)?;
-        ack.wait(timeout)?;
-        let secs = start.elapsed().as_secs_f64();
-        let row = Row {
-            size,
-            lat_iters,
-            lat_us,
-            bw_msgs,
-            depth: plan.depth,
-            gbps: (size * bw_msgs) as f64 / secs / 1e9,
-        };
+        let (row, b) = side.measure(bufs, plan, size)?;
+        bufs = b;
         ep.send_ctrl(row.encode().as_bytes())?;
         on(Event::Row(&row));
         report.rows.push(row);
@@ -502,26 +563,17 @@ pub fn run_server(ep: &Endpoint<'_>, timeout: Duration, on: &mut dyn FnMut(Event
 
 fn server_inner(side: &Side<'_, '_>, on: &mut dyn FnMut(Event<'_>)) -> Result<Report> {
     let ep = side.ep;
-    let timeout = side.timeout;
     let text = side.recv_ctrl("the test plan")?;
     let plan = Plan::decode(&String::from_utf8_lossy(&text))?;
     on(Event::Plan(&plan));
-    let mut bufs = Buffers::for_plan(&plan);
-    let (send, recv) = (ep.send_conn(), ep.recv_conn());
-    let mr_s = send.reg(&mut bufs.send)?;
-    let mr_r = recv.reg(&mut bufs.recv)?;
+    let bufs = Buffers::for_plan(ep, &plan)?;
     ep.send_ctrl(b"plan-ok")?;
 
-    let mut report = Report::default();
-    for &size in &plan.verify_sizes {
-        side.recv_verified(&mut bufs.recv, &mr_r, &plan, size, DIR_C2S)?;
-        ep.send_ctrl(OK)?;
-        side.send_verified(&mut bufs.send, &mr_s, &plan, size, DIR_S2C)?;
-        side.expect(OK, &format!("the peer's verification of {} messages", fmt_size(size)))?;
-        report.verified.sizes += 1;
-        report.verified.messages += 2 * plan.verify_iters as u64;
-        report.verified.bytes += 2 * (plan.verify_iters * size) as u64;
-    }
+    let (verified, mut bufs) = side.verify_all(bufs, &plan, false)?;
+    let mut report = Report {
+        verified,
+        rows: Vec::new(),
+    };
     on(Event::Verified(&report.verified));
 
     for (k, &size) in plan.sizes.iter().enumerate() {
@@ -530,27 +582,7 @@ fn server_inner(side: &Side<'_, '_>, on: &mut dyn FnMut(Event<'_>)) -> Result<Re
             total: plan.sizes.len(),
             size,
         });
-        for _ in 0..=plan.lat_iters(size) {
-            let n = recv.recv(&mut bufs.recv[..size], &mr_r, timeout)?;
-            if n != size {
-                return Err(Error::remote(format!(
-                    "ping-pong at {}: received {n} B",
-                    fmt_size(size)
-                )));
-            }
-            send.send(&bufs.send[..size], &mr_s, timeout)?;
-        }
-        let bw_msgs = plan.bw_msgs(size);
-        recv.recv_stream(
-            &mut bufs.recv,
-            size,
-            bw_msgs,
-            plan.depth,
-            &mr_r,
-            timeout,
-            &mut |_, _| Ok(()),
-        )?;
-        send.send(&bufs.send[..8], &mr_s, timeout)?;
+        bufs = side.serve_size(bufs, &plan, size)?;
         let text = side.recv_ctrl(&format!("the result for {}", fmt_size(size)))?;
         let row = Row::decode(&String::from_utf8_lossy(&text))?;
         on(Event::Row(&row));
@@ -564,6 +596,46 @@ fn server_inner(side: &Side<'_, '_>, on: &mut dyn FnMut(Event<'_>)) -> Result<Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tcpxshim::config::TcpConfig;
+    use tcpxshim::p2p;
+    use tcpxshim::tcp::TcpTransport;
+
+    /// Both sides of the test in one process, over the built-in transport on loopback.
+    #[test]
+    fn client_and_server_run_the_same_plan() {
+        const T: Duration = Duration::from_secs(20);
+        let cfg = TcpConfig {
+            ifname: Some("lo".into()),
+            ..Default::default()
+        };
+        let net = TcpTransport::new(&cfg).expect("built-in TCP transport on lo");
+        let server = p2p::Server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().to_string();
+        let plan = Plan::new(8, 256 << 10, 5, 1 << 20, 4, 2).unwrap();
+        std::thread::scope(|s| {
+            let srv = s.spawn(|| {
+                let ep = server.accept(&net, 0, T).unwrap();
+                let mut rows = 0;
+                let report = run_server(&ep, T, &mut |e| {
+                    if let Event::Row(_) = e {
+                        rows += 1
+                    }
+                })
+                .unwrap();
+                assert_eq!(rows, report.rows.len());
+                report
+            });
+            let ep = p2p::connect_to(&net, 0, &addr, T).unwrap();
+            let report = run_client(&ep, &plan, T, &mut |_| {}).unwrap();
+            let server_report = srv.join().unwrap();
+            assert_eq!(report, server_report, "the server prints the client's results");
+            assert_eq!(report.rows.len(), plan.sizes.len());
+            assert_eq!(report.verified.sizes, plan.verify_sizes.len());
+            for r in &report.rows {
+                assert!(r.lat_us > 0.0 && r.gbps > 0.0, "{r:?}");
+            }
+        });
+    }
 
     #[test]
     fn sizes_are_powers_of_four_plus_the_max() {
