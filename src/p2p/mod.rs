@@ -11,7 +11,7 @@
 //! # fn main() -> tcpxshim::Result<()> {
 //! use std::time::Duration;
 //! use tcpxshim::p2p;
-//! let net = tcpxshim::tcp::TcpTransport::new(&tcpxshim::config::TcpConfig::from_env()?)?;
+//! let net = tcpxshim::tcp::TcpTransport::new(&tcpxshim::tcp::TcpConfig::from_env()?)?;
 //! let t = Duration::from_secs(10);
 //! let listener = p2p::Listener::listen(&net, 0)?;
 //! let handle = *listener.handle(); // normally carried to the peer

@@ -608,7 +608,7 @@ fn transport_mismatch_is_reported_on_both_sides() {
 
 /// The same scenarios over the built-in TCP transport on loopback.
 mod over_tcp {
-    use crate::config::TcpConfig;
+    use crate::tcp::TcpConfig;
     use crate::tcp::TcpTransport;
 
     fn tcp() -> TcpTransport {

@@ -23,6 +23,7 @@
 //! they have been idle for a minute, so abandoned attempts and stray connections do not pile up.
 
 mod comm;
+pub mod config;
 mod conn;
 pub(crate) mod cuda;
 mod gpu;
@@ -34,11 +35,11 @@ mod tests;
 mod wire;
 mod worker;
 
-use crate::config::TcpConfig;
 use crate::error::{Error, Result};
 use crate::ffi::{DevHandle, HANDLE_SIZE, NCCL_PTR_CUDA, NCCL_PTR_HOST};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use comm::{Comm, CommParams, TAG_RECV, TAG_SEND};
+pub use config::TcpConfig;
 use conn::{ListenComm, ListenParams, PendingConnect, ABANDON_AFTER, TAG_LISTEN};
 use iface::Device;
 use std::collections::HashMap;

@@ -596,8 +596,8 @@ fn server_inner(side: &Side<'_, '_>, on: &mut dyn FnMut(Event<'_>)) -> Result<Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tcpxshim::config::TcpConfig;
     use tcpxshim::p2p;
+    use tcpxshim::tcp::TcpConfig;
     use tcpxshim::tcp::TcpTransport;
 
     /// Both sides of the test in one process, over the built-in transport on loopback.

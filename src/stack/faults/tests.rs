@@ -2,11 +2,12 @@
 //! each fault over the built-in TCP transport on loopback. Every wait is bounded by [`DEADLINE`].
 
 use super::{Break, Delay, FaultSpec, Faults, Trigger};
-use crate::config::{Config, TcpConfig};
+use crate::config::Config;
 use crate::error::{ErrorKind, Result};
 use crate::ffi::{ncclResult_t, DevHandle, HANDLE_SIZE, NCCL_PTR_HOST};
 use crate::logging::capture;
 use crate::stack::LoadInfo;
+use crate::tcp::TcpConfig;
 use crate::tcp::TcpTransport;
 use crate::transport::{Opaque, Properties, Transport};
 use std::ffi::c_void;

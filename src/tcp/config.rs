@@ -1,0 +1,120 @@
+//! Settings of the built-in TCP transport: declared here, beside the transport that reads them,
+//! and listed with every other setting in `crate::config::SETTINGS`.
+
+use crate::config::{get, int, Setting, Vars};
+use crate::error::Result;
+
+/// Interfaces of the built-in transport.
+pub const TCP_IFNAME: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_IFNAME",
+    default: "(NCCL_SOCKET_IFNAME, else all but lo and docker*)",
+    doc: "Interfaces the built-in TCP transport uses, one device each, in NCCL_SOCKET_IFNAME syntax \
+          (`eth`, `^docker`, `=eth0`, comma separated). Falls back to NCCL_SOCKET_IFNAME.",
+};
+
+/// Devices made from local addresses.
+pub const TCP_ADDRS: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_ADDRS",
+    default: "(unset: devices from NCCL_TCPXSHIM_TCP_IFNAME)",
+    doc: "One device per local address, in order: `ADDR[=PCI_PATH],...`. Any 127.0.0.0/8 address belongs to the \
+          loopback interface, so one host can present several devices (`127.0.0.1,127.0.0.2,...`) the way an A3 \
+          machine shows eth1 to eth4; a PCI path (a sysfs device directory, e.g. a GPU's) is reported to NCCL as the \
+          device's place in the topology. Overrides NCCL_TCPXSHIM_TCP_IFNAME.",
+};
+
+/// Data sockets per connection.
+pub const TCP_STREAMS: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_STREAMS",
+    default: "4",
+    doc: "Data sockets per connection of the built-in transport (1 to 64); large messages are striped across them. \
+          Must match on every rank.",
+};
+
+/// I/O worker threads.
+pub const TCP_WORKERS: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_WORKERS",
+    default: "4",
+    doc: "I/O worker threads of the built-in transport, shared by all connections of the process (1 to 64).",
+};
+
+/// Striping chunk.
+pub const TCP_MIN_CHUNK: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
+    default: "65536",
+    doc: "Smallest piece of a message sent on one data socket, in bytes (4096 to 16777216).",
+};
+
+/// Inline threshold.
+pub const TCP_INLINE: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_INLINE",
+    default: "16384",
+    doc: "Messages up to this many bytes travel on the control socket, sent from the calling thread, for low \
+          latency; larger ones are striped over the data sockets by the workers (0 to 1048576). Must match on every rank.",
+};
+
+/// GPU memory in the built-in transport.
+pub const TCP_CUDA: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_CUDA",
+    default: "0",
+    doc: "1: the built-in transport also accepts CUDA buffers (ptrSupport HOST|CUDA), so NCCL's GPU-direct path runs \
+          through it: data is copied between GPU memory and pinned host buffers with the CUDA driver, loaded at run \
+          time. Without a GPU driver it stays host-only and says why. 0: host memory only; NCCL stages through host.",
+};
+
+/// Pinned host memory for GPU-memory staging.
+pub const TCP_CUDA_POOL: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_CUDA_POOL",
+    default: "256",
+    doc: "With NCCL_TCPXSHIM_TCP_CUDA=1: MiB of pinned host memory allocated when the transport starts (0 to 65536); \
+          the staging buffers of CUDA registrations are carved out of it, and ordinary host memory (slower copies) is \
+          used once it is full. Pinned memory is never allocated later: that would synchronise the GPU and can \
+          deadlock with NCCL's running kernels.",
+};
+
+/// Settings of the built-in TCP transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Interface selection, NCCL_SOCKET_IFNAME syntax; `None` means the default choice.
+    pub ifname: Option<String>,
+    /// Devices from local addresses (`ADDR[=PCI_PATH],...`), instead of interfaces.
+    pub addrs: Option<String>,
+    /// Data sockets per connection.
+    pub streams: usize,
+    /// I/O worker threads.
+    pub workers: usize,
+    /// Smallest striping chunk in bytes.
+    pub min_chunk: usize,
+    /// Largest message sent inline on the control socket.
+    pub inline_max: usize,
+    /// Accept CUDA buffers (staged through pinned host memory).
+    pub cuda: bool,
+    /// Bytes of pinned staging memory allocated at start when `cuda` is on.
+    pub cuda_pool: usize,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig::from_vars(&|_| None).unwrap_or_else(|e| unreachable!("the built-in defaults parse: {e}"))
+    }
+}
+
+impl TcpConfig {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Result<TcpConfig> {
+        TcpConfig::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// Reads the settings from `vars`.
+    pub fn from_vars(vars: Vars<'_>) -> Result<TcpConfig> {
+        Ok(TcpConfig {
+            ifname: get(vars, TCP_IFNAME.name).or_else(|| get(vars, "NCCL_SOCKET_IFNAME")),
+            addrs: get(vars, TCP_ADDRS.name),
+            streams: int(vars, &TCP_STREAMS, 1, 64)? as usize,
+            workers: int(vars, &TCP_WORKERS, 1, 64)? as usize,
+            min_chunk: int(vars, &TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
+            inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,
+            cuda: int(vars, &TCP_CUDA, 0, 1)? == 1,
+            cuda_pool: (int(vars, &TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
+        })
+    }
+}
