@@ -27,9 +27,16 @@ pub struct CounterSnapshot {
 
 impl CommCounters {
     /// Records one completed message of `bytes` bytes.
+    ///
+    /// A load and a store, not a read-modify-write: the requests of one comm complete on the
+    /// thread that drives it (NCCL drives each comm from one thread at a time), so the counts are
+    /// exact, and readers on other threads see whole values. Were two threads to complete requests
+    /// of one comm at once, a count could be lost, nothing worse.
+    #[inline]
     pub fn complete(&self, bytes: u64) {
-        self.messages.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(bytes, Relaxed);
+        self.messages
+            .store(self.messages.load(Relaxed).wrapping_add(1), Relaxed);
+        self.bytes.store(self.bytes.load(Relaxed).wrapping_add(bytes), Relaxed);
     }
     /// Records one error.
     pub fn error(&self) {

@@ -100,26 +100,43 @@ pub struct Posted {
     pub mrs: [Option<MrKey>; MAX_RECVS],
 }
 
+/// What a post gives: borrowed from the caller, written into the request slot in place.
+pub struct PostArgs<'a> {
+    /// The operation.
+    pub op: Op,
+    /// Buffers (one per grouped receive).
+    pub data: &'a [*mut c_void],
+    /// Sizes.
+    pub sizes: &'a [i32],
+    /// Tags (flushes have none).
+    pub tags: &'a [i32],
+    /// The shim's registrations of the buffers.
+    pub mrs: &'a [Option<MrKey>],
+}
+
 impl Posted {
-    /// A request of `op` over the first `data.len()` entries of each array.
+    const EMPTY: Posted = Posted {
+        op: Op::Send,
+        n: 0,
+        data: [0; MAX_RECVS],
+        sizes: [0; MAX_RECVS],
+        tags: [0; MAX_RECVS],
+        mrs: [None; MAX_RECVS],
+    };
+
+    /// Takes on `a` (entries past its length keep older values and are never read).
     #[inline]
-    pub fn new(op: Op, data: &[*mut c_void], sizes: &[i32], tags: &[i32], mrs: &[Option<MrKey>]) -> Posted {
-        let mut p = Posted {
-            op,
-            n: data.len().min(MAX_RECVS),
-            data: [0; MAX_RECVS],
-            sizes: [0; MAX_RECVS],
-            tags: [0; MAX_RECVS],
-            mrs: [None; MAX_RECVS],
-        };
-        for (i, &d) in data.iter().take(p.n).enumerate() {
-            p.data[i] = d as usize;
-            p.sizes[i] = sizes.get(i).copied().unwrap_or(0);
-            p.tags[i] = tags.get(i).copied().unwrap_or(0);
-            p.mrs[i] = mrs.get(i).copied().flatten();
+    fn fill(&mut self, a: &PostArgs<'_>) {
+        self.op = a.op;
+        self.n = a.data.len().min(MAX_RECVS);
+        for i in 0..self.n {
+            self.data[i] = a.data[i] as usize;
+            self.sizes[i] = a.sizes.get(i).copied().unwrap_or(0);
+            self.tags[i] = a.tags.get(i).copied().unwrap_or(0);
+            self.mrs[i] = a.mrs.get(i).copied().flatten();
         }
-        p
     }
+
     /// Bytes posted, over every grouped receive.
     pub fn bytes(&self) -> i64 {
         self.sizes[..self.n].iter().map(|&s| s.max(0) as i64).sum()
@@ -130,8 +147,8 @@ impl Posted {
 pub struct ReqRec {
     /// What was posted.
     pub posted: Posted,
-    /// The inner transport's request.
-    pub inner: Opaque,
+    /// The inner transport's request (`None` in a slot never used).
+    pub inner: Option<Opaque>,
     /// When it was posted (coarse monotonic clock, nanoseconds).
     pub at_ns: u64,
     /// test() calls that found it not done.
@@ -152,7 +169,7 @@ fn req_state(gen: u16, phase: u32) -> u32 {
 struct ReqSlot {
     /// `generation << 16 | phase` (FREE, POSTING, LIVE, BUSY).
     state: AtomicU32,
-    rec: UnsafeCell<Option<ReqRec>>,
+    rec: UnsafeCell<ReqRec>,
 }
 
 // SAFETY: `rec` is only touched by the slot's owner: the poster that moved the state from FREE to
@@ -282,7 +299,13 @@ impl Record for CommRec {
             slots: (0..MAX_REQUESTS)
                 .map(|_| ReqSlot {
                     state: AtomicU32::new(req_state(0, FREE)),
-                    rec: UnsafeCell::new(None),
+                    rec: UnsafeCell::new(ReqRec {
+                        posted: Posted::EMPTY,
+                        inner: None,
+                        at_ns: 0,
+                        tests: 0,
+                        warned: false,
+                    }),
                 })
                 .collect(),
             mr_chunks: (0..MAX_MRS / MR_CHUNK).map(|_| OnceLock::new()).collect(),
@@ -426,26 +449,23 @@ impl CommRec {
     pub fn post(
         &self,
         key: CommKey,
-        posted: &Posted,
+        args: &PostArgs<'_>,
         at_ns: u64,
         inner: impl FnOnce() -> Result<Option<Opaque>>,
     ) -> Result<Option<ReqKey>> {
-        let call = posted.op.call();
+        let call = args.op.call();
         let (idx, gen) = self.take_slot(call)?;
         let slot = &self.slots[idx];
         match inner() {
             Ok(Some(ireq)) => {
                 // SAFETY: this poster moved the slot from FREE to POSTING, so it owns `rec`; no
                 // tester can take it before the Release store below says LIVE.
-                unsafe {
-                    *slot.rec.get() = Some(ReqRec {
-                        posted: *posted,
-                        inner: ireq,
-                        at_ns,
-                        tests: 0,
-                        warned: false,
-                    })
-                };
+                let r = unsafe { &mut *slot.rec.get() };
+                r.posted.fill(args);
+                r.inner = Some(ireq);
+                r.at_ns = at_ns;
+                r.tests = 0;
+                r.warned = false;
                 slot.state.store(req_state(gen, LIVE), Ordering::Release);
                 Ok(Some(ReqKey::new(key, idx, gen)))
             }
@@ -456,7 +476,8 @@ impl CommRec {
                     Ok(_) => Ok(None),
                     Err(e) => {
                         self.counters.error();
-                        Err(e.context(format!("{call} of {} bytes on {}", posted.bytes(), self.label())))
+                        let bytes: i64 = args.sizes.iter().map(|&s| s.max(0) as i64).sum();
+                        Err(e.context(format!("{call} of {bytes} bytes on {}", self.label())))
                     }
                 }
             }
@@ -545,6 +566,35 @@ impl CommRec {
         })
     }
 
+    /// The inner registration behind `key` of this comm (standing under `comm`), checked to cover
+    /// `size` bytes at `data`: the data path's lookup, reading only what it needs.
+    #[inline]
+    pub fn mr_for(&self, call: &str, comm: CommKey, key: MrKey, data: usize, size: i32) -> Result<Opaque> {
+        let live = (key.gen as u32) << 1 | 1;
+        let found = self.mr_slot(key).filter(|_| key.of(comm)).and_then(|m| {
+            if m.state.load(Ordering::Acquire) != live {
+                return None;
+            }
+            let (start, len) = (m.data.load(Ordering::Relaxed), m.size.load(Ordering::Relaxed));
+            let inner = m.inner.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            (m.state.load(Ordering::Relaxed) == live).then_some((start, len, inner))
+        });
+        let Some((start, len, inner)) = found else {
+            return Err(self.foreign_mr(call, key));
+        };
+        let inside = size <= 0 || (data >= start && data.saturating_add(size as usize) <= start.saturating_add(len));
+        if let Some(o) = Opaque::from_ptr(inner).filter(|_| inside) {
+            return Ok(o);
+        }
+        // The slow path, for the message: the whole record says what is wrong.
+        let rec = self.mr(call, comm, key)?;
+        Err(rec
+            .covers(call, data, size)
+            .err()
+            .unwrap_or_else(|| self.foreign_mr(call, key)))
+    }
+
     /// The registration `key` of this comm (the comm standing under `comm`).
     #[inline]
     pub fn mr(&self, call: &str, comm: CommKey, key: MrKey) -> Result<MrRec> {
@@ -626,11 +676,8 @@ impl ReqGuard<'_> {
     #[inline]
     pub fn rec(&mut self) -> &mut ReqRec {
         // SAFETY: this guard moved the slot from LIVE to BUSY, so it owns `rec` until it stores
-        // LIVE or FREE again (in retire or drop); a LIVE slot always holds a request.
-        match unsafe { &mut *self.slot.rec.get() } {
-            Some(r) => r,
-            None => unreachable!("a live request slot holds a request"),
-        }
+        // LIVE or FREE again (in retire or drop).
+        unsafe { &mut *self.slot.rec.get() }
     }
 
     /// Ends the request (completed or failed): its slot is free again.
@@ -638,7 +685,7 @@ impl ReqGuard<'_> {
     pub fn retire(mut self) {
         self.done = true;
         // SAFETY: as in rec(): this guard owns the slot until the store below.
-        unsafe { *self.slot.rec.get() = None };
+        unsafe { (*self.slot.rec.get()).inner = None };
         self.slot.state.store(req_state(self.gen, FREE), Ordering::Release);
     }
 }

@@ -7,7 +7,7 @@
 //! exactly the stack NCCL drives.
 
 use super::handle::{self, Handles};
-use super::objects::{CommRec, CommSpec, Kind, MrRec, Op, Posted, ReqRec, MAX_RECVS};
+use super::objects::{CommRec, CommSpec, Kind, MrRec, Op, PostArgs, ReqRec, MAX_RECVS};
 use super::table::{CommKey, MrKey, ReqKey, Table, MAX_COMMS};
 use super::LoadInfo;
 use crate::config::Config;
@@ -227,20 +227,25 @@ impl Shim {
             keys: [None; MAX_RECVS],
         };
         for (i, m) in mrs.iter().enumerate().take(MAX_RECVS) {
-            if let Some(m) = m {
-                let key = MrKey::from_opaque(*m).ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "{call}: {:#x} is not a tcpxshim memory handle",
-                        m.as_ptr() as usize
-                    ))
-                })?;
-                let rec = c.mr(call, c.key, key)?;
-                rec.covers(call, data[i] as usize, sizes[i])?;
-                out.inner[i] = Some(rec.inner);
+            if let Some(m) = *m {
+                let (inner, key) = self.inner_mr(call, c, m, data[i], sizes[i])?;
+                out.inner[i] = Some(inner);
                 out.keys[i] = Some(key);
             }
         }
         Ok(out)
+    }
+
+    /// The inner registration behind NCCL's memory handle `m`, checked to cover its buffer.
+    #[inline]
+    fn inner_mr(&self, call: &str, c: &Found<'_>, m: Opaque, data: *mut c_void, size: i32) -> Result<(Opaque, MrKey)> {
+        let key = MrKey::from_opaque(m).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "{call}: {:#x} is not a tcpxshim memory handle",
+                m.as_ptr() as usize
+            ))
+        })?;
+        Ok((c.mr_for(call, c.key, key, data as usize, size)?, key))
     }
 
     /// [`Transport::test`] for a caller that has room for one size per grouped receive of the
@@ -306,8 +311,8 @@ impl Shim {
         } else {
             format!("{} of {} bytes (tag {})", p.op.call(), p.bytes(), p.tags[0])
         };
-        // SAFETY: the comm is open and the request outstanding (its slot is locked by the caller).
-        let detail = unsafe { self.inner.stall_detail(c.inner(), r.inner) };
+        // SAFETY: the comm is open and the request outstanding (the caller holds its slot).
+        let detail = r.inner.and_then(|ir| unsafe { self.inner.stall_detail(c.inner(), ir) });
         let side = match p.op {
             Op::Send => "the peer is not receiving",
             _ => "the peer has not sent",
@@ -331,7 +336,9 @@ impl Shim {
         let r = g.rec();
         let n = r.posted.n.clamp(1, MAX_RECVS);
         let mut local = [0i32; MAX_RECVS];
-        let ireq = r.inner;
+        let ireq = r
+            .inner
+            .ok_or_else(|| Error::internal("test: a live request has no inner request"))?;
         // SAFETY: the inner request is outstanding (its record is live and this call holds it),
         // and `local` has one entry per grouped receive.
         let done = match unsafe { self.inner.test(ireq, Some(&mut local[..n])) } {
@@ -514,13 +521,22 @@ impl Transport for Shim {
         mr: Option<Opaque>,
     ) -> Result<Option<Opaque>> {
         let c = self.live_comm("isend", comm, Some(Kind::Send))?;
-        let mrs = [mr];
-        let m = self.inner_mrs("isend", &c, &mrs, &[data], &[size])?;
-        let imr = m.inner[0];
-        let posted = Posted::new(Op::Send, &[data], &[size], &[tag], &m.keys);
+        let (imr, key) = match mr {
+            Some(m) => self
+                .inner_mr("isend", &c, m, data, size)
+                .map(|(i, k)| (Some(i), Some(k)))?,
+            None => (None, None),
+        };
+        let args = PostArgs {
+            op: Op::Send,
+            data: &[data],
+            sizes: &[size],
+            tags: &[tag],
+            mrs: &[key],
+        };
         // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
         // the buffer until the request completes.
-        let key = c.post(c.key, &posted, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
             self.inner.isend(c.inner(), data, size, tag, imr)
         })?;
         Ok(key.map(ReqKey::to_opaque))
@@ -543,9 +559,15 @@ impl Transport for Shim {
         }
         let m = self.inner_mrs("irecv", &c, &mrs[..n], data, sizes)?;
         let imrs = m.inner;
-        let posted = Posted::new(Op::Recv, data, sizes, tags, &m.keys);
+        let args = PostArgs {
+            op: Op::Recv,
+            data: &data[..n],
+            sizes: &sizes[..n],
+            tags: &tags[..n],
+            mrs: &m.keys[..n],
+        };
         // SAFETY: as in isend; the inner registrations are this comm's.
-        let key = c.post(c.key, &posted, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
             self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
@@ -565,9 +587,15 @@ impl Transport for Shim {
         }
         let m = self.inner_mrs("iflush", &c, &mrs[..n], data, sizes)?;
         let imrs = m.inner;
-        let posted = Posted::new(Op::Flush, data, sizes, &[], &m.keys);
+        let args = PostArgs {
+            op: Op::Flush,
+            data: &data[..n],
+            sizes: &sizes[..n],
+            tags: &[],
+            mrs: &m.keys[..n],
+        };
         // SAFETY: as in irecv.
-        let key = c.post(c.key, &posted, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
             self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
