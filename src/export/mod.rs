@@ -67,12 +67,13 @@ impl Drop for Guarded {
 /// What the panic hook does. Inside a guarded entry point it only records the location, which the
 /// guard's WARN line reports; anywhere else (an I/O worker, any thread the shim spawns) nothing
 /// else will report the panic, so it logs one WARN naming the thread, the location and the message.
-fn on_panic(location: Option<&std::panic::Location<'_>>, payload: &(dyn Any + Send)) {
+/// Returns whether the panic was inside a guarded call (and so is reported by the guard).
+fn on_panic(location: Option<&std::panic::Location<'_>>, payload: &(dyn Any + Send)) -> bool {
     let at = location.map(|l| format!("{}:{}", l.file(), l.line()));
     // try_with: a panic while this thread's locals are being destroyed counts as unguarded.
     if GUARD_DEPTH.try_with(|d| d.get()).unwrap_or(0) > 0 {
         let _ = PANIC_AT.try_with(|p| *p.borrow_mut() = at);
-        return;
+        return true;
     }
     let thread = std::thread::current();
     log::warn!(
@@ -81,20 +82,23 @@ fn on_panic(location: Option<&std::panic::Location<'_>>, payload: &(dyn Any + Se
         at.as_deref().unwrap_or("unknown location"),
         panic_message(payload)
     );
+    false
 }
 
-/// Replaces the default panic hook (which prints to stderr) in this library's copy of std with
-/// [`on_panic`], which reports through NCCL's logger instead.
+/// Puts [`on_panic`] in front of the panic hook in this library's copy of std: a panic inside a
+/// guarded call is reported by the guard through NCCL's logger (and not printed); any other panic
+/// is logged as a WARN and then handed to the hook that was there before (the default one prints
+/// it to stderr), so a program using this library as a crate keeps its own reports.
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // Unit tests keep the default report as well, so a failing assertion still says why.
-        #[cfg(test)]
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            on_panic(info.location(), info.payload());
-            #[cfg(test)]
-            previous(info);
+            // Unit tests keep the default report of guarded panics too, so a failing assertion
+            // still says why.
+            if !on_panic(info.location(), info.payload()) || cfg!(test) {
+                previous(info);
+            }
         }))
     });
 }
