@@ -340,10 +340,8 @@ struct ReqState {
     comm: usize,
     /// A send or receive (a flush is not a message).
     message: bool,
-    /// Not reported done before this.
+    /// Not tested on the inner transport (so not done) before this.
     due: Option<Instant>,
-    /// The inner request completed early, with these sizes; reported once `due` has passed.
-    finished: Option<Vec<i32>>,
 }
 
 #[derive(Default)]
@@ -466,7 +464,6 @@ impl Faults {
                 comm: key,
                 message,
                 due,
-                finished: None,
             },
         );
     }
@@ -708,42 +705,20 @@ impl Layer for Faults {
         Ok(r)
     }
 
-    unsafe fn test(&self, req: Opaque, mut sizes: Option<&mut [i32]>) -> Result<bool> {
+    unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
         self.panic_if("test");
-        let known = self
-            .st()
-            .reqs
-            .get(&(req.as_ptr() as usize))
-            .map(|r| (r.comm, r.due, r.finished.clone()));
-        let Some((comm, due, finished)) = known else {
+        let known = self.st().reqs.get(&(req.as_ptr() as usize)).map(|r| (r.comm, r.due));
+        let Some((comm, due)) = known else {
             // SAFETY: forwarded under the caller's contract.
             return unsafe { self.inner.test(req, sizes) };
         };
         if let Some(comm) = Opaque::from_addr(comm) {
             self.check_comm("test", comm)?;
         }
-        if let Some(due) = due {
-            if Instant::now() < due {
-                if finished.is_none() {
-                    // Let the inner request complete meanwhile; report it once it is due.
-                    let mut got = sizes.as_deref().map(|s| vec![0i32; s.len()]);
-                    // SAFETY: forwarded under the caller's contract; `got` has the caller's length.
-                    if unsafe { self.inner.test(req, got.as_deref_mut()) }? {
-                        if let Some(r) = self.st().reqs.get_mut(&(req.as_ptr() as usize)) {
-                            r.finished = Some(got.unwrap_or_default());
-                        }
-                    }
-                }
-                return Ok(false);
-            }
-            if let Some(got) = finished {
-                if let Some(s) = sizes.as_deref_mut() {
-                    let k = s.len().min(got.len());
-                    s[..k].copy_from_slice(&got[..k]);
-                }
-                self.completed(req);
-                return Ok(true);
-            }
+        if due.is_some_and(|due| Instant::now() < due) {
+            // Not due yet: the inner request is left alone, so it stays outstanding in the inner
+            // transport and its handle cannot be reused for another request meanwhile.
+            return Ok(false);
         }
         // SAFETY: forwarded under the caller's contract.
         let done = unsafe { self.inner.test(req, sizes) }?;

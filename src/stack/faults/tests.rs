@@ -679,3 +679,59 @@ fn regmr_fail_1_fails_the_first_registration_only() {
         t.close_listen(l).unwrap();
     }
 }
+
+/// A delayed request whose data has long arrived must not lose its identity to the next request
+/// the inner transport hands out (the built-in transport reuses request slots at once): several
+/// small messages back to back, each delayed, all arrive complete and in order.
+#[test]
+fn delayed_requests_back_to_back_keep_their_own_completions() {
+    let f = Faults::new(Box::new(tcp()), spec("delay=ms:20"));
+    let t: &dyn Transport = &f;
+    let (sc, rc, l) = pair(t, t);
+    let n = 64usize;
+    let sends: Vec<Vec<u8>> = (0..6).map(|i| pattern(n + i, 70 + i as u32)).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..6).map(|_| vec![0u8; n + 8]).collect();
+    let mut reqs = Vec::new();
+    for (i, (s, b)) in sends.iter().zip(bufs.iter_mut()).enumerate() {
+        // SAFETY: the buffers outlive the requests, which complete before they are dropped.
+        let (rr, sr) = unsafe {
+            let rr = t
+                .irecv(rc, &[b.as_mut_ptr().cast()], &[b.len() as i32], &[0], &[None])
+                .unwrap()
+                .unwrap();
+            let sr = t
+                .isend(sc, s.as_ptr() as *mut _, s.len() as i32, 0, None)
+                .unwrap()
+                .unwrap();
+            (rr, sr)
+        };
+        // Test both a while inside their delay, as NCCL's proxy does, so the inner transport has
+        // long finished them when the next pair is posted.
+        let until = Instant::now() + Duration::from_millis(5);
+        while Instant::now() < until {
+            // SAFETY: outstanding requests of `t`.
+            unsafe {
+                assert!(!t.test(sr, None).unwrap(), "send {i} reported before its delay");
+                assert!(!t.test(rr, None).unwrap(), "receive {i} reported before its delay");
+            }
+        }
+        reqs.push((sr, rr, s.len() as i32));
+    }
+    for (i, (sr, rr, len)) in reqs.into_iter().enumerate() {
+        assert_eq!(finish(t, sr, "delayed send").unwrap(), len, "send {i}");
+        assert_eq!(
+            finish(t, rr, "delayed receive").unwrap(),
+            len,
+            "receive {i}: its own size"
+        );
+    }
+    for (i, (s, b)) in sends.iter().zip(&bufs).enumerate() {
+        assert_eq!(&b[..s.len()], &s[..], "message {i} arrived intact and in order");
+    }
+    // SAFETY: the pair's comms, nothing outstanding.
+    unsafe {
+        t.close_send(sc).unwrap();
+        t.close_recv(rc).unwrap();
+        t.close_listen(l).unwrap();
+    }
+}
