@@ -408,3 +408,44 @@ fn made_up_pointers_are_invalid_arguments_never_crashes() {
     close_pair((send, recv));
     assert_inner_untouched();
 }
+
+#[test]
+fn the_exported_table_shows_what_tcpx_shows() {
+    // What NCCL reads from the shim's own ncclNetPlugin_v7 over TCPX: the name NCCL_NET selects,
+    // no regMrDmaBuf, and TCPX's properties field by field (tcpx-plugin-facts.md, "Interface").
+    let net = net();
+    assert_eq!(
+        net.name(),
+        "GPUDirectTCPX_v7",
+        "NCCL_NET=GPUDirectTCPX_v7 keeps working"
+    );
+    let t = net.table();
+    assert!(
+        t.regMrDmaBuf.is_none(),
+        "TCPX's regMrDmaBuf is NULL, so the shim's is too"
+    );
+    assert!(t.getDeviceMr.is_some() && t.irecvConsumed.is_some());
+    assert_eq!(net.devices().unwrap(), 4);
+    for dev in 0..4 {
+        let p = net.properties(dev).unwrap();
+        assert_eq!(p.name, format!("eth{}", dev + 1));
+        assert_eq!((p.net_device_type, p.net_device_version), (1, 7), "UNPACK, version 0x7");
+        assert_eq!(p.ptr_support, PTR_HOST | PTR_CUDA);
+        assert_eq!(
+            (p.speed, p.latency),
+            (200_000, 0.0),
+            "speed and latency as TCPX reports them"
+        );
+        assert_eq!((p.guid, p.port, p.max_comms, p.max_recvs), (dev as u64, 0, 65536, 1));
+    }
+    let (send, recv) = ready_pair(0);
+    let buf = AlignedBuf::new(4096);
+    let mr = net.reg_buf(recv, &buf, PTR_CUDA).unwrap();
+    assert!(
+        !net.get_device_mr(recv, mr).unwrap().is_null(),
+        "getDeviceMr reaches TCPX through the exported table"
+    );
+    net.dereg_mr(recv, mr).unwrap();
+    close_pair((send, recv));
+    assert_inner_untouched();
+}

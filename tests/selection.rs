@@ -166,3 +166,24 @@ fn a_failing_inner_init_is_reported_and_a_later_build_can_succeed() {
     );
     assert_eq!(ctl.init_count(), 2);
 }
+
+#[test]
+fn the_known_tcpx_paths_are_tried_in_the_documented_order_and_never_tcpxos_names() {
+    // tcpx-plugin-facts.md quirk 12: TCPX's own install path first, then GKE's; on A3 Mega
+    // libnccl-net.so under /usr/local/nvidia/lib64 may be Google's TCPXO shim, but its inner
+    // libnccl-net_internal.so is never a default, and neither is a bare libnccl-net.so.
+    assert_eq!(
+        tcpxshim::plugin::KNOWN_TCPX_PATHS,
+        &[
+            "/usr/local/tcpx/lib64/libnccl-net.so",
+            "/usr/local/nvidia/lib64/libnccl-net.so"
+        ]
+    );
+    for path in tcpxshim::plugin::KNOWN_TCPX_PATHS {
+        assert!(
+            path.starts_with('/'),
+            "{path}: absolute, not searched on the loader path"
+        );
+        assert!(!path.contains("internal"), "{path}");
+    }
+}

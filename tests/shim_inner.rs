@@ -156,6 +156,11 @@ fn tcpx_properties_and_name_pass_through() {
         assert_eq!(p.ptr_support, PTR_HOST | PTR_CUDA);
         assert_eq!((p.net_device_type, p.net_device_version), (1, 7), "UNPACK, version 0x7");
         assert_eq!((p.guid, p.port, p.max_comms, p.max_recvs), (dev as u64, 0, 65536, 1));
+        assert_eq!(
+            (p.speed, p.latency),
+            (200_000, 0.0),
+            "speed and latency as TCPX reports them"
+        );
     }
     assert!(
         !net.has_reg_mr_dmabuf(),
@@ -482,4 +487,135 @@ fn a_null_device_handle_pointer_is_passed_as_nccl_gave_it() {
     assert!(ctl.violations() >= 1);
     ctl.reset_violations();
     net.close_listen(listen).unwrap();
+}
+
+#[test]
+fn a_tcpx_handle_travels_inline_with_its_state_slot_as_tcpx_left_it() {
+    // Quirk 1: TCPX's 88 bytes fit the inner share, so the handle is inline (NCCL's own buffer
+    // reaches TCPX on every connect), and bytes 80..88, where TCPX's first connect() stores its
+    // state pointer, are exactly what TCPX's listen() left there (zero), whatever NCCL's buffer
+    // held before. A non-zero slot would make TCPX dereference garbage.
+    let (net, ctl) = shim_over(Fixture::Tcpx, &[]);
+    let mut handle: Handle = [0xEE; tcpxshim::ffi::HANDLE_SIZE];
+    let listen = net.listen_into(0, &mut handle).unwrap();
+    let t = Trailer::read(&handle).expect("a tcpxshim handle");
+    assert_eq!(t.flags & FLAG_SERVED, 0, "TCPX's handle fits inline: {t:?}");
+    assert_eq!(INNER_HANDLE_SIZE, 88, "the inner share is TCPX's 88 bytes");
+    assert!(
+        handle[80..INNER_HANDLE_SIZE].iter().all(|&b| b == 0),
+        "TCPX's state slot as its listen() left it: {:02x?}",
+        &handle[80..INNER_HANDLE_SIZE]
+    );
+    assert!(
+        handle[..80].iter().all(|&b| b != 0xEE),
+        "every inner byte was written from TCPX's handle"
+    );
+    let (send, (recv, dh)) = net.connect_accept(0, &mut handle, listen);
+    assert_eq!((dh.netDeviceType, dh.netDeviceVersion), (1, 7));
+    net.close_listen(listen).unwrap();
+    net.transfer(send, recv, 4096);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn a_failed_tcpx_background_connect_is_an_error_through_the_shim() {
+    // Quirk 4: isend/irecv answer "try again" until the background connect ends; when it failed,
+    // they return an error, which the shim passes on (never as another "try again").
+    let (net, ctl) = shim_over(Fixture::Tcpx, &[("connect_fail", 1)]);
+    let (send, recv) = net.connect_pair(0);
+    let buf = AlignedBuf::new(64);
+    let smr = net.reg_buf(send, &buf, PTR_HOST).unwrap();
+    let rmr = net.reg_buf(recv, &buf, PTR_HOST).unwrap();
+    let start = std::time::Instant::now();
+    let s = loop {
+        assert!(start.elapsed() < DEADLINE, "isend kept answering try again");
+        match net.isend(send, buf.as_ptr(), 64, 0, smr) {
+            Ok(None) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(s, Err(tcpxshim::ffi::ncclResult_t::ncclSystemError));
+    let r = loop {
+        assert!(start.elapsed() < DEADLINE, "irecv kept answering try again");
+        match net.irecv(recv, buf.as_ptr(), 64, 0, rmr) {
+            Ok(None) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(r, Err(tcpxshim::ffi::ncclResult_t::ncclSystemError));
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn repeated_tcpx_connects_from_another_thread_still_reach_it_with_nccls_buffer() {
+    // Quirk 1 is about the buffer, not the call site: the first connect() on this thread, the
+    // later ones on another thread with the same NCCL buffer. A shim that hands TCPX a copy of the
+    // handle on its own stack (even one copied back) gives TCPX another address there.
+    let (net, ctl) = shim_over(Fixture::Tcpx, &[]);
+    let (mut handle, listen) = net.listen(0).unwrap();
+    assert_eq!(
+        net.connect(0, &mut handle),
+        Ok(None),
+        "TCPX's connect takes several calls"
+    );
+    let addr = handle.as_mut_ptr() as usize;
+    let net = &net;
+    let send = std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: `handle` outlives the scope and nothing else touches it meanwhile.
+            let h = unsafe { &mut *(addr as *mut Handle) };
+            poll_until("connect on the second thread", || net.connect(0, h).unwrap())
+        })
+        .join()
+        .unwrap()
+    });
+    let recv = poll_until("accept", || net.accept(listen).unwrap());
+    net.close_listen(listen).unwrap();
+    net.transfer(send, recv.0, 4096);
+    net.close_send(send).unwrap();
+    net.close_recv(recv.0).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+}
+
+#[test]
+fn the_shim_does_not_hide_a_callers_out_of_order_irecv_consumed() {
+    // Quirk 7: irecvConsumed in completion order. The shim forwards the very receive NCCL names,
+    // so a caller releasing the second completed receive first is caught by TCPX itself.
+    let (net, ctl) = shim_over(Fixture::Tcpx, &[]);
+    let (send, recv) = net.connect_pair(0);
+    net.transfer(send, recv, 64); // the background connect is done
+    let sbuf = AlignedBuf::new(128);
+    let rbuf = AlignedBuf::new(128);
+    let smr = net.reg_buf(send, &sbuf, PTR_HOST).unwrap();
+    let rmr = net.reg_buf(recv, &rbuf, PTR_CUDA).unwrap();
+    let half = |b: &AlignedBuf| b.as_slice()[64..].as_ptr() as *mut c_void;
+    let r1 = net.post_recv(recv, rbuf.as_ptr(), 64, 0, rmr).unwrap();
+    let r2 = net.post_recv(recv, half(&rbuf), 64, 0, rmr).unwrap();
+    let s1 = net.post_send(send, sbuf.as_ptr(), 64, 0, smr).unwrap();
+    let s2 = net.post_send(send, half(&sbuf), 64, 0, smr).unwrap();
+    assert_eq!(net.wait_both(s1, r1).unwrap(), (64, 64));
+    assert_eq!(net.wait_both(s2, r2).unwrap(), (64, 64));
+    assert!(
+        net.irecv_consumed(recv, r2).is_err(),
+        "TCPX refuses the second receive first"
+    );
+    assert!(
+        ctl.violations() >= 1 && ctl.last_violation().contains("out of completion order"),
+        "{}",
+        ctl.last_violation()
+    );
+    ctl.reset_violations();
+    net.irecv_consumed(recv, r1).unwrap();
+    net.irecv_consumed(recv, r2).unwrap();
+    net.dereg_mr(send, smr).unwrap();
+    net.dereg_mr(recv, rmr).unwrap();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
 }

@@ -648,9 +648,10 @@ impl CommRec {
         q.push_back((key, inner));
     }
 
-    /// The inner request of the completed UNPACK receive `key`, forgotten from now on.
-    pub fn take_consumed(&self, key: ReqKey) -> Result<Opaque> {
-        let mut q = lock(&self.consumed);
+    /// The inner request of the completed UNPACK receive `key` (still remembered: see
+    /// [`CommRec::forget_consumed`]).
+    pub fn consumed_inner(&self, key: ReqKey) -> Result<Opaque> {
+        let q = lock(&self.consumed);
         let pos = q.iter().position(|(k, _)| *k == key).ok_or_else(|| {
             Error::invalid_usage(format!(
                 "irecvConsumed: request {:#x} is not a completed receive of {}",
@@ -658,9 +659,13 @@ impl CommRec {
                 self.label()
             ))
         })?;
-        q.remove(pos)
-            .map(|(_, inner)| inner)
-            .ok_or_else(|| Error::internal("irecvConsumed: completed receive vanished"))
+        Ok(q[pos].1)
+    }
+
+    /// Forgets the completed UNPACK receive `key` once the inner plugin has released it (a refused
+    /// release leaves it to be released again).
+    pub fn forget_consumed(&self, key: ReqKey) {
+        lock(&self.consumed).retain(|(k, _)| *k != key);
     }
 }
 

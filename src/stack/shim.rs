@@ -654,12 +654,16 @@ impl Transport for Shim {
                         c.label()
                     ))
                 })?;
-                Some(c.take_consumed(key)?)
+                Some((key, c.consumed_inner(key)?))
             }
             None => None,
         };
         // SAFETY: the inner request completed on this open comm and was not released yet.
-        unsafe { self.inner.irecv_consumed(c.inner(), n, inner_req) }
+        let res = unsafe { self.inner.irecv_consumed(c.inner(), n, inner_req.map(|(_, r)| r)) };
+        if let (Ok(()), Some((key, _))) = (&res, inner_req) {
+            c.forget_consumed(key);
+        }
+        res
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
