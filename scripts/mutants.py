@@ -108,7 +108,7 @@ MUTANTS = [
         '            if !req.is_null() {\n                break;\n            }\n        }')],
       INNER + TABLE),
     m("bg-error-is-try-again", "4", "an error from the inner isend/irecv (failed background connect) becomes \"try again\"",
-      [(OBJECTS, "                    Err(e) => {\n                        self.counters.error();\n                        Err(e.context(format!(\"{call} of {} bytes on {}\", posted.bytes(), self.label())))\n                    }",
+      [(OBJECTS, "                    Err(e) => {\n                        self.counters.error();\n                        let bytes: i64 = args.sizes.iter().map(|&s| s.max(0) as i64).sum();\n                        Err(e.context(format!(\"{call} of {bytes} bytes on {}\", self.label())))\n                    }",
         "                    Err(_) => Ok(None),")],
       INNER + TABLE),
     # ---- Quirk 6: FIFO test order per comm; n == 1.
