@@ -127,22 +127,15 @@ impl Trailer {
     }
 }
 
-/// A random 64-bit value from the operating system.
-pub fn random_u64() -> u64 {
+/// A random 64-bit value from the operating system (connection ids and secrets).
+pub fn random_u64() -> Result<u64> {
     let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        // No OS randomness: fall back to a hashed clock (never used for the served-handle secret,
-        // which refuses to start without the OS source).
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        return h.finish();
-    }
-    u64::from_le_bytes(b)
+    getrandom::fill(&mut b).map_err(|e| {
+        Error::system(format!(
+            "no random numbers from the operating system for a handle secret: {e}"
+        ))
+    })?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// How the shim carries inner handles.
@@ -220,12 +213,12 @@ impl Handles {
     ) -> Result<Option<u32>> {
         let fits = scratch[INNER_HANDLE_SIZE..].iter().all(|&b| b == CANARY);
         let mut t = Trailer {
-            secret: random_u64(),
+            secret: random_u64()?,
             ..Trailer::default()
         };
         if fits && self.mode == HandleMode::Auto {
             handle[..INNER_HANDLE_SIZE].copy_from_slice(&scratch[..INNER_HANDLE_SIZE]);
-            t.conn_id = random_u64() as u32;
+            t.conn_id = random_u64()? as u32;
             t.write(handle);
             return Ok(None);
         }
@@ -356,11 +349,6 @@ impl Handles {
 
     fn drop_abandoned(&self) {
         lock(&self.pending).retain(|_, p| p.touched.elapsed() < ABANDON_AFTER);
-    }
-
-    /// Connects in progress in served mode (for tests).
-    pub fn pending_connects(&self) -> usize {
-        lock(&self.pending).len()
     }
 }
 
