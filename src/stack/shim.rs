@@ -127,6 +127,16 @@ impl Shim {
             served: served.unwrap_or(0),
         };
         let Some((key, rec)) = self.comms.insert(spec) else {
+            if kind != Kind::Listen {
+                // SAFETY: `inner` was just made and nobody else has it; the caller of a failed
+                // listen closes its own.
+                let _ = unsafe {
+                    match kind {
+                        Kind::Send => self.inner.close_send(inner),
+                        _ => self.inner.close_recv(inner),
+                    }
+                };
+            }
             return Err(Error::invalid_usage(format!(
                 "{}: this process already has {MAX_COMMS} comms open through tcpxshim",
                 kind.label()
