@@ -157,7 +157,7 @@ unsafe impl Send for Conn {}
 unsafe impl Sync for Conn {}
 
 impl Conn {
-    fn new(dir: Dir, peer: String, dev: i32, inner: Opaque, unpack: bool) -> Arc<Conn> {
+    pub(crate) fn new(dir: Dir, peer: String, dev: i32, inner: Opaque, unpack: bool) -> Arc<Conn> {
         let now = now_ns();
         Arc::new_cyclic(|me| {
             let p = me.as_ptr();
@@ -377,6 +377,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    pub(crate) fn new(labels: MetricsConfig, transport: String, dir: PathBuf, stall_warn_ns: u64) -> Shared {
+        Shared {
+            labels,
+            transport,
+            dir,
+            stall_warn_ns,
+            open: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+            connect_hist: Hist::default(),
+            accept_hist: Hist::default(),
+            conns: Mutex::new(Vec::new()),
+            connecting: Mutex::new(HashMap::new()),
+            listens: Mutex::new(HashMap::new()),
+            write_lock: Mutex::new(()),
+            warned: AtomicBool::new(false),
+        }
+    }
+
     /// The file this process writes: `<dir>/<host>-<pid>.prom`.
     pub fn file(&self) -> PathBuf {
         self.dir
@@ -400,21 +418,12 @@ impl Metrics {
     /// Counts the traffic of `inner`, writing the file into `dir` every `cfg.metrics.interval`
     /// from a background thread.
     pub fn new(inner: Box<dyn Transport>, cfg: &Config, dir: PathBuf) -> Metrics {
-        let shared = Arc::new(Shared {
-            labels: cfg.metrics.clone(),
-            transport: inner.name().to_string(),
+        let shared = Arc::new(Shared::new(
+            cfg.metrics.clone(),
+            inner.name().to_string(),
             dir,
-            stall_warn_ns: cfg.stall_warn.map_or(0, |d| d.as_nanos() as u64),
-            open: AtomicU64::new(0),
-            opened: AtomicU64::new(0),
-            connect_hist: Hist::default(),
-            accept_hist: Hist::default(),
-            conns: Mutex::new(Vec::new()),
-            connecting: Mutex::new(HashMap::new()),
-            listens: Mutex::new(HashMap::new()),
-            write_lock: Mutex::new(()),
-            warned: AtomicBool::new(false),
-        });
+            cfg.stall_warn.map_or(0, |d| d.as_nanos() as u64),
+        ));
         log::info!(
             "metrics: writing {} every {} s",
             shared.file().display(),

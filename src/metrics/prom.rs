@@ -75,6 +75,8 @@ impl Collector for View {
                 let v = value(c);
                 match ty {
                     MetricType::Counter => ConstCounter::new(v as u64).encode(m.encode_family(l)?)?,
+                    // Counts print as integers, ages as decimals.
+                    _ if v.fract() == 0.0 && v.abs() < 9e15 => ConstGauge::new(v as i64).encode(m.encode_family(l)?)?,
                     _ => ConstGauge::new(v).encode(m.encode_family(l)?)?,
                 }
             }
@@ -260,5 +262,71 @@ impl Drop for Exporter {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::layer::{Conn, Dir};
+    use super::*;
+    use crate::transport::Opaque;
+
+    /// A reader never sees half a file: every read while the file is rewritten is a whole one.
+    #[test]
+    fn readers_see_whole_files_only() {
+        let dir = std::env::temp_dir().join(format!("tcpxshim-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut labels = crate::config::Config::default().metrics;
+        labels.host = "unit".into();
+        let shared = Arc::new(Shared::new(labels, "test".into(), dir.clone(), 0));
+        const CONNS: usize = 300;
+        let inner = Opaque::from_addr(64).unwrap();
+        for i in 0..CONNS {
+            shared
+                .conns
+                .lock()
+                .unwrap()
+                .push(Conn::new(Dir::Send, format!("peer {i}"), 0, inner, false));
+        }
+        let file = write(&shared).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let reads = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut reads = 0u32;
+                while !stop.load(Relaxed) {
+                    let text = std::fs::read_to_string(&file).expect("the file is always there");
+                    assert!(
+                        text.ends_with("# EOF\n"),
+                        "a partial file was read ({} bytes)",
+                        text.len()
+                    );
+                    assert_eq!(text.matches("tcpxshim_bytes_total{").count(), CONNS);
+                    reads += 1;
+                }
+                reads
+            });
+            for round in 0..200u64 {
+                for c in shared.conns() {
+                    c.bytes.store(round * 1_000_000_007, Relaxed);
+                }
+                write(&shared).unwrap();
+            }
+            stop.store(true, Relaxed);
+            reader.join().unwrap()
+        });
+        assert!(
+            reads > 10,
+            "the reader read while the file was rewritten ({reads} reads)"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [file.file_name().unwrap().to_owned()],
+            "no temporary file is left"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
