@@ -270,3 +270,40 @@ fn no_metrics_dir_means_no_layer_and_no_file() {
     net.close_recv(recv).unwrap();
     assert!(!dir.exists(), "nothing written without NCCL_TCPXSHIM_METRICS_DIR");
 }
+
+#[test]
+fn errors_beneath_are_counted_and_summed_up() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = fresh_dir("errors");
+    let file = file_of(&dir);
+    let mut cfg = config(&dir, 3600);
+    cfg.faults = Some(tcpxshim::stack::FaultSpec::parse("break=after:2").unwrap());
+    let net = StackNet::build(&cfg);
+    let (send, recv) = net.connect_pair(0);
+    net.transfer(send, recv, 1000);
+    net.transfer(send, recv, 1000);
+    assert!(
+        net.try_transfer(send, recv, &TransferOpts::new(1000)).is_err(),
+        "the third message fails on the broken connection"
+    );
+    let mark = in_process_log().mark();
+    let _ = net.close_send(send);
+    let _ = net.close_recv(recv);
+    let log = in_process_log().since(mark);
+    let s = scrape(&file).unwrap();
+    let errors: f64 = ["send", "recv"]
+        .iter()
+        .map(|d| value(&s, "tcpxshim_errors_total", &[("dir", d)]))
+        .sum();
+    assert!(errors >= 1.0, "the failed request is counted");
+    for d in ["send", "recv"] {
+        assert_eq!(value(&s, "tcpxshim_messages_total", &[("dir", d)]), 2.0, "{d}");
+        assert_eq!(value(&s, "tcpxshim_bytes_total", &[("dir", d)]), 2000.0, "{d}");
+        assert_eq!(value(&s, "tcpxshim_requests_in_flight", &[("dir", d)]), 0.0, "{d}");
+    }
+    let total = log
+        .iter()
+        .find(|l| l.contains("metrics summary: total"))
+        .unwrap_or_else(|| panic!("no total line in {log:?}"));
+    assert!(total.contains(&format!("{errors} errors")), "{total}");
+}
