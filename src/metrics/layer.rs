@@ -659,20 +659,26 @@ impl Layer for Metrics {
         };
         let n = (st.n as usize).clamp(1, MAX_RECVS);
         let mut local = [0i32; MAX_RECVS];
-        // SAFETY: the inner request is outstanding on the open inner comm, and `local` has one
+        // The caller's sizes when it has room for one per grouped receive (the shim always does),
+        // else ours, copied out after.
+        let (out, copy) = match sizes {
+            Some(out) if out.len() >= n => (&mut out[..n], None),
+            other => (&mut local[..n], other),
+        };
+        // SAFETY: the inner request is outstanding on the open inner comm, and `out` has one
         // entry per grouped receive.
-        match unsafe { self.inner.test(ir, Some(&mut local[..n])) } {
+        match unsafe { self.inner.test(ir, Some(&mut *out)) } {
             Ok(false) => Ok(false),
             Ok(true) => {
                 let end = now_ns();
                 let bytes = match st.op {
                     Op::Send => st.bytes,
-                    _ => local[..n].iter().map(|&b| b.max(0) as u64).sum(),
+                    _ => out.iter().map(|&b| b.max(0) as u64).sum(),
                 };
                 c.completed(s, st, end, bytes);
-                if let Some(out) = sizes {
-                    let k = out.len().min(n);
-                    out[..k].copy_from_slice(&local[..k]);
+                if let Some(dst) = copy {
+                    let k = dst.len().min(n);
+                    dst[..k].copy_from_slice(&out[..k]);
                 }
                 Ok(true)
             }
