@@ -1,9 +1,12 @@
 //! The shim's overhead over the plugin it wraps.
 //!
-//! Runs the same workload (a) on the generic v7 fixture loaded directly and (b) through the shim
+//! Runs the same workload (a) on the generic v7 fixture loaded directly, (b) through the shim
 //! wrapping that fixture: a stack built in this process from a config naming the fixture, driven
-//! through the exported `ncclNetPlugin_v7` table as NCCL drives it. Repetitions alternate
-//! (a b b a a b ...) so that drift and noise hit both alike, then one table is printed.
+//! through the exported `ncclNetPlugin_v7` table as NCCL drives it, and (c, d) through two more
+//! stacks over private copies of the fixture, driven through the stack's Rust interface, the same
+//! but for the metrics layer: off in (c), on in (d) (NCCL_TCPXSHIM_METRICS_DIR a temporary
+//! directory). Repetitions alternate (a b c d, d c b a, ...) so that drift and noise hit all alike,
+//! then one table is printed, and the metrics layer's cost: (d) against (c).
 //!
 //! Workloads, one connection on device 0, single thread:
 //! - small-message round: irecv + isend of 8 bytes, then test both until done; ns per round;
@@ -32,7 +35,7 @@ const SMALL: usize = 8;
 /// One connection of one plugin with its buffers registered once.
 struct Bench {
     label: &'static str,
-    net: Net,
+    net: Box<dyn Driver>,
     send: Comm,
     recv: Comm,
     small_s: AlignedBuf,
@@ -44,7 +47,7 @@ struct Bench {
 
 impl Bench {
     /// A connection of `net`, initialised already.
-    fn new(label: &'static str, net: Net, p: &Params) -> Result<Bench, String> {
+    fn new(label: &'static str, net: Box<dyn Driver>, p: &Params) -> Result<Bench, String> {
         let ndev = net
             .devices()
             .map_err(|e| format!("{label}: devices failed: {}", result_name(e)))?;
@@ -85,7 +88,7 @@ impl Bench {
     /// One message: irecv + isend + test both until done. Returns the received size.
     #[inline(always)]
     fn round(&self, sbuf: &AlignedBuf, rbuf: &AlignedBuf, smr: Mr, rmr: Mr, size: i32) -> i32 {
-        let net = &self.net;
+        let net = &*self.net;
         let rreq = spin(self.label, "irecv", || {
             net.irecv(self.recv, rbuf.as_ptr(), size, 0, rmr).unwrap()
         });
@@ -229,19 +232,35 @@ fn main() {
     direct_net
         .init()
         .unwrap_or_else(|e| panic!("direct: init failed: {}", result_name(e)));
-    let direct = Bench::new("direct", direct_net, &p).unwrap_or_else(|e| panic!("{e}"));
+    let direct = Bench::new("direct", Box::new(direct_net), &p).unwrap_or_else(|e| panic!("{e}"));
     let cfg = Config {
         plugin: Some(fixture.to_string_lossy().into_owned()),
         ..Config::default()
     };
-    let shim = Bench::new("shim", Net::in_process(&cfg), &p).unwrap_or_else(|e| panic!("{e}"));
+    let shim = Bench::new("shim", Box::new(Net::in_process(&cfg)), &p).unwrap_or_else(|e| panic!("{e}"));
     println!(
         "shim: the in-process stack (name {:?}) wrapping {}",
         shim.net.name(),
         fixture.display()
     );
+    // Two more stacks, each over a private copy of the fixture (one stack per fixture instance).
+    let stack_cfg = || Config {
+        plugin: Some(private_copy(&fixture).to_string_lossy().into_owned()),
+        ..Config::default()
+    };
+    let stack = Bench::new("stack", Box::new(StackNet::build(&stack_cfg())), &p).unwrap_or_else(|e| panic!("{e}"));
+    let metrics_dir = std::env::temp_dir().join(format!("tcpxshim-bench-metrics-{}", std::process::id()));
+    let mcfg = Config {
+        metrics_dir: Some(metrics_dir.clone()),
+        ..stack_cfg()
+    };
+    let metrics = Bench::new("metrics", Box::new(StackNet::build(&mcfg)), &p).unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "stack, metrics: stacks driven through their Rust interface, metrics off and on (files in {})",
+        metrics_dir.display()
+    );
 
-    let mut benches: Vec<Bench> = vec![direct, shim];
+    let mut benches: Vec<Bench> = vec![direct, shim, stack, metrics];
     let mut results: Vec<Results> = benches.iter().map(|_| Results::default()).collect();
     for rep in 0..p.reps {
         // a b, then b a, ...
@@ -287,18 +306,32 @@ fn main() {
     ];
     println!();
     println!(
-        "{:<32} {:>12} {:>14} {:>12}",
-        "workload", "direct", "through shim", "shim/direct"
+        "{:<32} {:>12} {:>14} {:>12} {:>12} {:>14} {:>12}",
+        "workload", "direct", "through shim", "shim/direct", "stack", "stack+metrics", "metrics/stack"
     );
     for (name, v) in &rows {
-        let (direct, shim) = (v[0], v[1]);
-        println!("{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3}", shim / direct);
+        let (direct, shim, stack, metrics) = (v[0], v[1], v[2], v[3]);
+        println!(
+            "{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3} {stack:>12.1} {metrics:>14.1} {:>12.3}",
+            shim / direct,
+            metrics / stack
+        );
     }
     println!("(a round is irecv + isend + test until both complete; for GB/s a ratio below 1 is the shim's cost)");
+    // A round is two messages (a send and a receive request), each timed and counted.
+    let d_mean = rows[0].1[3] - rows[0].1[2];
+    let d_p50 = rows[1].1[3] - rows[1].1[2];
+    println!(
+        "metrics layer: {:+.1} ns per message (mean), {:+.1} ns per message (p50); bandwidth ratio on/off {:.3}",
+        d_mean / 2.0,
+        d_p50 / 2.0,
+        rows[3].1[3] / rows[3].1[2]
+    );
 
     for b in benches.drain(..) {
         b.close();
     }
+    let _ = std::fs::remove_dir_all(&metrics_dir);
     let ctl = FixtureCtl::open(&fixture);
     println!(
         "inner fixture after closing: {} violation(s), {} live object(s)",

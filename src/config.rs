@@ -74,6 +74,22 @@ pub const FAULTS: Setting = Setting {
           init. See docs/design.md (Fault injection). Never set it in production.",
 };
 
+/// Metrics files.
+pub const METRICS_DIR: Setting = Setting {
+    name: "NCCL_TCPXSHIM_METRICS_DIR",
+    default: "(unset: no metrics)",
+    doc: "Directory each process writes its metrics to, as a Prometheus text file `<host>-<pid>.prom` (written to a \
+          temporary name, then renamed), every NCCL_TCPXSHIM_METRICS_INTERVAL seconds and when its last connection \
+          closes; point node_exporter's textfile collector at it. Unset: the metrics layer is not in the stack. See \
+          README.md (Metrics).",
+};
+/// How often the metrics file is written.
+pub const METRICS_INTERVAL: Setting = Setting {
+    name: "NCCL_TCPXSHIM_METRICS_INTERVAL",
+    default: "10",
+    doc: "Seconds between two writes of the metrics file (1 to 3600); used only with NCCL_TCPXSHIM_METRICS_DIR.",
+};
+
 /// All settings, in documentation order.
 pub const SETTINGS: &[Setting] = &[
     PLUGIN,
@@ -90,6 +106,8 @@ pub const SETTINGS: &[Setting] = &[
     CTRL_ADDR,
     HANDLE,
     FAULTS,
+    METRICS_DIR,
+    METRICS_INTERVAL,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -143,8 +161,57 @@ pub struct Config {
     pub ctrl_addr: Option<std::net::IpAddr>,
     /// NCCL_TCPXSHIM_FAULTS: the faults to inject; `None`: none (the layer is not stacked).
     pub faults: Option<crate::stack::FaultSpec>,
+    /// NCCL_TCPXSHIM_METRICS_DIR: where the metrics file goes; `None`: no metrics layer.
+    pub metrics_dir: Option<std::path::PathBuf>,
+    /// The metrics layer's other settings and the labels it puts on every series.
+    pub metrics: MetricsConfig,
     /// The built-in transport's settings.
     pub tcp: TcpConfig,
+}
+
+/// What the metrics layer needs besides its directory: the write interval and the process's
+/// labels, resolved once when the settings are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// NCCL_TCPXSHIM_METRICS_INTERVAL.
+    pub interval: std::time::Duration,
+    /// The global rank: RANK, else OMPI_COMM_WORLD_RANK, else SLURM_PROCID; empty when none is set.
+    pub rank: String,
+    /// The rank on this host: LOCAL_RANK, else OMPI_COMM_WORLD_LOCAL_RANK, else SLURM_LOCALID; empty
+    /// when none is set.
+    pub local_rank: String,
+    /// This host's name.
+    pub host: String,
+}
+
+/// Variables naming the global rank, in the order they are tried.
+pub const RANK_VARS: &[&str] = &["RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"];
+/// Variables naming the local rank, in the order they are tried.
+pub const LOCAL_RANK_VARS: &[&str] = &["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"];
+
+/// The host's name (`gethostname`), or "localhost" if it cannot be read.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+impl MetricsConfig {
+    /// Reads the interval and the rank variables from `vars`; the host name from the system.
+    pub fn from_vars(vars: Vars<'_>) -> Result<MetricsConfig> {
+        let first = |names: &[&str]| names.iter().find_map(|n| get(vars, n)).unwrap_or_default();
+        Ok(MetricsConfig {
+            interval: std::time::Duration::from_secs(int(vars, &METRICS_INTERVAL, 1, 3600)?),
+            rank: first(RANK_VARS),
+            local_rank: first(LOCAL_RANK_VARS),
+            host: hostname(),
+        })
+    }
 }
 
 impl Default for Config {
@@ -191,6 +258,8 @@ impl Config {
             faults: get(vars, FAULTS.name)
                 .map(|t| crate::stack::FaultSpec::parse(&t))
                 .transpose()?,
+            metrics_dir: get(vars, METRICS_DIR.name).map(std::path::PathBuf::from),
+            metrics: MetricsConfig::from_vars(vars)?,
             tcp: TcpConfig::from_vars(vars)?,
         })
     }
@@ -217,6 +286,33 @@ mod tests {
             Some(STALL_WARN.default)
         );
         assert!(c.plugin.is_none() && c.faults.is_none() && c.ctrl_addr.is_none());
+        assert!(c.metrics_dir.is_none(), "no metrics layer by default");
+        assert_eq!(c.metrics.interval.as_secs().to_string(), METRICS_INTERVAL.default);
+    }
+
+    #[test]
+    fn metrics_labels_come_from_the_first_rank_variable_set() {
+        let c = from(&[
+            ("NCCL_TCPXSHIM_METRICS_DIR", "/tmp/m"),
+            ("NCCL_TCPXSHIM_METRICS_INTERVAL", "2"),
+            ("OMPI_COMM_WORLD_RANK", "5"),
+            ("SLURM_PROCID", "9"),
+            ("SLURM_LOCALID", "1"),
+        ])
+        .unwrap();
+        assert_eq!(c.metrics_dir.as_deref(), Some(std::path::Path::new("/tmp/m")));
+        assert_eq!(c.metrics.interval, std::time::Duration::from_secs(2));
+        assert_eq!((c.metrics.rank.as_str(), c.metrics.local_rank.as_str()), ("5", "1"));
+        assert!(!c.metrics.host.is_empty());
+        let c = from(&[("RANK", "3"), ("OMPI_COMM_WORLD_RANK", "5")]).unwrap();
+        assert_eq!((c.metrics.rank.as_str(), c.metrics.local_rank.as_str()), ("3", ""));
+        let bad = from(&[("NCCL_TCPXSHIM_METRICS_INTERVAL", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("NCCL_TCPXSHIM_METRICS_INTERVAL=0 is out of range"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -619,3 +619,52 @@ fn the_shim_does_not_hide_a_callers_out_of_order_irecv_consumed() {
     net.close_recv(recv).unwrap();
     assert_clean(Fixture::Tcpx, &ctl);
 }
+
+/// The metrics layer in the stack over TCPX: its quirks still hold (repeated connects with one
+/// handle buffer, NULL requests meaning try again, UNPACK receives released by irecvConsumed with
+/// the inner request), the fixture sees no broken rule, and the file counts every message.
+#[test]
+fn the_metrics_layer_keeps_the_tcpx_quirks_and_counts_every_message() {
+    let dir = std::env::temp_dir().join(format!("tcpxshim-metrics-inner-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (net, ctl) = shim_with(Fixture::Tcpx, &[("bg_polls", 5)], |c| {
+        c.metrics_dir = Some(dir.clone());
+        c.metrics.host = "inner".into();
+    });
+    let pair = net.connect_pair_full(1);
+    let (send, recv) = (pair.send, pair.recv);
+    let buf = AlignedBuf::new(64);
+    let smr = net.reg_buf(send, &buf, PTR_HOST).unwrap();
+    assert!(
+        net.isend(send, buf.as_ptr(), 64, 0, smr).unwrap().is_none(),
+        "NULL request: try again, through the metrics layer too"
+    );
+    net.dereg_mr(send, smr).unwrap();
+    for size in [1usize, 4096, 100_000, 1 << 20] {
+        let mut o = TransferOpts::new(size);
+        o.recv_type = PTR_CUDA;
+        net.transfer_opts(send, recv, &o);
+    }
+    // As many requests outstanding at once as TCPX allows, each slot reused many times over.
+    let n = Fixture::Tcpx.max_outstanding();
+    for _ in 0..8 {
+        outstanding(&net, send, recv, n, 256);
+    }
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert_clean(Fixture::Tcpx, &ctl);
+    let text = std::fs::read_to_string(dir.join(format!("inner-{}.prom", std::process::id()))).unwrap();
+    let messages = 4 + 8 * n;
+    for d in ["send", "recv"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("tcpxshim_messages_total{") && l.contains(&format!("dir=\"{d}\"")))
+            .unwrap_or_else(|| panic!("no {d} messages line in\n{text}"));
+        assert!(line.ends_with(&format!(" {messages}")), "{line}");
+        assert!(
+            line.contains("transport=\"GPUDirectTCPX_v7\"") && line.contains("dev=\"1\""),
+            "{line}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,5 +1,14 @@
-//! Counters the shim keeps per connection and per process. The full metrics layer (exporters,
-//! latency histograms, stuck-request detection) grows from here.
+//! Counters the shim keeps per connection and per process, and the metrics layer
+//! (`NCCL_TCPXSHIM_METRICS_DIR`): per-connection counters and latency histograms updated on the
+//! data path ([`layer`]), written as a Prometheus text file ([`prom`]) and summed up in the log
+//! when the last connection closes ([`summary`]).
+
+pub mod hist;
+pub mod layer;
+pub mod prom;
+pub mod summary;
+
+pub use layer::Metrics;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! Shim (objects NCCL holds, handle, stall warnings, poisoning)     src/stack/shim.rs
+//!  | metrics (NCCL_TCPXSHIM_METRICS_DIR, only when set)             src/metrics/layer.rs
 //!  | faults (NCCL_TCPXSHIM_FAULTS, only when set)                   src/stack/faults.rs
 //!  v
 //! inner transport: a loaded plugin (src/plugin) or the built-in TCP transport (src/tcp)
@@ -19,7 +20,7 @@ mod table;
 
 pub use faults::{FaultSpec, Faults};
 pub use layer::Layer;
-pub use objects::{Kind, MAX_REQUESTS};
+pub use objects::{Kind, MAX_RECVS, MAX_REQUESTS};
 pub use shim::Shim;
 
 use crate::config::Config;
@@ -109,6 +110,10 @@ pub fn build_over(cfg: &Config, inner: Box<dyn Transport>, info: LoadInfo) -> Re
     let t = inner;
     let t: Box<dyn Transport> = match &cfg.faults {
         Some(f) => Box::new(Faults::new(t, f.clone())),
+        None => t,
+    };
+    let t: Box<dyn Transport> = match &cfg.metrics_dir {
+        Some(dir) => Box::new(crate::metrics::Metrics::new(t, cfg, dir.clone())),
         None => t,
     };
     Shim::over(t, info, cfg)

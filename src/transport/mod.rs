@@ -35,6 +35,10 @@ impl Opaque {
     pub fn from_box<T>(b: Box<T>) -> Opaque {
         Opaque(NonNull::from(Box::leak(b)).cast())
     }
+    /// Wraps a pointer to a transport's own object (which it keeps alive itself).
+    pub fn from_nonnull<T>(p: NonNull<T>) -> Opaque {
+        Opaque(p.cast())
+    }
     /// The raw address.
     pub fn as_ptr(self) -> *mut c_void {
         self.0.as_ptr()
