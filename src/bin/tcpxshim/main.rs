@@ -88,7 +88,7 @@ enum Cmd {
         #[command(flatten)]
         sweep: SweepArgs,
     },
-    /// The metrics files that NCCL_TCPXSHIM_METRICS_DIR collects (one per process).
+    /// The metrics files in the plugin's metrics directory (one per process).
     Metrics {
         #[command(subcommand)]
         cmd: MetricsCmd,
@@ -96,7 +96,7 @@ enum Cmd {
     /// Tables of a host's ranks and connections from its metrics files: throughput, latency
     /// p50/p99, requests in flight, errors, stalled requests.
     Stats {
-        /// The metrics directory (NCCL_TCPXSHIM_METRICS_DIR).
+        /// The directory the plugin writes its metrics files to.
         dir: PathBuf,
         /// Read the files once: throughput is then bytes over the time since each process
         /// started, latency over all its requests (marked *).
@@ -108,7 +108,7 @@ enum Cmd {
     },
     /// A live view of a host's ranks and connections from its metrics files (q quits).
     Top {
-        /// The metrics directory (NCCL_TCPXSHIM_METRICS_DIR).
+        /// The directory the plugin writes its metrics files to.
         dir: PathBuf,
         /// Seconds between reads of the files.
         #[arg(long, default_value = "1", value_parser = parse_secs, value_name = "SECS")]
@@ -120,7 +120,7 @@ enum Cmd {
 enum MetricsCmd {
     /// Serve every metrics file of DIR as one Prometheus page, /metrics (one endpoint per host).
     Serve {
-        /// The metrics directory (NCCL_TCPXSHIM_METRICS_DIR).
+        /// The directory the plugin writes its metrics files to.
         dir: PathBuf,
         /// Address to listen on, HOST:PORT (port 0: any free port, printed).
         #[arg(long, default_value = "0.0.0.0:9464", value_name = "ADDR")]

@@ -1,5 +1,5 @@
 //! `tcpxshim metrics serve`, `tcpxshim stats` and `tcpxshim top`: reading the metrics files that
-//! the plugin's processes write into NCCL_TCPXSHIM_METRICS_DIR (`<host>-<pid>.prom`, Prometheus
+//! the plugin's processes write into the metrics directory (`<host>-<pid>.prom`, Prometheus
 //! text, replaced by a rename at each write), serving them as one page, and summarising them.
 
 pub mod serve;

@@ -78,8 +78,18 @@ pub fn run(dir: &Path, listen: &str) -> Result<()> {
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    for req in server.incoming_requests() {
-        answer(dir, req);
-    }
+    // A few threads answer, so that one slow client does not hold up the others' scrapes.
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| {
+                for req in server.incoming_requests() {
+                    answer(dir, req);
+                }
+            });
+        }
+    });
     Ok(())
 }
+
+/// Threads answering requests.
+const WORKERS: usize = 4;

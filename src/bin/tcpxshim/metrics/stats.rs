@@ -140,7 +140,7 @@ pub fn run(dir: &Path, once: bool, interval: Duration) -> Result<()> {
     let first = read(dir)?;
     if first.is_empty() {
         return Err(Error::invalid_argument(format!(
-            "{} holds no metrics files (*.prom): is NCCL_TCPXSHIM_METRICS_DIR set to it?",
+            "{} holds no metrics files (*.prom): is it the directory the plugin writes its metrics to?",
             dir.display()
         )));
     }
