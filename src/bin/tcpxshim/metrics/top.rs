@@ -21,9 +21,27 @@ struct State {
     view: View,
     error: Option<String>,
     read_at: SystemTime,
+    /// The first connection row shown (the table scrolls when it does not fit).
+    scroll: usize,
+    /// Connection rows that fit, as last drawn.
+    visible: usize,
 }
 
 impl State {
+    /// Scrolls the connection table.
+    fn key(&mut self, code: KeyCode) {
+        let page = self.visible.max(1);
+        self.scroll = match code {
+            KeyCode::Down | KeyCode::Char('j') => self.scroll.saturating_add(1),
+            KeyCode::Up | KeyCode::Char('k') => self.scroll.saturating_sub(1),
+            KeyCode::PageDown | KeyCode::Char(' ') => self.scroll.saturating_add(page),
+            KeyCode::PageUp => self.scroll.saturating_sub(page),
+            KeyCode::Home => 0,
+            KeyCode::End => usize::MAX,
+            _ => self.scroll,
+        };
+    }
+
     fn refresh(&mut self, dir: &Path) {
         match super::stats::read(dir) {
             Ok(files) => {
@@ -74,8 +92,8 @@ fn table<'a>(title: String, header: &[&str], right: &[bool], cells: Vec<Vec<Stri
         .block(Block::bordered().title(title))
 }
 
-fn draw(f: &mut Frame, dir: &Path, s: &State) {
-    let v = &s.view;
+fn draw(f: &mut Frame, dir: &Path, s: &mut State) {
+    let v = &s.view.clone();
     let rank_height = (v.ranks.len() as u16 + 3).min(f.area().height / 2);
     let [top, conns, ranks] = Layout::vertical([
         Constraint::Length(2),
@@ -103,12 +121,26 @@ fn draw(f: &mut Frame, dir: &Path, s: &State) {
         Line::from(status),
     ];
     f.render_widget(Paragraph::new(lines), top);
+    // Borders and header take 3 lines.
+    let fit = (conns.height as usize).saturating_sub(3).max(1);
+    let n = v.conns.len();
+    s.visible = fit;
+    s.scroll = s.scroll.min(n.saturating_sub(fit));
+    let title = if n > fit {
+        format!(
+            " connections {}-{} of {n} (Up/Down, PgUp/PgDn: scroll) ",
+            s.scroll + 1,
+            (s.scroll + fit).min(n)
+        )
+    } else {
+        " connections ".into()
+    };
     f.render_widget(
         table(
-            " connections ".into(),
+            title,
             &CONN_HEADER,
             &CONN_RIGHT,
-            v.conns.iter().map(conn_cells).collect(),
+            v.conns.iter().skip(s.scroll).take(fit).map(conn_cells).collect(),
         ),
         conns,
     );
@@ -146,19 +178,23 @@ pub fn run(dir: &Path, period: Duration) -> Result<()> {
         view: View::default(),
         error: None,
         read_at: SystemTime::now(),
+        scroll: 0,
+        visible: 1,
     };
     state.refresh(dir);
     let mut terminal = ratatui::try_init().map_err(|e| Error::io("set up the terminal", e))?;
     let res = (|| -> std::io::Result<()> {
         let mut next = Instant::now() + period;
         loop {
-            terminal.draw(|f| draw(f, dir, &state))?;
+            terminal.draw(|f| draw(f, dir, &mut state))?;
             let wait = next.saturating_duration_since(Instant::now());
             if event::poll(wait)? {
                 match event::read()? {
                     Event::Key(k) if quits(&k) => return Ok(()),
-                    _ => continue, // Resize and other keys: draw again.
+                    Event::Key(k) if k.kind != KeyEventKind::Release => state.key(k.code),
+                    _ => {} // Resize and the rest: draw again.
                 }
+                continue;
             }
             state.refresh(dir);
             next = Instant::now() + period;
@@ -182,16 +218,76 @@ mod tests {
         assert!(!quits(&KeyEvent::new(KeyCode::Down, KeyModifiers::NONE)));
     }
 
+    fn screen(t: &ratatui::Terminal<TestBackend>) -> String {
+        let b = t.backend().buffer();
+        (0..b.area.height)
+            .map(|y| (0..b.area.width).map(|x| b[(x, y)].symbol()).collect::<String>() + "\n")
+            .collect()
+    }
+
+    #[test]
+    fn scrolls_connections_that_do_not_fit() {
+        let conns = (0..30)
+            .map(|peer| summary::ConnRow {
+                key: summary::ConnKey {
+                    rank_num: 0,
+                    rank: "0".into(),
+                    host: "h".into(),
+                    local_rank: "0".into(),
+                    comm: "0x1".into(),
+                    dir: "send".into(),
+                    peer_num: peer,
+                    peer: format!("p{peer}"),
+                    dev: "0".into(),
+                    transport: "tcpx".into(),
+                },
+                now: summary::Conn::default(),
+                rate: None,
+                p50: None,
+                p99: None,
+                basis: summary::Basis::Interval,
+            })
+            .collect();
+        let mut s = State {
+            kept: HashMap::new(),
+            view: View {
+                conns,
+                ranks: Vec::new(),
+                files: 1,
+            },
+            error: None,
+            read_at: SystemTime::UNIX_EPOCH,
+            scroll: 0,
+            visible: 1,
+        };
+        let mut t = ratatui::Terminal::new(TestBackend::new(120, 20)).unwrap();
+        t.draw(|f| draw(f, Path::new("/m"), &mut s)).unwrap();
+        let first = screen(&t);
+        assert!(first.contains(" p0 ") && !first.contains(" p29 "), "{first}");
+        assert!(first.contains("connections 1-"), "{first}");
+        s.key(KeyCode::End);
+        t.draw(|f| draw(f, Path::new("/m"), &mut s)).unwrap();
+        let last = screen(&t);
+        assert!(last.contains(" p29 ") && !last.contains(" p0 "), "{last}");
+        assert!(last.contains("of 30"), "{last}");
+        s.key(KeyCode::Up);
+        s.key(KeyCode::Home);
+        t.draw(|f| draw(f, Path::new("/m"), &mut s)).unwrap();
+        assert!(screen(&t).contains(" p0 "));
+    }
+
     #[test]
     fn draws_an_empty_directory() {
         let mut t = ratatui::Terminal::new(TestBackend::new(120, 20)).unwrap();
-        let s = State {
+        let mut s = State {
             kept: HashMap::new(),
             view: View::default(),
             error: None,
             read_at: SystemTime::UNIX_EPOCH,
+            scroll: 0,
+            visible: 1,
         };
-        t.draw(|f| draw(f, Path::new("/m"), &s)).unwrap();
+        t.draw(|f| draw(f, Path::new("/m"), &mut s)).unwrap();
         let screen: String = t.backend().buffer().content().iter().map(|c| c.symbol()).collect();
         assert!(screen.contains("tcpxshim top /m  0 file(s)"), "{screen}");
         assert!(screen.contains("thruput"));
