@@ -378,6 +378,10 @@ fn serve_merges_every_rank_into_one_page() {
     assert_eq!(get(&format!("{url}/")).0, 404);
     assert_eq!(get(&format!("{url}/metricsx")).0, 404);
     assert_eq!(get(&format!("{url}/metrics?x=1")).0, 200);
+    match ureq::post(&format!("{url}/metrics")).call() {
+        Err(ureq::Error::Status(code, _)) => assert_eq!(code, 405),
+        other => panic!("POST /metrics: {other:?}"),
+    }
 }
 
 #[test]
