@@ -5,14 +5,19 @@
 //! tcpxshim serve [--bind 0.0.0.0:45555]   # node A: wait for a peer, run the test it asks for
 //! tcpxshim connect A:45555 [--max-size 64M]  # node B: verify transfers, sweep sizes
 //! tcpxshim demo                           # both sides in this process over loopback
+//! tcpxshim metrics serve DIR [--listen 0.0.0.0:9464]  # this host's metrics files on /metrics
+//! tcpxshim stats DIR [--once]             # this host's ranks and connections, as tables
+//! tcpxshim top DIR                        # the same, live
 //! ```
 
 mod bench;
+mod metrics;
 
 use bench::{fmt_size, parse_size, Event, Plan, Report, Row, Verified};
 use clap::{Args, Parser, Subcommand};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tcpxshim::config;
@@ -82,6 +87,44 @@ enum Cmd {
         timeout: Duration,
         #[command(flatten)]
         sweep: SweepArgs,
+    },
+    /// The metrics files in the plugin's metrics directory (one per process).
+    Metrics {
+        #[command(subcommand)]
+        cmd: MetricsCmd,
+    },
+    /// Tables of a host's ranks and connections from its metrics files: throughput, latency
+    /// p50/p99, requests in flight, errors, stalled requests.
+    Stats {
+        /// The directory the plugin writes its metrics files to.
+        dir: PathBuf,
+        /// Read the files once: throughput is then bytes over the time since each process
+        /// started, latency over all its requests (marked *).
+        #[arg(long)]
+        once: bool,
+        /// Seconds between the two reads that throughput and latency are measured over.
+        #[arg(long, default_value = "5", value_parser = parse_secs, value_name = "SECS")]
+        interval: Duration,
+    },
+    /// A live view of a host's ranks and connections from its metrics files (q quits).
+    Top {
+        /// The directory the plugin writes its metrics files to.
+        dir: PathBuf,
+        /// Seconds between reads of the files.
+        #[arg(long, default_value = "1", value_parser = parse_secs, value_name = "SECS")]
+        interval: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MetricsCmd {
+    /// Serve every metrics file of DIR as one Prometheus page, /metrics (one endpoint per host).
+    Serve {
+        /// The directory the plugin writes its metrics files to.
+        dir: PathBuf,
+        /// Address to listen on, HOST:PORT (port 0: any free port, printed).
+        #[arg(long, default_value = "0.0.0.0:9464", value_name = "ADDR")]
+        listen: String,
     },
 }
 
@@ -586,6 +629,11 @@ fn main() -> ExitCode {
             sweep,
         } => cmd_connect(peer, *dev, *timeout, sweep),
         Cmd::Demo { dev, timeout, sweep } => cmd_demo(*dev, *timeout, sweep),
+        Cmd::Metrics {
+            cmd: MetricsCmd::Serve { dir, listen },
+        } => metrics::serve::run(dir, listen),
+        Cmd::Stats { dir, once, interval } => metrics::stats::run(dir, *once, *interval),
+        Cmd::Top { dir, interval } => metrics::top::run(dir, *interval),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
