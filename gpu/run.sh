@@ -11,6 +11,11 @@
 #             to 256 MiB, 2 and 4 ranks, modes shim, socket, shim-cuda (collectives.py), then the
 #             NCCL/shim log checks (logcheck.py net) and, for shim-cuda, whether NCCL used GPU-direct
 #   counters  the shim's per-connection byte counters against a ring all-reduce's traffic (counters.py)
+#   metrics   the shim's metrics files (NCCL_TCPXSHIM_METRICS_DIR, written every second): each rank's
+#             byte deltas over K all-reduces against the ring's traffic, exactly (metrics.py); meanwhile
+#             `tcpxshim metrics serve` on them when TCPXSHIM_BIN names the command, its page fetched
+#             every 0.5 s, and the files copied every 0.5 s (metricswatch.py); then metrics.md and
+#             metrics-throughput.svg (each connection's throughput against time)
 #   ddp       the same DDP training over shim and socket: identical losses (ddp.py)
 #   sweep     all-reduce and send/recv bandwidth, nccl-tests format, modes socket, socket44, shim
 #             (sweep.py; shim-cuda too when SWEEP_MODES names it and its correctness run passed: it is
@@ -24,17 +29,19 @@
 # NCCL_TCPXSHIM_TCP_CUDA=1 and GPU-direct asked for; socket = NCCL's own Socket transport;
 # socket44 = Socket with 4 threads x 4 sockets.
 #
-# OUTDIR gets summary.txt, results.md, busbw.svg, sweeps.json, logs.tar.gz and logs/ (every rank's
-# log, each part's JSON and check output). Exit status 0 when every part passed.
+# OUTDIR gets summary.txt, results.md, busbw.svg, sweeps.json, metrics.md, metrics-throughput.svg,
+# logs.tar.gz and logs/ (every rank's log, each part's JSON and check output). Exit status 0 when every
+# part passed.
 #
 # Settings (environment): QUICK=1 (as --quick: fewer sizes and iterations), PYTHON (python3),
-# WORLDS ("2 4": rank counts of the correctness runs), PARTS ("ceiling coll counters ddp sweep
-# profile"), TCPXSHIM_BIN (the tcpxshim command, for the ceiling part),
+# WORLDS ("2 4": rank counts of the correctness runs), PARTS ("ceiling coll counters metrics ddp
+# sweep profile multi"), TCPXSHIM_BIN (the tcpxshim command, for the ceiling and metrics parts),
 # SWEEP_MODES ("socket socket44 shim"; shim-cuda may be added), SUITE_BUDGET_S (470: the whole suite's seconds; a
 # run's timeout is cut to what is left, and runs are skipped once less than 45 s is left),
 # SHIM_NET_NAME (tcpxshim: the network name NCCL should report for the shim), COLL_SIZES (element
 # counts, comma separated), SWEEP_MAX_SIZE (bytes), COUNTERS_SIZE (bytes, 67108864),
-# COUNTERS_ITERS (20), DDP_STEPS (30), SWEEP_OPS (all_reduce,sendrecv), SWEEP_TIMEOUT_S (120),
+# COUNTERS_ITERS (20; both also for the metrics part), METRICS_MIN_SCRAPES (5: valid pages of
+# `tcpxshim metrics serve` wanted), DDP_STEPS (30), SWEEP_OPS (all_reduce,sendrecv), SWEEP_TIMEOUT_S (120),
 # PROFILE_MIN_SIZE and PROFILE_MAX_SIZE (bytes, 33554432 and 134217728), PROFILE_REPEAT (40),
 # PROFILE_INTERVAL (seconds between samples, 0.5), GPUS (1: every rank on GPU 0 under MPS; N > 1 adds
 # the multi part). Tests of the suite itself, without a GPU:
@@ -62,11 +69,11 @@ out="$(realpath "${pos[1]}")"
 logs="$out/logs"
 rm -f "$logs"/*.log "$logs"/*.json "$logs"/*.pids "$logs"/*.txt "$logs"/*.tmp \
   "$out/summary.txt" "$out/results.md" "$out/busbw.svg" "$out/sweeps.json" "$out/logs.tar.gz" \
-  "$out/multi-results.md" "$out/multi-busbw.svg" "$out/multi-sweeps.json"
+  "$out/multi-results.md" "$out/multi-busbw.svg" "$out/multi-sweeps.json" "$out/metrics.md" "$out/metrics-throughput.svg"
 
 PY="${PYTHON:-python3}"
 WORLDS="${WORLDS:-2 4}"
-PARTS="${PARTS:-ceiling coll counters ddp sweep profile multi}"
+PARTS="${PARTS:-ceiling coll counters metrics ddp sweep profile multi}"
 GPUS="${GPUS:-1}"
 SWEEP_MODES="${SWEEP_MODES:-socket socket44 shim}"
 budget="${SUITE_BUDGET_S:-470}"
@@ -93,6 +100,7 @@ mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 mps_msg="not started"
 mps_ours=0
 cur_pid=""
+bg_pids=() # background helpers started here (metrics serve, the watcher): stopped on exit
 
 kill_leftovers() {
   local f pid
@@ -108,12 +116,35 @@ kill_leftovers() {
   done
 }
 
+# stop_bg PID GRACE_S: waits up to GRACE_S seconds for a process started here to exit by itself, then
+# SIGTERM, and SIGKILL 5 s later.
+stop_bg() {
+  local pid="$1" i
+  for ((i = 0; i < $2 * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null
+    for ((i = 0; i < 50; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  fi
+  wait "$pid" 2>/dev/null
+}
+
 cleanup() {
   trap - EXIT INT TERM HUP
   if [[ -n "$cur_pid" ]]; then
     kill -TERM "$cur_pid" 2>/dev/null
     wait "$cur_pid" 2>/dev/null
   fi
+  local pid
+  for pid in "${bg_pids[@]}"; do
+    kill -0 "$pid" 2>/dev/null && stop_bg "$pid" 0
+  done
   kill_leftovers
   if [[ "$mps_ours" == 1 ]]; then
     echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1 || echo "run.sh: stopping MPS failed"
@@ -351,6 +382,66 @@ if has_part counters; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+# The metrics layer: each rank's metrics file against a ring all-reduce's traffic, exactly
+# (metrics.py); meanwhile `tcpxshim metrics serve` on the files, its page fetched every 0.5 s, and
+# every new version of the files copied aside (metricswatch.py watch); then metrics-throughput.svg and
+# metrics.md from the copies, and the checks (metricswatch.py check).
+if has_part metrics; then
+  label="metrics-shim-w2"
+  mdir="$logs/metrics-prom"
+  snaps="$logs/metrics-snapshots"
+  stop="$logs/metrics-watch.stop"
+  rm -rf "$mdir" "$snaps"
+  rm -f "$stop" "$logs"/metrics.rank*.json "$logs"/metrics.rank*.prom "$logs/metrics-watch.json"
+  mkdir -p "$mdir"
+  serve_pid=""
+  watch_args=()
+  no_serve=""
+  if [[ -n "${TCPXSHIM_BIN:-}" && -x "${TCPXSHIM_BIN:-}" ]]; then
+    port="$("$PY" -c "import sys; sys.path.insert(0, sys.argv[1]); import launch; print(launch.free_port())" "$here")"
+    "$TCPXSHIM_BIN" metrics serve "$mdir" --listen "127.0.0.1:$port" >"$logs/metrics-serve.txt" 2>&1 &
+    serve_pid=$!
+    bg_pids+=("$serve_pid")
+    watch_args=(--url "http://127.0.0.1:$port/metrics")
+  else
+    no_serve="TCPXSHIM_BIN not set"
+  fi
+  "$PY" "$here/metricswatch.py" watch --dir "$mdir" --snapshots "$snaps" --json "$logs/metrics-watch.json" \
+    --interval 0.5 --stop-file "$stop" --max-seconds 400 "${watch_args[@]}" >"$logs/metrics-watch.txt" 2>&1 &
+  watch_pid=$!
+  bg_pids+=("$watch_pid")
+  run_ranks "$label" 2 shim 120 --env NCCL_PROTO=Simple --env NCCL_ALGO=Ring --env "NCCL_TCPXSHIM_METRICS_DIR=$mdir" \
+    --env NCCL_TCPXSHIM_METRICS_INTERVAL=1 -- "$here/metrics.py" --json "$logs/metrics.rank{rank}.json" \
+    --size "${COUNTERS_SIZE:-67108864}" --iters "${COUNTERS_ITERS:-20}"
+  rc=$?
+  touch "$stop"
+  stop_bg "$watch_pid" 15
+  [[ -n "$serve_pid" ]] && stop_bg "$serve_pid" 0
+  rm -f "$stop"
+  if [[ $rc == 3 ]]; then
+    record SKIP "$label" "time budget spent"
+  else
+    net_check "$label" 2 shim
+    lrc=$?
+    "$PY" "$here/metricswatch.py" render --snapshots "$snaps" --svg "$out/metrics-throughput.svg" --md "$out/metrics.md" \
+      --jobs "$logs/metrics.rank{rank}.json" --world 2 --watch "$logs/metrics-watch.json" >"$logs/metrics-render.txt" 2>&1
+    if [[ -n "$no_serve" ]]; then
+      check "$label.metrics" "$here/metricswatch.py" check --jobs "$logs/metrics.rank{rank}.json" --world 2 \
+        --svg "$out/metrics-throughput.svg" --no-serve "$no_serve"
+    else
+      check "$label.metrics" "$here/metricswatch.py" check --jobs "$logs/metrics.rank{rank}.json" --world 2 \
+        --svg "$out/metrics-throughput.svg" --watch "$logs/metrics-watch.json" --min-scrapes "${METRICS_MIN_SCRAPES:-5}"
+    fi
+    mrc=$?
+    detail="$(part_detail "$label" "$rc" "$lrc")"
+    detail="$detail; metrics $(if [[ $mrc == 1 ]]; then echo FAIL; else echo PASS; fi): $(grep -h '^summary: ' "$logs/$label.metrics.txt" | cut -c10-)"
+    [[ $mrc == 1 ]] && detail="$detail; $(grep -h 'PROBLEM:' "$logs/$label.metrics.txt" | head -1 | sed 's/^ *PROBLEM: //' | cut -c1-200)"
+    record "$(status_word $((rc || lrc || mrc == 1)))" "$label" "$detail"
+    [[ -n "$no_serve" ]] && record SKIP "metrics-serve" "\`tcpxshim metrics serve\` not checked: $no_serve"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
 if has_part ddp; then
   ddp_ok=1
   for mode in shim socket; do
@@ -493,7 +584,7 @@ tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
     rest="${r#*|}"
     printf '  %-5s %-22s %s\n' "$st" "${rest%%|*}" "${rest#*|}"
   done
-  for f in "$logs"/ceiling.txt "$logs"/counters-shim-w2.counters.txt "$logs"/ddp-compare.txt \
+  for f in "$logs"/ceiling.txt "$logs"/counters-shim-w2.counters.txt "$logs"/metrics-shim-w2.metrics.txt "$logs"/ddp-compare.txt \
     "$logs"/coll-shim-cuda-w*.gdr.txt "$logs"/profile.txt "$logs"/multi-coll-shim-g*.devices.txt; do
     [[ -f "$f" ]] || continue
     echo
@@ -515,6 +606,8 @@ tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
   [[ -f "$out/results.md" ]] && echo "  results.md    tables per operation, one column per mode, ratios to socket"
   [[ -f "$out/busbw.svg" ]] && echo "  busbw.svg     busbw against size, one line per mode"
   [[ -f "$out/sweeps.json" ]] && echo "  sweeps.json   every sweep's rows"
+  [[ -f "$out/metrics.md" ]] && echo "  metrics.md    the metrics part: per rank the byte deltas, per connection bytes, messages, GB/s"
+  [[ -f "$out/metrics-throughput.svg" ]] && echo "  metrics-throughput.svg  each connection's throughput against time, from the metrics files"
   echo "  logs.tar.gz   logs/: every rank's log (<run>.rank<r>.log), each check's output, each part's JSON"
 } >"$out/summary.txt"
 

@@ -7,6 +7,7 @@ nvidia-cuda-mps-control and nvidia-smi).
     python3 gpu/tests/test_suite.py          # or: python3 -m unittest discover -s gpu/tests -v
 """
 
+import io
 import json
 import re
 import os
@@ -27,6 +28,9 @@ import common  # noqa: E402
 import ddp  # noqa: E402
 import launch  # noqa: E402
 import logcheck  # noqa: E402
+import metrics  # noqa: E402
+import metricswatch  # noqa: E402
+import prom  # noqa: E402
 import rawtcp  # noqa: E402
 import report  # noqa: E402
 import threadprof  # noqa: E402
@@ -40,7 +44,7 @@ def fake_env(**extra):
     env["PYTHONPATH"] = FAKE_TORCH + os.pathsep + env.get("PYTHONPATH", "")
     env["PATH"] = FAKE_BIN + os.pathsep + env["PATH"]
     for k in list(env):
-        if k.startswith(("FAKE_TORCH_", "NCCL_", "QUICK", "PARTS", "WORLDS", "SUITE_")):
+        if k.startswith(("FAKE_TORCH_", "FAKE_TCPXSHIM_", "TCPXSHIM_", "NCCL_", "QUICK", "PARTS", "WORLDS", "SUITE_")):
             del env[k]
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -402,6 +406,324 @@ class ReportTests(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
+def prom_file(rank, send, recv, msgs=(3, 3), ts=None, comms=((1, 2),), extra_lines=()):
+    """A metrics file as the shim writes it: per comm pair, a send and a recv connection; send and
+    recv are lists of byte counts, one per pair."""
+    stamp = f" {ts}" if ts is not None else ""
+    out = ["# HELP tcpxshim_bytes_total Payload bytes completed.", "# TYPE tcpxshim_bytes_total counter"]
+    rows = []
+    for i, (sc, rc) in enumerate(comms):
+        for d, comm, b in (("send", sc, send[i]), ("recv", rc, recv[i])):
+            lab = (f'rank="{rank}",local_rank="{rank}",host="gpu1",comm="{comm}",dir="{d}",peer="10.0.0.{2 - rank}:{4000 + i}",'
+                   f'dev="0",transport="tcp"')
+            rows.append((lab, b))
+    out += [f"tcpxshim_bytes_total{{{lab}}} {b}{stamp}" for lab, b in rows]
+    out += ["# TYPE tcpxshim_messages_total counter"]
+    out += [f"tcpxshim_messages_total{{{lab}}} {msgs[0]}{stamp}" for lab, _ in rows]
+    out += [f'tcpxshim_connections{{rank="{rank}",local_rank="{rank}",host="gpu1"}} {2 * len(comms)}']
+    out += list(extra_lines)
+    return "\n".join(out) + "\n"
+
+
+class PromTests(unittest.TestCase):
+    def test_parse(self):
+        text = (
+            "# HELP x A help line with {braces} and \"quotes\".\n# TYPE x counter\n\n"
+            'tcpxshim_bytes_total{rank="0",dir="send",peer="a\\"b\\\\c\\nd"} 18446744073709551615\n'
+            "tcpxshim_requests_in_flight 0\n"
+            'tcpxshim_request_duration_seconds_bucket{size="64K",le="+Inf"} 12 1700000000123\n'
+            'tcpxshim_last_progress_age_seconds{ rank = "1" , } 0.25\n'
+            "tcpxshim_x{} 1.5e9\n"
+            "tcpxshim_nan NaN\n"
+        )
+        s = prom.parse(text)
+        self.assertEqual([x.name for x in s], ["tcpxshim_bytes_total", "tcpxshim_requests_in_flight",
+                                               "tcpxshim_request_duration_seconds_bucket",
+                                               "tcpxshim_last_progress_age_seconds", "tcpxshim_x", "tcpxshim_nan"])
+        self.assertEqual(s[0].labels, {"rank": "0", "dir": "send", "peer": 'a"b\\c\nd'})
+        self.assertEqual(s[0].value, 2**64 - 1)  # exact: an int, not a float
+        self.assertIsInstance(s[0].value, int)
+        self.assertEqual((s[1].labels, s[1].value), ({}, 0))
+        self.assertEqual((s[2].labels["le"], s[2].value, s[2].timestamp_ms), ("+Inf", 12, 1700000000123))
+        self.assertEqual((s[3].labels, s[3].value), ({"rank": "1"}, 0.25))
+        self.assertEqual(s[4].value, 1500000000)
+        self.assertIsInstance(s[4].value, int)
+        self.assertNotEqual(s[5].value, s[5].value)
+        for bad in ("tcpxshim_bytes_total{rank=0} 1", 'x{a="1"}', 'x{a="1"} one', "9x 1", 'x{a="1} 2'):
+            with self.assertRaises(ValueError, msg=bad) as cm:
+                prom.parse("# ok\n" + bad + "\n")
+            self.assertIn("line 2", str(cm.exception))
+
+    def test_sums(self):
+        s = prom.parse(prom_file(1, [100, 7], [50, 3], comms=((1, 2), (3, 4))))
+        self.assertEqual(prom.rank_bytes(s), {"send": 107, "recv": 53})
+        self.assertEqual(prom.total(s, prom.BYTES, dir="send", comm=3), 7)
+        self.assertEqual(prom.ranks(s), {"1"})
+        self.assertEqual(len(prom.by_conn(s)), 4)
+        self.assertEqual(prom.conn_name(s[0].labels), "r1 send #1 peer 10.0.0.1:4000 dev 0 tcp")
+
+    def test_served_matches(self):
+        f0, f1 = prom.parse(prom_file(0, [10], [20])), prom.parse(prom_file(1, [30], [40]))
+        page = prom.parse(prom_file(0, [10], [20]) + prom_file(1, [30], [40]).replace('host="gpu1"', 'host="gpu1",file="b"'))
+        self.assertEqual(prom.served_matches(page, [f0, f1]), (True, ""))  # a label added by the server is fine
+        ok, why = prom.served_matches(prom.parse(prom_file(0, [10], [20]) + prom_file(1, [31], [40])), [f0, f1])
+        self.assertFalse(ok)
+        self.assertIn("r1 send #1 peer 10.0.0.1:4000 dev 0 tcp: 30 in the file, 31 on the page", why)
+        ok, why = prom.served_matches(prom.parse(prom_file(0, [10], [20])), [f0, f1])
+        self.assertFalse(ok)
+        self.assertIn("not on the page", why)
+
+
+class MetricsJobTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+
+    def tearDown(self):
+        shutil.rmtree(self.dir)
+
+    def test_expected_bytes(self):
+        self.assertEqual(metrics.expected_bytes(64 * common.MiB, 20, 2), 20 * 64 * common.MiB)
+        self.assertEqual(metrics.expected_bytes(64 * common.MiB, 20, 4), 30 * 64 * common.MiB)
+        self.assertEqual(metrics.expected_bytes(64 * common.MiB, 20, 4), common.allreduce_ring_bytes_per_rank(64 * common.MiB, 4) * 20)
+        with self.assertRaises(ValueError):
+            metrics.expected_bytes(40000, 1, 3)
+
+    def test_the_delta_must_be_exact(self):
+        S, K = 64 * common.MiB, 20
+        a = prom.parse(prom_file(0, [3 << 30, 5], [3 << 30, 5], comms=((1, 2), (3, 4))))
+        half = K * S // 2
+        b = prom.parse(prom_file(0, [(3 << 30) + half, 5 + half], [(3 << 30) + half, 5 + half], comms=((1, 2), (3, 4))))
+        r = metrics.check_delta(a, b, S, K, 2)
+        self.assertTrue(r["ok"], r)
+        self.assertEqual((r["send"]["delta"], r["recv"]["delta"], r["expected"]), (K * S, K * S, K * S))
+        # one byte too many on one connection
+        b1 = prom.parse(prom_file(0, [(3 << 30) + half, 6 + half], [(3 << 30) + half, 5 + half], comms=((1, 2), (3, 4))))
+        r = metrics.check_delta(a, b1, S, K, 2)
+        self.assertFalse(r["ok"])
+        self.assertEqual((r["send"]["exact"], r["recv"]["exact"], r["send"]["delta"] - r["expected"]), (False, True, 1))
+        # a counter written as a fraction is not exact, whatever its value
+        bf = prom.parse(prom_file(0, [(3 << 30) + K * S], [(3 << 30) + K * S]).replace(f" {(3 << 30) + K * S}\n", f" {(3 << 30) + K * S}.5\n"))
+        self.assertFalse(metrics.check_delta(prom.parse(prom_file(0, [3 << 30], [3 << 30])), bf, S, K, 2)["send"]["exact"])
+
+    def write(self, name, text, mtime_ns=None):
+        path = os.path.join(self.dir, name)
+        tmp = os.path.join(self.dir, "." + name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.rename(tmp, path)
+        if mtime_ns is not None:
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+        return path
+
+    def test_own_file_and_wait_stable(self):
+        self.assertIsNone(metrics.own_file(self.dir, 4242))
+        self.write("gpu1-4243.prom", prom_file(1, [1], [1]))
+        self.write(".gpu1-4242.prom.tmp", "x")
+        self.assertIsNone(metrics.own_file(self.dir, 4242))
+        path = self.write("gpu1-4242.prom", prom_file(0, [1], [1]))
+        self.assertEqual(metrics.own_file(self.dir, 4242), path)
+        before = metrics.read_version(path)[0]
+        # every sleep of the waiter, the shim writes the next version: 10, 20 (bytes still moving), 20
+        versions = [prom_file(0, [10], [10]), prom_file(0, [20], [15]), prom_file(0, [20], [20]), prom_file(0, [20], [20])]
+        slept = []
+
+        def sleep(_s):
+            if versions:
+                self.write("gpu1-4242.prom", versions.pop(0))
+            slept.append(1)
+
+        ident, text, samples, seen = metrics.wait_stable(lambda: metrics.own_file(self.dir, 4242), before, 30, sleep=sleep)
+        self.assertEqual(prom.rank_bytes(samples), {"send": 20, "recv": 20})
+        self.assertEqual(seen, 4)
+        self.assertEqual(len(slept), 4)
+        # no new write: bounded
+        now = [0.0]
+
+        def clock():
+            now[0] += 1
+            return now[0]
+
+        with self.assertRaises(TimeoutError) as cm:
+            metrics.wait_stable(lambda: metrics.own_file(self.dir, 4242), ident, 5, clock=clock, sleep=lambda _s: None)
+        self.assertIn("0 new writes", str(cm.exception))
+        with self.assertRaises(TimeoutError) as cm:
+            metrics.wait_stable(lambda: None, None, 5, clock=clock, sleep=lambda _s: None)
+        self.assertIn("no metrics file", str(cm.exception))
+
+
+class MetricsWatchTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.mdir = os.path.join(self.dir, "prom")
+        self.snaps = os.path.join(self.dir, "snaps")
+        os.makedirs(self.mdir)
+        os.makedirs(self.snaps)
+
+    def tearDown(self):
+        shutil.rmtree(self.dir)
+
+    def write(self, name, text, t):
+        path = os.path.join(self.mdir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.rename(path + ".tmp", path)
+        os.utime(path, ns=(int(t * 1e9), int(t * 1e9)))
+
+    def synthetic_run(self):
+        """Two ranks' files, written at t = 100, 101, 102, 103 s (rank 1 half a second later); the
+        second comm pair of rank 0 opens between the first and second write."""
+        GiB = common.GiB
+        seen, n = {}, 0
+        with open(os.path.join(self.snaps, "index.jsonl"), "a") as index:
+            for i, (b0, b1) in enumerate(((0, 0), (GiB, GiB // 2), (3 * GiB, GiB), (3 * GiB, GiB))):
+                self.write("gpu1-10.prom", prom_file(0, [b0, b1], [b0, b1], comms=((1, 2), (3, 4)))
+                           if i else prom_file(0, [b0], [b0]), 100 + i)
+                self.write("gpu1-11.prom", prom_file(1, [2 * b0], [2 * b0]), 100.5 + i)
+                n += metricswatch.copy_new(self.mdir, self.snaps, seen, index, 0)
+                n += metricswatch.copy_new(self.mdir, self.snaps, seen, index, 0)  # nothing new: no copy
+        self.assertEqual(n, 8)
+        return metricswatch.load_versions(self.snaps)
+
+    def test_throughput(self):
+        versions = self.synthetic_run()
+        self.assertEqual(sorted(versions), ["gpu1-10.prom", "gpu1-11.prom"])
+        self.assertEqual([t for t, _ in versions["gpu1-10.prom"]], [100.0, 101.0, 102.0, 103.0])
+        conns = metricswatch.throughput(versions)
+        self.assertEqual(len(conns), 6)
+        GiB = common.GiB
+        by = {prom.conn_name(c["labels"]): c for c in conns.values()}
+        c = by["r0 send #1 peer 10.0.0.2:4000 dev 0 tcp"]
+        self.assertEqual(c["points"], [(0.0, 1.0, GiB, GiB), (1.0, 2.0, 2 * GiB, 2 * GiB), (2.0, 3.0, 0, 0)])
+        self.assertEqual((c["bytes"], c["messages"]), (3 * GiB, 3))
+        # opened after the first write: counted from 0
+        c = by["r0 recv #4 peer 10.0.0.2:4001 dev 0 tcp"]
+        self.assertEqual(c["points"][0], (0.0, 1.0, GiB // 2, GiB // 2))
+        c = by["r1 send #1 peer 10.0.0.1:4000 dev 0 tcp"]
+        self.assertEqual(c["points"][0][:2], (0.5, 1.5))
+        mean, peak, secs = metricswatch.conn_stats(by["r0 send #1 peer 10.0.0.2:4000 dev 0 tcp"])
+        self.assertAlmostEqual(mean, 1.5 * GiB / 1e9)
+        self.assertAlmostEqual(peak, 2 * GiB / 1e9)
+        self.assertEqual(secs, 2.0)
+        # file timestamps, when there are, win over the file's mtime
+        with open(os.path.join(self.snaps, "index.jsonl"), "a") as index:
+            self.write("gpu1-12.prom", prom_file(2, [0], [0], ts=5000), 1)
+            metricswatch.copy_new(self.mdir, self.snaps, {}, index, 0)
+        self.assertEqual(metricswatch.load_versions(self.snaps)["gpu1-12.prom"][0][0], 5.0)
+
+    def test_svg_and_markdown(self):
+        conns = metricswatch.throughput(self.synthetic_run())
+        svg = metricswatch.svg_throughput(conns, "title")
+        root = ET.fromstring(svg)
+        ns = "{http://www.w3.org/2000/svg}"
+        lines = root.findall(f"{ns}polyline")
+        self.assertEqual(len(lines), 6)
+        texts = [t.text for t in root.iter(f"{ns}text")]
+        for want in ("send", "recv", "throughput (GB/s)", "r0 recv #4 peer 10.0.0.2:4001 dev 0 tcp", "title"):
+            self.assertIn(want, texts)
+        # every point within its panel
+        panels = [(float(r.get("x")), float(r.get("y")), float(r.get("width")), float(r.get("height")))
+                  for r in root.findall(f"{ns}rect") if r.get("fill") == "none"]
+        self.assertEqual(len(panels), 2)
+        for pl in lines:
+            pts = [tuple(map(float, p.split(","))) for p in pl.get("points").split()]
+            self.assertTrue(any(all(x - 0.1 <= px <= x + w + 0.1 and y - 0.1 <= py <= y + h + 0.1 for px, py in pts)
+                                for x, y, w, h in panels), pts)
+        # 2 GiB in one second is the top of the plot: 2.15 GB/s, an axis up to 2.5
+        self.assertIn("2.5", texts)
+        jobs = [{"rank": 0, "world": 2, "iters": 20, "size": 64 << 20, "warmup": 1, "interval_s": 1, "expected": 20 << 26,
+                 "ok": True, "seconds": 0.14, "send": {"delta": 20 << 26}, "recv": {"delta": 20 << 26}},
+                {"rank": 1, "missing": "x.json: no such file"}]
+        md = metricswatch.markdown(conns, jobs, "metrics-throughput.svg")
+        self.assertIn("| 0 | 1342177280 | 1342177280 | 1342177280 | yes | 0.140 s |", md)
+        self.assertIn("| 1 | | | | x.json: no such file | |", md)
+        self.assertIn("| r0 send #1 peer 10.0.0.2:4000 dev 0 tcp | 3221225472 (3.00 GiB) | 3 | 1.61 | 2.15 | 2.0 |", md)
+        rows = [x for x in md.splitlines() if x.startswith(("| r0 ", "| r1 "))]
+        self.assertEqual([r.split()[1:3] for r in rows],
+                         [["r0", "send"], ["r0", "send"], ["r0", "recv"], ["r0", "recv"], ["r1", "send"], ["r1", "recv"]])
+        self.assertIn("![throughput of each connection against time](metrics-throughput.svg)", md)
+
+    def pages(self, *kinds):
+        out = []
+        for i, k in enumerate(kinds):
+            rec = {"t": i * 0.5}
+            if k == "refused":
+                rec.update(ok=False, refused=True, error="no answer: refused")
+            elif k == "garbage":
+                rec.update(ok=False, error="does not parse: line 3")
+            else:
+                rec.update(ok=True, ranks={"one": ["0"], "both": ["0", "1"], "none": []}[k], bytes={"a=1": i})
+            out.append(rec)
+        out[-1].update(final=True, matches_files=True)
+        return {"url": "http://x/metrics", "interval_s": 0.5, "scrapes": out}
+
+    def test_check_pages(self):
+        p, info, valid = metricswatch.check_pages(self.pages("refused", "none", "one", "both", "both", "both"), 2, 3)
+        self.assertEqual((p, valid), ([], 3))
+        self.assertIn("pages: 6 fetched, 3 valid with all 2 ranks, 3 before the first valid one, 0 bad", info[0])
+        p, _, _ = metricswatch.check_pages(self.pages("both", "both", "both"), 2, 4)
+        self.assertEqual(p, ["only 3 valid pages, want at least 4"])
+        p, _, _ = metricswatch.check_pages(self.pages("both", "one", "refused", "both"), 2, 1)
+        self.assertEqual(p, ["2 bad pages (first: page at 0.5 s: ranks 0 of 2)"])
+        p, _, _ = metricswatch.check_pages(self.pages("garbage", "both"), 2, 1)
+        self.assertEqual(p, ["1 bad pages (first: page at 0.0 s: does not parse: line 3)"])
+        w = self.pages("both", "both")
+        w["scrapes"][-1].update(matches_files=False, mismatch="r0 send #1: 1 in the file, 0 on the page")
+        p, _, _ = metricswatch.check_pages(w, 2, 1)
+        self.assertEqual(p, ["the last page does not match the files: r0 send #1: 1 in the file, 0 on the page"])
+        w["scrapes"][-1].pop("final")
+        p, _, _ = metricswatch.check_pages(w, 2, 1)
+        self.assertEqual(p, ["no last page after the run"])
+
+    def test_check(self):
+        S, K = 40000, 5
+        for r in range(2):
+            a = prom.parse(prom_file(r, [40000], [40000]))
+            b = prom.parse(prom_file(r, [240000], [240000]))
+            j = {"rank": r, "world": 2, "size": S, "iters": K, "warmup": 1}
+            j.update(metrics.check_delta(a, b, S, K, 2))
+            with open(os.path.join(self.dir, f"m.rank{r}.json"), "w") as f:
+                json.dump(j, f)
+        watch = os.path.join(self.dir, "w.json")
+        with open(watch, "w") as f:
+            json.dump(self.pages("refused", "both", "both"), f)
+        svg = os.path.join(self.dir, "t.svg")
+        with open(svg, "w") as f:
+            f.write(metricswatch.svg_throughput(metricswatch.throughput(self.synthetic_run()), "t"))
+        args = ["check", "--jobs", os.path.join(self.dir, "m.rank{rank}.json"), "--world", "2", "--svg", svg]
+
+        def run(*more):
+            buf = io.StringIO()
+            rc = metricswatch.main(args + list(more), out=buf)
+            return rc, buf.getvalue()
+
+        rc, text = run("--watch", watch, "--min-scrapes", "2")
+        self.assertEqual(rc, 0, text)
+        self.assertIn("rank 1: send bytes 40000 -> 240000: delta 200000 B, expected 200000 B (5 x 40000 B x 2(n-1)/n): exact", text)
+        self.assertTrue(text.rstrip().splitlines()[-1].startswith("summary: deltas exact on 2/2 ranks; serve: 2 valid pages of 3; plot 6 lines"), text)
+        rc, text = run("--watch", watch, "--min-scrapes", "3")
+        self.assertEqual(rc, 1, text)
+        self.assertIn("PROBLEM: only 2 valid pages, want at least 3", text)
+        rc, text = run("--no-serve", "TCPXSHIM_BIN not set")
+        self.assertEqual(rc, 3, text)
+        self.assertIn("serve SKIPPED (TCPXSHIM_BIN not set)", text)
+        # a rank one byte off, a missing rank, no plot
+        with open(os.path.join(self.dir, "m.rank1.json")) as f:
+            j = json.load(f)
+        j["send"].update(delta=200001, exact=False)
+        j["ok"] = False
+        with open(os.path.join(self.dir, "m.rank1.json"), "w") as f:
+            json.dump(j, f)
+        rc, text = run("--no-serve", "x")
+        self.assertEqual(rc, 1, text)
+        self.assertIn("PROBLEM: rank 1: send delta 200001 B, expected 200000 B exactly (+1 B)", text)
+        os.unlink(os.path.join(self.dir, "m.rank0.json"))
+        os.unlink(svg)
+        rc, text = run("--no-serve", "x")
+        self.assertIn("PROBLEM: rank 0: no result", text)
+        self.assertIn("PROBLEM: no plot", text)
+
+
+# ------------------------------------------------------------------------------------------------
 class DdpCompareTests(unittest.TestCase):
     base = {"mode": "shim", "losses": [2.3, 2.1, 1.9], "param_sums": [1.5, -0.25], "replicas_differing": 0}
 
@@ -543,6 +865,34 @@ class LaunchTests(unittest.TestCase):
         with open(os.devnull, "w") as devnull:
             rc = logcheck.main(["counters", "--spec", spec, "--label", "cnt2", "--world", "2", "--logdir", self.dir], out=devnull)
         self.assertEqual(rc, 1)
+
+    def test_metrics_program(self):
+        mdir = os.path.join(self.dir, "prom")
+        js = os.path.join(self.dir, "m.rank{rank}.json")
+        prog = [os.path.join(GPU, "metrics.py"), "--json", js, "--size", "40000", "--iters", "5"]
+        rc, out, _ = self.run_launch("met", 2, "shim", prog, NCCL_TCPXSHIM_METRICS_DIR=mdir, NCCL_TCPXSHIM_METRICS_INTERVAL=1)
+        self.assertEqual(rc, 0, out)
+        self.assertIn("[r1] rank 1: 5 all_reduce of 39.06 KiB in", out)
+        self.assertIn("metrics exact: send delta 200000 B, recv delta 200000 B, expected 200000 B", out)
+        for r in range(2):
+            with open(js.replace("{rank}", str(r))) as f:
+                j = json.load(f)
+            self.assertTrue(j["ok"], j)
+            self.assertEqual((j["send"]["delta"], j["recv"]["delta"], j["ranks_labelled"]), (200000, 200000, [str(r)]))
+            self.assertGreaterEqual(j["writes_b"], 2)
+            self.assertTrue(os.path.exists(os.path.join(self.dir, f"m.rank{r}.B.prom")))
+        self.assertEqual(len(metricswatch.prom_files(mdir)), 2)
+        # one byte too many per send on rank 1: the rank says so and fails
+        rc, out, _ = self.run_launch("met2", 2, "shim", prog, NCCL_TCPXSHIM_METRICS_DIR=mdir, NCCL_TCPXSHIM_METRICS_INTERVAL=1,
+                                     FAKE_TORCH_FAULT="1:metrics:bytes")
+        self.assertEqual(rc, 1, out)
+        self.assertIn("rank 1: 5 all_reduce of 39.06 KiB", out)
+        self.assertIn("metrics MISMATCH: send delta 200005 B, recv delta 200000 B, expected 200000 B", out)
+        # no metrics file yet (the first write due in 100 s): a bounded wait, then a clear failure
+        rc, out, _ = self.run_launch("met3", 2, "shim", prog + ["--wait-s", "1"], NCCL_TCPXSHIM_METRICS_DIR=mdir + "-late",
+                                     NCCL_TCPXSHIM_METRICS_INTERVAL=100)
+        self.assertEqual(rc, 1, out)
+        self.assertIn("METRICS FAILED: no two consecutive writes with the same byte totals within 1 s (no metrics file)", out)
 
     def test_sweep_program(self):
         js = os.path.join(self.dir, "s.json")
@@ -709,6 +1059,46 @@ class RunShTests(unittest.TestCase):
         rc, out = self.run_suite(PARTS="multi", GPUS=2, FAKE_GPUS=2, FAKE_TORCH_NETDEV="zero", SWEEP_OPS="all_reduce")
         self.assertRegex(self.summary(), r"WARN +devices-g2 +PARTIAL device check")
         self.assertIn("rank 1 (GPU 1): device 0: 2 send + 2 receive  <- not (only) its own device 1", self.summary())
+
+    def test_metrics_part(self):
+        rc, out = self.run_suite(PARTS="metrics", TCPXSHIM_BIN=os.path.join(FAKE_BIN, "tcpxshim"))
+        self.assertEqual(rc, 0, out)
+        s = self.summary()
+        self.assertRegex(s, r"\n  PASS +metrics-shim-w2 +ranks PASS, log check PASS: rank 0: 5 all_reduce of 39.06 KiB in [0-9.]+ s; "
+                            r"metrics exact: send delta 200000 B, recv delta 200000 B, expected 200000 B .*; metrics PASS: "
+                            r"deltas exact on 2/2 ranks; serve: ([5-9]|\d\d+) valid pages of \d+; plot 8 lines")
+        self.assertIn("the last page carries every connection's bytes as the files have them", s)
+        self.assertEqual(sorted(os.listdir(self.out)), ["logs", "logs.tar.gz", "metrics-throughput.svg", "metrics.md", "summary.txt"])
+        with open(os.path.join(self.out, "metrics.md")) as f:
+            md = f.read()
+        self.assertIn("| 1 | 200000 | 200000 | 200000 | yes |", md)
+        self.assertEqual(len(re.findall(r"\n\| r[01] (send|recv) #\d", md)), 8)
+        ET.parse(os.path.join(self.out, "metrics-throughput.svg"))
+        logs = os.path.join(self.out, "logs")
+        with open(os.path.join(logs, "metrics-watch.json")) as f:
+            w = json.load(f)
+        self.assertEqual(w["stopped_by"], "stop file")
+        self.assertTrue(any(len(x.get("bytes", {})) == 8 for x in w["scrapes"]))
+        self.assertFalse(os.path.exists(os.path.join(logs, "metrics-watch.stop")))
+        self.assertEqual(rank_processes_alive(self.out), [])  # serve and the watcher are gone
+        # without the command: the page checks are skipped, visibly
+        rc, out = self.run_suite(PARTS="metrics")
+        self.assertEqual(rc, 1, out)
+        s = self.summary()
+        self.assertTrue(s.startswith("tcpxshim GPU suite: INCOMPLETE"), s)
+        self.assertRegex(s, r"\n  PASS +metrics-shim-w2 .*serve SKIPPED \(TCPXSHIM_BIN not set\)")
+        self.assertRegex(s, r"\n  SKIP +metrics-serve +`tcpxshim metrics serve` not checked: TCPXSHIM_BIN not set")
+
+    def test_metrics_part_failures(self):
+        rc, out = self.run_suite(PARTS="metrics", TCPXSHIM_BIN=os.path.join(FAKE_BIN, "tcpxshim"), FAKE_TCPXSHIM_SERVE="first",
+                                 FAKE_TORCH_FAULT="1:metrics:bytes")
+        self.assertEqual(rc, 1, out)
+        s = self.summary()
+        self.assertRegex(s, r"\n  FAIL +metrics-shim-w2 +ranks FAIL, .*metrics FAIL: deltas exact on 1/2 ranks; .*; "
+                            r"rank 1: send delta 200005 B, expected 200000 B exactly \(\+5 B\)")
+        self.assertIn("PROBLEM: the last page does not match the files", s)
+        self.assertIn("PROBLEM: only 0 valid pages, want at least 5", s)
+        self.assertEqual(rank_processes_alive(self.out), [])
 
     def test_failures_are_reported(self):
         rc, out = self.run_suite(PARTS="coll ddp sweep", WORLDS="2", SWEEP_MODES="socket shim-cuda",

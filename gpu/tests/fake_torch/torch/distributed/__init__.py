@@ -5,12 +5,17 @@ bytes this rank sent) in the formats logcheck.py reads.
 
 FAKE_TORCH_FAULT=RANK:WHERE:WHAT injects a fault on one rank: WHERE is init or an operation name
 (all_reduce, sendrecv, ...); WHAT is hang, crash, corrupt (one wrong element), warn (a shim WARN
-line), bytes (counters 20% high). FAKE_TORCH_GDR=none|recv makes GPU-direct absent or partial."""
+line), bytes (counters 20% high). FAKE_TORCH_GDR=none|recv makes GPU-direct absent or partial.
+
+With NCCL_TCPXSHIM_METRICS_DIR set (shim modes), a thread writes the shim's metrics file
+DIR/<host>-<pid>.prom every NCCL_TCPXSHIM_METRICS_INTERVAL seconds (written aside, then renamed) and
+once more at destroy_process_group, in the format of the shim's metrics layer: exact per-connection
+byte and message counts. FAKE_TORCH_FAULT=RANK:metrics:bytes counts one byte too many per send."""
 
 import json
 import os
 import socket
-
+import threading
 import time
 
 import torch
@@ -106,10 +111,56 @@ def init_process_group(backend, rank, world_size, device_id=None, timeout=None):
             _log("INFO", f"NET/TCPXSHIM opened send comm #{2 * ch + 1} (dev 0, peer 127.0.0.1:{40000 + ch}, 4 streams)")
             _log("INFO", f"NET/TCPXSHIM opened recv comm #{2 * ch + 2} (dev 0, peer 127.0.0.1:{41000 + ch}, 4 streams)")
     _log("INFO", f"Connected all rings, use ring PXN 0 GDR {1 if gdr_mode != 'none' else 0}")
+    _st["conns"] = {(d, ch): [0, 0] for d in ("send", "recv") for ch in range(2)}
+    _st["metrics_extra"] = 1 if _fault("metrics") == "bytes" else 0
+    if shim and os.environ.get("NCCL_TCPXSHIM_METRICS_DIR"):
+        _st["metrics_lock"] = threading.Lock()
+        _st["metrics_stop"] = threading.Event()
+        _st["metrics_thread"] = threading.Thread(target=_metrics_loop, daemon=True)
+        _st["metrics_thread"].start()
     _exchange("init", None)
 
 
+def _metrics_text():
+    rank, host = _st["rank"], socket.gethostname()
+    lines = []
+    for name, kind, col in (("tcpxshim_bytes_total", "counter", 0), ("tcpxshim_messages_total", "counter", 1),
+                            ("tcpxshim_requests_in_flight", "gauge", None), ("tcpxshim_errors_total", "counter", None)):
+        lines.append(f"# HELP {name} fake torch's stand-in for the shim's {name}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (d, ch), v in sorted(_st["conns"].items()):
+            comm = 2 * ch + (1 if d == "send" else 2)
+            peer = f"127.0.0.1:{(40000 if d == 'send' else 41000) + ch}"
+            labels = (f'rank="{rank}",local_rank="{rank}",host="{host}",comm="{comm}",dir="{d}",peer="{peer}",'
+                      f'dev="0",transport="tcp"')
+            lines.append(f"{name}{{{labels}}} {v[col] if col is not None else 0}")
+    lines.append("# TYPE tcpxshim_connections gauge")
+    lines.append(f'tcpxshim_connections{{rank="{rank}",local_rank="{rank}",host="{host}"}} {len(_st["conns"])}')
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_write():
+    d = os.environ["NCCL_TCPXSHIM_METRICS_DIR"]
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{socket.gethostname()}-{os.getpid()}.prom")
+    with _st["metrics_lock"]:
+        tmp = os.path.join(d, f".{os.path.basename(path)}.tmp")
+        with open(tmp, "w") as f:
+            f.write(_metrics_text())
+        os.rename(tmp, path)
+
+
+def _metrics_loop():
+    interval = int(os.environ.get("NCCL_TCPXSHIM_METRICS_INTERVAL", "10"))
+    while not _st["metrics_stop"].wait(interval):
+        _metrics_write()
+
+
 def destroy_process_group():
+    if _st.get("metrics_thread"):
+        _st["metrics_stop"].set()
+        _st["metrics_thread"].join()
+        _metrics_write()  # like the shim's last write, when its last comm closes
     if _st.get("shim"):
         sent, recv = _st["sent"], _st["recv"]
         if _fault("destroy") == "bytes":
@@ -165,6 +216,14 @@ def _count(sent, recv):
     _st["sent"] += sent
     _st["recv"] += recv
     _st["msgs"] += 1
+    # Per connection, exactly, split over the two channels as NCCL splits a ring's traffic.
+    lock = _st.get("metrics_lock") or threading.Lock()
+    with lock:
+        for d, b in (("send", int(sent) + _st["metrics_extra"]), ("recv", int(recv))):
+            for ch, part in enumerate((b // 2, b - b // 2)):
+                c = _st["conns"][(d, ch)]
+                c[0] += part
+                c[1] += 1 if part else 0
 
 
 def _maybe_corrupt(where, t):
