@@ -39,7 +39,10 @@ fn file_of(dir: &Path) -> PathBuf {
 
 fn scrape(file: &Path) -> Option<Scrape> {
     let text = std::fs::read_to_string(file).ok()?;
-    assert!(text.ends_with("# EOF\n"), "a whole file ends with # EOF:\n{text}");
+    assert!(
+        text.contains("# TYPE tcpxshim_bytes_total counter") && !text.contains("# EOF") && text.ends_with('\n'),
+        "Prometheus text format, counters' families named as their samples:\n{text}"
+    );
     Some(Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("the file parses"))
 }
 

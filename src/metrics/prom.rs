@@ -185,14 +185,40 @@ impl Collector for View {
     }
 }
 
-/// The file's text now.
+/// The file's text now, in the Prometheus text format (0.0.4) that node_exporter's textfile
+/// collector and `tcpxshim metrics serve` read.
 pub fn encode(shared: &Arc<Shared>) -> String {
     let mut reg = Registry::default();
     reg.register_collector(Box::new(View(shared.clone())));
     let mut text = String::new();
     // Writing into a String cannot fail, and the collector only fails when its writer does.
     let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
-    text
+    to_text_format(&text)
+}
+
+/// prometheus-client writes OpenMetrics: a counter family is named without `_total` in its HELP
+/// and TYPE lines while its samples carry it, and the text ends with `# EOF`. The Prometheus text
+/// format wants the family named as its samples and has no end marker, so counters' HELP and
+/// TYPE lines get the `_total` name and `# EOF` goes.
+fn to_text_format(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64);
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// Writes the file: to a temporary name in the same directory, then renamed over the file, so
@@ -289,6 +315,8 @@ mod tests {
                 .push(Conn::new(Dir::Send, format!("peer {i}"), 0, inner, false));
         }
         let file = write(&shared).unwrap();
+        // Every write has the same lines (only values change), so a whole file has this many.
+        let lines = std::fs::read_to_string(&file).unwrap().lines().count();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let reads = std::thread::scope(|s| {
             let reader = s.spawn(|| {
@@ -296,9 +324,10 @@ mod tests {
                 while !stop.load(Relaxed) {
                     let text = std::fs::read_to_string(&file).expect("the file is always there");
                     assert!(
-                        text.ends_with("# EOF\n"),
-                        "a partial file was read ({} bytes)",
-                        text.len()
+                        text.ends_with('\n') && text.lines().count() == lines,
+                        "a partial file was read ({} bytes, {} of {lines} lines)",
+                        text.len(),
+                        text.lines().count()
                     );
                     assert_eq!(text.matches("tcpxshim_bytes_total{").count(), CONNS);
                     reads += 1;
