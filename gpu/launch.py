@@ -41,6 +41,14 @@ MODES = {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
     },
+    # The shim with its metrics layer on, writing a file per rank every second: against "shim",
+    # what the metrics cost under NCCL.
+    "shim-metrics": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_METRICS_DIR": "/tmp/tcpxshim-sweep-metrics",
+        "NCCL_TCPXSHIM_METRICS_INTERVAL": "1",
+    },
     "shim-cuda": {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",

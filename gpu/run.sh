@@ -25,7 +25,8 @@
 #             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
 #             NCCL's topology search can give each GPU its own device); collectives over shim and
 #             socket, which device each rank's channels used (logcheck.py devices), and the sweep
-# Modes (launch.py MODES): shim = the plugin over its built-in transport; shim-cuda = the same with
+# Modes (launch.py MODES): shim = the plugin over its built-in transport; shim-metrics = the same with
+# its metrics layer writing a file per rank every second; shim-cuda = the shim with
 # NCCL_TCPXSHIM_TCP_CUDA=1 and GPU-direct asked for; socket = NCCL's own Socket transport;
 # socket44 = Socket with 4 threads x 4 sockets.
 #
