@@ -443,11 +443,12 @@ impl Metrics {
     }
 
     /// Records a new connection over the inner comm `ic` and returns the comm handed up.
+    ///
+    /// The `peer` label is the inner transport's description up to its first comma, without a
+    /// leading "peer " ("peer 10.0.0.2:41234, 4 streams" gives "10.0.0.2:41234").
     fn wrap(&self, ic: Opaque, dir: Dir, dev: i32) -> Opaque {
         // SAFETY: `ic` was just returned by the inner transport and is open.
-        let peer = unsafe { self.inner.describe_comm(ic) }
-            .unwrap_or_else(|| format!("dev {dev}"))
-            .replace(',', ";");
+        let peer = unsafe { self.inner.describe_comm(ic) }.map_or_else(|| format!("dev {dev}"), |d| peer_label(&d));
         let unpack = self
             .inner
             .properties(dev)
@@ -742,5 +743,20 @@ impl Layer for Metrics {
     unsafe fn break_comm(&self, comm: Opaque) -> bool {
         // SAFETY: as in reg_mr.
         unsafe { self.inner.break_comm(conn(comm).inner) }
+    }
+}
+
+/// The `peer` label from a transport's description of a comm (see `wrap`).
+fn peer_label(description: &str) -> String {
+    let d = description.strip_prefix("peer ").unwrap_or(description);
+    d.split(',').next().unwrap_or(d).trim().to_string()
+}
+
+#[cfg(test)]
+mod peer_label_tests {
+    #[test]
+    fn the_peer_label_is_the_address() {
+        assert_eq!(super::peer_label("peer 10.0.0.2:41234, 4 streams"), "10.0.0.2:41234");
+        assert_eq!(super::peer_label("GPUDirectTCPX_v7 dev 1"), "GPUDirectTCPX_v7 dev 1");
     }
 }

@@ -7,8 +7,8 @@ use super::layer::{now_ns, Dir, Shared};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// A peer label without its port numbers ("peer 10.0.0.2:41234; 4 streams" gives "peer 10.0.0.2;
-/// 4 streams"), so that a peer's send and receive connections are summed together.
+/// A peer label without its port numbers ("10.0.0.2:41234" gives "10.0.0.2"), so that a peer's
+/// send and receive connections are summed together.
 pub fn peer_key(peer: &str) -> String {
     let mut out = String::with_capacity(peer.len());
     let b = peer.as_bytes();
@@ -93,7 +93,7 @@ pub fn lines(shared: &Shared) -> Vec<String> {
             s.lat.add(&lat);
         }
     }
-    let mut out: Vec<String> = peers.iter().map(|(p, s)| s.line(p)).collect();
+    let mut out: Vec<String> = peers.iter().map(|(p, s)| s.line(&format!("peer {p}"))).collect();
     out.push(total.line(&format!("total ({})", shared.file().display())));
     out
 }
@@ -111,6 +111,7 @@ mod tests {
 
     #[test]
     fn peer_keys_leave_out_ports() {
+        assert_eq!(peer_key("10.0.0.2:41234"), "10.0.0.2");
         assert_eq!(peer_key("peer 10.0.0.2:41234; 4 streams"), "peer 10.0.0.2; 4 streams");
         assert_eq!(peer_key("peer [::1]:80"), "peer [::1]");
         assert_eq!(peer_key("dev 0"), "dev 0");
