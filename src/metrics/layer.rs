@@ -25,14 +25,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Now on the precise monotonic clock (CLOCK_MONOTONIC, what `Instant` reads), in nanoseconds.
-#[inline]
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+/// Now, in nanoseconds on the monotonic time line (see `clock`).
+pub use super::clock::now_ns;
 
 /// Comm numbers, unique in the process (over every stack it builds).
 static NEXT_COMM: AtomicU64 = AtomicU64::new(0);
@@ -418,6 +412,7 @@ impl Metrics {
     /// Counts the traffic of `inner`, writing the file into `dir` every `cfg.metrics.interval`
     /// from a background thread.
     pub fn new(inner: Box<dyn Transport>, cfg: &Config, dir: PathBuf) -> Metrics {
+        super::clock::calibrate();
         let shared = Arc::new(Shared::new(
             cfg.metrics.clone(),
             inner.name().to_string(),

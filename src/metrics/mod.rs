@@ -3,6 +3,7 @@
 //! data path ([`layer`]), written as a Prometheus text file ([`prom`]) and summed up in the log
 //! when the last connection closes ([`summary`]).
 
+pub mod clock;
 pub mod hist;
 pub mod layer;
 pub mod prom;

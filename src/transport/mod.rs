@@ -125,8 +125,10 @@ pub struct Properties {
 ///   the previous call (an inner plugin may keep a pointer in it), and a handle is never used for
 ///   a second connection;
 /// - `dev_handle` is NULL or valid for reading and writing one `*mut DevHandle`;
-/// - a comm is not closed while another call on it, its registrations or its requests runs on
-///   another thread (NCCL drives each comm from one thread at a time).
+/// - calls on one comm, its registrations and its requests do not run on two threads at once,
+///   and a comm is not closed while another call on it runs (NCCL drives each comm from one
+///   thread at a time). Layers beneath the shim's own may rely on this; the shim's own layer
+///   stays sound without it.
 ///
 /// A transport that validates its objects (the shim's own layer does, through its object table)
 /// still keeps these signatures: the data pointers cannot be checked.
