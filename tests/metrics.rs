@@ -310,3 +310,74 @@ fn errors_beneath_are_counted_and_summed_up() {
         .unwrap_or_else(|| panic!("no total line in {log:?}"));
     assert!(total.contains(&format!("{errors} errors")), "{total}");
 }
+
+/// The files as node_exporter's textfile collector reads them (the way the README tells users to
+/// collect them): no scrape error, counters and histograms typed as such, the exact byte counts.
+/// scripts/test.sh installs Debian's prometheus-node-exporter for this test.
+#[test]
+fn node_exporter_reads_the_files_as_typed_metrics() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = fresh_dir("node-exporter");
+    let net = StackNet::build(&config(&dir, 3600));
+    let (send, recv) = net.connect_pair(0);
+    net.transfer(send, recv, 12_345);
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    assert!(file_of(&dir).exists(), "the last close wrote the file");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let exe = ["prometheus-node-exporter", "node_exporter"]
+        .into_iter()
+        .find(|e| std::process::Command::new(e).arg("--version").output().is_ok())
+        .expect("node_exporter is not installed (scripts/test.sh installs prometheus-node-exporter)");
+    let mut child = std::process::Command::new(exe)
+        .args(["--collector.disable-defaults", "--collector.textfile"])
+        .arg(format!("--collector.textfile.directory={}", dir.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start node_exporter");
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let start = Instant::now();
+    let page = loop {
+        match ureq::get(&url).timeout(Duration::from_secs(2)).call() {
+            Ok(r) => break r.into_string().expect("a text page"),
+            Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("node_exporter did not answer on {url}: {e}");
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        page.contains("node_textfile_scrape_error 0"),
+        "node_exporter read the file without error:\n{page}"
+    );
+    for (family, kind) in [
+        ("tcpxshim_bytes_total", "counter"),
+        ("tcpxshim_messages_total", "counter"),
+        ("tcpxshim_connections_opened_total", "counter"),
+        ("tcpxshim_request_duration_seconds", "histogram"),
+        ("tcpxshim_requests_in_flight", "gauge"),
+    ] {
+        assert!(
+            page.contains(&format!("# TYPE {family} {kind}")),
+            "{family} is a {kind}:\n{page}"
+        );
+    }
+    let s = Scrape::parse(page.lines().map(|l| Ok(l.to_string()))).expect("node_exporter's page parses");
+    for d in ["send", "recv"] {
+        assert_eq!(
+            value(&s, "tcpxshim_bytes_total", &[("dir", d)]),
+            12_345.0,
+            "{d} bytes through node_exporter"
+        );
+    }
+}
