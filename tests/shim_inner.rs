@@ -506,10 +506,22 @@ fn a_tcpx_handle_travels_inline_with_its_state_slot_as_tcpx_left_it() {
         "TCPX's state slot as its listen() left it: {:02x?}",
         &handle[80..INNER_HANDLE_SIZE]
     );
-    assert!(
-        handle[..80].iter().all(|&b| b != 0xEE),
-        "every inner byte was written from TCPX's handle"
-    );
+    // Every inner byte is TCPX's own, not NCCL's 0xEE: the fixture's header (magic and instance
+    // nonce, the same in every handle of this instance; listen id; device; version) and its filler,
+    // a function of the listen id (netfixture.c); compared against a second listen whose buffer
+    // held 0x11.
+    let mut other: Handle = [0x11; tcpxshim::ffi::HANDLE_SIZE];
+    let other_listen = net.listen_into(0, &mut other).unwrap();
+    assert_eq!(handle[..8], other[..8], "the fixture's magic");
+    assert_eq!(handle[16..24], other[16..24], "the fixture instance's nonce");
+    let id = u64::from_le_bytes(handle[8..16].try_into().unwrap());
+    assert_ne!(id, u64::from_le_bytes([0xEE; 8]), "the listen id is TCPX's");
+    assert_eq!(handle[24..32], [0, 0, 0, 0, 7, 0, 0, 0], "device 0, version 7");
+    for (i, &b) in handle.iter().enumerate().take(80).skip(32) {
+        let f = 0x5c ^ (i as u8).wrapping_mul(7) ^ id as u8;
+        assert_eq!(b, if f != 0 { f } else { 0xff }, "byte {i} is TCPX's filler");
+    }
+    net.close_listen(other_listen).unwrap();
     let (send, (recv, dh)) = net.connect_accept(0, &mut handle, listen);
     assert_eq!((dh.netDeviceType, dh.netDeviceVersion), (1, 7));
     net.close_listen(listen).unwrap();
