@@ -16,3 +16,9 @@ pub mod plugin;
 pub mod stack;
 
 pub use error::{Error, Result};
+
+/// Locks `m`, taking over a lock whose holder panicked: the shim's locks guard plain data that a
+/// panic leaves whole, and a panic is already reported (and its comm poisoned) by the guard.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -11,6 +11,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::ffi::HANDLE_SIZE;
+use crate::lock;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -205,10 +206,6 @@ impl Service {
     pub fn rejected(&self) -> &Rejections {
         &self.shared.rejected
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {

@@ -16,6 +16,7 @@ use super::hist::{size_class, Hist, SIZE_CLASSES};
 use crate::config::{Config, MetricsConfig};
 use crate::error::{Error, Result};
 use crate::ffi::{DevHandle, HANDLE_SIZE};
+use crate::lock;
 use crate::stack::{Layer, MAX_RECVS, MAX_REQUESTS};
 use crate::transport::{DeviceType, Opaque, Transport};
 use std::cell::UnsafeCell;
@@ -23,7 +24,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// Now, in nanoseconds on the monotonic time line (see `clock`).
 pub use super::clock::now_ns;
@@ -363,11 +364,6 @@ pub struct Shared {
     pub(crate) write_lock: Mutex<()>,
     /// A failed write was reported already.
     pub(crate) warned: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Plain maps and lists: a panic elsewhere leaves nothing half-updated that matters.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

@@ -228,7 +228,7 @@ pub fn write(shared: &Arc<Shared>) -> std::io::Result<std::path::PathBuf> {
     let file = shared.file();
     let mut tmp = file.clone().into_os_string();
     tmp.push(".tmp");
-    let _g = shared.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = crate::lock(&shared.write_lock);
     std::fs::create_dir_all(&shared.dir)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &file)?;

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::control::{self, Service};
 use crate::error::{Error, Result};
 use crate::ffi::HANDLE_SIZE;
+use crate::lock;
 use crate::transport::Opaque;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -350,10 +351,6 @@ impl Handles {
     fn drop_abandoned(&self) {
         lock(&self.pending).retain(|_, p| p.touched.elapsed() < ABANDON_AFTER);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

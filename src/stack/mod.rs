@@ -128,7 +128,7 @@ pub fn global() -> Result<&'static Shim> {
     if let Some(s) = GLOBAL.get() {
         return Ok(s);
     }
-    let _guard = GLOBAL_INIT.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = crate::lock(&GLOBAL_INIT);
     if let Some(s) = GLOBAL.get() {
         return Ok(s);
     }
@@ -141,7 +141,7 @@ pub fn global() -> Result<&'static Shim> {
 /// built from the environment at init (for programs and tests that build their stack from a
 /// [`Config`] of their own). Fails if a stack is in place already.
 pub fn install_global(shim: Shim) -> Result<&'static Shim> {
-    let _guard = GLOBAL_INIT.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = crate::lock(&GLOBAL_INIT);
     let mut placed = false;
     let s = GLOBAL.get_or_init(|| {
         placed = true;

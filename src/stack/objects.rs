@@ -12,6 +12,7 @@
 
 use super::table::{CommKey, MrKey, Record, ReqKey, MAX_MRS};
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::metrics::CommCounters;
 use crate::transport::Opaque;
 use std::cell::UnsafeCell;
@@ -20,7 +21,7 @@ use std::ffi::c_void;
 use std::sync::atomic::{
     fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 /// Requests per comm the shim can track (one bit each in a u64). NCCL keeps at most
@@ -197,8 +198,7 @@ impl MrRec {
     /// Checks that `size` bytes at `data` lie inside the registered range.
     #[inline]
     pub fn covers(&self, call: &str, data: usize, size: i32) -> Result<()> {
-        let end = self.data.saturating_add(self.size);
-        if size <= 0 || (data >= self.data && data.saturating_add(size as usize) <= end) {
+        if inside(self.data, self.size, data, size) {
             return Ok(());
         }
         let kind = match (self.ptr_type, self.dmabuf) {
@@ -211,6 +211,12 @@ impl MrRec {
             self.data, self.size
         )))
     }
+}
+
+/// Whether `size` bytes at `data` lie inside `len` bytes at `start` (nothing to check for no bytes).
+#[inline]
+fn inside(start: usize, len: usize, data: usize, size: i32) -> bool {
+    size <= 0 || (data >= start && data.saturating_add(size as usize) <= start.saturating_add(len))
 }
 
 /// One registration slot: read without a lock (a state word checked before and after reading the
@@ -255,10 +261,6 @@ pub struct CommRec {
     mr_chunks: Box<[OnceLock<Box<[MrSlot]>>]>,
     mr_alloc: Mutex<MrAlloc>,
     consumed: Mutex<VecDeque<(ReqKey, Opaque)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a new comm is made of.
@@ -570,21 +572,14 @@ impl CommRec {
     /// `size` bytes at `data`: the data path's lookup, reading only what it needs.
     #[inline]
     pub fn mr_for(&self, call: &str, comm: CommKey, key: MrKey, data: usize, size: i32) -> Result<Opaque> {
-        let live = (key.gen as u32) << 1 | 1;
-        let found = self.mr_slot(key).filter(|_| key.of(comm)).and_then(|m| {
-            if m.state.load(Ordering::Acquire) != live {
-                return None;
-            }
+        let found = self.read_live_mr(comm, key, |m| {
             let (start, len) = (m.data.load(Ordering::Relaxed), m.size.load(Ordering::Relaxed));
-            let inner = m.inner.load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            (m.state.load(Ordering::Relaxed) == live).then_some((start, len, inner))
+            Some((start, len, m.inner.load(Ordering::Relaxed)))
         });
         let Some((start, len, inner)) = found else {
             return Err(self.foreign_mr(call, key));
         };
-        let inside = size <= 0 || (data >= start && data.saturating_add(size as usize) <= start.saturating_add(len));
-        if let Some(o) = Opaque::from_ptr(inner).filter(|_| inside) {
+        if let Some(o) = Opaque::from_ptr(inner).filter(|_| inside(start, len, data, size)) {
             return Ok(o);
         }
         // The slow path, for the message: the whole record says what is wrong.
@@ -595,20 +590,25 @@ impl CommRec {
             .unwrap_or_else(|| self.foreign_mr(call, key)))
     }
 
+    /// Reads the live registration `key` of this comm (standing under `comm`) with `read`, which
+    /// runs between two looks at the slot's state: unchanged means the fields read are consistent.
+    #[inline]
+    fn read_live_mr<T>(&self, comm: CommKey, key: MrKey, read: impl FnOnce(&MrSlot) -> Option<T>) -> Option<T> {
+        let live = (key.gen as u32) << 1 | 1;
+        let m = self.mr_slot(key).filter(|_| key.of(comm))?;
+        if m.state.load(Ordering::Acquire) != live {
+            return None;
+        }
+        let got = read(m);
+        fence(Ordering::Acquire);
+        got.filter(|_| m.state.load(Ordering::Relaxed) == live)
+    }
+
     /// The registration `key` of this comm (the comm standing under `comm`).
     #[inline]
     pub fn mr(&self, call: &str, comm: CommKey, key: MrKey) -> Result<MrRec> {
-        let live = (key.gen as u32) << 1 | 1;
-        let found = self.mr_slot(key).filter(|_| key.of(comm)).and_then(|m| {
-            if m.state.load(Ordering::Acquire) != live {
-                return None;
-            }
-            let rec = Self::read_mr(m);
-            // The fields were read between two looks at the state: unchanged means consistent.
-            fence(Ordering::Acquire);
-            rec.filter(|_| m.state.load(Ordering::Relaxed) == live)
-        });
-        found.ok_or_else(|| self.foreign_mr(call, key))
+        self.read_live_mr(comm, key, Self::read_mr)
+            .ok_or_else(|| self.foreign_mr(call, key))
     }
 
     fn foreign_mr(&self, call: &str, key: MrKey) -> Error {

@@ -50,6 +50,17 @@ struct Mrs {
     keys: [Option<MrKey>; MAX_RECVS],
 }
 
+/// The registration key NCCL's memory handle `m` stands for.
+#[inline]
+fn mr_key(call: &str, m: Opaque) -> Result<MrKey> {
+    MrKey::from_opaque(m).ok_or_else(|| {
+        Error::invalid_argument(format!(
+            "{call}: {:#x} is not a tcpxshim memory handle",
+            m.as_ptr() as usize
+        ))
+    })
+}
+
 /// How often (in test() calls of one request) the stall clock is read.
 const STALL_SAMPLE: u32 = 1024;
 
@@ -249,12 +260,7 @@ impl Shim {
     /// The inner registration behind NCCL's memory handle `m`, checked to cover its buffer.
     #[inline]
     fn inner_mr(&self, call: &str, c: &Found<'_>, m: Opaque, data: *mut c_void, size: i32) -> Result<(Opaque, MrKey)> {
-        let key = MrKey::from_opaque(m).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "{call}: {:#x} is not a tcpxshim memory handle",
-                m.as_ptr() as usize
-            ))
-        })?;
+        let key = mr_key(call, m)?;
         Ok((c.mr_for(call, c.key, key, data as usize, size)?, key))
     }
 
@@ -264,9 +270,7 @@ impl Shim {
     /// # Safety
     /// `sizes` is NULL or valid for writing as many `i32`s as the request has grouped receives.
     pub unsafe fn test_into(&self, req: Opaque, sizes: *mut i32) -> Result<bool> {
-        let (c, key) = self.request_comm("test", req)?;
-        c.check_live("test")?;
-        let Some((local, n)) = self.finish(&c, key)? else {
+        let Some((local, n)) = self.test_request(req)? else {
             return Ok(false);
         };
         if !sizes.is_null() {
@@ -274,6 +278,14 @@ impl Shim {
             unsafe { std::ptr::copy_nonoverlapping(local.as_ptr(), sizes, n) };
         }
         Ok(true)
+    }
+
+    /// NCCL's test() of `req`: its comm found, refused if poisoned, the request tested.
+    #[inline]
+    fn test_request(&self, req: Opaque) -> Result<Option<([i32; MAX_RECVS], usize)>> {
+        let (c, key) = self.request_comm("test", req)?;
+        c.check_live("test")?;
+        self.finish(&c, key)
     }
 
     #[inline]
@@ -510,12 +522,7 @@ impl Transport for Shim {
 
     unsafe fn dereg_mr(&self, comm: Opaque, mr: Opaque) -> Result<()> {
         let c = self.comm("deregMr", comm, None)?;
-        let key = MrKey::from_opaque(mr).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "deregMr: {:#x} is not a tcpxshim memory handle",
-                mr.as_ptr() as usize
-            ))
-        })?;
+        let key = mr_key("deregMr", mr)?;
         let rec = c.remove_mr("deregMr", c.key, key)?;
         // SAFETY: the registration was live on this open comm and is now removed from the
         // record, so this is its only release.
@@ -612,9 +619,7 @@ impl Transport for Shim {
     }
 
     unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
-        let (c, key) = self.request_comm("test", req)?;
-        c.check_live("test")?;
-        let Some((local, n)) = self.finish(&c, key)? else {
+        let Some((local, n)) = self.test_request(req)? else {
             return Ok(false);
         };
         if let Some(out) = sizes {
@@ -638,12 +643,7 @@ impl Transport for Shim {
 
     unsafe fn get_device_mr(&self, comm: Opaque, mr: Opaque) -> Result<Option<Opaque>> {
         let c = self.live_comm("getDeviceMr", comm, None)?;
-        let key = MrKey::from_opaque(mr).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "getDeviceMr: {:#x} is not a tcpxshim memory handle",
-                mr.as_ptr() as usize
-            ))
-        })?;
+        let key = mr_key("getDeviceMr", mr)?;
         let rec = c.mr("getDeviceMr", c.key, key)?;
         // SAFETY: the registration is live on this open comm.
         unsafe { self.inner.get_device_mr(c.inner(), rec.inner) }

@@ -221,7 +221,7 @@ impl<T: Record> Table<T> {
 
     /// Makes a new object from `spec` in a free slot; `None` when the table is full.
     pub fn insert(&self, spec: T::Spec) -> Option<(CommKey, &T)> {
-        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = crate::lock(&self.free);
         let index = if f.next_unused < self.slots.len() {
             f.next_unused += 1;
             f.next_unused - 1
@@ -266,11 +266,7 @@ impl<T: Record> Table<T> {
             .compare_exchange(live(key.gen), live(key.gen) - 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if ended {
-            self.free
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .released
-                .push_back(key.index);
+            crate::lock(&self.free).released.push_back(key.index);
         }
         ended
     }
