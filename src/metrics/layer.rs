@@ -719,7 +719,16 @@ impl Layer for Metrics {
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
-        // SAFETY: as in reg_mr.
+        // Listen comms pass through this layer unwrapped, and the caller may ask about one: only a
+        // comm this layer handed out is one of its records.
+        let ours = lock(&self.shared.conns)
+            .iter()
+            .any(|c| !c.is_closed() && std::ptr::eq(Arc::as_ptr(c), comm.as_ptr() as *const Conn));
+        if !ours {
+            // SAFETY: forwarded under the caller's contract: it is the inner transport's comm.
+            return unsafe { self.inner.describe_comm(comm) };
+        }
+        // SAFETY: as in reg_mr: a live record of this layer.
         unsafe { self.inner.describe_comm(conn(comm).inner) }
     }
 
@@ -744,10 +753,38 @@ fn peer_label(description: &str) -> String {
 }
 
 #[cfg(test)]
-mod peer_label_tests {
+mod tests {
+    use super::*;
+    use crate::ffi::HANDLE_SIZE;
+    use crate::tcp::{TcpConfig, TcpTransport};
+
     #[test]
     fn the_peer_label_is_the_address() {
-        assert_eq!(super::peer_label("peer 10.0.0.2:41234, 4 streams"), "10.0.0.2:41234");
-        assert_eq!(super::peer_label("GPUDirectTCPX_v7 dev 1"), "GPUDirectTCPX_v7 dev 1");
+        assert_eq!(peer_label("peer 10.0.0.2:41234, 4 streams"), "10.0.0.2:41234");
+        assert_eq!(peer_label("GPUDirectTCPX_v7 dev 1"), "GPUDirectTCPX_v7 dev 1");
+    }
+
+    /// A listen comm passes through the layer unwrapped; asking the layer about it must ask the
+    /// transport beneath about that same comm, not read it as one of the layer's records.
+    #[test]
+    fn a_listen_comm_is_described_by_the_transport_beneath() {
+        let tcp = TcpTransport::new(&TcpConfig {
+            ifname: Some("lo".into()),
+            ..TcpConfig::default()
+        })
+        .expect("transport on lo");
+        let dir = std::env::temp_dir().join(format!("tcpxshim-metrics-describe-{}", std::process::id()));
+        let m = Metrics::new(Box::new(tcp), &Config::default(), dir);
+        let mut h = [0u8; HANDLE_SIZE];
+        let l = Transport::listen(&m, 0, &mut h).unwrap();
+        // SAFETY: `l` is the open listen comm just made, closed below.
+        let (through, beneath) = unsafe { (Transport::describe_comm(&m, l), m.inner.describe_comm(l)) };
+        assert!(
+            beneath.as_deref().is_some_and(|d| d.starts_with("listening on")),
+            "{beneath:?}"
+        );
+        assert_eq!(through, beneath);
+        // SAFETY: as above.
+        unsafe { Transport::close_listen(&m, l) }.unwrap();
     }
 }
