@@ -153,7 +153,7 @@ struct Pending {
     /// The inner handle once fetched, in a buffer of this connection's own: the inner plugin gets
     /// this same buffer on every repeated connect().
     scratch: Box<[u8; HANDLE_SIZE]>,
-    fetched: bool,
+    /// The fetch under way; `None` once the inner handle is in `scratch`.
     fetch: Option<std::sync::mpsc::Receiver<Result<[u8; HANDLE_SIZE]>>>,
     touched: Instant,
 }
@@ -168,7 +168,6 @@ pub struct Handles {
     mode: HandleMode,
     ctrl_addr: Option<IpAddr>,
     ctrl_ifname: Option<String>,
-    fetch_timeout: Duration,
     service: OnceLock<std::result::Result<Service, String>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_pending: AtomicU64,
@@ -181,7 +180,6 @@ impl Handles {
             mode: cfg.handle_mode,
             ctrl_addr: cfg.ctrl_addr,
             ctrl_ifname: cfg.tcp.ifname.clone(),
-            fetch_timeout: control::IO_TIMEOUT,
             service: OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
             next_pending: AtomicU64::new(1),
@@ -288,7 +286,6 @@ impl Handles {
             handle[8..16].copy_from_slice(&id.to_le_bytes());
             let p = Pending {
                 scratch: Box::new([0; HANDLE_SIZE]),
-                fetched: false,
                 fetch: Some(self.start_fetch(t)?),
                 touched: Instant::now(),
             };
@@ -313,7 +310,7 @@ impl Handles {
             secret: t.secret,
         };
         let (tx, rx) = std::sync::mpsc::channel();
-        let timeout = self.fetch_timeout;
+        let timeout = control::IO_TIMEOUT;
         std::thread::Builder::new()
             .name("tcpxshim-fetch".into())
             .spawn(move || {
@@ -325,17 +322,12 @@ impl Handles {
 
     /// Whether the inner handle is in `p.scratch` yet.
     fn progress(&self, p: &mut Pending, t: &Trailer) -> Result<bool> {
-        if p.fetched {
+        let Some(rx) = p.fetch.as_ref() else {
             return Ok(true);
-        }
-        let rx = p
-            .fetch
-            .as_ref()
-            .ok_or_else(|| Error::internal("connect: no handle fetch in progress"))?;
+        };
         match rx.try_recv() {
             Ok(Ok(h)) => {
                 *p.scratch = h;
-                p.fetched = true;
                 p.fetch = None;
                 Ok(true)
             }

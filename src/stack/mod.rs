@@ -107,10 +107,9 @@ pub fn build(cfg: &Config) -> Result<Shim> {
 
 /// Stacks the layers `cfg` asks for over `inner`, with the shim's own layer on top.
 pub fn build_over(cfg: &Config, inner: Box<dyn Transport>, info: LoadInfo) -> Result<Shim> {
-    let t = inner;
     let t: Box<dyn Transport> = match &cfg.faults {
-        Some(f) => Box::new(Faults::new(t, f.clone())),
-        None => t,
+        Some(f) => Box::new(Faults::new(inner, f.clone())),
+        None => inner,
     };
     let t: Box<dyn Transport> = match &cfg.metrics_dir {
         Some(dir) => Box::new(crate::metrics::Metrics::new(t, cfg, dir.clone())),
