@@ -719,12 +719,9 @@ impl Layer for Metrics {
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
-        // Listen comms pass through this layer unwrapped, and the caller may ask about one: only a
-        // comm this layer handed out is one of its records.
-        let ours = lock(&self.shared.conns)
-            .iter()
-            .any(|c| !c.is_closed() && std::ptr::eq(Arc::as_ptr(c), comm.as_ptr() as *const Conn));
-        if !ours {
+        // Listen comms pass through this layer unwrapped (and are known by their address), and
+        // the caller may ask about one: forward it as it is.
+        if lock(&self.shared.listens).contains_key(&(comm.as_ptr() as usize)) {
             // SAFETY: forwarded under the caller's contract: it is the inner transport's comm.
             return unsafe { self.inner.describe_comm(comm) };
         }
