@@ -80,7 +80,7 @@ pub const METRICS_DIR: Setting = Setting {
     default: "(unset: no metrics)",
     doc: "Directory each process writes its metrics to, as a Prometheus text file `<host>-<pid>.prom` (written to a \
           temporary name, then renamed), every NCCL_TCPXSHIM_METRICS_INTERVAL seconds and when its last connection \
-          closes; point node_exporter's textfile collector at it. Unset: the metrics layer is not in the stack. See \
+          closes; point node_exporter's textfile collector at it. Unset: no metrics. See \
           README.md (Metrics).",
 };
 /// How often the metrics file is written.
@@ -161,15 +161,15 @@ pub struct Config {
     pub ctrl_addr: Option<std::net::IpAddr>,
     /// NCCL_TCPXSHIM_FAULTS: the faults to inject; `None`: none (the layer is not stacked).
     pub faults: Option<crate::stack::FaultSpec>,
-    /// NCCL_TCPXSHIM_METRICS_DIR: where the metrics file goes; `None`: no metrics layer.
+    /// NCCL_TCPXSHIM_METRICS_DIR: where the metrics file goes; `None`: no metrics.
     pub metrics_dir: Option<std::path::PathBuf>,
-    /// The metrics layer's other settings and the labels it puts on every series.
+    /// The metrics' other settings and the labels it puts on every series.
     pub metrics: MetricsConfig,
     /// The built-in transport's settings.
     pub tcp: TcpConfig,
 }
 
-/// What the metrics layer needs besides its directory: the write interval and the process's
+/// What the metrics need besides its directory: the write interval and the process's
 /// labels, resolved once when the settings are read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetricsConfig {
@@ -286,7 +286,7 @@ mod tests {
             Some(STALL_WARN.default)
         );
         assert!(c.plugin.is_none() && c.faults.is_none() && c.ctrl_addr.is_none());
-        assert!(c.metrics_dir.is_none(), "no metrics layer by default");
+        assert!(c.metrics_dir.is_none(), "no metrics by default");
         assert_eq!(c.metrics.interval.as_secs().to_string(), METRICS_INTERVAL.default);
     }
 

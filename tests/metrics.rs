@@ -1,4 +1,4 @@
-//! The metrics layer (`NCCL_TCPXSHIM_METRICS_DIR`) over the built-in TCP transport on loopback, in
+//! The metrics (`NCCL_TCPXSHIM_METRICS_DIR`) over the built-in TCP transport on loopback, in
 //! stacks built from configs: exact counters after known transfers, histogram counts, requests in
 //! flight and stalled, the final write at the last close, the file read back with a Prometheus
 //! text parser, and the summary lines in the log.

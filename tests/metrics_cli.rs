@@ -35,7 +35,7 @@ struct Conn {
 const BOUNDS: [&str; 7] = ["1e-05", "0.0001", "0.001", "0.01", "0.1", "1", "10"];
 const SIZES: [&str; 5] = ["le4KiB", "le64KiB", "le1MiB", "le16MiB", "gt16MiB"];
 
-/// One process's file (`rank` on host `host`), as the metrics layer writes it.
+/// One process's file (`rank` on host `host`), as the shim writes it.
 fn prom(host: &str, rank: u32, start: Option<f64>, conns: &[Conn]) -> String {
     let base = format!("rank=\"{rank}\",local_rank=\"{rank}\",host=\"{host}\"");
     let conn_labels = |c: &Conn| {
@@ -136,7 +136,7 @@ fn prom(host: &str, rank: u32, start: Option<f64>, conns: &[Conn]) -> String {
     s
 }
 
-/// Writes `text` as `dir/name` the way the metrics layer does: a temporary name, then a rename;
+/// Writes `text` as `dir/name` the way the shim does: a temporary name, then a rename;
 /// with the given modification time where one is given.
 fn write_file(dir: &Path, name: &str, text: &str, mtime: Option<SystemTime>) {
     let tmp = dir.join(format!(".{name}.tmp"));

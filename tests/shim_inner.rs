@@ -632,7 +632,7 @@ fn the_shim_does_not_hide_a_callers_out_of_order_irecv_consumed() {
     assert_clean(Fixture::Tcpx, &ctl);
 }
 
-/// The metrics layer in the stack over TCPX: its quirks still hold (repeated connects with one
+/// Metrics on, over TCPX: its quirks still hold (repeated connects with one
 /// handle buffer, NULL requests meaning try again, UNPACK receives released by irecvConsumed with
 /// the inner request), the fixture sees no broken rule, and the file counts every message.
 #[test]
@@ -649,7 +649,7 @@ fn the_metrics_layer_keeps_the_tcpx_quirks_and_counts_every_message() {
     let smr = net.reg_buf(send, &buf, PTR_HOST).unwrap();
     assert!(
         net.isend(send, buf.as_ptr(), 64, 0, smr).unwrap().is_none(),
-        "NULL request: try again, through the metrics layer too"
+        "NULL request: try again, with metrics on too"
     );
     net.dereg_mr(send, smr).unwrap();
     for size in [1usize, 4096, 100_000, 1 << 20] {

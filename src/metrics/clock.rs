@@ -1,4 +1,4 @@
-//! The metrics layer's clock, read twice per request (when it is posted and when it completes).
+//! The metrics' clock, read twice per request (when it is posted and when it completes).
 //!
 //! Where the CPU's time-stamp counter runs at a constant rate in every power state (x86-64 with
 //! `constant_tsc` and `nonstop_tsc`, as on GCP's A3 machines), it is read directly and scaled to

@@ -1,15 +1,15 @@
-//! Counters the shim keeps per connection and per process, and the metrics layer
-//! (`NCCL_TCPXSHIM_METRICS_DIR`): per-connection counters and latency histograms updated on the
-//! data path ([`layer`]), written as a Prometheus text file ([`prom`]) and summed up in the log
+//! Counters the shim keeps per connection and per process, and its metrics
+//! (`NCCL_TCPXSHIM_METRICS_DIR`): per-connection counters and latency histograms the shim updates on
+//! the data path ([`conn`]), written as a Prometheus text file ([`prom`]) and summed up in the log
 //! when the last connection closes ([`summary`]).
 
 pub mod clock;
+pub mod conn;
 pub mod hist;
-pub mod layer;
 pub mod prom;
 pub mod summary;
 
-pub use layer::Metrics;
+pub use conn::{Metrics, Setup};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

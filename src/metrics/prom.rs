@@ -1,9 +1,9 @@
-//! The Prometheus text file: a collector that reads the layer's atomics when it is encoded
+//! The Prometheus text file: a collector that reads the connections' atomics when it is encoded
 //! (`prometheus-client` does the encoding), the write to a temporary name and the rename, and the
 //! thread that writes every interval.
 
+use super::conn::{now_ns, Conn, Shared};
 use super::hist::{HistSnap, SIZE_CLASSES};
-use super::layer::{now_ns, Conn, Shared};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -293,9 +293,8 @@ impl Drop for Exporter {
 
 #[cfg(test)]
 mod tests {
-    use super::super::layer::{Conn, Dir};
+    use super::super::conn::{Conn, Dir};
     use super::*;
-    use crate::transport::Opaque;
 
     /// A reader never sees half a file: every read while the file is rewritten is a whole one.
     #[test]
@@ -306,13 +305,12 @@ mod tests {
         labels.host = "unit".into();
         let shared = Arc::new(Shared::new(labels, "test".into(), dir.clone(), 0));
         const CONNS: usize = 300;
-        let inner = Opaque::from_addr(64).unwrap();
         for i in 0..CONNS {
             shared
                 .conns
                 .lock()
                 .unwrap()
-                .push(Conn::new(Dir::Send, format!("peer {i}"), 0, inner, false));
+                .push(Conn::new(Dir::Send, format!("peer {i}"), 0));
         }
         let file = write(&shared).unwrap();
         // Every write has the same lines (only values change), so a whole file has this many.

@@ -1,9 +1,9 @@
 //! The end-of-run summary, logged at INFO when the last connection closes: one line per peer and
 //! a total line.
 
+use super::conn::{now_ns, Dir, Shared};
 use super::hist::{quantile_text, HistSnap};
 use super::human_bytes;
-use super::layer::{now_ns, Dir, Shared};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -2,8 +2,8 @@
 //! transport at the bottom, all built in one place ([`build`]) from a [`Config`] value.
 //!
 //! ```text
-//! Shim (objects NCCL holds, handle, stall warnings, poisoning)     src/stack/shim.rs
-//!  | metrics (NCCL_TCPXSHIM_METRICS_DIR, only when set)             src/metrics/layer.rs
+//! Shim (objects NCCL holds, handle, stall warnings, poisoning,    src/stack/shim.rs
+//!  |     metrics fed from its records when NCCL_TCPXSHIM_METRICS_DIR is set: src/metrics)
 //!  | faults (NCCL_TCPXSHIM_FAULTS, only when set)                   src/stack/faults.rs
 //!  v
 //! inner transport: a loaded plugin (src/plugin) or the built-in TCP transport (src/tcp)
@@ -110,10 +110,6 @@ pub fn build_over(cfg: &Config, inner: Box<dyn Transport>, info: LoadInfo) -> Re
     let t: Box<dyn Transport> = match &cfg.faults {
         Some(f) => Box::new(Faults::new(inner, f.clone())),
         None => inner,
-    };
-    let t: Box<dyn Transport> = match &cfg.metrics_dir {
-        Some(dir) => Box::new(crate::metrics::Metrics::new(t, cfg, dir.clone())),
-        None => t,
     };
     Shim::over(t, info, cfg)
 }

@@ -13,7 +13,7 @@ use super::LoadInfo;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ffi::{DevHandle, HANDLE_SIZE};
-use crate::metrics::human_bytes;
+use crate::metrics::{conn::Dir, human_bytes, Metrics, Setup};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use std::ffi::c_void;
 use std::fmt::Write as _;
@@ -74,6 +74,8 @@ pub struct Shim {
     next_id: AtomicU64,
     stall_warn: Option<Duration>,
     handles: Handles,
+    /// Metrics (NCCL_TCPXSHIM_METRICS_DIR), fed from the shim's own records.
+    metrics: Option<Metrics>,
 }
 
 impl Shim {
@@ -86,6 +88,10 @@ impl Shim {
             unpack.push(inner.properties(d)?.device_type == DeviceType::Unpack);
         }
         let name = cfg.name.clone().unwrap_or_else(|| inner.name().to_string());
+        let metrics = cfg
+            .metrics_dir
+            .as_ref()
+            .map(|dir| Metrics::new(cfg, inner.name(), dir.clone()));
         Ok(Shim {
             inner,
             info,
@@ -95,7 +101,24 @@ impl Shim {
             next_id: AtomicU64::new(1),
             stall_warn: cfg.stall_warn,
             handles: Handles::new(cfg),
+            metrics,
         })
+    }
+
+    /// The metrics, when on.
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
+    }
+
+    /// Now, for a request's post time: the precise clock when metrics time requests, else the
+    /// coarse one (enough for the stall warning).
+    #[inline]
+    fn now_ns(&self) -> u64 {
+        if self.metrics.is_some() {
+            crate::metrics::clock::now_ns()
+        } else {
+            coarse_ns()
+        }
     }
 
     /// What was loaded.
@@ -128,6 +151,11 @@ impl Shim {
         // SAFETY: `inner` was just returned by the inner transport and is open.
         let peer =
             unsafe { self.inner.describe_comm(inner) }.unwrap_or_else(|| format!("{} dev {dev}", self.info.name));
+        let metrics = match (&self.metrics, kind) {
+            (Some(m), Kind::Send) => Some(m.open(Dir::Send, Some(&peer), dev)),
+            (Some(m), Kind::Recv) => Some(m.open(Dir::Recv, Some(&peer), dev)),
+            _ => None,
+        };
         let spec = CommSpec {
             kind,
             inner,
@@ -136,8 +164,12 @@ impl Shim {
             peer,
             unpack: self.unpack.get(dev as usize).copied().unwrap_or(false),
             served: served.unwrap_or(0),
+            metrics: metrics.clone(),
         };
         let Some((key, rec)) = self.comms.insert(spec) else {
+            if let (Some(m), Some(c)) = (&self.metrics, &metrics) {
+                m.close(c, false);
+            }
             if kind != Kind::Listen {
                 // SAFETY: `inner` was just made and nobody else has it; the caller of a failed
                 // listen closes its own.
@@ -216,6 +248,9 @@ impl Shim {
         };
         if let Some(id) = c.served() {
             self.handles.withdraw(id);
+        }
+        if let (Some(m), Some(mc)) = (&self.metrics, &*c.metrics()) {
+            m.close(mc, result.is_ok());
         }
         if kind != Kind::Listen {
             c.counters.retire();
@@ -322,7 +357,7 @@ impl Shim {
     }
 
     fn warn_stalled(&self, c: &CommRec, r: &mut ReqRec, limit: Duration) {
-        let age = Duration::from_nanos(coarse_ns().saturating_sub(r.at_ns));
+        let age = Duration::from_nanos(self.now_ns().saturating_sub(r.at_ns));
         if age < limit {
             return;
         }
@@ -367,6 +402,9 @@ impl Shim {
             Ok(d) => d,
             Err(e) => {
                 c.counters.error();
+                if let Some(m) = &*c.metrics() {
+                    m.failed(key.slot as usize);
+                }
                 g.retire();
                 return Err(e.context(format!("test on {}", c.label())));
             }
@@ -387,6 +425,10 @@ impl Shim {
         };
         if op != Op::Flush {
             c.counters.complete(bytes as u64);
+        }
+        if let Some(m) = &*c.metrics() {
+            let b = (op != Op::Flush).then_some(bytes as u64);
+            m.completed(key.slot as usize, r.at_ns, crate::metrics::clock::now_ns(), b);
         }
         if c.unpack() && op == Op::Recv {
             c.completed_unpack(key, ireq);
@@ -457,12 +499,19 @@ impl Transport for Shim {
         dev_handle: *mut *mut DevHandle,
     ) -> Result<Option<Opaque>> {
         self.check_dev("connect", dev)?;
+        let setup = Setup::Connect(handle.as_ptr() as usize);
+        if let Some(m) = &self.metrics {
+            m.setup_call(setup);
+        }
         let res = self.handles.connect(handle, |inner_handle| {
             // SAFETY: `inner_handle` is the same buffer, unchanged, on every call for this
             // connection (NCCL's own in inline mode, the pending connect's in served mode), and
             // the caller passes a valid or NULL dev_handle.
             unsafe { self.inner.connect(dev, inner_handle, dev_handle) }
         });
+        if let (Some(m), Ok(Some(_)) | Err(_)) = (&self.metrics, &res) {
+            m.setup_done(setup, res.is_ok());
+        }
         match res.map_err(|e| e.context(format!("connect on dev {dev}")))? {
             Some(c) => self.wrap(Kind::Send, c, dev, None).map(Some),
             None => Ok(None),
@@ -471,9 +520,16 @@ impl Transport for Shim {
 
     unsafe fn accept(&self, listen: Opaque, dev_handle: *mut *mut DevHandle) -> Result<Option<Opaque>> {
         let l = self.live_comm("accept", listen, Some(Kind::Listen))?;
+        let setup = Setup::Accept(listen.as_ptr() as usize);
+        if let Some(m) = &self.metrics {
+            m.setup_call(setup);
+        }
         // SAFETY: the listen comm is open; dev_handle is passed as the caller gave it.
-        let inner = unsafe { self.inner.accept(l.inner(), dev_handle) }
-            .map_err(|e| e.context(format!("accept on dev {}", l.dev())))?;
+        let inner = unsafe { self.inner.accept(l.inner(), dev_handle) };
+        if let (Some(m), Ok(Some(_)) | Err(_)) = (&self.metrics, &inner) {
+            m.setup_done(setup, inner.is_ok());
+        }
+        let inner = inner.map_err(|e| e.context(format!("accept on dev {}", l.dev())))?;
         match inner {
             Some(c) => self.wrap(Kind::Recv, c, l.dev(), None).map(Some),
             None => Ok(None),
@@ -553,7 +609,7 @@ impl Transport for Shim {
         };
         // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
         // the buffer until the request completes.
-        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &args, self.now_ns(), || unsafe {
             self.inner.isend(c.inner(), data, size, tag, imr)
         })?;
         Ok(key.map(ReqKey::to_opaque))
@@ -584,7 +640,7 @@ impl Transport for Shim {
             mrs: &m.keys[..n],
         };
         // SAFETY: as in isend; the inner registrations are this comm's.
-        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &args, self.now_ns(), || unsafe {
             self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
@@ -612,7 +668,7 @@ impl Transport for Shim {
             mrs: &m.keys[..n],
         };
         // SAFETY: as in irecv.
-        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
+        let key = c.post(c.key, &args, self.now_ns(), || unsafe {
             self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n])
         })?;
         Ok(key.map(ReqKey::to_opaque))
