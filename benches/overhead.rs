@@ -4,9 +4,9 @@
 //! wrapping that fixture: a stack built in this process from a config naming the fixture, driven
 //! through the exported `ncclNetPlugin_v7` table as NCCL drives it, and (c, d) through two more
 //! stacks over private copies of the fixture, driven through the stack's Rust interface, the same
-//! but for the metrics layer: off in (c), on in (d) (NCCL_TCPXSHIM_METRICS_DIR a temporary
+//! but for the metrics: off in (c), on in (d) (NCCL_TCPXSHIM_METRICS_DIR a temporary
 //! directory). Repetitions alternate (a b c d, d c b a, ...) so that drift and noise hit all alike,
-//! then one table is printed, and the metrics layer's cost: (d) against (c).
+//! then one table is printed, and the metrics' cost: (d) against (c).
 //!
 //! Workloads, one connection on device 0, single thread:
 //! - small-message round: irecv + isend of 8 bytes, then test both until done; ns per round;
@@ -322,7 +322,7 @@ fn main() {
     let d_mean = rows[0].1[3] - rows[0].1[2];
     let d_p50 = rows[1].1[3] - rows[1].1[2];
     println!(
-        "metrics layer: {:+.1} ns per message (mean), {:+.1} ns per message (p50); bandwidth ratio on/off {:.3}",
+        "metrics: {:+.1} ns per message (mean), {:+.1} ns per message (p50); bandwidth ratio on/off {:.3}",
         d_mean / 2.0,
         d_p50 / 2.0,
         rows[3].1[3] / rows[3].1[2]

@@ -86,9 +86,9 @@ pub struct Conn {
 
 impl Conn {
     /// A new record, open from now.
-    pub fn new(dir: Dir, peer: String, dev: i32) -> Arc<Conn> {
+    pub fn new(dir: Dir, peer: String, dev: i32) -> Conn {
         let now = now_ns();
-        Arc::new(Conn {
+        Conn {
             comm: NEXT_COMM.fetch_add(1, Relaxed),
             dir,
             peer: peer.replace(',', ";"),
@@ -103,7 +103,7 @@ impl Conn {
             last_progress_ns: AtomicU64::new(now),
             lat: Default::default(),
             posted_ns: std::array::from_fn(|_| AtomicU64::new(0)),
-        })
+        }
     }
 
     /// Request slot `slot` was posted at `t`.
@@ -200,8 +200,10 @@ pub struct Shared {
     pub connect_hist: Hist,
     /// First accept() call on a listen comm to the one returning the comm.
     pub accept_hist: Hist,
-    /// Every connection made, closed ones included.
-    pub conns: Mutex<Vec<Arc<Conn>>>,
+    /// Every connection made, closed ones included, by number: an append-only list (entries
+    /// are never removed or moved), so the shim finds a connection's record by its number with
+    /// two loads and no lock.
+    pub conns: boxcar::Vec<Conn>,
     /// Connects and accepts in progress (by handle buffer or listen comm): when they started.
     pending: Mutex<HashMap<usize, u64>>,
     /// Serialises writes of the file.
@@ -221,7 +223,7 @@ impl Shared {
             opened: AtomicU64::new(0),
             connect_hist: Hist::default(),
             accept_hist: Hist::default(),
-            conns: Mutex::new(Vec::new()),
+            conns: boxcar::Vec::new(),
             pending: Mutex::new(HashMap::new()),
             write_lock: Mutex::new(()),
             warned: AtomicBool::new(false),
@@ -235,8 +237,8 @@ impl Shared {
     }
 
     /// The records of every connection so far.
-    pub fn conns(&self) -> Vec<Arc<Conn>> {
-        lock(&self.conns).clone()
+    pub fn conns(&self) -> Vec<&Conn> {
+        self.conns.iter().map(|(_, c)| c).collect()
     }
 }
 
@@ -314,13 +316,19 @@ impl Metrics {
     }
 
     /// Records a new connection; `description` is the inner transport's description of it.
-    pub fn open(&self, dir: Dir, description: Option<&str>, dev: i32) -> Arc<Conn> {
+    /// Returns its number, for [`Metrics::conn`].
+    pub fn open(&self, dir: Dir, description: Option<&str>, dev: i32) -> usize {
         let peer = description.map_or_else(|| format!("dev {dev}"), peer_label);
-        let c = Conn::new(dir, peer, dev);
-        lock(&self.shared.conns).push(c.clone());
+        let n = self.shared.conns.push(Conn::new(dir, peer, dev));
         self.shared.open.fetch_add(1, Relaxed);
         self.shared.opened.fetch_add(1, Relaxed);
-        c
+        n
+    }
+
+    /// The record of connection number `n`.
+    #[inline]
+    pub fn conn(&self, n: usize) -> Option<&Conn> {
+        self.shared.conns.get(n)
     }
 
     /// The connection `c` was closed (`ok`: without error). The last one to close writes the

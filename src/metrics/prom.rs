@@ -306,11 +306,7 @@ mod tests {
         let shared = Arc::new(Shared::new(labels, "test".into(), dir.clone(), 0));
         const CONNS: usize = 300;
         for i in 0..CONNS {
-            shared
-                .conns
-                .lock()
-                .unwrap()
-                .push(Conn::new(Dir::Send, format!("peer {i}"), 0));
+            shared.conns.push(Conn::new(Dir::Send, format!("peer {i}"), 0));
         }
         let file = write(&shared).unwrap();
         // Every write has the same lines (only values change), so a whole file has this many.

@@ -15,14 +15,13 @@ use crate::error::{Error, Result};
 use crate::lock;
 use crate::metrics::CommCounters;
 use crate::transport::Opaque;
-use arc_swap::ArcSwapOption;
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::sync::atomic::{
     fence, AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 /// Requests per comm the shim can track (one bit each in a u64). NCCL keeps at most
@@ -257,8 +256,8 @@ pub struct CommRec {
     opened: Mutex<Instant>,
     /// Per-connection counters.
     pub counters: CommCounters,
-    /// The connection's metrics record, when metrics are on.
-    metrics: ArcSwapOption<crate::metrics::conn::Conn>,
+    /// The number of the connection's metrics record plus one; 0: none.
+    metrics: AtomicUsize,
     cursor: AtomicU32,
     slots: Box<[ReqSlot]>,
     mr_chunks: Box<[OnceLock<Box<[MrSlot]>>]>,
@@ -282,8 +281,8 @@ pub struct CommSpec {
     pub unpack: bool,
     /// Control-service entry of a listen comm (0: none).
     pub served: u32,
-    /// The connection's metrics record, when metrics are on.
-    pub metrics: Option<Arc<crate::metrics::conn::Conn>>,
+    /// The number of the connection's metrics record, when metrics are on.
+    pub metrics: Option<usize>,
 }
 
 impl Record for CommRec {
@@ -302,7 +301,7 @@ impl Record for CommRec {
             peer: Mutex::new(String::new()),
             opened: Mutex::new(Instant::now()),
             counters: CommCounters::default(),
-            metrics: ArcSwapOption::empty(),
+            metrics: AtomicUsize::new(0),
             cursor: AtomicU32::new(0),
             slots: (0..MAX_REQUESTS)
                 .map(|_| ReqSlot {
@@ -337,7 +336,7 @@ impl Record for CommRec {
         *lock(&self.peer) = spec.peer;
         *lock(&self.opened) = Instant::now();
         self.counters.reset();
-        self.metrics.store(spec.metrics);
+        self.metrics.store(spec.metrics.map_or(0, |n| n + 1), Ordering::Relaxed);
         lock(&self.consumed).clear();
         // Requests and registrations of the comm that used this record before are unreachable:
         // their keys carry its generation. Their slots start over, except one a caller still
@@ -362,10 +361,10 @@ impl Record for CommRec {
 }
 
 impl CommRec {
-    /// The connection's metrics record, when metrics are on.
+    /// The number of the connection's metrics record, when metrics are on.
     #[inline]
-    pub fn metrics(&self) -> arc_swap::Guard<Option<Arc<crate::metrics::conn::Conn>>> {
-        self.metrics.load()
+    pub fn metrics(&self) -> Option<usize> {
+        self.metrics.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// What it is for.
@@ -481,9 +480,6 @@ impl CommRec {
                 r.at_ns = at_ns;
                 r.tests = 0;
                 r.warned = false;
-                if let Some(m) = &*self.metrics() {
-                    m.posted(idx, at_ns);
-                }
                 slot.state.store(req_state(gen, LIVE), Ordering::Release);
                 Ok(Some(ReqKey::new(key, idx, gen)))
             }
@@ -494,9 +490,6 @@ impl CommRec {
                     Ok(_) => Ok(None),
                     Err(e) => {
                         self.counters.error();
-                        if let Some(m) = &*self.metrics() {
-                            m.error();
-                        }
                         let bytes: i64 = args.sizes.iter().map(|&s| s.max(0) as i64).sum();
                         Err(e.context(format!("{call} of {bytes} bytes on {}", self.label())))
                     }

@@ -110,6 +110,12 @@ impl Shim {
         self.metrics.as_ref()
     }
 
+    /// The metrics record of comm `c`, when metrics are on.
+    #[inline]
+    fn mconn(&self, c: &CommRec) -> Option<&crate::metrics::conn::Conn> {
+        self.metrics.as_ref()?.conn(c.metrics()?)
+    }
+
     /// Now, for a request's post time: the precise clock when metrics time requests, else the
     /// coarse one (enough for the stall warning).
     #[inline]
@@ -164,11 +170,13 @@ impl Shim {
             peer,
             unpack: self.unpack.get(dev as usize).copied().unwrap_or(false),
             served: served.unwrap_or(0),
-            metrics: metrics.clone(),
+            metrics,
         };
         let Some((key, rec)) = self.comms.insert(spec) else {
-            if let (Some(m), Some(c)) = (&self.metrics, &metrics) {
-                m.close(c, false);
+            if let (Some(m), Some(n)) = (&self.metrics, metrics) {
+                if let Some(c) = m.conn(n) {
+                    m.close(c, false);
+                }
             }
             if kind != Kind::Listen {
                 // SAFETY: `inner` was just made and nobody else has it; the caller of a failed
@@ -249,7 +257,7 @@ impl Shim {
         if let Some(id) = c.served() {
             self.handles.withdraw(id);
         }
-        if let (Some(m), Some(mc)) = (&self.metrics, &*c.metrics()) {
+        if let (Some(m), Some(mc)) = (&self.metrics, self.mconn(&c)) {
             m.close(mc, result.is_ok());
         }
         if kind != Kind::Listen {
@@ -402,7 +410,7 @@ impl Shim {
             Ok(d) => d,
             Err(e) => {
                 c.counters.error();
-                if let Some(m) = &*c.metrics() {
+                if let Some(m) = self.mconn(c) {
                     m.failed(key.slot as usize);
                 }
                 g.retire();
@@ -426,7 +434,7 @@ impl Shim {
         if op != Op::Flush {
             c.counters.complete(bytes as u64);
         }
-        if let Some(m) = &*c.metrics() {
+        if let Some(m) = self.mconn(c) {
             let b = (op != Op::Flush).then_some(bytes as u64);
             m.completed(key.slot as usize, r.at_ns, crate::metrics::clock::now_ns(), b);
         }
@@ -435,6 +443,27 @@ impl Shim {
         }
         g.retire();
         Ok(Some((local, n)))
+    }
+
+    /// Posts `args` on comm `c` (`inner` posts it on the inner transport) and returns the request
+    /// NCCL sees.
+    #[inline]
+    fn post(
+        &self,
+        c: &Found<'_>,
+        args: &PostArgs<'_>,
+        inner: impl FnOnce() -> Result<Option<Opaque>>,
+    ) -> Result<Option<Opaque>> {
+        let t = self.now_ns();
+        let r = c.post(c.key, args, t, inner);
+        if let Some(m) = self.mconn(c) {
+            match &r {
+                Ok(Some(k)) => m.posted(k.slot as usize, t),
+                Ok(None) => {}
+                Err(_) => m.error(),
+            }
+        }
+        Ok(r?.map(ReqKey::to_opaque))
     }
 
     /// Registers on the inner comm and records the registration.
@@ -609,10 +638,9 @@ impl Transport for Shim {
         };
         // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
         // the buffer until the request completes.
-        let key = c.post(c.key, &args, self.now_ns(), || unsafe {
+        self.post(&c, &args, || unsafe {
             self.inner.isend(c.inner(), data, size, tag, imr)
-        })?;
-        Ok(key.map(ReqKey::to_opaque))
+        })
     }
 
     unsafe fn irecv(
@@ -640,10 +668,9 @@ impl Transport for Shim {
             mrs: &m.keys[..n],
         };
         // SAFETY: as in isend; the inner registrations are this comm's.
-        let key = c.post(c.key, &args, self.now_ns(), || unsafe {
+        self.post(&c, &args, || unsafe {
             self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
-        })?;
-        Ok(key.map(ReqKey::to_opaque))
+        })
     }
 
     unsafe fn iflush(
@@ -668,10 +695,9 @@ impl Transport for Shim {
             mrs: &m.keys[..n],
         };
         // SAFETY: as in irecv.
-        let key = c.post(c.key, &args, self.now_ns(), || unsafe {
+        self.post(&c, &args, || unsafe {
             self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n])
-        })?;
-        Ok(key.map(ReqKey::to_opaque))
+        })
     }
 
     unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
