@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 /// Now, in nanoseconds on the monotonic time line (see `clock`).
 pub use super::clock::now_ns;
+use super::clock::{ticks, ticks_to_ns, ticks_to_time};
 
 /// Comm numbers, unique in the process (over every stack it builds).
 static NEXT_COMM: AtomicU64 = AtomicU64::new(0);
@@ -75,13 +76,13 @@ pub struct Conn {
     pub errors: AtomicU64,
     /// Connections recovered after a failure.
     pub recoveries: AtomicU64,
-    /// Last post or completion (ns).
-    pub last_progress_ns: AtomicU64,
+    /// Last post or completion ([`super::clock::ticks`]).
+    last_progress: AtomicU64,
     /// Post-to-completion latency per size class ([`SIZE_CLASSES`]).
     pub lat: [Hist; SIZE_CLASSES.len()],
-    /// When each of the comm's request slots was posted (ns); 0: none outstanding. Read by the
-    /// exporter, for stalled requests.
-    posted_ns: [AtomicU64; MAX_REQUESTS],
+    /// When each of the comm's request slots was posted ([`super::clock::ticks`]); 0: none
+    /// outstanding. Read by the exporter, for stalled requests.
+    posted: [AtomicU64; MAX_REQUESTS],
 }
 
 impl Conn {
@@ -100,42 +101,42 @@ impl Conn {
             in_flight: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
-            last_progress_ns: AtomicU64::new(now),
+            last_progress: AtomicU64::new(ticks()),
             lat: Default::default(),
-            posted_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            posted: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
-    /// Request slot `slot` was posted at `t`.
+    /// Request slot `slot` was posted at `t` ([`super::clock::ticks`]).
     #[inline]
     pub fn posted(&self, slot: usize, t: u64) {
-        if let Some(p) = self.posted_ns.get(slot) {
+        if let Some(p) = self.posted.get(slot) {
             p.store(t.max(1), Relaxed);
         }
         bump(&self.in_flight, 1);
-        self.last_progress_ns.store(t, Relaxed);
+        self.last_progress.store(t, Relaxed);
     }
 
-    /// The request in `slot`, posted at `posted`, completed at `end`; `bytes` is its payload
-    /// (`None` for a flush, which is no message).
+    /// The request in `slot`, posted at `posted`, completed at `end` (both
+    /// [`super::clock::ticks`]); `bytes` is its payload (`None` for a flush, which is no message).
     #[inline]
     pub fn completed(&self, slot: usize, posted: u64, end: u64, bytes: Option<u64>) {
-        if let Some(p) = self.posted_ns.get(slot) {
+        if let Some(p) = self.posted.get(slot) {
             p.store(0, Relaxed);
         }
         if let Some(b) = bytes {
             bump(&self.messages, 1);
             bump(&self.bytes, b);
-            self.lat[size_class(b)].observe_single(end.saturating_sub(posted));
+            self.lat[size_class(b)].observe_single(ticks_to_ns(end.saturating_sub(posted)));
         }
         self.in_flight
             .store(self.in_flight.load(Relaxed).saturating_sub(1), Relaxed);
-        self.last_progress_ns.store(end, Relaxed);
+        self.last_progress.store(end, Relaxed);
     }
 
     /// The request in `slot` failed: it is gone.
     pub fn failed(&self, slot: usize) {
-        if let Some(p) = self.posted_ns.get(slot) {
+        if let Some(p) = self.posted.get(slot) {
             p.store(0, Relaxed);
         }
         self.in_flight
@@ -153,12 +154,12 @@ impl Conn {
         self.closed_ns.load(Relaxed) != 0
     }
 
-    /// Requests outstanding for longer than `limit_ns` at `now`.
+    /// Requests outstanding for longer than `limit_ns` at `now` (ns, [`now_ns`]).
     pub fn stalled(&self, now: u64, limit_ns: u64) -> u64 {
-        self.posted_ns
+        self.posted
             .iter()
             .map(|s| s.load(Relaxed))
-            .filter(|&t| t != 0 && now.saturating_sub(t) > limit_ns)
+            .filter(|&t| t != 0 && now.saturating_sub(ticks_to_time(t)) > limit_ns)
             .count() as u64
     }
 
@@ -169,7 +170,7 @@ impl Conn {
             0 => now,
             c => c,
         };
-        end.saturating_sub(self.last_progress_ns.load(Relaxed)) as f64 / 1e9
+        end.saturating_sub(ticks_to_time(self.last_progress.load(Relaxed))) as f64 / 1e9
     }
 
     /// Seconds the connection was (or has been) open at `now`.
@@ -337,7 +338,7 @@ impl Metrics {
         if !ok {
             c.error();
         }
-        for s in &c.posted_ns {
+        for s in &c.posted {
             s.store(0, Relaxed);
         }
         c.in_flight.store(0, Relaxed);
@@ -376,19 +377,26 @@ mod tests {
     #[test]
     fn a_request_counts_once_and_a_flush_is_no_message() {
         let c = Conn::new(Dir::Recv, "p".into(), 0);
-        c.posted(3, 1_000);
-        c.posted(4, 1_500);
+        let t = ticks();
+        c.posted(3, t);
+        c.posted(4, t);
         assert_eq!(c.in_flight.load(Relaxed), 2);
-        assert_eq!(c.stalled(10_000, 5_000), 2);
-        c.completed(3, 1_000, 4_000, Some(100));
-        c.completed(4, 1_500, 4_500, None);
+        let later = ticks_to_time(t) + 10_000_000_000;
+        assert_eq!(
+            c.stalled(later, 5_000_000_000),
+            2,
+            "outstanding for 10 s, stalled after 5 s"
+        );
+        assert_eq!(c.stalled(later, 20_000_000_000), 0);
+        c.completed(3, t, t, Some(100));
+        c.completed(4, t, t, None);
         assert_eq!(c.in_flight.load(Relaxed), 0);
         assert_eq!(c.messages.load(Relaxed), 1);
         assert_eq!(c.bytes.load(Relaxed), 100);
-        assert_eq!(c.stalled(10_000, 5_000), 0);
+        assert_eq!(c.stalled(later, 5_000_000_000), 0);
         let h = c.lat[size_class(100)].snapshot();
         assert_eq!(h.count(), 1);
-        c.posted(5, 5_000);
+        c.posted(5, t);
         c.failed(5);
         assert_eq!((c.in_flight.load(Relaxed), c.errors.load(Relaxed)), (0, 1));
     }

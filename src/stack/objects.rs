@@ -150,7 +150,7 @@ pub struct ReqRec {
     pub posted: Posted,
     /// The inner transport's request (`None` in a slot never used).
     pub inner: Option<Opaque>,
-    /// When it was posted (coarse monotonic clock, nanoseconds).
+    /// When it was posted (the shim's stamp: coarse monotonic nanoseconds, or the metrics' ticks).
     pub at_ns: u64,
     /// test() calls that found it not done.
     pub tests: u32,
@@ -256,8 +256,9 @@ pub struct CommRec {
     opened: Mutex<Instant>,
     /// Per-connection counters.
     pub counters: CommCounters,
-    /// The number of the connection's metrics record plus one; 0: none.
-    metrics: AtomicUsize,
+    /// The connection's metrics record (NULL: none): an entry of the shim's append-only metrics
+    /// list, never moved or freed while that list lives.
+    metrics: AtomicPtr<crate::metrics::conn::Conn>,
     cursor: AtomicU32,
     slots: Box<[ReqSlot]>,
     mr_chunks: Box<[OnceLock<Box<[MrSlot]>>]>,
@@ -281,8 +282,8 @@ pub struct CommSpec {
     pub unpack: bool,
     /// Control-service entry of a listen comm (0: none).
     pub served: u32,
-    /// The number of the connection's metrics record, when metrics are on.
-    pub metrics: Option<usize>,
+    /// The connection's metrics record, when metrics are on (see `CommRec::metrics`).
+    pub metrics: *const crate::metrics::conn::Conn,
 }
 
 impl Record for CommRec {
@@ -301,7 +302,7 @@ impl Record for CommRec {
             peer: Mutex::new(String::new()),
             opened: Mutex::new(Instant::now()),
             counters: CommCounters::default(),
-            metrics: AtomicUsize::new(0),
+            metrics: AtomicPtr::new(std::ptr::null_mut()),
             cursor: AtomicU32::new(0),
             slots: (0..MAX_REQUESTS)
                 .map(|_| ReqSlot {
@@ -336,7 +337,7 @@ impl Record for CommRec {
         *lock(&self.peer) = spec.peer;
         *lock(&self.opened) = Instant::now();
         self.counters.reset();
-        self.metrics.store(spec.metrics.map_or(0, |n| n + 1), Ordering::Relaxed);
+        self.metrics.store(spec.metrics.cast_mut(), Ordering::Relaxed);
         lock(&self.consumed).clear();
         // Requests and registrations of the comm that used this record before are unreachable:
         // their keys carry its generation. Their slots start over, except one a caller still
@@ -361,10 +362,11 @@ impl Record for CommRec {
 }
 
 impl CommRec {
-    /// The number of the connection's metrics record, when metrics are on.
+    /// The connection's metrics record as the shim put it there (NULL: none). Only the shim
+    /// that owns the record's table may dereference it (see `Shim::mconn`).
     #[inline]
-    pub fn metrics(&self) -> Option<usize> {
-        self.metrics.load(Ordering::Relaxed).checked_sub(1)
+    pub fn metrics_ptr(&self) -> *const crate::metrics::conn::Conn {
+        self.metrics.load(Ordering::Relaxed)
     }
 
     /// What it is for.

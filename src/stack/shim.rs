@@ -113,17 +113,32 @@ impl Shim {
     /// The metrics record of comm `c`, when metrics are on.
     #[inline]
     fn mconn(&self, c: &CommRec) -> Option<&crate::metrics::conn::Conn> {
-        self.metrics.as_ref()?.conn(c.metrics()?)
+        self.metrics.as_ref()?;
+        let p = c.metrics_ptr();
+        // SAFETY: the records of `self.comms` are written only by `wrap` (the table is private to
+        // the shim), which puts there NULL or a pointer to an entry of `self.metrics`' list;
+        // entries of that append-only list are never moved or freed while the list lives, and it
+        // lives as long as `self.metrics`, which the returned reference borrows.
+        unsafe { p.as_ref() }
     }
 
-    /// Now, for a request's post time: the precise clock when metrics time requests, else the
-    /// coarse one (enough for the stall warning).
+    /// Now, for a request's post time: the metrics' precise clock (raw ticks) when metrics time
+    /// requests, else the coarse clock (enough for the stall warning).
     #[inline]
-    fn now_ns(&self) -> u64 {
+    fn stamp(&self) -> u64 {
         if self.metrics.is_some() {
-            crate::metrics::clock::now_ns()
+            crate::metrics::clock::ticks()
         } else {
             coarse_ns()
+        }
+    }
+
+    /// Nanoseconds since `stamp` (a [`Shim::stamp`]).
+    fn age_ns(&self, stamp: u64) -> u64 {
+        if self.metrics.is_some() {
+            crate::metrics::clock::now_ns().saturating_sub(crate::metrics::clock::ticks_to_time(stamp))
+        } else {
+            coarse_ns().saturating_sub(stamp)
         }
     }
 
@@ -157,9 +172,9 @@ impl Shim {
         // SAFETY: `inner` was just returned by the inner transport and is open.
         let peer =
             unsafe { self.inner.describe_comm(inner) }.unwrap_or_else(|| format!("{} dev {dev}", self.info.name));
-        let metrics = match (&self.metrics, kind) {
-            (Some(m), Kind::Send) => Some(m.open(Dir::Send, Some(&peer), dev)),
-            (Some(m), Kind::Recv) => Some(m.open(Dir::Recv, Some(&peer), dev)),
+        let metrics: Option<&crate::metrics::conn::Conn> = match (&self.metrics, kind) {
+            (Some(m), Kind::Send) => m.conn(m.open(Dir::Send, Some(&peer), dev)),
+            (Some(m), Kind::Recv) => m.conn(m.open(Dir::Recv, Some(&peer), dev)),
             _ => None,
         };
         let spec = CommSpec {
@@ -170,13 +185,11 @@ impl Shim {
             peer,
             unpack: self.unpack.get(dev as usize).copied().unwrap_or(false),
             served: served.unwrap_or(0),
-            metrics,
+            metrics: metrics.map_or(std::ptr::null(), |c| c as *const _),
         };
         let Some((key, rec)) = self.comms.insert(spec) else {
-            if let (Some(m), Some(n)) = (&self.metrics, metrics) {
-                if let Some(c) = m.conn(n) {
-                    m.close(c, false);
-                }
+            if let (Some(m), Some(c)) = (&self.metrics, metrics) {
+                m.close(c, false);
             }
             if kind != Kind::Listen {
                 // SAFETY: `inner` was just made and nobody else has it; the caller of a failed
@@ -365,7 +378,7 @@ impl Shim {
     }
 
     fn warn_stalled(&self, c: &CommRec, r: &mut ReqRec, limit: Duration) {
-        let age = Duration::from_nanos(self.now_ns().saturating_sub(r.at_ns));
+        let age = Duration::from_nanos(self.age_ns(r.at_ns));
         if age < limit {
             return;
         }
@@ -436,7 +449,7 @@ impl Shim {
         }
         if let Some(m) = self.mconn(c) {
             let b = (op != Op::Flush).then_some(bytes as u64);
-            m.completed(key.slot as usize, r.at_ns, crate::metrics::clock::now_ns(), b);
+            m.completed(key.slot as usize, r.at_ns, crate::metrics::clock::ticks(), b);
         }
         if c.unpack() && op == Op::Recv {
             c.completed_unpack(key, ireq);
@@ -454,7 +467,7 @@ impl Shim {
         args: &PostArgs<'_>,
         inner: impl FnOnce() -> Result<Option<Opaque>>,
     ) -> Result<Option<Opaque>> {
-        let t = self.now_ns();
+        let t = self.stamp();
         let r = c.post(c.key, args, t, inner);
         if let Some(m) = self.mconn(c) {
             match &r {
