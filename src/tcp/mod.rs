@@ -28,6 +28,7 @@ mod conn;
 pub(crate) mod cuda;
 mod gpu;
 mod iface;
+mod liveness;
 mod shared;
 mod sys;
 #[cfg(test)]
@@ -274,6 +275,7 @@ impl TcpTransport {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
             min_chunk: self.cfg.min_chunk,
+            liveness: self.cfg.liveness(),
         }
     }
 
@@ -405,6 +407,7 @@ impl Transport for TcpTransport {
             inline_max: self.cfg.inline_max as u32,
             token: random_u64(),
             abandon_after: self.abandon_after,
+            liveness: self.cfg.liveness(),
         };
         // Room for many peers connecting at once, each with 1 + streams sockets.
         let backlog = (128 * (1 + self.cfg.streams)).min(65535) as i32;
@@ -446,7 +449,14 @@ impl Transport for TcpTransport {
         let mut id = wire::connect_state(handle);
         let mut pend = if id == 0 {
             id = self.next_pending.fetch_add(1, Ordering::Relaxed);
-            let p = PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, random_u64())?;
+            let p = PendingConnect::start(
+                lh.addr,
+                lh.streams,
+                lh.inline_max,
+                lh.token,
+                random_u64(),
+                self.cfg.liveness(),
+            )?;
             wire::set_connect_state(handle, id);
             p
         } else {
