@@ -48,33 +48,35 @@ impl Liveness {
         s.set_tcp_user_timeout(ut)
     }
 
-    /// What bounded the time before the kernel gave up on the peer, naming the settings to change.
+    /// What bounds the time before the kernel gives up on a silent peer, naming the settings.
     pub fn explain(&self) -> String {
-        let probes = if self.keepalive_s == 0 {
-            "keepalive is off (NCCL_TCPXSHIM_TCP_KEEPALIVE=0)".to_string()
-        } else {
-            format!(
-                "with nothing in flight, after {} s idle and {} probe(s) {} s apart \
-                 (NCCL_TCPXSHIM_TCP_KEEPALIVE={})",
-                self.keepalive_s,
-                KEEPALIVE_PROBES,
-                self.keepalive_interval_s(),
-                self.keepalive_s
-            )
-        };
-        let ut = if self.user_timeout_ms == 0 {
-            "with data in flight, after the kernel's retransmissions (net.ipv4.tcp_retries2; \
-             NCCL_TCPXSHIM_TCP_USER_TIMEOUT=0)"
-                .to_string()
-        } else {
-            format!(
-                "with data in flight or unanswered probes, after {} ms (NCCL_TCPXSHIM_TCP_USER_TIMEOUT={})",
-                self.user_timeout_ms, self.user_timeout_ms
-            )
+        let (ka, ut) = (self.keepalive_s, self.user_timeout_ms);
+        let probes = format!(
+            "keepalive probes from {ka} s idle, every {} s",
+            self.keepalive_interval_s()
+        );
+        let bound = match (ka > 0, ut > 0) {
+            (true, true) => format!(
+                "once data in flight stays unacknowledged, or an idle connection's {probes} stay unanswered, for \
+                 {ut} ms (NCCL_TCPXSHIM_TCP_USER_TIMEOUT={ut}, NCCL_TCPXSHIM_TCP_KEEPALIVE={ka})"
+            ),
+            (false, true) => format!(
+                "once data in flight stays unacknowledged for {ut} ms (NCCL_TCPXSHIM_TCP_USER_TIMEOUT={ut}); keepalive \
+                 is off (NCCL_TCPXSHIM_TCP_KEEPALIVE=0), so an idle connection is not checked"
+            ),
+            (true, false) => format!(
+                "when an idle connection's {KEEPALIVE_PROBES} {probes} go unanswered \
+                 (NCCL_TCPXSHIM_TCP_KEEPALIVE={ka}), or when data in flight outlasts the kernel's retransmissions \
+                 (net.ipv4.tcp_retries2, about 15 minutes; NCCL_TCPXSHIM_TCP_USER_TIMEOUT bounds it)"
+            ),
+            (false, false) => "when data in flight outlasts the kernel's retransmissions (net.ipv4.tcp_retries2, \
+                               about 15 minutes; NCCL_TCPXSHIM_TCP_USER_TIMEOUT bounds it); keepalive is off \
+                               (NCCL_TCPXSHIM_TCP_KEEPALIVE=0)"
+                .to_string(),
         };
         format!(
-            "the peer stopped answering (dead, or unreachable): the connection is given up {ut}; {probes}. \
-             Raise these settings if the network has longer outages"
+            "the peer stopped answering (dead, or unreachable): the connection is given up {bound}. Raise these \
+             settings if the network has longer outages"
         )
     }
 }

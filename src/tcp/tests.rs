@@ -1777,7 +1777,7 @@ fn a_silent_peer_error_is_a_timeout_naming_the_settings() {
         "message 3",
         "NCCL_TCPXSHIM_TCP_USER_TIMEOUT=2500",
         "NCCL_TCPXSHIM_TCP_KEEPALIVE=6",
-        "3 s apart",
+        "every 3 s",
     ] {
         assert!(m.contains(want), "{want:?} missing from {m}");
     }
