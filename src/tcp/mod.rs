@@ -21,6 +21,9 @@
 //! Half-made connections (a connect NCCL stopped polling, accepted sockets that never send a
 //! complete hello, connections missing sockets) are dropped by the next connect or accept once
 //! they have been idle for a minute, so abandoned attempts and stray connections do not pile up.
+//!
+//! Every socket gets TCP keepalive and, when set, TCP_USER_TIMEOUT (see `liveness`), so a peer
+//! that goes silent fails the requests waiting on it with a timeout instead of leaving them waiting.
 
 mod comm;
 pub mod config;
