@@ -8,7 +8,8 @@
 
 use crate::error::{Error, Result};
 pub use crate::tcp::config::{
-    TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_MIN_CHUNK, TCP_STREAMS, TCP_WORKERS,
+    TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_STREAMS,
+    TCP_USER_TIMEOUT, TCP_WORKERS,
 };
 use crate::tcp::TcpConfig;
 
@@ -102,6 +103,8 @@ pub const SETTINGS: &[Setting] = &[
     TCP_INLINE,
     TCP_CUDA,
     TCP_CUDA_POOL,
+    TCP_KEEPALIVE,
+    TCP_USER_TIMEOUT,
     STALL_WARN,
     CTRL_ADDR,
     HANDLE,

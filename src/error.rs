@@ -149,6 +149,14 @@ impl Error {
         }
     }
 
+    /// Like [`Error::with_io`], with the kind chosen by the caller.
+    pub fn with_io_as(kind: ErrorKind, msg: impl Into<String>, err: std::io::Error) -> Self {
+        Error {
+            kind,
+            ..Error::with_io(msg, err)
+        }
+    }
+
     /// Like [`Error::io`], with the kind chosen by the caller (a read that ended early in a
     /// protocol is a connection lost even when the OS calls it something else).
     pub fn io_as(kind: ErrorKind, context: impl std::fmt::Display, err: std::io::Error) -> Self {

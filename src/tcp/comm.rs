@@ -5,6 +5,7 @@
 //! state sits behind a mutex that only the calling thread takes (workers never do), so it is never
 //! contended; `try_lock` turns a caller that breaks NCCL's one-thread-per-comm rule into an error.
 
+use super::liveness::{self, Liveness};
 use super::shared::{Shared, MAX_REQUESTS};
 use super::sys;
 use super::wire::{self, Header, FLAG_INLINE, HEADER_LEN};
@@ -286,6 +287,8 @@ pub struct CommParams {
     pub inline_max: usize,
     /// Smallest striping chunk.
     pub min_chunk: usize,
+    /// Keepalive and user timeout of the sockets.
+    pub liveness: Liveness,
 }
 
 impl Comm {
@@ -298,7 +301,7 @@ impl Comm {
         data: Vec<Socket>,
         p: CommParams,
     ) -> Result<Opaque> {
-        let shared = Arc::new(Shared::new(peer));
+        let shared = Arc::new(Shared::new(peer, p.liveness));
         let mut fds = vec![ctrl.as_raw_fd()];
         let mut socks: Vec<DataSock> = Vec::with_capacity(data.len());
         let call = if dir == Dir::Send { "connect" } else { "accept" };
@@ -539,11 +542,11 @@ impl Comm {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let seq = s.queue.front().map_or(s.next_seq, |q| s.reqs[q as usize].seq);
-                    let msg = format!(
-                        "isend: connection to {} failed while sending message {seq} on the control socket: {e}",
+                    let what = format!(
+                        "isend: connection to {} failed while sending message {seq} on the control socket",
                         self.shared.peer
                     );
-                    self.shared.fail(Error::with_io(msg, e));
+                    self.shared.fail(liveness::socket_error(what, e, &self.shared.liveness));
                     return;
                 }
             }
@@ -621,11 +624,11 @@ impl Comm {
     }
 
     fn fail_io(&self, e: std::io::Error, seq: u64) {
-        let msg = format!(
-            "irecv: connection to {} failed while receiving message {seq}: {e}",
+        let what = format!(
+            "irecv: connection to {} failed while receiving message {seq}",
             self.shared.peer
         );
-        self.shared.fail(Error::with_io(msg, e));
+        self.shared.fail(liveness::socket_error(what, e, &self.shared.liveness));
     }
 
     /// Reads headers and inline payloads for posted receives, in order, and hands striped

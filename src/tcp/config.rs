@@ -71,6 +71,31 @@ pub const TCP_CUDA_POOL: Setting = Setting {
           deadlock with NCCL's running kernels.",
 };
 
+/// Dead-peer detection on an idle connection.
+pub const TCP_KEEPALIVE: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_KEEPALIVE",
+    default: "10",
+    doc: "Seconds a socket of the built-in transport may stay idle (nothing sent and nothing in flight) before \
+          TCP keepalive probes start (0: keepalive off; at most 32767). Probes follow every max(1, value/2) s; \
+          after 4 unanswered ones the connection fails with a timeout, so with the default a peer that went silent \
+          while nothing was in flight (a crashed host, a cut link) fails its requests after about 30 s. The peer's \
+          kernel answers probes even while its process is busy or stopped, so a healthy idle link never fails.",
+};
+
+/// Dead-peer detection while data is in flight.
+pub const TCP_USER_TIMEOUT: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_USER_TIMEOUT",
+    default: "0",
+    doc: "TCP_USER_TIMEOUT of every socket of the built-in transport, in ms (0: the kernel's, i.e. retransmissions \
+          until net.ipv4.tcp_retries2 gives up, about 15 minutes; at most 2147483647): how long sent data may stay \
+          unacknowledged before the connection fails with a timeout, so a peer that went silent during a transfer \
+          fails its requests after this long. With keepalive on it replaces the probe count: an idle connection fails \
+          once this long has passed without a word from the peer and a probe went unanswered. Off by default because Linux applies it to a zero \
+          window too: a live peer that stops reading for this long (a rank late to the next collective while \
+          senders' data fills its buffers: a checkpoint, an evaluation) is cut as well. Set it (e.g. 30000) where \
+          ranks never fall that far behind.",
+};
+
 /// Settings of the built-in TCP transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
@@ -90,6 +115,10 @@ pub struct TcpConfig {
     pub cuda: bool,
     /// Bytes of pinned staging memory allocated at start when `cuda` is on.
     pub cuda_pool: usize,
+    /// Idle seconds before keepalive probes (0: keepalive off).
+    pub keepalive_s: u32,
+    /// TCP_USER_TIMEOUT in ms (0: the kernel's default).
+    pub user_timeout_ms: u32,
 }
 
 impl Default for TcpConfig {
@@ -115,6 +144,16 @@ impl TcpConfig {
             inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,
             cuda: int(vars, &TCP_CUDA, 0, 1)? == 1,
             cuda_pool: (int(vars, &TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
+            keepalive_s: int(vars, &TCP_KEEPALIVE, 0, 32767)? as u32,
+            user_timeout_ms: int(vars, &TCP_USER_TIMEOUT, 0, i32::MAX as u64)? as u32,
         })
+    }
+
+    /// The dead-peer detection every socket of a connection gets.
+    pub fn liveness(&self) -> super::liveness::Liveness {
+        super::liveness::Liveness {
+            keepalive_s: self.keepalive_s,
+            user_timeout_ms: self.user_timeout_ms,
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! idle for [`ABANDON_AFTER`]: a connect NCCL stopped polling, a socket that never sends its hello
 //! (a port scanner, a stray connection), a connection whose other sockets never arrive.
 
+use super::liveness::Liveness;
 use super::wire::{Hello, HELLO_LEN};
 use crate::error::{Error, Result};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -24,13 +25,22 @@ pub const TAG_LISTEN: u64 = u64::from_le_bytes(*b"txsLSTN\0");
 pub const ABANDON_AFTER: Duration = Duration::from_secs(60);
 
 /// A fresh non-blocking TCP socket with TCP_NODELAY for `peer`'s address family.
-fn new_socket(peer: &SocketAddr, call: &str) -> Result<Socket> {
+fn new_socket(peer: &SocketAddr, call: &str, live: &Liveness) -> Result<Socket> {
     let s = Socket::new(Domain::for_address(*peer), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| Error::io(format!("{call}: creating a socket for {peer}"), e))?;
     s.set_nonblocking(true)
         .map_err(|e| Error::io(format!("{call}: making the socket for {peer} non-blocking"), e))?;
     s.set_tcp_nodelay(true)
         .map_err(|e| Error::io(format!("{call}: setting TCP_NODELAY for {peer}"), e))?;
+    live.apply(&s).map_err(|e| {
+        Error::io(
+            format!(
+                "{call}: setting keepalive and TCP_USER_TIMEOUT for {peer} (NCCL_TCPXSHIM_TCP_KEEPALIVE, \
+                 NCCL_TCPXSHIM_TCP_USER_TIMEOUT)"
+            ),
+            e,
+        )
+    })?;
     Ok(s)
 }
 
@@ -52,11 +62,18 @@ pub struct PendingConnect {
 
 impl PendingConnect {
     /// Starts non-blocking connects of all sockets.
-    pub fn start(peer: SocketAddr, streams: u16, inline_max: u32, token: u64, nonce: u64) -> Result<PendingConnect> {
+    pub fn start(
+        peer: SocketAddr,
+        streams: u16,
+        inline_max: u32,
+        token: u64,
+        nonce: u64,
+        live: Liveness,
+    ) -> Result<PendingConnect> {
         let addr = SockAddr::from(peer);
         let mut socks = Vec::with_capacity(1 + streams as usize);
         for index in 0..=streams {
-            let sock = new_socket(&peer, "connect")?;
+            let sock = new_socket(&peer, "connect", &live)?;
             let connected = match sock.connect(&addr) {
                 Ok(()) => true,
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => false,
@@ -168,6 +185,8 @@ pub struct ListenParams {
     pub token: u64,
     /// Idle time after which half-made connections are dropped ([`ABANDON_AFTER`]; tests shorten it).
     pub abandon_after: Duration,
+    /// Keepalive and user timeout of accepted sockets.
+    pub liveness: Liveness,
 }
 
 /// A connection fully accepted: its sockets and the peer's control address.
@@ -263,7 +282,8 @@ impl ListenComm {
             match inner.listener.accept() {
                 Ok((sock, from)) => {
                     let peer = from.as_socket().unwrap_or(self.addr);
-                    if let Err(e) = sock.set_nonblocking(true).and_then(|()| sock.set_tcp_nodelay(true)) {
+                    let set = sock.set_nonblocking(true).and_then(|()| sock.set_tcp_nodelay(true));
+                    if let Err(e) = set.and_then(|()| self.params.liveness.apply(&sock)) {
                         log::warn!("accept: dropping connection from {peer}: {e}");
                         continue;
                     }

@@ -21,6 +21,9 @@
 //! Half-made connections (a connect NCCL stopped polling, accepted sockets that never send a
 //! complete hello, connections missing sockets) are dropped by the next connect or accept once
 //! they have been idle for a minute, so abandoned attempts and stray connections do not pile up.
+//!
+//! Every socket gets TCP keepalive and, when set, TCP_USER_TIMEOUT (see `liveness`), so a peer
+//! that goes silent fails the requests waiting on it with a timeout instead of leaving them waiting.
 
 mod comm;
 pub mod config;
@@ -28,6 +31,7 @@ mod conn;
 pub(crate) mod cuda;
 mod gpu;
 mod iface;
+mod liveness;
 mod shared;
 mod sys;
 #[cfg(test)]
@@ -274,6 +278,7 @@ impl TcpTransport {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
             min_chunk: self.cfg.min_chunk,
+            liveness: self.cfg.liveness(),
         }
     }
 
@@ -405,6 +410,7 @@ impl Transport for TcpTransport {
             inline_max: self.cfg.inline_max as u32,
             token: random_u64(),
             abandon_after: self.abandon_after,
+            liveness: self.cfg.liveness(),
         };
         // Room for many peers connecting at once, each with 1 + streams sockets.
         let backlog = (128 * (1 + self.cfg.streams)).min(65535) as i32;
@@ -446,7 +452,14 @@ impl Transport for TcpTransport {
         let mut id = wire::connect_state(handle);
         let mut pend = if id == 0 {
             id = self.next_pending.fetch_add(1, Ordering::Relaxed);
-            let p = PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, random_u64())?;
+            let p = PendingConnect::start(
+                lh.addr,
+                lh.streams,
+                lh.inline_max,
+                lh.token,
+                random_u64(),
+                self.cfg.liveness(),
+            )?;
             wire::set_connect_state(handle, id);
             p
         } else {

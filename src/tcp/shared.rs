@@ -1,6 +1,7 @@
 //! The part of a comm that its I/O workers see: per-request chunk counts and the comm's first
 //! failure. Comms create it and workers update it, so it lives apart from both.
 
+use super::liveness::Liveness;
 use crate::error::Error;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -13,6 +14,8 @@ pub const MAX_REQUESTS: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
 pub struct Shared {
     /// The remote end of the connection.
     pub peer: SocketAddr,
+    /// Keepalive and user timeout of the connection's sockets (for the words of a timeout).
+    pub liveness: Liveness,
     /// Chunks of each request slot still with the workers.
     pending: [AtomicU32; MAX_REQUESTS],
     failed: AtomicBool,
@@ -20,10 +23,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// A fresh shared part for a connection to `peer`.
-    pub fn new(peer: SocketAddr) -> Shared {
+    /// A fresh shared part for a connection to `peer` whose sockets have `liveness`.
+    pub fn new(peer: SocketAddr, liveness: Liveness) -> Shared {
         Shared {
             peer,
+            liveness,
             pending: std::array::from_fn(|_| AtomicU32::new(0)),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),

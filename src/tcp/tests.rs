@@ -630,7 +630,15 @@ fn closing_a_receiver_while_workers_fill_its_buffer_is_safe() {
         let l = t.listen(0, &mut h).unwrap();
         let lh = ListenHandle::read(&h).unwrap();
         // A hand-made sender that announces 1 MiB but delivers only half of each chunk.
-        let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 42).unwrap();
+        let mut fake = conn::PendingConnect::start(
+            lh.addr,
+            lh.streams,
+            lh.inline_max,
+            lh.token,
+            42,
+            TcpConfig::default().liveness(),
+        )
+        .unwrap();
         let mut r = None;
         wait("hand-made sender to connect", || {
             let sent = fake.progress().unwrap();
@@ -991,7 +999,15 @@ fn stopping_the_workers_fails_requests_in_flight() {
         let mut h = [0u8; 128];
         let l = t.listen(0, &mut h).unwrap();
         let lh = ListenHandle::read(&h).unwrap();
-        let mut fake = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 43).unwrap();
+        let mut fake = conn::PendingConnect::start(
+            lh.addr,
+            lh.streams,
+            lh.inline_max,
+            lh.token,
+            43,
+            TcpConfig::default().liveness(),
+        )
+        .unwrap();
         let mut r = None;
         wait("hand-made sender to connect", || {
             let sent = fake.progress().unwrap();
@@ -1160,7 +1176,15 @@ fn abandoned_and_stray_connections_are_dropped() {
         let l = t.listen(0, &mut h).unwrap();
         let lh = ListenHandle::read(&h).unwrap();
         // A connect NCCL polled once and then gave up on: its sockets never send a hello.
-        let pend = conn::PendingConnect::start(lh.addr, lh.streams, lh.inline_max, lh.token, 7).unwrap();
+        let pend = conn::PendingConnect::start(
+            lh.addr,
+            lh.streams,
+            lh.inline_max,
+            lh.token,
+            7,
+            TcpConfig::default().liveness(),
+        )
+        .unwrap();
         let pend_ids = socket_ids(&pend.fds());
         t.pending().insert(0x77, pend);
         // A stray connection that sends nothing, one with half a hello, one connection missing its
@@ -1636,4 +1660,148 @@ fn stuck_receives_say_what_they_wait_for() {
         t.close_recv(r).unwrap();
         t.close_listen(l).unwrap();
     }
+}
+
+/// Keepalive and TCP_USER_TIMEOUT as the kernel reports them on every socket of both ends of a
+/// loopback connection (control and data sockets, connecting and accepting side).
+#[test]
+fn every_socket_of_a_connection_has_keepalive_and_the_user_timeout() {
+    use socket2::SockRef;
+    use std::os::fd::BorrowedFd;
+    let vars = |k: &str| match k {
+        "NCCL_TCPXSHIM_TCP_IFNAME" => Some("lo".to_string()),
+        "NCCL_TCPXSHIM_TCP_STREAMS" => Some("3".to_string()),
+        "NCCL_TCPXSHIM_TCP_KEEPALIVE" => Some("7".to_string()),
+        "NCCL_TCPXSHIM_TCP_USER_TIMEOUT" => Some("4321".to_string()),
+        _ => None,
+    };
+    let off = |k: &str| match k {
+        "NCCL_TCPXSHIM_TCP_IFNAME" => Some("lo".to_string()),
+        "NCCL_TCPXSHIM_TCP_KEEPALIVE" => Some("0".to_string()),
+        _ => None,
+    };
+    // (settings, keepalive (idle, interval) expected, user timeout expected)
+    let cases = [
+        (
+            TcpConfig::from_vars(&vars).unwrap(),
+            Some((7, 3)),
+            Some(Duration::from_millis(4321)),
+        ),
+        (TcpConfig::from_vars(&off).unwrap(), None, None),
+        (lo_cfg(), Some((10, 5)), None),
+    ];
+    for (cfg, keepalive, user_timeout) in cases {
+        let t = TcpTransport::new(&cfg).unwrap();
+        let p = pair(&t);
+        let (s, r) = (p.0, p.1);
+        let mut fds = t.comm_fds(s);
+        let send_side = fds.len();
+        fds.extend(t.comm_fds(r));
+        assert_eq!(
+            fds.len(),
+            2 * (1 + cfg.streams),
+            "control and data sockets on both sides"
+        );
+        assert_eq!(send_side, 1 + cfg.streams);
+        for fd in fds {
+            // SAFETY: `fd` is a socket of a comm that stays open until close_pair below.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = SockRef::from(&b);
+            let ctx = format!("fd {fd} with {cfg:?}");
+            match keepalive {
+                Some((idle, intvl)) => {
+                    assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE on {ctx}");
+                    assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(idle), "{ctx}");
+                    assert_eq!(
+                        sock.tcp_keepalive_interval().unwrap(),
+                        Duration::from_secs(intvl),
+                        "{ctx}"
+                    );
+                    assert_eq!(
+                        sock.tcp_keepalive_retries().unwrap(),
+                        liveness::KEEPALIVE_PROBES,
+                        "{ctx}"
+                    );
+                }
+                None => assert!(!sock.keepalive().unwrap(), "no SO_KEEPALIVE on {ctx}"),
+            }
+            assert_eq!(
+                sock.tcp_user_timeout().unwrap(),
+                user_timeout,
+                "TCP_USER_TIMEOUT on {ctx}"
+            );
+        }
+        close_pair(&t, p);
+    }
+}
+
+#[test]
+fn dead_peer_settings_parse_with_their_ranges() {
+    let d = TcpConfig::default();
+    assert_eq!((d.keepalive_s, d.user_timeout_ms), (10, 0));
+    let with = |k: &'static str, v: &'static str| TcpConfig::from_vars(&move |n| (n == k).then(|| v.to_string()));
+    assert_eq!(
+        with("NCCL_TCPXSHIM_TCP_USER_TIMEOUT", "30000").unwrap().user_timeout_ms,
+        30000
+    );
+    assert_eq!(with("NCCL_TCPXSHIM_TCP_KEEPALIVE", "0").unwrap().keepalive_s, 0);
+    for (k, v) in [
+        ("NCCL_TCPXSHIM_TCP_KEEPALIVE", "32768"),
+        ("NCCL_TCPXSHIM_TCP_KEEPALIVE", "-1"),
+        ("NCCL_TCPXSHIM_TCP_USER_TIMEOUT", "2147483648"),
+        ("NCCL_TCPXSHIM_TCP_USER_TIMEOUT", "soon"),
+    ] {
+        let e = with(k, v).unwrap_err();
+        assert!(e.to_string().contains(k), "{k}={v}: {e}");
+    }
+}
+
+/// A socket failing with ETIMEDOUT (the kernel gave up on a silent peer) fails its request as a
+/// timeout whose message names the settings that bounded the wait; a route gone mid-connection
+/// is a lost connection, not a refused one.
+#[test]
+fn a_silent_peer_error_is_a_timeout_naming_the_settings() {
+    let live = liveness::Liveness {
+        keepalive_s: 6,
+        user_timeout_ms: 2500,
+    };
+    let e = liveness::socket_error(
+        "connection to 10.0.0.2:4000 failed while sending message 3 (data stream 1)".into(),
+        std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+        &live,
+    );
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    let m = e.to_string();
+    for want in [
+        "10.0.0.2:4000",
+        "message 3",
+        "NCCL_TCPXSHIM_TCP_USER_TIMEOUT=2500",
+        "NCCL_TCPXSHIM_TCP_KEEPALIVE=6",
+        "every 3 s",
+    ] {
+        assert!(m.contains(want), "{want:?} missing from {m}");
+    }
+    assert_eq!(e.io_source().and_then(|s| s.raw_os_error()), Some(libc::ETIMEDOUT));
+    let off = liveness::Liveness {
+        keepalive_s: 0,
+        user_timeout_ms: 0,
+    };
+    let e = liveness::socket_error(
+        "irecv: connection to 10.0.0.2:4000 failed while receiving message 0".into(),
+        std::io::Error::from_raw_os_error(libc::EHOSTUNREACH),
+        &off,
+    );
+    assert_eq!(e.kind(), ErrorKind::ConnectionLost);
+    let m = e.to_string();
+    assert!(
+        m.contains("net.ipv4.tcp_retries2") && m.contains("NCCL_TCPXSHIM_TCP_KEEPALIVE=0"),
+        "{m}"
+    );
+    let reset = liveness::socket_error(
+        "x".into(),
+        std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        &live,
+    );
+    assert_eq!(reset.kind(), ErrorKind::ConnectionLost);
+    assert!(!reset.to_string().contains("NCCL_TCPXSHIM_TCP_USER_TIMEOUT"), "{reset}");
 }

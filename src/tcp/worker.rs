@@ -345,8 +345,9 @@ impl Entry {
                 Err(e) => {
                     let (seq, peer, i) = (t.seq, self.shared.peer, self.index);
                     let what = if self.dir == Dir::Recv { "receiving" } else { "sending" };
-                    let msg = format!("connection to {peer} failed while {what} message {seq} (data stream {i}): {e}");
-                    self.fail(Error::with_io(msg, e));
+                    let msg = format!("connection to {peer} failed while {what} message {seq} (data stream {i})");
+                    let err = super::liveness::socket_error(msg, e, &self.shared.liveness);
+                    self.fail(err);
                     return;
                 }
             }
