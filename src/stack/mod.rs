@@ -4,6 +4,7 @@
 //! ```text
 //! Shim (objects NCCL holds, handle, stall warnings, poisoning)     src/stack/shim.rs
 //!  | metrics (NCCL_TCPXSHIM_METRICS_DIR, only when set)             src/metrics/layer.rs
+//!  | connect retry (NCCL_TCPXSHIM_CONNECT_TIMEOUT, unless 0)        src/stack/retry.rs
 //!  | faults (NCCL_TCPXSHIM_FAULTS, only when set)                   src/stack/faults.rs
 //!  v
 //! inner transport: a loaded plugin (src/plugin) or the built-in TCP transport (src/tcp)
@@ -15,6 +16,7 @@ pub mod faults;
 pub mod handle;
 mod layer;
 mod objects;
+pub mod retry;
 mod shim;
 mod table;
 
@@ -110,6 +112,10 @@ pub fn build_over(cfg: &Config, inner: Box<dyn Transport>, info: LoadInfo) -> Re
     let t: Box<dyn Transport> = match &cfg.faults {
         Some(f) => Box::new(Faults::new(inner, f.clone())),
         None => inner,
+    };
+    let t: Box<dyn Transport> = match cfg.connect_timeout {
+        Some(timeout) => Box::new(retry::Retry::new(t, timeout)),
+        None => t,
     };
     let t: Box<dyn Transport> = match &cfg.metrics_dir {
         Some(dir) => Box::new(crate::metrics::Metrics::new(t, cfg, dir.clone())),
