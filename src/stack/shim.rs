@@ -368,7 +368,7 @@ impl Shim {
             Err(e) => {
                 c.counters.error();
                 g.retire();
-                return Err(e.context(format!("test on {}", c.label())));
+                return Err(self.data_error(c, e.context(format!("test on {}", c.label()))));
             }
         };
         if !done {
@@ -393,6 +393,18 @@ impl Shim {
         }
         g.retire();
         Ok(Some((local, n)))
+    }
+
+    /// An error of the inner transport on `c`'s data path (`e` names the call and the comm): over
+    /// an UNPACK-type inner the comm fails for good ([`super::failfast`]); otherwise `e` as it is.
+    #[cold]
+    fn data_error(&self, c: &CommRec, e: Error) -> Error {
+        if !c.unpack() {
+            return e;
+        }
+        let (err, why) = super::failfast::unrecoverable(&e);
+        c.fail(why);
+        err
     }
 
     /// Registers on the inner comm and records the registration.
@@ -551,11 +563,19 @@ impl Transport for Shim {
             tags: &[tag],
             mrs: &[key],
         };
-        // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
-        // the buffer until the request completes.
-        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
-            self.inner.isend(c.inner(), data, size, tag, imr)
-        })?;
+        let mut inner_failed = false;
+        let key = c
+            .post(c.key, &args, coarse_ns(), || {
+                // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches
+                // for the buffer until the request completes.
+                let r = unsafe { self.inner.isend(c.inner(), data, size, tag, imr) };
+                inner_failed = r.is_err();
+                r
+            })
+            .map_err(|e| match inner_failed {
+                true => self.data_error(&c, e.context(format!("isend on {}", c.label()))),
+                false => e,
+            })?;
         Ok(key.map(ReqKey::to_opaque))
     }
 
@@ -583,10 +603,18 @@ impl Transport for Shim {
             tags: &tags[..n],
             mrs: &m.keys[..n],
         };
-        // SAFETY: as in isend; the inner registrations are this comm's.
-        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
-            self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
-        })?;
+        let mut inner_failed = false;
+        let key = c
+            .post(c.key, &args, coarse_ns(), || {
+                // SAFETY: as in isend; the inner registrations are this comm's.
+                let r = unsafe { self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n]) };
+                inner_failed = r.is_err();
+                r
+            })
+            .map_err(|e| match inner_failed {
+                true => self.data_error(&c, e.context(format!("irecv on {}", c.label()))),
+                false => e,
+            })?;
         Ok(key.map(ReqKey::to_opaque))
     }
 
@@ -611,10 +639,18 @@ impl Transport for Shim {
             tags: &[],
             mrs: &m.keys[..n],
         };
-        // SAFETY: as in irecv.
-        let key = c.post(c.key, &args, coarse_ns(), || unsafe {
-            self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n])
-        })?;
+        let mut inner_failed = false;
+        let key = c
+            .post(c.key, &args, coarse_ns(), || {
+                // SAFETY: as in irecv.
+                let r = unsafe { self.inner.iflush(c.inner(), &data[..n], &sizes[..n], &imrs[..n]) };
+                inner_failed = r.is_err();
+                r
+            })
+            .map_err(|e| match inner_failed {
+                true => self.data_error(&c, e.context(format!("iflush on {}", c.label()))),
+                false => e,
+            })?;
         Ok(key.map(ReqKey::to_opaque))
     }
 
@@ -673,7 +709,7 @@ impl Transport for Shim {
         if let (Ok(()), Some((key, _))) = (&res, inner_req) {
             c.forget_consumed(key);
         }
-        res
+        res.map_err(|e| self.data_error(&c, e.context(format!("irecvConsumed on {}", c.label()))))
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
