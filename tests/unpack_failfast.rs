@@ -109,19 +109,23 @@ fn an_error_from_test_fails_the_tcpx_comm_for_good() {
         Some(ncclResult_t::ncclRemoteError)
     );
     assert!(net.last_error().unwrap().contains("failed earlier"));
-    // The receive comm breaks when its first message completes: irecvConsumed, also on the data
-    // path of an UNPACK plugin, fails it for good.
+    // The receive comm breaks when its first message completes; the fault layer refuses the
+    // irecvConsumed that follows (passed on as it is: TCPX refuses one out of order, the caller's
+    // mistake), and the next test fails the comm for good.
     assert_eq!(net.wait(r[0]), Ok(64));
     assert_eq!(
         net.irecv_consumed(recv, r[0]).err(),
         Some(ncclResult_t::ncclRemoteError)
     );
+    assert!(!net.last_error().unwrap().contains(DIAGNOSIS));
+    assert_eq!(net.test(r[1]).err(), Some(ncclResult_t::ncclRemoteError));
     let msg = net.last_error().unwrap();
     assert!(
-        msg.starts_with("irecvConsumed on recv comm") && msg.ends_with(DIAGNOSIS),
+        msg.starts_with("test on recv comm") && msg.ends_with(DIAGNOSIS),
         "{msg}"
     );
-    assert_eq!(net.test(r[1]).err(), Some(ncclResult_t::ncclRemoteError));
+    let again = net.irecv(recv, rb[0].as_ptr(), 64, 0, rmr[0]).err();
+    assert_eq!(again, Some(ncclResult_t::ncclRemoteError));
     assert!(net.last_error().unwrap().contains("failed earlier"));
     // As NCCL does after such an error: the comms are closed (their registrations and the
     // requests the plugin never finished go with them).

@@ -74,6 +74,7 @@ pub struct Shim {
     next_id: AtomicU64,
     stall_warn: Option<Duration>,
     handles: Handles,
+    abort_on_error: bool,
 }
 
 impl Shim {
@@ -95,7 +96,13 @@ impl Shim {
             next_id: AtomicU64::new(1),
             stall_warn: cfg.stall_warn,
             handles: Handles::new(cfg),
+            abort_on_error: cfg.abort_on_error,
         })
+    }
+
+    /// Whether NCCL_TCPXSHIM_ABORT_ON_ERROR asks to end the process on an error that ends the job.
+    pub fn abort_on_error(&self) -> bool {
+        self.abort_on_error
     }
 
     /// What was loaded.
@@ -709,7 +716,8 @@ impl Transport for Shim {
         if let (Ok(()), Some((key, _))) = (&res, inner_req) {
             c.forget_consumed(key);
         }
-        res.map_err(|e| self.data_error(&c, e.context(format!("irecvConsumed on {}", c.label()))))
+        // Not a failure of the comm: TCPX refuses an irecvConsumed out of order, a caller's error.
+        res
     }
 
     unsafe fn describe_comm(&self, comm: Opaque) -> Option<String> {
