@@ -91,6 +91,27 @@ pub const METRICS_INTERVAL: Setting = Setting {
     doc: "Seconds between two writes of the metrics file (1 to 3600); used only with NCCL_TCPXSHIM_METRICS_DIR.",
 };
 
+/// Deadline of connect retries.
+pub const CONNECT_TIMEOUT: Setting = Setting {
+    name: "NCCL_TCPXSHIM_CONNECT_TIMEOUT",
+    default: "60",
+    doc: "Seconds the shim keeps retrying a connect that was refused, found the peer unreachable or timed out, \
+          with backoff from 10 ms doubling to 1 s, before connect fails with the peer, the attempts and the last \
+          cause (0 to 86400; 0: no retries, the first failure goes to NCCL). Over TCPX the shim does not retry a \
+          refused connect (TCPX retries those itself, NCCL_GPUDIRECTTCPX_CONNECTION_RETRY); its other failures \
+          are retried within this deadline, which bounds the whole connect.",
+};
+
+/// Ending the process on job-ending errors.
+pub const ABORT_ON_ERROR: Setting = Setting {
+    name: "NCCL_TCPXSHIM_ABORT_ON_ERROR",
+    default: "0",
+    doc: "1: when a connect, accept or data-path call returns an error that ends the job (connection lost, the \
+          peer's error, a timeout), the shim logs it, writes it to stderr and ends the process at once with exit \
+          status 1 (`_exit`: no destructors or exit handlers run on NCCL's thread), for frameworks that would \
+          otherwise wait for their own watchdog. 0: the error goes to NCCL.",
+};
+
 /// All settings, in documentation order.
 pub const SETTINGS: &[Setting] = &[
     PLUGIN,
@@ -111,6 +132,8 @@ pub const SETTINGS: &[Setting] = &[
     FAULTS,
     METRICS_DIR,
     METRICS_INTERVAL,
+    CONNECT_TIMEOUT,
+    ABORT_ON_ERROR,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -170,6 +193,11 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The built-in transport's settings.
     pub tcp: TcpConfig,
+    /// NCCL_TCPXSHIM_CONNECT_TIMEOUT: how long failed connects are retried; `None`: not at all (the
+    /// retry layer is not stacked).
+    pub connect_timeout: Option<std::time::Duration>,
+    /// NCCL_TCPXSHIM_ABORT_ON_ERROR: end the process on an error that ends the job.
+    pub abort_on_error: bool,
 }
 
 /// What the metrics need besides its directory: the write interval and the process's
@@ -264,6 +292,11 @@ impl Config {
             metrics_dir: get(vars, METRICS_DIR.name).map(std::path::PathBuf::from),
             metrics: MetricsConfig::from_vars(vars)?,
             tcp: TcpConfig::from_vars(vars)?,
+            connect_timeout: match int(vars, &CONNECT_TIMEOUT, 0, 86400)? {
+                0 => None,
+                s => Some(std::time::Duration::from_secs(s)),
+            },
+            abort_on_error: int(vars, &ABORT_ON_ERROR, 0, 1)? == 1,
         })
     }
 }

@@ -166,6 +166,13 @@ impl Error {
         }
     }
 
+    /// Keeps kind and message, and records `err` as the operating-system error behind it (an
+    /// inner plugin's failed call that left errno set).
+    pub fn with_cause(mut self, err: std::io::Error) -> Self {
+        self.source = Some(Arc::new(err));
+        self
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -189,6 +196,12 @@ impl Error {
     /// The `ncclResult_t` NCCL sees for this error.
     pub fn code(&self) -> NcclResult {
         self.kind.code()
+    }
+
+    /// Appends `detail` to the message in parentheses, keeping the kind and the source.
+    pub fn context_after(mut self, detail: impl std::fmt::Display) -> Self {
+        self.msg = format!("{} ({detail})", self.msg);
+        self
     }
 
     /// Prefixes the message with more context, keeping the kind and the source.

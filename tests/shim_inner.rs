@@ -534,7 +534,8 @@ fn a_tcpx_handle_travels_inline_with_its_state_slot_as_tcpx_left_it() {
 #[test]
 fn a_failed_tcpx_background_connect_is_an_error_through_the_shim() {
     // Quirk 4: isend/irecv answer "try again" until the background connect ends; when it failed,
-    // they return an error, which the shim passes on (never as another "try again").
+    // they return an error, which the shim passes on (never as another "try again"), as the
+    // remote error of a connection that cannot be recovered (tests/unpack_failfast.rs).
     let (net, ctl) = shim_over(Fixture::Tcpx, &[("connect_fail", 1)]);
     let (send, recv) = net.connect_pair(0);
     let buf = AlignedBuf::new(64);
@@ -548,7 +549,7 @@ fn a_failed_tcpx_background_connect_is_an_error_through_the_shim() {
             other => break other,
         }
     };
-    assert_eq!(s, Err(tcpxshim::ffi::ncclResult_t::ncclSystemError));
+    assert_eq!(s, Err(tcpxshim::ffi::ncclResult_t::ncclRemoteError));
     let r = loop {
         assert!(start.elapsed() < DEADLINE, "irecv kept answering try again");
         match net.irecv(recv, buf.as_ptr(), 64, 0, rmr) {
@@ -556,7 +557,7 @@ fn a_failed_tcpx_background_connect_is_an_error_through_the_shim() {
             other => break other,
         }
     };
-    assert_eq!(r, Err(tcpxshim::ffi::ncclResult_t::ncclSystemError));
+    assert_eq!(r, Err(tcpxshim::ffi::ncclResult_t::ncclRemoteError));
     net.dereg_mr(send, smr).unwrap();
     net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();

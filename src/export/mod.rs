@@ -113,10 +113,14 @@ pub(crate) fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> R
         Ok(Ok(())) => ncclResult_t::ncclSuccess,
         Ok(Err(e)) => {
             let msg = e.to_string();
-            if msg.starts_with(call) {
-                log::warn!("{msg}");
+            let line = if msg.starts_with(call) {
+                msg
             } else {
-                log::warn!("{call}: {msg}");
+                format!("{call}: {msg}")
+            };
+            log::warn!("{line}");
+            if ends_the_job(call, &e) && stack::try_global().is_some_and(Shim::abort_on_error) {
+                end_process(&line);
             }
             e.code()
         }
@@ -135,6 +139,35 @@ pub(crate) fn guard(call: &'static str, comm: *mut c_void, f: impl FnOnce() -> R
             ncclResult_t::ncclInternalError
         }
     }
+}
+
+/// Calls whose errors, when they are remote errors (a lost connection, the peer's error, a
+/// timeout), end the job: NCCL cannot go on without the connection.
+const JOB_CALLS: &[&str] = &["connect", "accept", "isend", "irecv", "iflush", "test", "irecvConsumed"];
+
+fn ends_the_job(call: &str, e: &Error) -> bool {
+    JOB_CALLS.contains(&call) && e.code() == ncclResult_t::ncclRemoteError
+}
+
+/// NCCL_TCPXSHIM_ABORT_ON_ERROR=1: says why on stderr and in the log, flushes, and ends the
+/// process with status 1 through `_exit`. Not `std::process::exit`, which runs exit handlers and
+/// C++ static destructors (CUDA's, NCCL's) on this thread, NCCL's proxy thread, while other
+/// threads still use them; not `abort`, whose SIGABRT writes a core of a process that maps GPU
+/// memory (slow, large) and whose status a launcher reports as a crash. `_exit` runs nothing.
+fn end_process(line: &str) -> ! {
+    let text = format!(
+        "{} {line}; ending the process ({}=1)\n",
+        crate::logging::PREFIX,
+        crate::config::ABORT_ON_ERROR.name
+    );
+    log::error!("{}", text.trim_end());
+    log::logger().flush();
+    // SAFETY: write(2) of a valid buffer of `text.len()` bytes to the standard error descriptor.
+    let _ = unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+    // SAFETY: fflush(NULL) flushes every C stdio output stream (NCCL's debug file among them).
+    let _ = unsafe { libc::fflush(null_mut()) };
+    // SAFETY: _exit ends the process at once; it runs no destructors or exit handlers.
+    unsafe { libc::_exit(1) }
 }
 
 fn the_shim(call: &str) -> Result<&'static Shim> {

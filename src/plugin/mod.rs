@@ -65,6 +65,26 @@ macro_rules! each {
     };
 }
 
+/// Sets this thread's errno.
+fn set_errno(v: i32) {
+    // SAFETY: __errno_location returns the calling thread's errno, valid for the thread's life.
+    unsafe { *libc::__errno_location() = v };
+}
+
+/// A plugin's connect returns only an `ncclResult_t`; the errno its failing socket call left
+/// behind (cleared before the call) says whether the peer refused, was unreachable or timed out,
+/// which the connect retry layer needs. Other errno values, and none, add nothing.
+fn with_connect_errno(e: Error) -> Error {
+    let os = std::io::Error::last_os_error();
+    match os.raw_os_error() {
+        Some(libc::ECONNREFUSED | libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN) => {
+            let msg = format!("errno after the call: {os}");
+            e.context_after(msg).with_cause(os)
+        }
+        _ => e,
+    }
+}
+
 /// Resolves a NCCL_TCPXSHIM_PLUGIN value into what to hand to dlopen, in order of preference.
 pub fn candidates(value: &str) -> Vec<String> {
     if value.contains('/') || value.ends_with(".so") || value.contains(".so.") {
@@ -271,11 +291,13 @@ impl Transport for PluginTransport {
     ) -> Result<Option<Opaque>> {
         let mut comm = null_mut();
         let h = handle.as_mut_ptr() as *mut c_void;
-        match self.table {
-            Table::V7(t) => call!(t, connect, "connect", dev, h, &mut comm, dev_handle)?,
-            Table::V6(t) => call!(t, connect, "connect", dev, h, &mut comm)?,
-            Table::V5(t) => call!(t, connect, "connect", dev, h, &mut comm)?,
-        }
+        set_errno(0);
+        let res = match self.table {
+            Table::V7(t) => call!(t, connect, "connect", dev, h, &mut comm, dev_handle),
+            Table::V6(t) => call!(t, connect, "connect", dev, h, &mut comm),
+            Table::V5(t) => call!(t, connect, "connect", dev, h, &mut comm),
+        };
+        res.map_err(with_connect_errno)?;
         Ok(Opaque::from_ptr(comm))
     }
 

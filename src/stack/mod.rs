@@ -4,6 +4,7 @@
 //! ```text
 //! Shim (objects NCCL holds, handle, stall warnings, poisoning,    src/stack/shim.rs
 //!  |     metrics fed from its records when NCCL_TCPXSHIM_METRICS_DIR is set: src/metrics)
+//!  | connect retry (NCCL_TCPXSHIM_CONNECT_TIMEOUT, unless 0)        src/stack/retry.rs
 //!  | faults (NCCL_TCPXSHIM_FAULTS, only when set)                   src/stack/faults.rs
 //!  v
 //! inner transport: a loaded plugin (src/plugin) or the built-in TCP transport (src/tcp)
@@ -11,10 +12,12 @@
 //! A new feature is a [`Layer`] in a file of its own and one line in [`build_over`]; neither
 //! `src/export` nor the other layers change.
 
+pub mod failfast;
 pub mod faults;
 pub mod handle;
 mod layer;
 mod objects;
+pub mod retry;
 mod shim;
 mod table;
 
@@ -110,6 +113,10 @@ pub fn build_over(cfg: &Config, inner: Box<dyn Transport>, info: LoadInfo) -> Re
     let t: Box<dyn Transport> = match &cfg.faults {
         Some(f) => Box::new(Faults::new(inner, f.clone())),
         None => inner,
+    };
+    let t: Box<dyn Transport> = match cfg.connect_timeout {
+        Some(timeout) => Box::new(retry::Retry::new(t, timeout)),
+        None => t,
     };
     Shim::over(t, info, cfg)
 }

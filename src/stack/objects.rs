@@ -252,6 +252,8 @@ pub struct CommRec {
     unpack: AtomicBool,
     served: AtomicU32,
     poisoned: AtomicBool,
+    /// Why the comm failed for good, when that was an error of its connection (not a panic).
+    failed: Mutex<Option<String>>,
     peer: Mutex<String>,
     opened: Mutex<Instant>,
     /// Per-connection counters.
@@ -299,6 +301,7 @@ impl Record for CommRec {
             unpack: AtomicBool::new(false),
             served: AtomicU32::new(0),
             poisoned: AtomicBool::new(false),
+            failed: Mutex::new(None),
             peer: Mutex::new(String::new()),
             opened: Mutex::new(Instant::now()),
             counters: CommCounters::default(),
@@ -334,6 +337,7 @@ impl Record for CommRec {
         self.unpack.store(spec.unpack, Ordering::Relaxed);
         self.served.store(spec.served, Ordering::Relaxed);
         self.poisoned.store(false, Ordering::Relaxed);
+        *lock(&self.failed) = None;
         *lock(&self.peer) = spec.peer;
         *lock(&self.opened) = Instant::now();
         self.counters.reset();
@@ -418,6 +422,9 @@ impl CommRec {
     #[inline]
     pub fn check_live(&self, call: &str) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
+            if let Some(why) = lock(&self.failed).as_ref() {
+                return Err(Error::remote(format!("{call}: {} failed earlier: {why}", self.label())));
+            }
             return Err(Error::internal(format!(
                 "{call}: {} is unusable after an earlier internal error; see the first WARN line",
                 self.label()
@@ -428,6 +435,14 @@ impl CommRec {
 
     /// Marks the comm unusable after a panic in a call on it.
     pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    /// Marks the comm failed for good because of `why` (an error of its connection): every later
+    /// call on it but deregMr and close fails with a remote error repeating it. The first reason
+    /// stays.
+    pub fn fail(&self, why: String) {
+        lock(&self.failed).get_or_insert(why);
         self.poisoned.store(true, Ordering::Release);
     }
 

@@ -76,6 +76,7 @@ pub struct Shim {
     handles: Handles,
     /// Metrics (NCCL_TCPXSHIM_METRICS_DIR), fed from the shim's own records.
     metrics: Option<Metrics>,
+    abort_on_error: bool,
 }
 
 impl Shim {
@@ -102,6 +103,7 @@ impl Shim {
             stall_warn: cfg.stall_warn,
             handles: Handles::new(cfg),
             metrics,
+            abort_on_error: cfg.abort_on_error,
         })
     }
 
@@ -140,6 +142,11 @@ impl Shim {
         } else {
             coarse_ns().saturating_sub(stamp)
         }
+    }
+
+    /// Whether NCCL_TCPXSHIM_ABORT_ON_ERROR asks to end the process on an error that ends the job.
+    pub fn abort_on_error(&self) -> bool {
+        self.abort_on_error
     }
 
     /// What was loaded.
@@ -427,7 +434,7 @@ impl Shim {
                     m.failed(key.slot as usize);
                 }
                 g.retire();
-                return Err(e.context(format!("test on {}", c.label())));
+                return Err(self.data_error(c, e.context(format!("test on {}", c.label()))));
             }
         };
         if !done {
@@ -468,7 +475,12 @@ impl Shim {
         inner: impl FnOnce() -> Result<Option<Opaque>>,
     ) -> Result<Option<Opaque>> {
         let t = self.stamp();
-        let r = c.post(c.key, args, t, inner);
+        let mut inner_failed = false;
+        let r = c.post(c.key, args, t, || {
+            let r = inner();
+            inner_failed = r.is_err();
+            r
+        });
         if let Some(m) = self.mconn(c) {
             match &r {
                 Ok(Some(k)) => m.posted(k.slot as usize, t),
@@ -476,7 +488,23 @@ impl Shim {
                 Err(_) => m.error(),
             }
         }
-        Ok(r?.map(ReqKey::to_opaque))
+        match r {
+            Ok(k) => Ok(k.map(ReqKey::to_opaque)),
+            Err(e) if inner_failed => Err(self.data_error(c, e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// An error of the inner transport on `c`'s data path (`e` names the call and the comm): over
+    /// an UNPACK-type inner the comm fails for good ([`super::failfast`]); otherwise `e` as it is.
+    #[cold]
+    fn data_error(&self, c: &CommRec, e: Error) -> Error {
+        if !c.unpack() {
+            return e;
+        }
+        let (err, why) = super::failfast::unrecoverable(&e);
+        c.fail(why);
+        err
     }
 
     /// Registers on the inner comm and records the registration.
@@ -768,6 +796,7 @@ impl Transport for Shim {
         if let (Ok(()), Some((key, _))) = (&res, inner_req) {
             c.forget_consumed(key);
         }
+        // Not a failure of the comm: TCPX refuses an irecvConsumed out of order, a caller's error.
         res
     }
 

@@ -149,11 +149,15 @@ impl PendingConnect {
     }
 }
 
+/// A failed connect, its kind from the OS error (refused, unreachable, timed out: retryable).
 fn connect_error(peer: &SocketAddr, e: std::io::Error) -> Error {
-    Error::system(format!(
-        "connect: connection to {peer} failed: {e} (is the peer rank alive and listening, and is the address \
-         reachable from this host's interface? see NCCL_TCPXSHIM_TCP_IFNAME)"
-    ))
+    Error::with_io(
+        format!(
+            "connect: connection to {peer} failed: {e} (is the peer rank alive and listening, and is the address \
+             reachable from this host's interface? see NCCL_TCPXSHIM_TCP_IFNAME)"
+        ),
+        e,
+    )
 }
 
 struct HalfOpen {

@@ -36,7 +36,7 @@ mod shared;
 mod sys;
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(crate) mod wire;
 mod worker;
 
 use crate::error::{Error, Result};

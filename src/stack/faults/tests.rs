@@ -474,6 +474,9 @@ fn connect_fail_2_refuses_two_connects_through_the_stack_and_the_third_succeeds(
     capture::start();
     let cfg = Config {
         faults: Some(spec("seed=5;connect=fail:2")),
+        // Without connect retry, so the injected refusals reach the caller (src/stack/retry.rs
+        // tests them retried).
+        connect_timeout: None,
         ..Config::default()
     };
     let info = LoadInfo {
