@@ -9,6 +9,9 @@ pub mod p2p;
 pub mod tcp;
 pub mod transport;
 
+#[cfg(test)]
+mod fuzzing;
+
 pub mod export;
 pub mod logging;
 pub mod metrics;
