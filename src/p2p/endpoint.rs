@@ -1066,7 +1066,7 @@ mod fuzz {
     /// Found by the fuzz module: a name longer than its field was cut inside a character, and
     /// the peer read a replacement character (now: the hello would be malformed).
     #[test]
-    fn long_names_are_cut_at_a_character_boundary() {
+    fn regression_long_names_are_cut_at_a_character_boundary() {
         let host = "\u{e9}".repeat(40); // 80 bytes, 2 each
         let h = HelloMsg {
             ndev: 1,

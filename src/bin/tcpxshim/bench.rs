@@ -870,7 +870,7 @@ mod fuzz {
     /// Found by the fuzz module: a plan with a huge iteration count overflowed (debug builds
     /// panicked; release builds wrapped and then panicked in clamp), ending the server.
     #[test]
-    fn a_huge_iteration_count_does_not_overflow() {
+    fn regression_a_huge_iteration_count_does_not_overflow() {
         let p = Plan::decode(&format!(
             "plan sizes=8 verify=8 iters={} bytes=1 depth=1 verify_iters=1",
             usize::MAX
