@@ -996,15 +996,17 @@ mod fuzz {
 
     /// A string that travels whole in a field of `len` bytes.
     fn field(len: usize) -> impl Strategy<Value = String> {
-        proptest::collection::vec(any::<char>().prop_filter("no NUL", |&c| c != '\0'), 0..len).prop_map(move |v| {
-            let mut s = String::new();
-            for c in v {
-                if s.len() + c.len_utf8() < len {
-                    s.push(c);
+        proptest::collection::vec(any::<char>().prop_map(|c| if c == '\0' { '0' } else { c }), 0..len).prop_map(
+            move |v| {
+                let mut s = String::new();
+                for c in v {
+                    if s.len() + c.len_utf8() < len {
+                        s.push(c);
+                    }
                 }
-            }
-            s
-        })
+                s
+            },
+        )
     }
 
     fn any_hello() -> impl Strategy<Value = HelloMsg> {
