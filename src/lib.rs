@@ -9,10 +9,14 @@ pub mod p2p;
 pub mod tcp;
 pub mod transport;
 
+#[cfg(test)]
+mod fuzzing;
+
 pub mod export;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
+pub mod sockdrop;
 pub mod stack;
 
 pub use error::{Error, Result};

@@ -192,7 +192,12 @@ fn bad_interface_setting_fails_clearly() {
 fn start_server(extra: &[&str]) -> (Guard, mpsc::Receiver<String>, u16) {
     let mut args = vec!["serve", "--bind", "127.0.0.1:0", "--wait", "60", "--timeout", "30"];
     args.extend_from_slice(extra);
-    let mut c = cmd(&args);
+    start_server_with(&args)
+}
+
+/// Starts `tcpxshim ARGS` (a serve) and returns it with the port it printed.
+fn start_server_with(args: &[&str]) -> (Guard, mpsc::Receiver<String>, u16) {
+    let mut c = cmd(args);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().expect("start serve");
     let stdout = child.stdout.take().unwrap();
@@ -273,6 +278,78 @@ fn serve_and_connect_as_two_processes() {
     );
     // The server prints the client's results too.
     assert_sweep(&serve_out, 9, &serve_out);
+}
+
+/// Reads `s` until end of stream (or a reset) or `limit`: what arrived, and whether it ended.
+fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return (got, true),
+        }
+    }
+    (got, false)
+}
+
+#[test]
+fn serve_ignores_stray_clients_and_serves_the_real_peer() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let (server, rx, port) = start_server_with(&["serve", "--bind", "127.0.0.1:0", "--wait", "60", "--timeout", "3"]);
+    let addr = format!("127.0.0.1:{port}");
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut half = TcpStream::connect(&addr).unwrap();
+    half.write_all(b"tcpxshim\x01\x00").unwrap();
+    let mut silent = TcpStream::connect(&addr).unwrap();
+    let strays = [&garbage, &half, &silent].map(|s| s.local_addr().unwrap());
+    let (got, ended) = read_until_closed(&mut garbage, Duration::from_secs(30));
+    assert!(ended && got.is_empty(), "garbage client: {got:?}, closed {ended}");
+    drop(half);
+    let start = Instant::now();
+    let (got, ended) = read_until_closed(&mut silent, Duration::from_secs(30));
+    assert!(ended && got.is_empty(), "silent client: {got:?}, closed {ended}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "silent client held {:?}",
+        start.elapsed()
+    );
+    let out = run(cmd(&[
+        "connect",
+        &addr,
+        "--max-size",
+        "4K",
+        "--iters",
+        "5",
+        "--timeout",
+        "30",
+    ]));
+    assert!(out.status.success(), "{}", text(&out));
+    let (ok, serve_out) = finish(server, rx);
+    assert!(ok, "{serve_out}");
+    assert!(serve_out.contains("PASS: "), "{serve_out}");
+    let warns: Vec<&str> = serve_out
+        .lines()
+        .filter(|l| l.contains("ignored a bootstrap connection"))
+        .collect();
+    assert_eq!(warns.len(), 3, "one WARN per stray client: {serve_out}");
+    for (who, why) in strays
+        .iter()
+        .zip(["not a tcpxshim endpoint", "closed the connection after 10", "sent 0 of"])
+    {
+        assert!(
+            warns
+                .iter()
+                .any(|w| w.contains(&format!("from {who}:")) && w.contains(why) && w.contains("WARN")),
+            "no WARN for {who} ({why}): {warns:?}"
+        );
+    }
 }
 
 #[test]

@@ -99,7 +99,8 @@ fn encode_reply(status: Status, handle: &[u8; HANDLE_SIZE]) -> [u8; REPLY_LEN] {
     b
 }
 
-/// Parses a reply: the handle, or the status that refused it; `None` for garbage.
+/// Parses a reply: the handle, or the status that refused it; `None` for garbage (a refusal
+/// carries no handle: its handle bytes are zero).
 pub fn decode_reply(b: &[u8]) -> Option<std::result::Result<[u8; HANDLE_SIZE], Status>> {
     let b: &[u8; REPLY_LEN] = b.try_into().ok()?;
     if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != MAGIC || u16::from_le_bytes([b[4], b[5]]) != VERSION {
@@ -107,6 +108,7 @@ pub fn decode_reply(b: &[u8]) -> Option<std::result::Result<[u8; HANDLE_SIZE], S
     }
     match Status::from_u16(u16::from_le_bytes([b[6], b[7]]))? {
         Status::Ok => b[8..].try_into().ok().map(Ok),
+        _ if b[8..].iter().any(|&x| x != 0) => None,
         s => Some(Err(s)),
     }
 }
@@ -361,5 +363,86 @@ mod tests {
             Some(Err(Status::Denied))
         );
         assert!(same_secret(5, 5) && !same_secret(5, 6));
+    }
+
+    /// Found by the fuzz module: a refusal with handle bytes set decoded as the bare refusal.
+    #[test]
+    fn a_refusal_with_handle_bytes_is_garbage() {
+        let mut b = encode_reply(Status::Denied, &[0; HANDLE_SIZE]);
+        b[REPLY_LEN - 1] = 1;
+        assert_eq!(decode_reply(&b), None);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::{check_mutations, config};
+    use proptest::prelude::*;
+
+    fn reply_canon(b: &[u8]) -> Option<Vec<u8>> {
+        Some(match decode_reply(b)? {
+            Ok(h) => encode_reply(Status::Ok, &h).to_vec(),
+            Err(s) => encode_reply(s, &[0; HANDLE_SIZE]).to_vec(),
+        })
+    }
+
+    fn request_canon(b: &[u8]) -> Option<Vec<u8>> {
+        Request::decode(b).map(|r| r.encode().to_vec())
+    }
+
+    fn any_status() -> impl Strategy<Value = Status> {
+        prop_oneof![
+            Just(Status::Ok),
+            Just(Status::Unknown),
+            Just(Status::Denied),
+            Just(Status::Malformed)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn request_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..32)) {
+            if let Some(again) = request_canon(&b) {
+                prop_assert_eq!(again, b);
+            }
+        }
+
+        #[test]
+        fn request_mutations(id in any::<u32>(), secret in any::<u64>(), masks in proptest::collection::vec(1u8.., 1..32)) {
+            let r = Request { id, secret };
+            prop_assert_eq!(Request::decode(&r.encode()), Some(r));
+            check_mutations(&r.encode(), &masks, true, request_canon)?;
+        }
+
+        #[test]
+        fn reply_arbitrary_bytes(
+            status in any::<u16>(),
+            body in prop_oneof![Just(REPLY_LEN - 8), 0..REPLY_LEN]
+                .prop_flat_map(|n| proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], n)),
+            magic in any::<bool>(),
+        ) {
+            // With or without a valid magic and version, so the status and body checks are reached.
+            let mut b = if magic { MAGIC.to_le_bytes().to_vec() } else { vec![] };
+            if magic {
+                b.extend_from_slice(&VERSION.to_le_bytes());
+                b.extend_from_slice(&status.to_le_bytes());
+            }
+            b.extend_from_slice(&body);
+            if let Some(again) = reply_canon(&b) {
+                prop_assert_eq!(again, b);
+            }
+        }
+
+        #[test]
+        fn reply_mutations(status in any_status(), handle in any::<[u8; HANDLE_SIZE]>(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            let handle = if status == Status::Ok { handle } else { [0; HANDLE_SIZE] };
+            let b = encode_reply(status, &handle);
+            let want = if status == Status::Ok { Ok(handle) } else { Err(status) };
+            prop_assert_eq!(decode_reply(&b), Some(want));
+            check_mutations(&b, &masks, true, reply_canon)?;
+        }
     }
 }

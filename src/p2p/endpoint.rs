@@ -64,31 +64,134 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// Appends `s` as a fixed field of `len` bytes: at most `len - 1` bytes of it (cut at a
+/// character boundary, and before any NUL), then zeros.
 fn put_str(out: &mut Vec<u8>, s: &str, len: usize) {
-    let b = s.as_bytes();
-    let n = b.len().min(len - 1);
-    out.extend_from_slice(&b[..n]);
+    let s = s.split('\0').next().unwrap_or_default();
+    let mut n = s.len().min(len - 1);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.extend_from_slice(&s.as_bytes()[..n]);
     out.resize(out.len() + (len - n), 0);
 }
 
-fn get_str(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
+/// A fixed string field: UTF-8 up to the first NUL, zeros after it (a NUL is required).
+fn get_str(b: &[u8]) -> Option<String> {
+    let end = b.iter().position(|&c| c == 0)?;
+    if b[end..].iter().any(|&c| c != 0) {
+        return None;
+    }
+    std::str::from_utf8(&b[..end]).ok().map(str::to_string)
 }
 
-fn encode_hello(net: &dyn Transport, ndev: i32, dev: i32, handle: &Handle) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HELLO_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    out.extend_from_slice(&(HELLO_LEN as u16).to_le_bytes());
-    out.extend_from_slice(&ndev.to_le_bytes());
-    out.extend_from_slice(&dev.to_le_bytes());
-    out.extend_from_slice(&std::process::id().to_le_bytes());
-    put_str(&mut out, net.name(), NAME_LEN);
-    put_str(&mut out, &host_name(), HOST_LEN);
-    out.extend_from_slice(handle);
-    debug_assert_eq!(out.len(), HELLO_LEN);
-    out
+/// The hello each side sends first on the bootstrap connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HelloMsg {
+    /// Devices of the sender's transport.
+    pub ndev: i32,
+    /// The device it uses.
+    pub dev: i32,
+    /// Its process id.
+    pub pid: u32,
+    /// Its transport's name (at most 31 bytes travel).
+    pub transport: String,
+    /// Its host name (at most 63 bytes travel).
+    pub host: String,
+    /// Its transport's listen handle.
+    pub handle: Handle,
+}
+
+/// Why bytes are not (the start of) a hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum HelloFault {
+    /// The magic is wrong: not a tcpxshim endpoint.
+    NotOurs,
+    /// A tcpxshim endpoint of another protocol version.
+    Version {
+        /// Its protocol version.
+        version: u16,
+        /// Its hello length.
+        len: usize,
+    },
+    /// A field that this version would never send.
+    Field(&'static str),
+}
+
+impl HelloMsg {
+    fn new(net: &dyn Transport, ndev: i32, dev: i32, handle: &Handle) -> HelloMsg {
+        HelloMsg {
+            ndev,
+            dev,
+            pid: std::process::id(),
+            transport: net.name().to_string(),
+            host: host_name(),
+            handle: *handle,
+        }
+    }
+
+    /// The bytes on the wire ([`HELLO_LEN`]).
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HELLO_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.extend_from_slice(&(HELLO_LEN as u16).to_le_bytes());
+        out.extend_from_slice(&self.ndev.to_le_bytes());
+        out.extend_from_slice(&self.dev.to_le_bytes());
+        out.extend_from_slice(&self.pid.to_le_bytes());
+        put_str(&mut out, &self.transport, NAME_LEN);
+        put_str(&mut out, &self.host, HOST_LEN);
+        out.extend_from_slice(&self.handle);
+        debug_assert_eq!(out.len(), HELLO_LEN);
+        out
+    }
+
+    /// Decodes the start of a bootstrap stream: `Ok(None)` while what arrived so far is a valid
+    /// beginning of a hello (magic and version are checked as soon as their bytes are there),
+    /// the hello once all of it is (bytes after it are not looked at).
+    pub(crate) fn decode(b: &[u8]) -> std::result::Result<Option<HelloMsg>, HelloFault> {
+        let n = b.len().min(MAGIC.len());
+        if b[..n] != MAGIC[..n] {
+            return Err(HelloFault::NotOurs);
+        }
+        if b.len() >= 12 {
+            let version = u16::from_le_bytes([b[8], b[9]]);
+            let len = u16::from_le_bytes([b[10], b[11]]) as usize;
+            if version != PROTOCOL_VERSION || len != HELLO_LEN {
+                return Err(HelloFault::Version { version, len });
+            }
+        }
+        if b.len() < HELLO_LEN {
+            return Ok(None);
+        }
+        let i32_at = |i: usize| i32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut off = 24;
+        let transport = get_str(&b[off..off + NAME_LEN]).ok_or(HelloFault::Field("transport name"))?;
+        off += NAME_LEN;
+        let host = get_str(&b[off..off + HOST_LEN]).ok_or(HelloFault::Field("host name"))?;
+        off += HOST_LEN;
+        let mut handle = [0u8; HANDLE_SIZE];
+        handle.copy_from_slice(&b[off..off + HANDLE_SIZE]);
+        Ok(Some(HelloMsg {
+            ndev: i32_at(12),
+            dev: i32_at(16),
+            pid: i32_at(20) as u32,
+            transport,
+            host,
+            handle,
+        }))
+    }
+
+    fn info(&self, addr: SocketAddr) -> PeerInfo {
+        PeerInfo {
+            addr,
+            host: self.host.clone(),
+            pid: self.pid,
+            transport: self.transport.clone(),
+            ndev: self.ndev,
+            dev: self.dev,
+        }
+    }
 }
 
 /// Printable preview of bytes from a peer that is not a tcpxshim endpoint.
@@ -101,25 +204,69 @@ fn preview(b: &[u8]) -> String {
     format!("{s:?}")
 }
 
-/// The peer's details and handle from a complete hello (`HELLO_LEN` bytes, already checked).
-fn parse_hello(peer: SocketAddr, h: &[u8]) -> (PeerInfo, Handle) {
-    let i32_at = |i: usize| i32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-    let mut off = 24;
-    let transport = get_str(&h[off..off + NAME_LEN]);
-    off += NAME_LEN;
-    let host = get_str(&h[off..off + HOST_LEN]);
-    off += HOST_LEN;
-    let mut handle = [0u8; HANDLE_SIZE];
-    handle.copy_from_slice(&h[off..off + HANDLE_SIZE]);
-    let info = PeerInfo {
-        addr: peer,
-        host,
-        pid: i32_at(20) as u32,
-        transport,
-        ndev: i32_at(12),
-        dev: i32_at(16),
-    };
-    (info, handle)
+/// A control message after the hello: `kind u8, len u32 LE, payload`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Frame {
+    /// A message for the caller.
+    Data(Vec<u8>),
+    /// The peer's transport connections stand.
+    Ready,
+    /// The peer failed, and says why.
+    Error(Vec<u8>),
+}
+
+/// Why bytes are not a control message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FrameFault {
+    /// Longer than [`MAX_FRAME`].
+    TooLarge(usize),
+    /// A type this version does not know.
+    Kind(u8),
+    /// A ready with a payload.
+    ReadyPayload(usize),
+}
+
+impl Frame {
+    /// The bytes on the wire.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let (kind, payload): (u8, &[u8]) = match self {
+            Frame::Data(d) => (FRAME_DATA, d),
+            Frame::Ready => (FRAME_READY, &[]),
+            Frame::Error(e) => (FRAME_ERROR, e),
+        };
+        let mut f = Vec::with_capacity(5 + payload.len());
+        f.push(kind);
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The first complete frame of `b` and the bytes it took; `Ok(None)` while it is incomplete.
+    pub(crate) fn decode(b: &[u8]) -> std::result::Result<Option<(Frame, usize)>, FrameFault> {
+        if b.len() < 5 {
+            return Ok(None);
+        }
+        let kind = b[0];
+        if ![FRAME_DATA, FRAME_READY, FRAME_ERROR].contains(&kind) {
+            return Err(FrameFault::Kind(kind));
+        }
+        let len = u32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameFault::TooLarge(len));
+        }
+        if kind == FRAME_READY && len != 0 {
+            return Err(FrameFault::ReadyPayload(len));
+        }
+        let Some(payload) = b.get(5..5 + len) else {
+            return Ok(None);
+        };
+        let f = match kind {
+            FRAME_DATA => Frame::Data(payload.to_vec()),
+            FRAME_READY => Frame::Ready,
+            _ => Frame::Error(payload.to_vec()),
+        };
+        Ok(Some((f, 5 + len)))
+    }
 }
 
 /// The control connection: framed messages (`kind u8, len u32 LE, payload`) after the hello.
@@ -128,11 +275,6 @@ struct Ctrl {
     peer: SocketAddr,
     rbuf: Vec<u8>,
     sent_hello: bool,
-}
-
-enum Frame {
-    Data(Vec<u8>),
-    Ready,
 }
 
 impl Ctrl {
@@ -155,12 +297,8 @@ impl Ctrl {
             .map_err(|e| Error::io(format!("control connection to {}: send {what}", self.peer), e))
     }
 
-    fn send_frame(&mut self, kind: u8, payload: &[u8], what: &str) -> Result<()> {
-        let mut f = Vec::with_capacity(5 + payload.len());
-        f.push(kind);
-        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        f.extend_from_slice(payload);
-        self.write(&f, what)
+    fn send_frame(&mut self, frame: &Frame, what: &str) -> Result<()> {
+        self.write(&frame.encode(), what)
     }
 
     /// Reads what is available. `deadline: None` does not wait. Returns false on nothing new.
@@ -204,11 +342,12 @@ impl Ctrl {
     }
 
     /// Reads the peer's hello, checking magic and version as soon as their bytes arrive.
-    fn read_hello(&mut self, deadline: Instant, timeout: Duration) -> Result<(PeerInfo, Handle)> {
+    fn read_hello(&mut self, deadline: Instant, timeout: Duration) -> Result<HelloMsg> {
         let peer = self.peer;
         loop {
-            if self.check_hello_start()? {
-                break;
+            if let Some(h) = self.check_hello()? {
+                self.rbuf.drain(..HELLO_LEN);
+                return Ok(h);
             }
             if Instant::now() >= deadline {
                 return Err(Error::remote(format!(
@@ -222,29 +361,28 @@ impl Ctrl {
                 return Err(self.hello_read_error(e));
             }
         }
-        let h: Vec<u8> = self.rbuf.drain(..HELLO_LEN).collect();
-        Ok(parse_hello(peer, &h))
     }
 
-    /// Checks what has arrived of the hello so far; true once all of it is there.
-    fn check_hello_start(&self) -> Result<bool> {
+    /// Checks what has arrived of the hello so far; the hello once all of it is there.
+    fn check_hello(&self) -> Result<Option<HelloMsg>> {
+        HelloMsg::decode(&self.rbuf).map_err(|f| self.hello_fault(&f))
+    }
+
+    /// The error for a [`HelloFault`].
+    fn hello_fault(&self, f: &HelloFault) -> Error {
         let peer = self.peer;
-        let n = self.rbuf.len().min(MAGIC.len());
-        if self.rbuf[..n] != MAGIC[..n] {
-            return Err(self.not_ours());
+        match f {
+            HelloFault::NotOurs => self.not_ours(),
+            HelloFault::Version { version, len } => Error::remote(format!(
+                "peer at {peer} speaks tcpxshim bootstrap protocol version {version} ({len}-byte hello); this \
+                 build speaks version {PROTOCOL_VERSION} ({HELLO_LEN}-byte hello): run the same tcpxshim \
+                 version on both sides"
+            )),
+            HelloFault::Field(what) => Error::remote(format!(
+                "peer at {peer} sent a malformed tcpxshim hello: its {what} field is not a NUL-terminated UTF-8 \
+                 string padded with zeros"
+            )),
         }
-        if self.rbuf.len() >= 12 {
-            let version = u16::from_le_bytes([self.rbuf[8], self.rbuf[9]]);
-            let len = u16::from_le_bytes([self.rbuf[10], self.rbuf[11]]) as usize;
-            if version != PROTOCOL_VERSION || len != HELLO_LEN {
-                return Err(Error::remote(format!(
-                    "peer at {peer} speaks tcpxshim bootstrap protocol version {version} ({len}-byte hello); this \
-                     build speaks version {PROTOCOL_VERSION} ({HELLO_LEN}-byte hello): run the same tcpxshim \
-                     version on both sides"
-                )));
-            }
-        }
-        Ok(self.rbuf.len() >= HELLO_LEN)
     }
 
     /// The error for bytes that do not start a tcpxshim hello.
@@ -275,35 +413,35 @@ impl Ctrl {
         e
     }
 
-    /// A complete frame from the buffer, if there is one.
+    /// A complete frame from the buffer, if there is one (a peer's error report is an error).
     fn take_frame(&mut self) -> Result<Option<Frame>> {
-        if self.rbuf.len() < 5 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]) as usize;
-        if len > MAX_FRAME {
-            return Err(Error::remote(format!(
-                "peer at {}: control message of {len} B is too large",
-                self.peer
-            )));
-        }
-        if self.rbuf.len() < 5 + len {
-            return Ok(None);
-        }
-        let kind = self.rbuf[0];
-        let payload: Vec<u8> = self.rbuf.drain(..5 + len).skip(5).collect();
-        match kind {
-            FRAME_DATA => Ok(Some(Frame::Data(payload))),
-            FRAME_READY => Ok(Some(Frame::Ready)),
-            FRAME_ERROR => Err(Error::remote(format!(
-                "peer at {} failed: {}",
-                self.peer,
-                String::from_utf8_lossy(&payload)
+        let peer = self.peer;
+        let (frame, n) = match Frame::decode(&self.rbuf) {
+            Ok(Some(x)) => x,
+            Ok(None) => return Ok(None),
+            Err(FrameFault::TooLarge(len)) => {
+                return Err(Error::remote(format!(
+                    "peer at {peer}: control message of {len} B is too large"
+                )))
+            }
+            Err(FrameFault::Kind(k)) => {
+                return Err(Error::remote(format!(
+                    "peer at {peer}: unknown control message type {k}"
+                )))
+            }
+            Err(FrameFault::ReadyPayload(len)) => {
+                return Err(Error::remote(format!(
+                    "peer at {peer}: malformed control message (a ready with {len} B of payload)"
+                )))
+            }
+        };
+        self.rbuf.drain(..n);
+        match frame {
+            Frame::Error(e) => Err(Error::remote(format!(
+                "peer at {peer} failed: {}",
+                String::from_utf8_lossy(&e)
             ))),
-            k => Err(Error::remote(format!(
-                "peer at {}: unknown control message type {k}",
-                self.peer
-            ))),
+            f => Ok(Some(f)),
         }
     }
 
@@ -377,7 +515,9 @@ impl<'a> Endpoint<'a> {
                 msg.len()
             )));
         }
-        self.ctrl.borrow_mut().send_frame(FRAME_DATA, msg, "a control message")
+        self.ctrl
+            .borrow_mut()
+            .send_frame(&Frame::Data(msg.to_vec()), "a control message")
     }
 
     /// Waits up to `timeout` for the next control message; `what` names it in errors. An error
@@ -385,7 +525,7 @@ impl<'a> Endpoint<'a> {
     pub fn recv_ctrl(&self, timeout: Duration, what: &str) -> Result<Vec<u8>> {
         match self.ctrl.borrow_mut().next_frame(timeout, what)? {
             Frame::Data(d) => Ok(d),
-            Frame::Ready => Err(Error::remote(format!(
+            Frame::Ready | Frame::Error(_) => Err(Error::remote(format!(
                 "peer at {}: unexpected control message while waiting for {what}",
                 self.peer.addr
             ))),
@@ -402,7 +542,7 @@ impl<'a> Endpoint<'a> {
         if let Err(e) = self
             .ctrl
             .borrow_mut()
-            .send_frame(FRAME_ERROR, msg.as_bytes(), "an error report")
+            .send_frame(&Frame::Error(msg.as_bytes().to_vec()), "an error report")
         {
             log::debug!("could not report the error to the peer: {e}");
         }
@@ -437,6 +577,11 @@ impl Server {
     }
 
     /// As [`Server::accept`], waiting up to `wait` for the peer to appear.
+    ///
+    /// A client that is not a tcpxshim endpoint (it sends something else than a hello, closes
+    /// the connection before its hello is complete, or sends nothing for `timeout`) is logged
+    /// with one WARN line and dropped, and the server keeps waiting. At most [`MAX_PENDING`]
+    /// clients are read at once; more wait in the listen backlog.
     pub fn accept_within<'a>(
         &self,
         net: &'a dyn Transport,
@@ -449,11 +594,43 @@ impl Server {
         self.listener
             .set_nonblocking(true)
             .map_err(|e| Error::io(format!("listen on {}", self.addr), e))?;
-        let (stream, peer) = loop {
-            match self.listener.accept() {
-                Ok(x) => break x,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                Err(e) => return Err(Error::io(format!("accept on {}", self.addr), e)),
+        let mut pending: Vec<Candidate> = Vec::new();
+        loop {
+            while pending.len() < MAX_PENDING {
+                match self.listener.accept() {
+                    Ok((stream, peer)) => {
+                        log::info!("bootstrap connection from {peer}");
+                        match Ctrl::new(stream, peer) {
+                            Ok(ctrl) => pending.push(Candidate {
+                                ctrl,
+                                since: Instant::now(),
+                            }),
+                            Err(e) => self.ignore(peer, &e.to_string()),
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(Error::io(format!("accept on {}", self.addr), e)),
+                }
+            }
+            let mut i = 0;
+            while i < pending.len() {
+                match pending[i].poll(timeout) {
+                    Poll::Waiting => i += 1,
+                    Poll::Stray(why) => {
+                        let c = pending.swap_remove(i);
+                        self.ignore(c.ctrl.peer, &why);
+                    }
+                    Poll::Hello(hello) => {
+                        let mut ctrl = pending.swap_remove(i).ctrl;
+                        // The others were not the peer: they are dropped with the server's wait.
+                        for c in pending.drain(..) {
+                            self.ignore(c.ctrl.peer, "another client's hello came first");
+                        }
+                        ctrl.rbuf.drain(..HELLO_LEN);
+                        return establish(net, dev, ctrl, Some(hello), timeout);
+                    }
+                }
             }
             if start.elapsed() >= wait {
                 return Err(Error::remote(format!(
@@ -464,12 +641,74 @@ impl Server {
                 )));
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Logs a dropped bootstrap client.
+    fn ignore(&self, peer: SocketAddr, why: &str) {
+        log::warn!(
+            "serve on {}: ignored a bootstrap connection from {peer}: {why}; still waiting for the peer",
+            self.addr
+        );
+    }
+}
+
+/// Bootstrap clients read at once by [`Server::accept_within`] before their hello is complete.
+pub const MAX_PENDING: usize = 4;
+
+/// A bootstrap client whose hello is not complete yet.
+struct Candidate {
+    ctrl: Ctrl,
+    since: Instant,
+}
+
+enum Poll {
+    Waiting,
+    /// Not the peer: why.
+    Stray(String),
+    Hello(HelloMsg),
+}
+
+impl Candidate {
+    /// Reads what the client sent (without waiting) and judges it.
+    fn poll(&mut self, timeout: Duration) -> Poll {
+        let c = &mut self.ctrl;
+        let read = loop {
+            match c.read_some(None, "its hello") {
+                Ok(true) if c.rbuf.len() < HELLO_LEN => {}
+                Ok(_) => break Ok(()),
+                Err(e) => break Err(e),
+            }
         };
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| Error::io(format!("connection from {peer}"), e))?;
-        log::info!("bootstrap connection from {peer}");
-        establish(net, dev, stream, peer, timeout)
+        match HelloMsg::decode(&c.rbuf) {
+            Ok(Some(h)) => return Poll::Hello(h),
+            Err(f @ HelloFault::Version { .. }) => {
+                // The start of our hello, so that the client can say which versions differ.
+                let mut ours = MAGIC.to_vec();
+                ours.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                ours.extend_from_slice(&(HELLO_LEN as u16).to_le_bytes());
+                let _ = c.write(&ours, "our protocol version");
+                return Poll::Stray(c.hello_fault(&f).to_string());
+            }
+            Err(f) => return Poll::Stray(c.hello_fault(&f).to_string()),
+            Ok(None) => {}
+        }
+        let got = c.rbuf.len();
+        if let Err(e) = read {
+            return Poll::Stray(match e.kind() {
+                crate::error::ErrorKind::ConnectionLost => {
+                    format!("it closed the connection after {got} of the {HELLO_LEN} bytes of a hello")
+                }
+                _ => format!("reading its hello after {got} of {HELLO_LEN} bytes: {e}"),
+            });
+        }
+        if self.since.elapsed() >= timeout {
+            return Poll::Stray(format!(
+                "it sent {got} of the {HELLO_LEN} bytes of a hello within {} (the step timeout, --timeout)",
+                secs(timeout)
+            ));
+        }
+        Poll::Waiting
     }
 }
 
@@ -491,7 +730,7 @@ pub fn connect_to<'a>(net: &'a dyn Transport, dev: i32, addr: &str, timeout: Dur
         .peer_addr()
         .map_err(|e| Error::io(format!("connect to {addr}: peer address"), e))?;
     log::info!("bootstrap connection to {peer}");
-    establish(net, dev, stream, peer, timeout)
+    establish(net, dev, Ctrl::new(stream, peer)?, None, timeout)
 }
 
 /// The addresses of "host:port".
@@ -587,15 +826,15 @@ fn check_device(net: &dyn Transport, dev: i32) -> Result<i32> {
 }
 
 /// Both sides, once the bootstrap connection stands: hello exchange, then connect + accept.
+/// The server has read the client's hello (`peer_hello`) before it sends its own.
 fn establish<'a>(
     net: &'a dyn Transport,
     dev: i32,
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut ctrl: Ctrl,
+    peer_hello: Option<HelloMsg>,
     timeout: Duration,
 ) -> Result<Endpoint<'a>> {
-    let mut ctrl = Ctrl::new(stream, peer)?;
-    match establish_inner(net, dev, &mut ctrl, timeout) {
+    match establish_inner(net, dev, &mut ctrl, peer_hello, timeout) {
         Ok((send, recv, info, ndev)) => Ok(Endpoint {
             send,
             recv,
@@ -607,7 +846,7 @@ fn establish<'a>(
             // Best effort: tell the peer why, so it fails with our reason instead of a timeout.
             // Before our hello the peer would take a frame for a foreign protocol: just close.
             if ctrl.sent_hello {
-                let _ = ctrl.send_frame(FRAME_ERROR, e.to_string().as_bytes(), "an error report");
+                let _ = ctrl.send_frame(&Frame::Error(e.to_string().into_bytes()), "an error report");
             }
             Err(e)
         }
@@ -620,15 +859,20 @@ fn establish_inner<'a>(
     net: &'a dyn Transport,
     dev: i32,
     ctrl: &mut Ctrl,
+    peer_hello: Option<HelloMsg>,
     timeout: Duration,
 ) -> Result<Established<'a>> {
     let start = Instant::now();
     let deadline = start + timeout;
     let ndev = check_device(net, dev)?;
     let listener = Listener::listen(net, dev)?;
-    ctrl.write(&encode_hello(net, ndev, dev, listener.handle()), "our hello")?;
+    ctrl.write(&HelloMsg::new(net, ndev, dev, listener.handle()).encode(), "our hello")?;
     ctrl.sent_hello = true;
-    let (info, handle) = ctrl.read_hello(deadline, timeout)?;
+    let hello = match peer_hello {
+        Some(h) => h,
+        None => ctrl.read_hello(deadline, timeout)?,
+    };
+    let (info, handle) = (hello.info(ctrl.peer), hello.handle);
     log::info!("peer {info} (it has {} device(s))", info.ndev);
     if !info.transport.eq_ignore_ascii_case(net.name()) {
         return Err(Error::invalid_usage(format!(
@@ -715,7 +959,7 @@ impl Setup<'_> {
     fn peer_said_ready(&mut self) -> Result<bool> {
         match self.ctrl.poll_frame("the transport connections")? {
             Some(Frame::Ready) => Ok(true),
-            Some(Frame::Data(_)) => Err(Error::remote(format!(
+            Some(Frame::Data(_) | Frame::Error(_)) => Err(Error::remote(format!(
                 "peer {}: unexpected control message during connection setup",
                 self.info
             ))),
@@ -726,7 +970,7 @@ impl Setup<'_> {
     /// Both sides confirm, so neither starts transfers before the other is fully connected.
     fn confirm_ready(&mut self, peer_ready: bool) -> Result<()> {
         let ctrl = &mut *self.ctrl;
-        ctrl.send_frame(FRAME_READY, &[], "ready")?;
+        ctrl.send_frame(&Frame::Ready, "ready")?;
         if peer_ready {
             return Ok(());
         }
@@ -736,10 +980,161 @@ impl Setup<'_> {
             .max(Duration::from_secs(1));
         match ctrl.next_frame(left, "the peer's ready")? {
             Frame::Ready => Ok(()),
-            Frame::Data(_) => Err(Error::remote(format!(
+            Frame::Data(_) | Frame::Error(_) => Err(Error::remote(format!(
                 "peer {}: expected ready, got a data message",
                 self.info
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::{check_mutations, config};
+    use proptest::prelude::*;
+
+    /// A string that travels whole in a field of `len` bytes.
+    fn field(len: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(any::<char>().prop_map(|c| if c == '\0' { '0' } else { c }), 0..len).prop_map(
+            move |v| {
+                let mut s = String::new();
+                for c in v {
+                    if s.len() + c.len_utf8() < len {
+                        s.push(c);
+                    }
+                }
+                s
+            },
+        )
+    }
+
+    fn any_hello() -> impl Strategy<Value = HelloMsg> {
+        (
+            any::<i32>(),
+            any::<i32>(),
+            any::<u32>(),
+            field(NAME_LEN),
+            field(HOST_LEN),
+            any::<[u8; HANDLE_SIZE]>(),
+        )
+            .prop_map(|(ndev, dev, pid, transport, host, handle)| HelloMsg {
+                ndev,
+                dev,
+                pid,
+                transport,
+                host,
+                handle,
+            })
+    }
+
+    fn hello_canon(b: &[u8]) -> Option<Vec<u8>> {
+        match HelloMsg::decode(b) {
+            Ok(Some(h)) if b.len() == HELLO_LEN => Some(h.encode()),
+            _ => None,
+        }
+    }
+
+    fn any_frame() -> impl Strategy<Value = Frame> {
+        let payload = || proptest::collection::vec(any::<u8>(), 0..64);
+        prop_oneof![
+            payload().prop_map(Frame::Data),
+            Just(Frame::Ready),
+            payload().prop_map(Frame::Error)
+        ]
+    }
+
+    fn frame_canon(b: &[u8]) -> Option<Vec<u8>> {
+        match Frame::decode(b) {
+            Ok(Some((f, n))) if n == b.len() => Some(f.encode()),
+            _ => None,
+        }
+    }
+
+    /// Bytes that start like a hello of this version, so that the fields behind are reached.
+    fn hello_like() -> impl Strategy<Value = Vec<u8>> {
+        (0..=HELLO_LEN + 8, any::<u8>()).prop_flat_map(|(n, fill)| {
+            proptest::collection::vec(prop_oneof![Just(0u8), Just(fill), any::<u8>()], n).prop_map(|mut b| {
+                let mut head = MAGIC.to_vec();
+                head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                head.extend_from_slice(&(HELLO_LEN as u16).to_le_bytes());
+                let k = head.len().min(b.len());
+                b[..k].copy_from_slice(&head[..k]);
+                b
+            })
+        })
+    }
+
+    /// Found by the fuzz module: a name longer than its field was cut inside a character, and
+    /// the peer read a replacement character (now: the hello would be malformed).
+    #[test]
+    fn regression_long_names_are_cut_at_a_character_boundary() {
+        let host = "\u{e9}".repeat(40); // 80 bytes, 2 each
+        let h = HelloMsg {
+            ndev: 1,
+            dev: 0,
+            pid: 7,
+            transport: "mock".into(),
+            host,
+            handle: [0; HANDLE_SIZE],
+        };
+        let back = HelloMsg::decode(&h.encode()).unwrap().unwrap();
+        assert_eq!(back.host, "\u{e9}".repeat(31), "62 of the 63 bytes the field holds");
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn hello_arbitrary_bytes(b in prop_oneof![proptest::collection::vec(any::<u8>(), 0..HELLO_LEN + 8), hello_like()]) {
+            match HelloMsg::decode(&b) {
+                Ok(Some(h)) => prop_assert_eq!(h.encode(), b[..HELLO_LEN].to_vec()),
+                Ok(None) => prop_assert!(b.len() < HELLO_LEN),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn hello_mutations(h in any_hello(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            let b = h.encode();
+            prop_assert_eq!(b.len(), HELLO_LEN);
+            prop_assert_eq!(HelloMsg::decode(&b), Ok(Some(h)));
+            // Every beginning of a hello is one: the server waits for the rest.
+            for n in 0..HELLO_LEN {
+                prop_assert_eq!(HelloMsg::decode(&b[..n]), Ok(None));
+            }
+            check_mutations(&b, &masks, true, hello_canon)?;
+        }
+
+        /// Any name travels as its longest prefix that fits, cut at a character boundary.
+        #[test]
+        fn hello_names_are_cut_whole(transport in any::<String>(), host in any::<String>()) {
+            let h = HelloMsg { ndev: 1, dev: 0, pid: 1, transport: transport.clone(), host: host.clone(), handle: [0; HANDLE_SIZE] };
+            let back = HelloMsg::decode(&h.encode()).unwrap().unwrap();
+            for (sent, got, len) in [(&transport, &back.transport, NAME_LEN), (&host, &back.host, HOST_LEN)] {
+                prop_assert!(sent.starts_with(got.as_str()) && got.len() < len && !got.contains('\0'));
+                let next = sent[got.len()..].chars().next();
+                let fitted = matches!(next, Some(c) if c != '\0' && got.len() + c.len_utf8() < len);
+                prop_assert!(!fitted, "{:?} cut short to {:?}", sent, got);
+            }
+        }
+
+        #[test]
+        fn frame_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..80), kind in 0u8..5, len in 0u32..80) {
+            for b in [b.clone(), [&[kind][..], &len.to_le_bytes(), &b].concat()] {
+                match Frame::decode(&b) {
+                    Ok(Some((f, n))) => prop_assert_eq!(f.encode(), b[..n].to_vec()),
+                    Ok(None) => prop_assert!(b.len() < 5 || b.len() < 5 + u32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize),
+                    Err(_) => {}
+                }
+            }
+        }
+
+        #[test]
+        fn frame_mutations(f in any_frame(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            let b = f.encode();
+            prop_assert_eq!(Frame::decode(&b), Ok(Some((f, b.len()))));
+            check_mutations(&b, &masks, true, frame_canon)?;
         }
     }
 }

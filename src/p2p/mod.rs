@@ -41,7 +41,7 @@ mod xfer;
 
 pub use buf::{RecvBuf, RegBuf, SendBuf};
 pub use conn::{connect, handle_digest, reg, Conn, Connector, DevHandleInfo, Handle, Listener, RecvConn, SendConn};
-pub use endpoint::{connect_to, serve, Endpoint, PeerInfo, Server, HELLO_LEN, MAGIC, PROTOCOL_VERSION};
+pub use endpoint::{connect_to, serve, Endpoint, PeerInfo, Server, HELLO_LEN, MAGIC, MAX_PENDING, PROTOCOL_VERSION};
 pub use stream::{FillFn, StreamResult};
 pub use xfer::{OpError, Pending, PendingRecv, PendingSend, PostResult, Posted, MAX_INFLIGHT};
 

@@ -556,6 +556,83 @@ fn version_mismatch_is_explained() {
     t.join().unwrap();
 }
 
+/// Reads `s` until end of stream or `limit`; what arrived, and whether the stream ended.
+fn read_to_end_within(s: &mut std::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while start.elapsed() < limit {
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return (got, true),
+        }
+    }
+    (got, false)
+}
+
+#[test]
+fn stray_bootstrap_clients_are_dropped_and_the_server_keeps_waiting() {
+    use std::net::TcpStream;
+    let server = Server::bind(loopback()).unwrap();
+    let addr = server.local_addr();
+    let net = MockNet::default();
+    let step = Duration::from_secs(1);
+    std::thread::scope(|s| {
+        let srv = s.spawn(|| {
+            server
+                .accept_within(&net, 0, Duration::from_secs(60), step)
+                .map(|ep| ep.peer().dev)
+        });
+        // Garbage: dropped at once, without a reply.
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let (got, ended) = read_to_end_within(&mut garbage, T);
+        assert!(ended && got.is_empty(), "garbage client: {got:?}, ended {ended}");
+        // Half a hello, then the client goes away.
+        let mut half = TcpStream::connect(addr).unwrap();
+        half.write_all(&MAGIC).unwrap();
+        half.write_all(&PROTOCOL_VERSION.to_le_bytes()).unwrap();
+        half.write_all(&(HELLO_LEN as u16).to_le_bytes()).unwrap();
+        half.write_all(&[0u8; 40]).unwrap();
+        drop(half);
+        // Another version: told ours, then dropped.
+        let mut old = TcpStream::connect(addr).unwrap();
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&99u16.to_le_bytes());
+        hello.extend_from_slice(&300u16.to_le_bytes());
+        old.write_all(&hello).unwrap();
+        let (got, ended) = read_to_end_within(&mut old, T);
+        assert!(ended, "the other version's client was not dropped");
+        assert_eq!(got.len(), 12, "{got:?}");
+        assert_eq!(&got[..8], &MAGIC);
+        assert_eq!(u16::from_le_bytes([got[8], got[9]]), PROTOCOL_VERSION);
+        // More silent clients than the server reads at once: each is dropped after the step
+        // timeout, the ones in the backlog once they get their turn.
+        let mut silent: Vec<TcpStream> = (0..MAX_PENDING + 1)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let start = Instant::now();
+        for (i, c) in silent.iter_mut().enumerate() {
+            let (got, ended) = read_to_end_within(c, T);
+            assert!(ended && got.is_empty(), "silent client {i}: {got:?}, ended {ended}");
+        }
+        assert!(
+            start.elapsed() >= step,
+            "dropped before the step timeout: {:?}",
+            start.elapsed()
+        );
+        assert!(!srv.is_finished(), "the server gave up");
+        // The real peer is served.
+        let ep = connect_to(&net, 1, &addr.to_string(), T).unwrap();
+        assert_eq!(ep.peer().dev, 0);
+        assert_eq!(srv.join().unwrap().unwrap(), 1);
+    });
+}
+
 #[test]
 fn bad_device_is_rejected_before_any_network_activity() {
     let net = MockNet::default();

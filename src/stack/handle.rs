@@ -128,6 +128,49 @@ impl Trailer {
     }
 }
 
+/// What a handle received from a peer asks connect() to do, read from its bytes alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// The inner handle is inline, in the first [`INNER_HANDLE_SIZE`] bytes.
+    Inline(Trailer),
+    /// Served, and no connect of this process has started on it: fetch the inner handle from
+    /// the control service at `ctrl`.
+    Fetch {
+        /// The trailer.
+        trailer: Trailer,
+        /// The listener's control service.
+        ctrl: SocketAddr,
+    },
+    /// Served, and the first bytes name the connect `id` of this process in progress.
+    Pending {
+        /// The trailer.
+        trailer: Trailer,
+        /// The pending connect.
+        id: u64,
+    },
+}
+
+impl Received {
+    /// Reads NCCL's handle as connect() finds it.
+    pub fn parse(handle: &[u8; HANDLE_SIZE]) -> Result<Received> {
+        let trailer = Trailer::read(handle)?;
+        if trailer.flags & FLAG_SERVED == 0 {
+            return Ok(Received::Inline(trailer));
+        }
+        let word = |i: usize| u64::from_le_bytes(handle[i..i + 8].try_into().unwrap_or_default());
+        if word(0) == PENDING_MAGIC {
+            return Ok(Received::Pending { trailer, id: word(8) });
+        }
+        let ctrl = trailer.ctrl_socket().ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "the handle says it is served but names no control service (address family {}): a corrupted handle",
+                trailer.ctrl_family
+            ))
+        })?;
+        Ok(Received::Fetch { trailer, ctrl })
+    }
+}
+
 /// A random 64-bit value from the operating system (connection ids and secrets).
 pub fn random_u64() -> Result<u64> {
     let mut b = [0u8; 8];
@@ -252,13 +295,14 @@ impl Handles {
         handle: &mut [u8; HANDLE_SIZE],
         inner: impl FnOnce(&mut [u8; HANDLE_SIZE]) -> Result<Option<Opaque>>,
     ) -> Result<Option<Opaque>> {
-        let t = Trailer::read(handle)?;
-        if t.flags & FLAG_SERVED == 0 {
+        let received = Received::parse(handle)?;
+        let t = match received {
             // The same buffer, unchanged, on every call: TCPX keeps connect state inside it.
-            return inner(handle);
-        }
+            Received::Inline(_) => return inner(handle),
+            Received::Fetch { trailer, .. } | Received::Pending { trailer, .. } => trailer,
+        };
         self.drop_abandoned();
-        let (id, mut p) = self.take_pending(handle, &t)?;
+        let (id, mut p) = self.take_pending(handle, received)?;
         let res = self.progress(&mut p, &t).and_then(|ready| match ready {
             true => inner(&mut p.scratch),
             false => Ok(None),
@@ -277,20 +321,23 @@ impl Handles {
     }
 
     /// The pending connect NCCL's handle names, or a new one (writing its id into the handle).
-    fn take_pending(&self, handle: &mut [u8; HANDLE_SIZE], t: &Trailer) -> Result<(u64, Pending)> {
-        let magic = u64::from_le_bytes(handle[..8].try_into().unwrap_or_default());
-        let id = u64::from_le_bytes(handle[8..16].try_into().unwrap_or_default());
-        if magic != PENDING_MAGIC {
-            let id = self.next_pending.fetch_add(1, Ordering::Relaxed);
-            handle[..8].copy_from_slice(&PENDING_MAGIC.to_le_bytes());
-            handle[8..16].copy_from_slice(&id.to_le_bytes());
-            let p = Pending {
-                scratch: Box::new([0; HANDLE_SIZE]),
-                fetch: Some(self.start_fetch(t)?),
-                touched: Instant::now(),
-            };
-            return Ok((id, p));
-        }
+    fn take_pending(&self, handle: &mut [u8; HANDLE_SIZE], received: Received) -> Result<(u64, Pending)> {
+        let id = match received {
+            Received::Pending { id, .. } => id,
+            Received::Fetch { trailer, ctrl } => {
+                let fetch = self.start_fetch(ctrl, &trailer)?;
+                let id = self.next_pending.fetch_add(1, Ordering::Relaxed);
+                handle[..8].copy_from_slice(&PENDING_MAGIC.to_le_bytes());
+                handle[8..16].copy_from_slice(&id.to_le_bytes());
+                let p = Pending {
+                    scratch: Box::new([0; HANDLE_SIZE]),
+                    fetch: Some(fetch),
+                    touched: Instant::now(),
+                };
+                return Ok((id, p));
+            }
+            Received::Inline(_) => return Err(Error::internal("connect: an inline handle has no pending connect")),
+        };
         let p = lock(&self.pending).remove(&id).ok_or_else(|| {
             Error::invalid_argument(format!(
                 "the handle names connect #{id} in progress, which this process does not have (a handle copied between \
@@ -301,10 +348,11 @@ impl Handles {
         Ok((id, p))
     }
 
-    fn start_fetch(&self, t: &Trailer) -> Result<std::sync::mpsc::Receiver<Result<[u8; HANDLE_SIZE]>>> {
-        let addr = t
-            .ctrl_socket()
-            .ok_or_else(|| Error::invalid_argument("the handle says it is served but names no control service"))?;
+    fn start_fetch(
+        &self,
+        addr: SocketAddr,
+        t: &Trailer,
+    ) -> Result<std::sync::mpsc::Receiver<Result<[u8; HANDLE_SIZE]>>> {
         let req = control::Request {
             id: t.conn_id,
             secret: t.secret,
@@ -390,5 +438,125 @@ mod tests {
             err.contains("not made by tcpxshim") && err.contains("NCCL_TCPXSHIM_PLUGIN"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::{check_mutations, config};
+    use proptest::prelude::*;
+
+    fn any_trailer() -> impl Strategy<Value = Trailer> {
+        (
+            any::<u16>(),
+            any::<[u8; 16]>(),
+            any::<u16>(),
+            prop_oneof![Just(libc::AF_INET as u16), Just(libc::AF_INET6 as u16), any::<u16>()],
+            any::<u32>(),
+            any::<u64>(),
+        )
+            .prop_map(|(flags, ctrl_addr, ctrl_port, ctrl_family, conn_id, secret)| Trailer {
+                flags,
+                ctrl_addr,
+                ctrl_port,
+                ctrl_family,
+                conn_id,
+                secret,
+            })
+    }
+
+    /// The handle with the trailer `read` found written back: the bytes themselves, if `read`
+    /// used every trailer byte as what it says.
+    fn trailer_canon(b: &[u8]) -> Option<Vec<u8>> {
+        let h: &[u8; HANDLE_SIZE] = b.try_into().ok()?;
+        let t = Trailer::read(h).ok()?;
+        let mut out = *h;
+        t.write(&mut out);
+        Some(out.to_vec())
+    }
+
+    /// What connect() would make of the handle, checked against its bytes field by field.
+    fn check_received(h: &[u8; HANDLE_SIZE]) -> std::result::Result<(), TestCaseError> {
+        let Ok(r) = Received::parse(h) else { return Ok(()) };
+        let t = Trailer::read(h).expect("parse accepted the trailer");
+        match r {
+            Received::Inline(rt) => prop_assert!(rt == t && t.flags & FLAG_SERVED == 0),
+            Received::Pending { trailer, id } => {
+                prop_assert!(trailer == t && t.flags & FLAG_SERVED != 0);
+                prop_assert_eq!(&h[..8], &PENDING_MAGIC.to_le_bytes()[..]);
+                prop_assert_eq!(&h[8..16], &id.to_le_bytes()[..]);
+            }
+            Received::Fetch { trailer, ctrl } => {
+                prop_assert!(trailer == t && t.flags & FLAG_SERVED != 0);
+                prop_assert_ne!(&h[..8], &PENDING_MAGIC.to_le_bytes()[..]);
+                prop_assert_eq!(ctrl.port(), t.ctrl_port);
+                let (family, octets) = match ctrl.ip() {
+                    IpAddr::V4(v4) => (libc::AF_INET, v4.to_ipv6_mapped().octets()),
+                    IpAddr::V6(v6) => (libc::AF_INET6, v6.octets()),
+                };
+                prop_assert_eq!(family as u16, t.ctrl_family);
+                prop_assert_eq!(octets, t.ctrl_addr);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn trailer_arbitrary_bytes(b in any::<[u8; HANDLE_SIZE]>(), ours in any::<bool>()) {
+            let mut h = b;
+            if ours {
+                // A valid magic and version, so the fields behind them are what is fuzzed.
+                h[INNER_HANDLE_SIZE..INNER_HANDLE_SIZE + 4].copy_from_slice(&MAGIC.to_le_bytes());
+                h[INNER_HANDLE_SIZE + 4..INNER_HANDLE_SIZE + 6].copy_from_slice(&VERSION.to_le_bytes());
+            }
+            if let Some(again) = trailer_canon(&h) {
+                prop_assert_eq!(&again[..], &h[..]);
+            }
+            check_received(&h)?;
+        }
+
+        #[test]
+        fn trailer_mutations(t in any_trailer(), inner in any::<[u8; HANDLE_SIZE]>(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            let mut h = inner;
+            t.write(&mut h);
+            prop_assert_eq!(Trailer::read(&h).unwrap(), t);
+            // The handle is a fixed 128 bytes: there is no truncated one.
+            check_mutations(&h, &masks, false, trailer_canon)?;
+            let mut m = h;
+            for i in 0..HANDLE_SIZE {
+                m[i] ^= masks[i % masks.len()];
+                check_received(&m)?;
+                m[i] = h[i];
+            }
+        }
+
+        /// Served handles as a listener writes them (zeroed inner share) and as connect leaves
+        /// them while pending (its magic and id in front).
+        #[test]
+        fn served_handles(t in any_trailer(), addr in any::<SocketAddr>(), pending in proptest::option::of(any::<u64>()), masks in proptest::collection::vec(1u8.., 1..64)) {
+            let mut t = t;
+            t.flags |= FLAG_SERVED;
+            t.set_ctrl_socket(addr);
+            let mut h = [0u8; HANDLE_SIZE];
+            t.write(&mut h);
+            if let Some(id) = pending {
+                h[..8].copy_from_slice(&PENDING_MAGIC.to_le_bytes());
+                h[8..16].copy_from_slice(&id.to_le_bytes());
+                prop_assert_eq!(Received::parse(&h).unwrap(), Received::Pending { trailer: t, id });
+            } else {
+                let ctrl = SocketAddr::new(addr.ip(), addr.port());
+                prop_assert_eq!(Received::parse(&h).unwrap(), Received::Fetch { trailer: t, ctrl });
+            }
+            let mut m = h;
+            for i in 0..HANDLE_SIZE {
+                m[i] ^= masks[i % masks.len()];
+                check_received(&m)?;
+                m[i] = h[i];
+            }
+        }
     }
 }

@@ -109,6 +109,11 @@ impl ListenHandle {
             )));
         }
         let ip = match u16_at(h, 6) {
+            4 if h[12..24].iter().any(|&b| b != 0) => {
+                return Err(Error::invalid_argument(
+                    "connect: handle has an IPv4 address with bytes set past it (corrupted handle)".to_string(),
+                ))
+            }
             4 => IpAddr::V4(Ipv4Addr::new(h[8], h[9], h[10], h[11])),
             6 => {
                 let mut o = [0u8; 16];
@@ -180,9 +185,10 @@ impl Hello {
         b
     }
 
-    /// Decodes a hello; `None` when it is not one of ours (a stray connection).
+    /// Decodes a hello; `None` when it is not one of ours (a stray connection), the unused
+    /// bytes 10 and 11 included.
     pub fn decode(b: &[u8; HELLO_LEN]) -> Option<Hello> {
-        if u32_at(b, 0) != HELLO_MAGIC || u16_at(b, 4) != WIRE_VERSION {
+        if u32_at(b, 0) != HELLO_MAGIC || u16_at(b, 4) != WIRE_VERSION || u16_at(b, 10) != 0 {
             return None;
         }
         Some(Hello {
@@ -341,6 +347,33 @@ mod tests {
         assert_eq!(Hello::decode(&[0u8; HELLO_LEN]), None);
     }
 
+    /// Found by the fuzz module: bytes a decoder skipped, so two encodings meant one value.
+    #[test]
+    fn unused_bytes_must_be_zero() {
+        let hi = Hello {
+            index: 0,
+            streams: 1,
+            inline_max: 0,
+            nonce: 1,
+            token: 2,
+        };
+        let mut b = hi.encode();
+        b[10] = 1;
+        assert_eq!(Hello::decode(&b), None, "padding of the hello");
+        let mut h = [0u8; HANDLE_LEN];
+        ListenHandle {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            streams: 1,
+            inline_max: 0,
+            token: 1,
+        }
+        .write(&mut h)
+        .unwrap();
+        h[12] = 1;
+        let err = ListenHandle::read(&h).unwrap_err().to_string();
+        assert!(err.contains("IPv4 address with bytes set past it"), "{err}");
+    }
+
     #[test]
     fn chunks_cover_the_message_once_with_at_most_one_per_stream() {
         for &(size, streams, min) in &[
@@ -363,6 +396,142 @@ mod tests {
                 }
                 assert_eq!(covered, size);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::{check_mutations, config};
+    use proptest::prelude::*;
+
+    /// The bytes `read` accepted, written again (with the connect-state slot they carried).
+    fn handle_canon(b: &[u8]) -> Option<Vec<u8>> {
+        let lh = ListenHandle::read(b).ok()?;
+        let mut out = vec![0u8; HANDLE_LEN];
+        lh.write(&mut out).expect("48 bytes suffice");
+        set_connect_state(&mut out, connect_state(b));
+        Some(out)
+    }
+
+    fn any_handle() -> impl Strategy<Value = ListenHandle> {
+        (any::<SocketAddr>(), 1u16.., any::<u16>(), any::<u32>(), any::<u64>()).prop_map(
+            |(addr, port, streams, inline_max, token)| ListenHandle {
+                addr: SocketAddr::new(addr.ip(), port),
+                streams,
+                inline_max,
+                token,
+            },
+        )
+    }
+
+    fn any_hello() -> impl Strategy<Value = Hello> {
+        (any::<u16>(), any::<u16>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+            |(index, streams, inline_max, nonce, token)| Hello {
+                index,
+                streams,
+                inline_max,
+                nonce,
+                token,
+            },
+        )
+    }
+
+    fn any_header() -> impl Strategy<Value = Header> {
+        (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(seq, size, chunk, flags)| Header {
+            seq,
+            size,
+            chunk,
+            flags,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn listen_handle_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Some(again) = handle_canon(&b) {
+                prop_assert_eq!(&again[..], &b[..HANDLE_LEN]);
+            }
+        }
+
+        #[test]
+        fn listen_handle_with_valid_magic_and_version(
+            family in prop_oneof![Just(4u16), Just(6u16), any::<u16>()],
+            rest in proptest::collection::vec(any::<u8>(), HANDLE_LEN - 8),
+        ) {
+            // Past the magic, so that the field checks are what the bytes meet.
+            let mut b = HANDLE_MAGIC.to_le_bytes().to_vec();
+            b.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+            b.extend_from_slice(&family.to_le_bytes());
+            b.extend_from_slice(&rest);
+            if let Some(again) = handle_canon(&b) {
+                prop_assert_eq!(again, b);
+            }
+        }
+
+        #[test]
+        fn listen_handle_mutations(lh in any_handle(), state in any::<u64>(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            let mut b = vec![0u8; HANDLE_LEN];
+            lh.write(&mut b).unwrap();
+            set_connect_state(&mut b, state);
+            prop_assert_eq!(ListenHandle::read(&b).unwrap(), lh);
+            prop_assert_eq!(connect_state(&b), state);
+            check_mutations(&b, &masks, true, handle_canon)?;
+        }
+
+        #[test]
+        fn hello_arbitrary_bytes(b in any::<[u8; HELLO_LEN]>()) {
+            if let Some(h) = Hello::decode(&b) {
+                prop_assert_eq!(h.encode(), b);
+            }
+        }
+
+        #[test]
+        fn hello_mutations(h in any_hello(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            prop_assert_eq!(Hello::decode(&h.encode()), Some(h));
+            check_mutations(&h.encode(), &masks, false, |b| {
+                Hello::decode(b.try_into().ok()?).map(|h| h.encode().to_vec())
+            })?;
+        }
+
+        #[test]
+        fn header_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..40)) {
+            if let Some(h) = Header::decode(&b) {
+                prop_assert_eq!(&h.encode()[..], &b[..HEADER_LEN]);
+            }
+        }
+
+        #[test]
+        fn header_mutations(h in any_header(), masks in proptest::collection::vec(1u8.., 1..64)) {
+            prop_assert_eq!(Header::decode(&h.encode()), Some(h));
+            check_mutations(&h.encode(), &masks, true, |b| Header::decode(b).map(|h| h.encode().to_vec()))?;
+        }
+
+        /// The striping plan of any header the receiver accepts (its checks: at most 2^31-1
+        /// bytes, a non-zero chunk, no more chunks than streams) covers the message exactly once,
+        /// in bounds, one chunk per stream at most.
+        #[test]
+        fn striping_plan_of_accepted_headers(
+            seq in any::<u64>(),
+            size in 1usize..=i32::MAX as usize,
+            streams in 1usize..=64,
+            extra in 0usize..=i32::MAX as usize,
+        ) {
+            let chunk = size.div_ceil(streams) + extra;
+            prop_assert!(chunk <= u32::MAX as usize && size.div_ceil(chunk) <= streams);
+            let mut used = vec![false; streams];
+            let mut covered = 0usize;
+            for (s, off, len) in chunks(seq, size, chunk, streams) {
+                prop_assert!(s < streams && !used[s], "stream {} twice or out of range", s);
+                used[s] = true;
+                prop_assert_eq!(off, covered);
+                prop_assert!(len > 0 && off + len <= size);
+                covered += len;
+            }
+            prop_assert_eq!(covered, size);
         }
     }
 }

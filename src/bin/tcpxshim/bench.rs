@@ -85,7 +85,8 @@ impl Plan {
     /// Messages in the bandwidth test at `size`.
     pub fn bw_msgs(&self, size: usize) -> usize {
         let by_bytes = (self.bytes / size.max(1) as u64) as usize;
-        by_bytes.clamp(4, 10 * self.iters.max(1))
+        // Saturating: the plan may come from a peer, with any iteration count.
+        by_bytes.clamp(4, self.iters.saturating_mul(10).max(4))
     }
 
     fn encode(&self) -> String {
@@ -131,7 +132,17 @@ impl Plan {
             depth: depth.ok_or_else(bad)?,
             verify_iters: viters.ok_or_else(bad)?,
         };
-        if plan.max_size() > i32::MAX as usize || !(1..=MAX_INFLIGHT).contains(&plan.depth) || plan.iters == 0 {
+        // What Plan::new guarantees: sizes ascending, each once, at least one; counts at least 1.
+        let ascending = |v: &[usize]| v.windows(2).all(|w| w[0] < w[1]);
+        if plan.max_size() > i32::MAX as usize
+            || !(1..=MAX_INFLIGHT).contains(&plan.depth)
+            || plan.iters == 0
+            || plan.verify_iters == 0
+            || plan.bytes == 0
+            || plan.sizes.is_empty()
+            || !ascending(&plan.sizes)
+            || !ascending(&plan.verify_sizes)
+        {
             return Err(bad());
         }
         Ok(plan)
@@ -168,13 +179,20 @@ impl Row {
         if f.len() < 6 {
             return Err(bad());
         }
+        // A time or a rate is a finite number, not negative ("NaN", "inf" and "-1" parse as f64).
+        let measure = |t: &str| {
+            t.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .ok_or_else(bad)
+        };
         Ok(Row {
             size: f[0].parse().map_err(|_| bad())?,
             lat_iters: f[1].parse().map_err(|_| bad())?,
-            lat_us: f[2].parse().map_err(|_| bad())?,
+            lat_us: measure(f[2])?,
             bw_msgs: f[3].parse().map_err(|_| bad())?,
             depth: f[4].parse().map_err(|_| bad())?,
-            gbps: f[5].parse().map_err(|_| bad())?,
+            gbps: measure(f[5])?,
         })
     }
 }
@@ -702,5 +720,165 @@ mod tests {
         assert_eq!(fmt_size(8), "8 B");
         assert_eq!(fmt_size(64 << 20), "64 MiB");
         assert_eq!(fmt_size(1536), "1.5 KiB");
+    }
+}
+
+/// Property tests of the messages a peer sends (the test plan and the result rows): the
+/// decoders of the library are covered in its own `fuzz` modules; these are the command's.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// As the library's: 4096 cases, or PROPTEST_CASES when set (scripts/fuzz.sh).
+    fn config() -> ProptestConfig {
+        let mut c = ProptestConfig::default();
+        if std::env::var_os("PROPTEST_CASES").is_none() {
+            c.cases = 4096;
+        }
+        c
+    }
+
+    fn any_plan() -> impl Strategy<Value = Plan> {
+        (
+            1usize..=1 << 20,
+            0u32..12,
+            1usize..10_000,
+            any::<u64>(),
+            1..=MAX_INFLIGHT,
+            1usize..100,
+        )
+            .prop_map(|(min, shift, iters, bytes, depth, viters)| {
+                let max = (min << shift).min(i32::MAX as usize);
+                Plan::new(min, max, iters, bytes, depth, viters).unwrap()
+            })
+    }
+
+    fn any_row() -> impl Strategy<Value = Row> {
+        (
+            any::<usize>(),
+            any::<usize>(),
+            0.0..1e12f64,
+            any::<usize>(),
+            any::<usize>(),
+            0.0..1e6f64,
+        )
+            .prop_map(|(size, lat_iters, lat_us, bw_msgs, depth, gbps)| Row {
+                size,
+                lat_iters,
+                lat_us,
+                bw_msgs,
+                depth,
+                gbps,
+            })
+    }
+
+    /// A plan the server accepted: what Plan::new would make, and what the server computes from
+    /// it neither panics nor overflows.
+    fn check_plan(p: &Plan) -> std::result::Result<(), TestCaseError> {
+        prop_assert!(!p.sizes.is_empty() && p.sizes.windows(2).all(|w| w[0] < w[1]));
+        prop_assert!(p.verify_sizes.windows(2).all(|w| w[0] < w[1]));
+        prop_assert!(p.max_size() <= i32::MAX as usize && (1..=MAX_INFLIGHT).contains(&p.depth));
+        prop_assert!(p.iters >= 1 && p.verify_iters >= 1 && p.bytes >= 1);
+        for &s in p.sizes.iter().chain(&p.verify_sizes) {
+            prop_assert!(p.lat_iters(s) >= 1);
+            prop_assert!(p.bw_msgs(s) >= 4);
+        }
+        prop_assert_eq!(Plan::decode(&p.encode()).unwrap(), p.clone());
+        Ok(())
+    }
+
+    /// Text that looks like a plan: the keys, numbers (some huge, some lists) and junk.
+    fn plan_like() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("sizes"),
+            Just("verify"),
+            Just("iters"),
+            Just("bytes"),
+            Just("depth"),
+            Just("verify_iters"),
+            Just("other")
+        ];
+        let num = prop_oneof![
+            (0u64..20).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("-1".to_string()),
+            Just(String::new())
+        ];
+        let value = proptest::collection::vec(num, 1..4).prop_map(|v| v.join(","));
+        proptest::collection::vec((key, value), 0..8).prop_map(|kvs| {
+            let body: Vec<String> = kvs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("plan {}", body.join(" "))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn plan_arbitrary_text(t in prop_oneof![".{0,200}", plan_like()]) {
+            if let Ok(p) = Plan::decode(&t) {
+                check_plan(&p)?;
+            }
+        }
+
+        #[test]
+        fn plan_round_trips(p in any_plan()) {
+            check_plan(&p)?;
+            prop_assert_eq!(Plan::decode(&p.encode()).unwrap().encode(), p.encode());
+        }
+
+        /// Any one byte of a plan changed, or the plan cut short: rejected, or a plan that meets
+        /// every check (the server then runs exactly the plan the text says).
+        #[test]
+        fn plan_mutations(p in any_plan(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let text = p.encode().into_bytes();
+            let mut m = text.clone();
+            let i = at.index(m.len());
+            m[i] = byte;
+            let cut = &text[..cut.index(text.len())];
+            for b in [&m[..], cut] {
+                if let Ok(q) = Plan::decode(&String::from_utf8_lossy(b)) {
+                    check_plan(&q)?;
+                }
+            }
+        }
+
+        #[test]
+        fn row_arbitrary_text(t in prop_oneof![".{0,120}", "row( [-+0-9.eEinfNa]{0,12}){0,7}"]) {
+            if let Ok(r) = Row::decode(&t) {
+                prop_assert!(r.lat_us.is_finite() && r.lat_us >= 0.0 && r.gbps.is_finite() && r.gbps >= 0.0);
+                prop_assert_eq!(Row::decode(&r.encode()).unwrap(), r);
+            }
+        }
+
+        #[test]
+        fn row_round_trips_and_mutations(r in any_row(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let text = r.encode();
+            prop_assert_eq!(Row::decode(&text).unwrap(), r.clone());
+            let mut m = text.into_bytes();
+            let i = at.index(m.len());
+            m[i] = byte;
+            if let Ok(q) = Row::decode(&String::from_utf8_lossy(&m)) {
+                prop_assert!(q.lat_us.is_finite() && q.lat_us >= 0.0 && q.gbps.is_finite() && q.gbps >= 0.0);
+                prop_assert_eq!(Row::decode(&q.encode()).unwrap(), q);
+            }
+        }
+    }
+
+    /// Found by the fuzz module: a plan with a huge iteration count overflowed (debug builds
+    /// panicked; release builds wrapped and then panicked in clamp), ending the server.
+    #[test]
+    fn regression_a_huge_iteration_count_does_not_overflow() {
+        let p = Plan::decode(&format!(
+            "plan sizes=8 verify=8 iters={} bytes=1 depth=1 verify_iters=1",
+            usize::MAX
+        ))
+        .unwrap();
+        assert_eq!(p.bw_msgs(8), 4);
+        assert!(Plan::decode("plan sizes=8 verify=8 iters=1 bytes=1 depth=1 verify_iters=0").is_err());
+        assert!(Plan::decode("plan sizes=64,8 verify=8 iters=1 bytes=1 depth=1 verify_iters=1").is_err());
+        assert!(Row::decode("row 8 1 NaN 4 1 1").is_err() && Row::decode("row 8 1 1 4 1 -2").is_err());
     }
 }

@@ -8,9 +8,11 @@
 //! tcpxshim metrics serve DIR [--listen 0.0.0.0:9464]  # this host's metrics files on /metrics
 //! tcpxshim stats DIR [--once]             # this host's ranks and connections, as tables
 //! tcpxshim top DIR                        # the same, live
+//! tcpxshim drop --pid PID [--every S]     # shut down a process's TCP connections (fault tests)
 //! ```
 
 mod bench;
+mod drop;
 mod metrics;
 
 use bench::{fmt_size, parse_size, Event, Plan, Report, Row, Verified};
@@ -113,6 +115,22 @@ enum Cmd {
         /// Seconds between reads of the files.
         #[arg(long, default_value = "1", value_parser = parse_secs, value_name = "SECS")]
         interval: Duration,
+    },
+    /// Shut down (both ways) the established TCP connections of another process, as a NIC reset
+    /// would, for fault tests. Needs ptrace rights over it (root), Linux 5.6 or later.
+    Drop {
+        /// The process.
+        #[arg(long)]
+        pid: u32,
+        /// Repeat every SECS seconds (until --count rounds, or the process exits).
+        #[arg(long, value_parser = parse_secs, value_name = "SECS")]
+        every: Option<Duration>,
+        /// Rounds with --every.
+        #[arg(long, value_name = "N", requires = "every")]
+        count: Option<u64>,
+        /// Only connections with one of these local or remote ports.
+        #[arg(long, num_args = 1.., value_name = "PORT")]
+        filter: Vec<u16>,
     },
 }
 
@@ -634,6 +652,12 @@ fn main() -> ExitCode {
         } => metrics::serve::run(dir, listen),
         Cmd::Stats { dir, once, interval } => metrics::stats::run(dir, *once, *interval),
         Cmd::Top { dir, interval } => metrics::top::run(dir, *interval),
+        Cmd::Drop {
+            pid,
+            every,
+            count,
+            filter,
+        } => drop::run(*pid, *every, *count, filter),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
