@@ -6,6 +6,7 @@
 //! written once, in its [`Setting`]. README.md documents each entry of [`SETTINGS`]; a test
 //! checks that it does.
 
+pub use crate::control::link::{LinkConfig, PEER_TIMEOUT};
 use crate::error::{Error, Result};
 pub use crate::tcp::config::{
     TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_STREAMS,
@@ -128,6 +129,7 @@ pub const SETTINGS: &[Setting] = &[
     TCP_USER_TIMEOUT,
     STALL_WARN,
     CTRL_ADDR,
+    PEER_TIMEOUT,
     HANDLE,
     FAULTS,
     METRICS_DIR,
@@ -185,6 +187,8 @@ pub struct Config {
     pub handle_mode: crate::stack::handle::HandleMode,
     /// NCCL_TCPXSHIM_CTRL_ADDR.
     pub ctrl_addr: Option<std::net::IpAddr>,
+    /// The control links' settings (NCCL_TCPXSHIM_PEER_TIMEOUT).
+    pub link: LinkConfig,
     /// NCCL_TCPXSHIM_FAULTS: the faults to inject; `None`: none (the layer is not stacked).
     pub faults: Option<crate::stack::FaultSpec>,
     /// NCCL_TCPXSHIM_METRICS_DIR: where the metrics file goes; `None`: no metrics.
@@ -286,6 +290,7 @@ impl Config {
             },
             handle_mode,
             ctrl_addr,
+            link: LinkConfig::from_vars(vars)?,
             faults: get(vars, FAULTS.name)
                 .map(|t| crate::stack::FaultSpec::parse(&t))
                 .transpose()?,

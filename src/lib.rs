@@ -2,7 +2,7 @@
 //! its own built-in kernel-TCP transport, adding visibility and robustness.
 
 pub mod config;
-pub(crate) mod control;
+pub mod control;
 pub mod error;
 pub mod ffi;
 pub mod p2p;

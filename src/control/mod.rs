@@ -16,8 +16,10 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+pub mod link;
 
 /// "TXCT", little-endian.
 const MAGIC: u32 = u32::from_le_bytes(*b"TXCT");
@@ -141,6 +143,8 @@ struct Shared {
     offers: Mutex<HashMap<u32, Offer>>,
     clients: AtomicUsize,
     rejected: Rejections,
+    /// Control links arriving on this port are handed to this hub.
+    links: OnceLock<link::Hub>,
 }
 
 /// A running control service.
@@ -166,6 +170,7 @@ impl Service {
             offers: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             rejected: Rejections::default(),
+            links: OnceLock::new(),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -203,6 +208,11 @@ impl Service {
         lock(&self.shared.offers).remove(&id);
     }
 
+    /// Hands the control links that connect to this port to `hub` (the first hub given stays).
+    pub fn serve_links(&self, hub: &link::Hub) {
+        let _ = self.shared.links.set(hub.clone());
+    }
+
     /// Requests turned away so far.
     #[cfg(test)]
     pub fn rejected(&self) -> &Rejections {
@@ -235,6 +245,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 fn serve(mut stream: TcpStream, shared: &Shared) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    if let Some(hub) = shared.links.get().filter(|_| link::is_link_stream(&stream)) {
+        return hub.adopt(stream);
+    }
     let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
     let mut buf = [0u8; REQUEST_LEN];
     let status = match stream.read_exact(&mut buf).ok().and_then(|_| Request::decode(&buf)) {
