@@ -7,6 +7,9 @@
 //! checks that it does.
 
 use crate::error::{Error, Result};
+pub use crate::recovery::{
+    RecoveryConfig, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING, RECOVERY_TIMEOUT,
+};
 pub use crate::tcp::config::{
     TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_MIN_CHUNK, TCP_STREAMS, TCP_WORKERS,
 };
@@ -108,6 +111,11 @@ pub const SETTINGS: &[Setting] = &[
     FAULTS,
     METRICS_DIR,
     METRICS_INTERVAL,
+    RECOVERY_TIMEOUT,
+    RECOVERY_ATTEMPTS,
+    RECOVERY_COPY_MAX,
+    RECOVERY_COPY_RING,
+    RECOVERY_ACK_EVERY,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -167,6 +175,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The built-in transport's settings.
     pub tcp: TcpConfig,
+    /// The recovery protocol's settings (NCCL_TCPXSHIM_RECOVERY_*).
+    pub recovery: RecoveryConfig,
 }
 
 /// What the metrics layer needs besides its directory: the write interval and the process's
@@ -261,6 +271,7 @@ impl Config {
             metrics_dir: get(vars, METRICS_DIR.name).map(std::path::PathBuf::from),
             metrics: MetricsConfig::from_vars(vars)?,
             tcp: TcpConfig::from_vars(vars)?,
+            recovery: RecoveryConfig::from_vars(vars)?,
         })
     }
 }

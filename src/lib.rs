@@ -13,6 +13,7 @@ pub mod export;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
+pub mod recovery;
 pub mod stack;
 
 pub use error::{Error, Result};
