@@ -175,7 +175,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The built-in transport's settings.
     pub tcp: TcpConfig,
-    /// The recovery protocol's settings (NCCL_TCPXSHIM_RECOVERY_*).
+    /// The recovery protocol's settings (src/recovery/config.rs).
     pub recovery: RecoveryConfig,
 }
 

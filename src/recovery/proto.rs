@@ -663,7 +663,7 @@ impl SendSide {
             }
             SendPhase::WaitNewInner | SendPhase::Failed => {}
         }
-        let rec = self.rec.get_or_insert_with(|| Recovery {
+        let rec = self.rec.get_or_insert(Recovery {
             since: now,
             attempts: 0,
             cause: Cause::PeerReplaced,
