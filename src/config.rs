@@ -8,6 +8,9 @@
 
 pub use crate::control::link::{LinkConfig, PEER_TIMEOUT};
 use crate::error::{Error, Result};
+pub use crate::recovery::{
+    RecoveryConfig, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING, RECOVERY_TIMEOUT,
+};
 pub use crate::tcp::config::{
     TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_STREAMS,
     TCP_USER_TIMEOUT, TCP_WORKERS,
@@ -136,6 +139,11 @@ pub const SETTINGS: &[Setting] = &[
     METRICS_INTERVAL,
     CONNECT_TIMEOUT,
     ABORT_ON_ERROR,
+    RECOVERY_TIMEOUT,
+    RECOVERY_ATTEMPTS,
+    RECOVERY_COPY_MAX,
+    RECOVERY_COPY_RING,
+    RECOVERY_ACK_EVERY,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -202,6 +210,8 @@ pub struct Config {
     pub connect_timeout: Option<std::time::Duration>,
     /// NCCL_TCPXSHIM_ABORT_ON_ERROR: end the process on an error that ends the job.
     pub abort_on_error: bool,
+    /// The recovery protocol's settings (src/recovery/config.rs).
+    pub recovery: RecoveryConfig,
 }
 
 /// What the metrics need besides its directory: the write interval and the process's
@@ -302,6 +312,7 @@ impl Config {
                 s => Some(std::time::Duration::from_secs(s)),
             },
             abort_on_error: int(vars, &ABORT_ON_ERROR, 0, 1)? == 1,
+            recovery: RecoveryConfig::from_vars(vars)?,
         })
     }
 }

@@ -16,6 +16,7 @@ pub mod export;
 pub mod logging;
 pub mod metrics;
 pub mod plugin;
+pub mod recovery;
 pub mod sockdrop;
 pub mod stack;
 
