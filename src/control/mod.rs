@@ -1,10 +1,12 @@
 //! The per-process control service: a small TCP server through which shim instances talk to
 //! each other, and its client.
 //!
-//! Today it serves one thing: the full 128-byte handle of an inner plugin that leaves no room
+//! It serves two things. GET_HANDLE: the full 128-byte handle of an inner plugin that leaves no room
 //! for the shim's trailer (see `stack::handle`). The listening side offers the handle under a
 //! connection id and a random secret, both carried in the shim's own handle; the connecting
-//! side asks for it with that id and secret. Every message is versioned and of fixed length, the
+//! side asks for it with that id and secret. GET_SETTINGS (`settings`): the values of the
+//! settings that must agree between peers, offered under the id and secret of a handle, for the
+//! connecting side to compare with its own (`stack::cfgcheck`). Every message is versioned and of fixed length, the
 //! secret is compared in constant time, every connection has a deadline, and the number of
 //! connections served at once is capped, so a stray or hostile client can neither crash the
 //! service nor hold it up.
@@ -18,6 +20,8 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+pub mod settings;
 
 /// "TXCT", little-endian.
 const MAGIC: u32 = u32::from_le_bytes(*b"TXCT");
@@ -139,6 +143,8 @@ struct Shared {
     offers: Mutex<HashMap<u32, Offer>>,
     clients: AtomicUsize,
     rejected: Rejections,
+    /// The settings offered for the check between peers.
+    settings: settings::Offers,
 }
 
 /// A running control service.
@@ -164,6 +170,7 @@ impl Service {
             offers: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             rejected: Rejections::default(),
+            settings: settings::Offers::default(),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -196,9 +203,23 @@ impl Service {
         id
     }
 
-    /// Withdraws the offer `id` (its listen comm closed).
+    /// Withdraws the offer `id` (its listen comm closed), its settings included.
     pub fn withdraw(&self, id: u32) {
         lock(&self.shared.offers).remove(&id);
+        self.shared.settings.withdraw(id);
+    }
+
+    /// Offers the settings `body` under `id` (the id of a handle offered with [`Service::offer`])
+    /// or, when `None`, under a new id; guarded by `secret`. Returns the id.
+    pub fn offer_settings(&self, id: Option<u32>, secret: u64, body: Arc<Vec<u8>>) -> u32 {
+        let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.shared.settings.offer(id, secret, body);
+        id
+    }
+
+    /// Settings requests received so far (answered or turned away).
+    pub fn settings_requests(&self) -> u64 {
+        self.shared.settings.requests.load(Ordering::Relaxed)
     }
 
     /// Requests turned away so far.
@@ -235,7 +256,11 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
     let mut buf = [0u8; REQUEST_LEN];
-    let status = match stream.read_exact(&mut buf).ok().and_then(|_| Request::decode(&buf)) {
+    let read = stream.read_exact(&mut buf).is_ok();
+    if let Some(req) = settings::Request::decode(&buf).filter(|_| read) {
+        return settings::answer(&mut stream, req, &shared.settings, &shared.rejected, &peer);
+    }
+    let status = match read.then(|| Request::decode(&buf)).flatten() {
         None => Status::Malformed,
         Some(req) => match lock(&shared.offers).get(&req.id) {
             None => Status::Unknown,
