@@ -57,7 +57,8 @@ pub const CTRL_ADDR: Setting = Setting {
     name: "NCCL_TCPXSHIM_CTRL_ADDR",
     default: "(first address of NCCL_TCPXSHIM_TCP_IFNAME's choice)",
     doc: "Local IP address the shim's control service listens on and names in its handles (other ranks connect to \
-          it). Started only when needed: for an inner plugin whose handle leaves no room for the shim's trailer.",
+          it). Started only when needed: for an inner plugin whose handle leaves no room for the shim's trailer, \
+          and on the first listen for the settings check between peers (unless NCCL_TCPXSHIM_CONFIG_CHECK=off).",
 };
 
 /// How inner handles travel.
@@ -116,6 +117,20 @@ pub const ABORT_ON_ERROR: Setting = Setting {
           otherwise wait for their own watchdog. 0: the error goes to NCCL.",
 };
 
+/// The settings check between peers.
+pub const CONFIG_CHECK: Setting = Setting {
+    name: "NCCL_TCPXSHIM_CONFIG_CHECK",
+    default: "warn",
+    doc: "At connect, compare with the peer the settings both ends must agree on (the tcpxshim version, the inner \
+          transport, and its settings the wire protocol depends on: NCCL_TCPXSHIM_TCP_STREAMS and \
+          NCCL_TCPXSHIM_TCP_INLINE for the built-in transport; NCCL_GPUDIRECTTCPX_SOCKET_IFNAME, \
+          NCCL_SOCKET_NTHREADS, NCCL_NSOCKS_PERTHREAD, NCCL_DYNAMIC_CHUNK_SIZE and NCCL_GPUDIRECTTCPX_RECV_SYNC \
+          over TCPX), fetched from the listener's control service. `warn`: one WARN line per connection names \
+          each difference with both values (`NCCL_TCPXSHIM_TCP_STREAMS: here 4, peer 8`); `enforce`: the \
+          connect fails with that text (ncclInvalidUsage); `off`: no check, and no control service for it. A \
+          peer that cannot be asked is reported once and the connect goes on.",
+};
+
 /// All settings, in documentation order.
 pub const SETTINGS: &[Setting] = &[
     PLUGIN,
@@ -144,6 +159,7 @@ pub const SETTINGS: &[Setting] = &[
     RECOVERY_COPY_MAX,
     RECOVERY_COPY_RING,
     RECOVERY_ACK_EVERY,
+    CONFIG_CHECK,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -212,6 +228,10 @@ pub struct Config {
     pub abort_on_error: bool,
     /// The recovery protocol's settings (src/recovery/config.rs).
     pub recovery: RecoveryConfig,
+    /// NCCL_TCPXSHIM_CONFIG_CHECK.
+    pub config_check: crate::stack::cfgcheck::CheckMode,
+    /// The values of the settings compared with the peer's at connect.
+    pub peer_settings: crate::stack::cfgcheck::PeerSettings,
 }
 
 /// What the metrics need besides its directory: the write interval and the process's
@@ -306,6 +326,7 @@ impl Config {
                 .transpose()?,
             metrics_dir: get(vars, METRICS_DIR.name).map(std::path::PathBuf::from),
             metrics: MetricsConfig::from_vars(vars)?,
+            peer_settings: crate::stack::cfgcheck::PeerSettings::from_vars(vars),
             tcp: TcpConfig::from_vars(vars)?,
             connect_timeout: match int(vars, &CONNECT_TIMEOUT, 0, 86400)? {
                 0 => None,
@@ -313,6 +334,7 @@ impl Config {
             },
             abort_on_error: int(vars, &ABORT_ON_ERROR, 0, 1)? == 1,
             recovery: RecoveryConfig::from_vars(vars)?,
+            config_check: crate::stack::cfgcheck::CheckMode::from_vars(vars)?,
         })
     }
 }

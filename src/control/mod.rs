@@ -1,10 +1,12 @@
 //! The per-process control service: a small TCP server through which shim instances talk to
 //! each other, and its client.
 //!
-//! Today it serves one thing: the full 128-byte handle of an inner plugin that leaves no room
+//! It serves two things. GET_HANDLE: the full 128-byte handle of an inner plugin that leaves no room
 //! for the shim's trailer (see `stack::handle`). The listening side offers the handle under a
 //! connection id and a random secret, both carried in the shim's own handle; the connecting
-//! side asks for it with that id and secret. Every message is versioned and of fixed length, the
+//! side asks for it with that id and secret. GET_SETTINGS (`settings`): the values of the
+//! settings that must agree between peers, offered under the id and secret of a handle, for the
+//! connecting side to compare with its own (`stack::cfgcheck`). Every message is versioned and of fixed length, the
 //! secret is compared in constant time, every connection has a deadline, and the number of
 //! connections served at once is capped, so a stray or hostile client can neither crash the
 //! service nor hold it up.
@@ -20,6 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub mod link;
+pub mod settings;
 
 /// "TXCT", little-endian.
 const MAGIC: u32 = u32::from_le_bytes(*b"TXCT");
@@ -145,6 +148,8 @@ struct Shared {
     rejected: Rejections,
     /// Control links arriving on this port are handed to this hub.
     links: OnceLock<link::Hub>,
+    /// The settings offered for the check between peers.
+    settings: settings::Offers,
 }
 
 /// A running control service.
@@ -171,6 +176,7 @@ impl Service {
             clients: AtomicUsize::new(0),
             rejected: Rejections::default(),
             links: OnceLock::new(),
+            settings: settings::Offers::default(),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -203,9 +209,23 @@ impl Service {
         id
     }
 
-    /// Withdraws the offer `id` (its listen comm closed).
+    /// Withdraws the offer `id` (its listen comm closed), its settings included.
     pub fn withdraw(&self, id: u32) {
         lock(&self.shared.offers).remove(&id);
+        self.shared.settings.withdraw(id);
+    }
+
+    /// Offers the settings `body` under `id` (the id of a handle offered with [`Service::offer`])
+    /// or, when `None`, under a new id; guarded by `secret`. Returns the id.
+    pub fn offer_settings(&self, id: Option<u32>, secret: u64, body: Arc<Vec<u8>>) -> u32 {
+        let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.shared.settings.offer(id, secret, body);
+        id
+    }
+
+    /// Settings requests received so far (answered or turned away).
+    pub fn settings_requests(&self) -> u64 {
+        self.shared.settings.requests.load(Ordering::Relaxed)
     }
 
     /// Hands the control links that connect to this port to `hub` (the first hub given stays).
@@ -250,7 +270,11 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     }
     let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
     let mut buf = [0u8; REQUEST_LEN];
-    let status = match stream.read_exact(&mut buf).ok().and_then(|_| Request::decode(&buf)) {
+    let read = stream.read_exact(&mut buf).is_ok();
+    if let Some(req) = settings::Request::decode(&buf).filter(|_| read) {
+        return settings::answer(&mut stream, req, &shared.settings, &shared.rejected, &peer);
+    }
+    let status = match read.then(|| Request::decode(&buf)).flatten() {
         None => Status::Malformed,
         Some(req) => match lock(&shared.offers).get(&req.id) {
             None => Status::Unknown,

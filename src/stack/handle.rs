@@ -16,7 +16,14 @@
 //! every repeated connect() (TCPX's quirk 1 holds in both modes). While the fetch and the inner
 //! connect are in progress, the first bytes of NCCL's handle (unused in this mode) name the
 //! pending connect, as TCPX keeps its own state in the handle.
+//!
+//! Unless `NCCL_TCPXSHIM_CONFIG_CHECK=off`, the listening side also offers the settings peers
+//! must agree on (`stack::cfgcheck`) on its control service, in both modes: the trailer then
+//! names the service, an id and a secret even when the inner handle is inline, and says so with
+//! [`FLAG_SETTINGS`]. A handle without the flag (an older tcpxshim, or the check off there) is
+//! connected as before.
 
+use super::cfgcheck::{CheckStats, Checker};
 use crate::config::Config;
 use crate::control::{self, Service};
 use crate::error::{Error, Result};
@@ -42,11 +49,13 @@ pub const CANARY: u8 = 0xA5;
 
 /// Trailer flag: the inner handle is served by the listener's control service.
 pub const FLAG_SERVED: u16 = 1;
+/// Trailer flag: the listener's control service offers its settings under `conn_id` (GET_SETTINGS).
+pub const FLAG_SETTINGS: u16 = 2;
 
 /// The decoded trailer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Trailer {
-    /// Feature flags ([`FLAG_SERVED`]).
+    /// Feature flags ([`FLAG_SERVED`], [`FLAG_SETTINGS`]).
     pub flags: u16,
     /// Control-service address (IPv4-mapped or IPv6), zero when absent.
     pub ctrl_addr: [u8; 16],
@@ -214,11 +223,13 @@ pub struct Handles {
     service: OnceLock<std::result::Result<Service, String>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_pending: AtomicU64,
+    checker: Checker,
+    warned_no_service: std::sync::atomic::AtomicBool,
 }
 
 impl Handles {
-    /// The handle settings of `cfg`.
-    pub fn new(cfg: &Config) -> Handles {
+    /// The handle settings of `cfg`, over the inner transport named `inner`.
+    pub fn new(cfg: &Config, inner: &str) -> Handles {
         Handles {
             mode: cfg.handle_mode,
             ctrl_addr: cfg.ctrl_addr,
@@ -226,18 +237,27 @@ impl Handles {
             service: OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
             next_pending: AtomicU64::new(1),
+            checker: Checker::new(cfg, inner),
+            warned_no_service: Default::default(),
+        }
+    }
+
+    /// Counts of the settings checks of connects so far.
+    pub fn check_stats(&self) -> CheckStats {
+        self.checker.stats()
+    }
+
+    /// Settings requests this side's control service received; `None` while it is not running.
+    pub fn settings_requests(&self) -> Option<u64> {
+        match self.service.get() {
+            Some(Ok(svc)) => Some(svc.settings_requests()),
+            _ => None,
         }
     }
 
     fn service(&self) -> Result<&Service> {
-        let s = self.service.get_or_init(|| {
-            let ip = match self.ctrl_addr {
-                Some(ip) => ip,
-                None => crate::tcp::default_address(self.ctrl_ifname.as_deref()).map_err(|e| e.to_string())?,
-            };
-            Service::start(ip).map_err(|e| e.to_string())
-        });
-        s.as_ref().map_err(|e| {
+        let s = self.start_service();
+        s.map_err(|e| {
             Error::system(format!(
                 "the inner plugin's handle needs the control service, which could not start: {e} (set {})",
                 crate::config::CTRL_ADDR.name
@@ -245,8 +265,47 @@ impl Handles {
         })
     }
 
+    fn start_service(&self) -> std::result::Result<&Service, &str> {
+        let s = self.service.get_or_init(|| {
+            let ip = match self.ctrl_addr {
+                Some(ip) => ip,
+                None => crate::tcp::default_address(self.ctrl_ifname.as_deref()).map_err(|e| e.to_string())?,
+            };
+            Service::start(ip).map_err(|e| e.to_string())
+        });
+        s.as_ref().map_err(String::as_str)
+    }
+
+    /// Offers this side's settings for the check between peers, in an inline handle's trailer.
+    fn offer_settings_inline(&self, t: &mut Trailer, inner: &str) -> Option<u32> {
+        if !self.checker.on() {
+            return None;
+        }
+        match self.start_service() {
+            Ok(svc) => {
+                let id = svc.offer_settings(None, t.secret, self.checker.body());
+                t.flags |= FLAG_SETTINGS;
+                t.conn_id = id;
+                t.set_ctrl_socket(svc.addr());
+                Some(id)
+            }
+            Err(e) => {
+                if !self.warned_no_service.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "listen over {inner}: the settings check between peers needs the control service, which could \
+                         not start: {e}; peers connecting here cannot check their settings (set {} or {}=off)",
+                        crate::config::CTRL_ADDR.name,
+                        crate::config::CONFIG_CHECK.name
+                    );
+                }
+                None
+            }
+        }
+    }
+
     /// Writes NCCL's `handle` for the inner handle in `scratch` (filled with [`CANARY`] before the
-    /// inner listen): inline when it fits, else served. Returns the offer id when served.
+    /// inner listen): inline when it fits, else served. Returns the id of the control service's
+    /// offer (the served handle, the settings or both) to withdraw when the listen comm closes.
     pub fn publish(
         &self,
         scratch: &[u8; HANDLE_SIZE],
@@ -261,12 +320,17 @@ impl Handles {
         if fits && self.mode == HandleMode::Auto {
             handle[..INNER_HANDLE_SIZE].copy_from_slice(&scratch[..INNER_HANDLE_SIZE]);
             t.conn_id = random_u64()? as u32;
+            let offered = self.offer_settings_inline(&mut t, inner);
             t.write(handle);
-            return Ok(None);
+            return Ok(offered);
         }
         let svc = self.service().map_err(|e| e.context(format!("listen over {inner}")))?;
         let id = svc.offer(t.secret, scratch);
         t.flags = FLAG_SERVED;
+        if self.checker.on() {
+            svc.offer_settings(Some(id), t.secret, self.checker.body());
+            t.flags |= FLAG_SETTINGS;
+        }
         t.conn_id = id;
         t.set_ctrl_socket(svc.addr());
         handle.fill(0);
@@ -290,7 +354,35 @@ impl Handles {
 
     /// One connect() call for NCCL's `handle`: `inner` is called with the inner handle buffer
     /// (NCCL's own when inline, the pending connect's when served), the same one every call.
+    /// The settings check runs beside it; when it fails the connect (`enforce`), a comm the
+    /// inner transport returned is given to `close`.
     pub fn connect(
+        &self,
+        handle: &mut [u8; HANDLE_SIZE],
+        inner: impl FnOnce(&mut [u8; HANDLE_SIZE]) -> Result<Option<Opaque>>,
+        close: impl FnOnce(Opaque),
+    ) -> Result<Option<Opaque>> {
+        let t = Trailer::read(handle)?;
+        let key = handle.as_ptr() as usize;
+        self.checker.begin(key, &t);
+        let res = self.connect_inner(handle, inner);
+        if matches!(res, Ok(None)) {
+            return res;
+        }
+        match (self.checker.finish(key, &t), res) {
+            (Ok(()), res) => res,
+            (Err(e), Ok(Some(c))) => {
+                close(c);
+                Err(e)
+            }
+            (Err(e), Err(inner_err)) => Err(Error::invalid_usage(format!(
+                "{e}; the inner connect failed as well: {inner_err}"
+            ))),
+            (Err(e), Ok(None)) => Err(e),
+        }
+    }
+
+    fn connect_inner(
         &self,
         handle: &mut [u8; HANDLE_SIZE],
         inner: impl FnOnce(&mut [u8; HANDLE_SIZE]) -> Result<Option<Opaque>>,

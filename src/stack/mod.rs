@@ -12,6 +12,7 @@
 //! A new feature is a [`Layer`] in a file of its own and one line in [`build_over`]; neither
 //! `src/export` nor the other layers change.
 
+pub mod cfgcheck;
 pub mod failfast;
 pub mod faults;
 pub mod handle;

@@ -93,6 +93,7 @@ impl Shim {
             .metrics_dir
             .as_ref()
             .map(|dir| Metrics::new(cfg, inner.name(), dir.clone()));
+        let handles = Handles::new(cfg, inner.name());
         Ok(Shim {
             inner,
             info,
@@ -101,10 +102,20 @@ impl Shim {
             comms: Table::new(MAX_COMMS),
             next_id: AtomicU64::new(1),
             stall_warn: cfg.stall_warn,
-            handles: Handles::new(cfg),
+            handles,
             metrics,
             abort_on_error: cfg.abort_on_error,
         })
+    }
+
+    /// Counts of the settings checks between peers made by connects so far.
+    pub fn check_stats(&self) -> super::cfgcheck::CheckStats {
+        self.handles.check_stats()
+    }
+
+    /// Settings requests this stack's control service received; `None` while it is not running.
+    pub fn settings_requests(&self) -> Option<u64> {
+        self.handles.settings_requests()
     }
 
     /// The metrics, when on.
@@ -573,12 +584,19 @@ impl Transport for Shim {
         if let Some(m) = &self.metrics {
             m.setup_call(setup);
         }
-        let res = self.handles.connect(handle, |inner_handle| {
-            // SAFETY: `inner_handle` is the same buffer, unchanged, on every call for this
-            // connection (NCCL's own in inline mode, the pending connect's in served mode), and
-            // the caller passes a valid or NULL dev_handle.
-            unsafe { self.inner.connect(dev, inner_handle, dev_handle) }
-        });
+        let res = self.handles.connect(
+            handle,
+            |inner_handle| {
+                // SAFETY: `inner_handle` is the same buffer, unchanged, on every call for this
+                // connection (NCCL's own in inline mode, the pending connect's in served mode), and
+                // the caller passes a valid or NULL dev_handle.
+                unsafe { self.inner.connect(dev, inner_handle, dev_handle) }
+            },
+            |c| {
+                // SAFETY: `c` is the send comm the inner connect just returned; nothing else has it.
+                let _ = unsafe { self.inner.close_send(c) };
+            },
+        );
         if let (Some(m), Ok(Some(_)) | Err(_)) = (&self.metrics, &res) {
             m.setup_done(setup, res.is_ok());
         }
