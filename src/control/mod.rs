@@ -71,26 +71,37 @@ pub struct Request {
 impl Request {
     /// The bytes on the wire.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        b[6..8].copy_from_slice(&GET_HANDLE.to_le_bytes());
-        b[8..12].copy_from_slice(&self.id.to_le_bytes());
-        b[12..20].copy_from_slice(&self.secret.to_le_bytes());
-        b
+        encode_request(GET_HANDLE, self.id, self.secret)
     }
     /// Parses a request; `None` for anything else.
     pub fn decode(b: &[u8]) -> Option<Request> {
-        let b: &[u8; REQUEST_LEN] = b.try_into().ok()?;
-        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != MAGIC || u16_at(4) != VERSION || u16_at(6) != GET_HANDLE {
-            return None;
-        }
-        Some(Request {
-            id: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            secret: u64::from_le_bytes(b[12..20].try_into().ok()?),
-        })
+        decode_request(b, GET_HANDLE).map(|(id, secret)| Request { id, secret })
     }
+}
+
+/// A request of type `kind` for what is offered under `id`, with `secret`: magic, version, type,
+/// id, secret.
+pub(crate) fn encode_request(kind: u16, id: u32, secret: u64) -> [u8; REQUEST_LEN] {
+    let mut b = [0u8; REQUEST_LEN];
+    b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[6..8].copy_from_slice(&kind.to_le_bytes());
+    b[8..12].copy_from_slice(&id.to_le_bytes());
+    b[12..20].copy_from_slice(&secret.to_le_bytes());
+    b
+}
+
+/// The id and secret of a request of type `kind`; `None` for anything else.
+pub(crate) fn decode_request(b: &[u8], kind: u16) -> Option<(u32, u64)> {
+    let b: &[u8; REQUEST_LEN] = b.try_into().ok()?;
+    let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != MAGIC || u16_at(4) != VERSION || u16_at(6) != kind {
+        return None;
+    }
+    Some((
+        u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        u64::from_le_bytes(b[12..20].try_into().ok()?),
+    ))
 }
 
 fn encode_reply(status: Status, handle: &[u8; HANDLE_SIZE]) -> [u8; REPLY_LEN] {

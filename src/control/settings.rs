@@ -52,26 +52,12 @@ pub struct Request {
 impl Request {
     /// The bytes on the wire.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
-        let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        b[6..8].copy_from_slice(&GET_SETTINGS.to_le_bytes());
-        b[8..12].copy_from_slice(&self.id.to_le_bytes());
-        b[12..20].copy_from_slice(&self.secret.to_le_bytes());
-        b
+        super::encode_request(GET_SETTINGS, self.id, self.secret)
     }
 
     /// Parses a settings request; `None` for anything else (a GET_HANDLE request included).
     pub fn decode(b: &[u8]) -> Option<Request> {
-        let b: &[u8; REQUEST_LEN] = b.try_into().ok()?;
-        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) != MAGIC || u16_at(4) != VERSION || u16_at(6) != GET_SETTINGS {
-            return None;
-        }
-        Some(Request {
-            id: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
-            secret: u64::from_le_bytes(b[12..20].try_into().ok()?),
-        })
+        super::decode_request(b, GET_SETTINGS).map(|(id, secret)| Request { id, secret })
     }
 }
 
