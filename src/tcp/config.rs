@@ -96,6 +96,13 @@ pub const TCP_USER_TIMEOUT: Setting = Setting {
           ranks never fall that far behind.",
 };
 
+/// Ports the listeners bind to.
+pub const TCP_PORT_RANGE: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_PORT_RANGE",
+    default: "(unset: any free port)",
+    doc: "Ports the built-in transport's listeners bind to, `BEGIN-END` inclusive (1 to 65535), as TCPX's           NCCL_GPUDIRECTTCPX_PORT_BEGIN/END: for firewalls that open only a range, and to tell the transport's           connections apart from the job's other sockets (every data and control connection has a port of the           range at its accepting end). A listen fails, naming this setting, when every port of the range is taken.",
+};
+
 /// Settings of the built-in TCP transport.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpConfig {
@@ -119,6 +126,8 @@ pub struct TcpConfig {
     pub keepalive_s: u32,
     /// TCP_USER_TIMEOUT in ms (0: the kernel's default).
     pub user_timeout_ms: u32,
+    /// Ports listeners bind to (inclusive); `None`: any free port.
+    pub ports: Option<(u16, u16)>,
 }
 
 impl Default for TcpConfig {
@@ -146,6 +155,7 @@ impl TcpConfig {
             cuda_pool: (int(vars, &TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
             keepalive_s: int(vars, &TCP_KEEPALIVE, 0, 32767)? as u32,
             user_timeout_ms: int(vars, &TCP_USER_TIMEOUT, 0, i32::MAX as u64)? as u32,
+            ports: port_range(get(vars, TCP_PORT_RANGE.name))?,
         })
     }
 
@@ -154,6 +164,42 @@ impl TcpConfig {
         super::liveness::Liveness {
             keepalive_s: self.keepalive_s,
             user_timeout_ms: self.user_timeout_ms,
+        }
+    }
+}
+
+/// Parses NCCL_TCPXSHIM_TCP_PORT_RANGE (`BEGIN-END`).
+fn port_range(v: Option<String>) -> Result<Option<(u16, u16)>> {
+    let Some(v) = v else { return Ok(None) };
+    let bad = || {
+        crate::error::Error::invalid_argument(format!(
+            "{}={v:?}: expected BEGIN-END, two ports from 1 to 65535 with BEGIN <= END (e.g. 50000-50999)",
+            TCP_PORT_RANGE.name
+        ))
+    };
+    let (a, b) = v.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a == 0 || a > b {
+        return Err(bad());
+    }
+    Ok(Some((a, b)))
+}
+
+#[cfg(test)]
+mod port_range_tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_name_the_setting() {
+        assert_eq!(port_range(None).unwrap(), None);
+        assert_eq!(port_range(Some("50000-50010".into())).unwrap(), Some((50000, 50010)));
+        assert_eq!(port_range(Some(" 7 - 7 ".into())).unwrap(), Some((7, 7)));
+        for bad in ["50010-50000", "0-10", "5", "a-b", "1-70000", ""] {
+            let e = port_range(Some(bad.into())).unwrap_err().to_string();
+            assert!(e.contains("NCCL_TCPXSHIM_TCP_PORT_RANGE"), "{bad}: {e}");
         }
     }
 }

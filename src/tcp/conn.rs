@@ -191,6 +191,48 @@ pub struct ListenParams {
     pub abandon_after: Duration,
     /// Keepalive and user timeout of accepted sockets.
     pub liveness: Liveness,
+    /// Ports to bind to (NCCL_TCPXSHIM_TCP_PORT_RANGE); `None`: any.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// Where the next listen starts looking in the port range, so that listens spread over it.
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A socket bound to `ip` on a port of `ports` (any free port when `None`).
+fn bind_in_range(ip: std::net::IpAddr, ports: Option<(u16, u16)>) -> Result<Socket> {
+    let fresh = || {
+        let s = Socket::new(
+            Domain::for_address(SocketAddr::new(ip, 0)),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(|e| Error::io(format!("listen: creating a socket on {ip}"), e))?;
+        Ok::<Socket, Error>(s)
+    };
+    let Some((lo, hi)) = ports else {
+        let s = fresh()?;
+        s.bind(&SockAddr::from(SocketAddr::new(ip, 0)))
+            .map_err(|e| Error::io(format!("listen: binding to {ip}"), e))?;
+        return Ok(s);
+    };
+    let n = u32::from(hi - lo) + 1;
+    let start = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..n {
+        let port = lo + ((start.wrapping_add(i)) % n) as u16;
+        let s = fresh()?;
+        // A port of the range is used again and again: connections of an earlier listener in
+        // TIME_WAIT on it must not keep a new listener off it.
+        s.set_reuse_address(true)
+            .map_err(|e| Error::io(format!("listen: setting SO_REUSEADDR on {ip}"), e))?;
+        match s.bind(&SockAddr::from(SocketAddr::new(ip, port))) {
+            Ok(()) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(Error::io(format!("listen: binding to {ip}:{port}"), e)),
+        }
+    }
+    Err(Error::system(format!(
+        "listen: every port of {lo}-{hi} on {ip} is in use (NCCL_TCPXSHIM_TCP_PORT_RANGE): widen the range"
+    )))
 }
 
 /// A connection fully accepted: its sockets and the peer's control address.
@@ -220,13 +262,9 @@ struct ListenInner {
 }
 
 impl ListenComm {
-    /// Binds and listens on `ip`, port 0.
+    /// Binds and listens on `ip`, on any free port or one of `params.ports`.
     pub fn bind(ip: std::net::IpAddr, backlog: i32, params: ListenParams) -> Result<ListenComm> {
-        let want = SocketAddr::new(ip, 0);
-        let s = Socket::new(Domain::for_address(want), Type::STREAM, Some(Protocol::TCP))
-            .map_err(|e| Error::io(format!("listen: creating a socket on {ip}"), e))?;
-        s.bind(&SockAddr::from(want))
-            .map_err(|e| Error::io(format!("listen: binding to {ip}"), e))?;
+        let s = bind_in_range(ip, params.ports)?;
         s.listen(backlog)
             .map_err(|e| Error::io(format!("listen: listening on {ip}"), e))?;
         s.set_nonblocking(true)

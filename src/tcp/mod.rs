@@ -411,6 +411,7 @@ impl Transport for TcpTransport {
             token: random_u64(),
             abandon_after: self.abandon_after,
             liveness: self.cfg.liveness(),
+            ports: self.cfg.ports,
         };
         // Room for many peers connecting at once, each with 1 + streams sockets.
         let backlog = (128 * (1 + self.cfg.streams)).min(65535) as i32;

@@ -1806,3 +1806,51 @@ fn a_silent_peer_error_is_a_timeout_naming_the_settings() {
     assert_eq!(reset.kind(), ErrorKind::ConnectionLost);
     assert!(!reset.to_string().contains("NCCL_TCPXSHIM_TCP_USER_TIMEOUT"), "{reset}");
 }
+
+/// NCCL_TCPXSHIM_TCP_PORT_RANGE: listeners bind inside the range, connections work there, and a
+/// listen finding every port taken fails naming the setting.
+#[test]
+fn listeners_bind_inside_the_port_range_and_say_so_when_it_is_full() {
+    // A range of 3 ports, away from the ephemeral range, different per process.
+    let base = 20000 + (std::process::id() % 2000) as u16 * 3;
+    let t = TcpTransport::new(&TcpConfig {
+        ports: Some((base, base + 2)),
+        ..lo_cfg()
+    })
+    .expect("transport on lo");
+    let p = pair(&t);
+    let mut msg: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    let (sent, got, buf) = transfer(&t, p.0, p.1, &mut msg, 4096);
+    assert_eq!((sent.unwrap(), got.unwrap()), (4096, 4096));
+    assert_eq!(&buf[..4096], &msg[..], "the bytes arrive intact over the range's port");
+    // SAFETY: the test hands the transport only its own live comms.
+    let d = unsafe { t.describe_comm(p.2) }.unwrap();
+    let after = d.split_once("127.0.0.1:").map(|x| x.1).unwrap_or_default();
+    let port: u16 = after
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|e| panic!("no port in {d:?}: {e}"));
+    assert!((base..=base + 2).contains(&port), "{d}");
+    let mut held = vec![];
+    let mut h = [0u8; 128];
+    let full = loop {
+        match t.listen(0, &mut h) {
+            Ok(l) => held.push(l),
+            Err(e) => break e.to_string(),
+        }
+        assert!(held.len() <= 3, "more listeners than ports in the range");
+    };
+    // The range's two other ports, unless another process holds one of them.
+    assert!(held.len() <= 2, "more listeners than free ports in the range");
+    assert!(
+        full.contains("NCCL_TCPXSHIM_TCP_PORT_RANGE") && full.contains(&format!("{base}-{}", base + 2)),
+        "{full}"
+    );
+    for l in held {
+        // SAFETY: `l` is an open listen comm of `t`, closed once.
+        unsafe { t.close_listen(l) }.unwrap();
+    }
+    close_pair(&t, p);
+}
