@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """DistributedDataParallel training through NCCL, for comparing networks.
 
-    ddp.py train --json PATH [--steps 30]   one rank (run by launch.py): a 3-layer MLP on synthetic
+    ddp.py train --json PATH [--steps 30] [--step-sleep S]   one rank (run by launch.py): a 3-layer MLP on synthetic
         data, fixed seeds, every rank its own batches, DDP with 1 MiB buckets (several all-reduces
-        a step); rank 0 writes its per-step losses and per-parameter sums to PATH.
+        a step); rank 0 writes its per-step losses and per-parameter sums to PATH. --step-sleep makes
+        the run last (for connections dropped while it trains) without changing a number.
     ddp.py compare A.json B.json [--rtol 1e-6]   (pure Python) the two runs' losses step by step.
 
 With 2 ranks each gradient element is the sum of two values, which is the same whatever order or
@@ -54,6 +55,8 @@ def train(a):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if a.step_sleep > 0:
+            time.sleep(a.step_sleep)
         if rank == 0:
             print(f"STEP {step} loss {losses[-1]:.9f}", flush=True)
     torch.cuda.synchronize()
@@ -140,6 +143,7 @@ def main():
     t = sub.add_parser("train")
     t.add_argument("--json", required=True)
     t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--step-sleep", type=float, default=0.0)
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")

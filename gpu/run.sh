@@ -20,6 +20,8 @@
 #   sweep     all-reduce and send/recv bandwidth, nccl-tests format, modes socket, socket44, shim
 #             (sweep.py; shim-cuda too when SWEEP_MODES names it and its correctness run passed: it is
 #             left out by default, see the README's GPU-memory notes); then results.md and busbw.svg
+#   faults    (only when PARTS names it) DDP while `tcpxshim drop` shuts the shim's connections down
+#             every few seconds, losses against an undisturbed run; a rank killed mid-job (faults.py)
 #   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s)
 #   multi     with GPUS=N (N > 1): one rank per GPU on N GPUs, the shim over N loopback devices
 #             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
@@ -486,6 +488,52 @@ if has_part sweep; then
   else
     record FAIL "report" "no sweep produced results"
   fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# Faults (not in the default PARTS): DDP training while `tcpxshim drop` shuts the shim's connections
+# down from outside every few seconds, against the same training undisturbed (identical losses
+# wanted), and a rank killed mid-job (the survivor must fail within seconds, naming the peer).
+if has_part faults; then
+  fport=$((51000 + RANDOM % 1000 * 10))
+  franges="NCCL_TCPXSHIM_TCP_PORT_RANGE=$fport-$((fport + 127))"
+  fsteps="${FAULT_STEPS:-150}"
+  for run in nofault drop; do
+    label="ddp-shim-$run-w2"
+    rm -f "$logs/ddp-shim-$run.json" "$logs/$label.drops.txt" "$logs/$label.pids"
+    if [[ $run == drop ]]; then
+      (
+        for _ in $(seq 1 300); do [[ -s "$logs/$label.pids" ]] && break; sleep 0.1; done
+        sleep "${FAULT_FIRST_S:-3}"
+        for p in $(cat "$logs/$label.pids" 2>/dev/null); do
+          "${TCPXSHIM_BIN:-tcpxshim}" drop --pid "$p" --every "${FAULT_EVERY_S:-2}" --count "${FAULT_ROUNDS:-5}" \
+            --filter $(seq "$fport" $((fport + 127))) &
+        done
+        wait
+      ) >"$logs/$label.drops.txt" 2>&1 &
+      dropper=$!
+    fi
+    run_part "$label" 2 shim 180 --env "$franges" -- "$here/ddp.py" train --json "$logs/ddp-shim-$run.json" \
+      --steps "$fsteps" --step-sleep "${FAULT_STEP_SLEEP:-0.1}"
+    [[ $run == drop ]] && wait "$dropper"
+  done
+  if [[ -f "$logs/ddp-shim-nofault.json" && -f "$logs/ddp-shim-drop.json" ]]; then
+    check ddp-drop-compare "$here/ddp.py" compare "$logs/ddp-shim-drop.json" "$logs/ddp-shim-nofault.json"
+    crc=$?
+    check ddp-drop-count "$here/faults.py" check-drops "$logs/ddp-shim-drop-w2.drops.txt"
+    drc=$?
+    record "$(status_word $((crc || drc)))" "ddp-drop-compare" \
+      "$(sed -n '1p' "$logs/ddp-drop-count.txt"); $(sed -n '1p' "$logs/ddp-drop-compare.txt" | sed 's/^ *//')"
+  else
+    record FAIL "ddp-drop-compare" "a run left no losses: $(head -c 300 "$logs/ddp-shim-drop-w2.drops.txt" 2>/dev/null)"
+  fi
+  label="killpeer-shim-w2"
+  run_ranks "$label" 2 shim 90 --grace 40 --env NCCL_TCPXSHIM_ABORT_ON_ERROR=1 --env "$franges" \
+    -- "$here/faults.py" killpeer --after "${FAULT_KILL_AFTER_S:-5}"
+  check "$label.check" "$here/faults.py" check-kill "$logs/$label.launch.txt" "$logs/$label.rank0.log" \
+    --within "${FAULT_KILL_WITHIN_S:-10}"
+  krc=$?
+  record "$(status_word "$krc")" "$label" "$(grep -h '^PASS\|^FAIL' "$logs/$label.check.txt" | head -1)"
 fi
 
 # ------------------------------------------------------------------------------------------------

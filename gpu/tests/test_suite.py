@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import unittest
+import unittest.mock
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,6 +27,7 @@ sys.path.insert(0, GPU)
 
 import common  # noqa: E402
 import ddp  # noqa: E402
+import faults  # noqa: E402
 import launch  # noqa: E402
 import logcheck  # noqa: E402
 import metrics  # noqa: E402
@@ -724,6 +726,54 @@ class MetricsWatchTests(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
+class FaultChecksTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="tcpxshim-faults-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def kill(self, first_line, log, within=10):
+        a = type("A", (), {})()
+        a.launch = self.write("k.launch.txt", first_line + "\n")
+        a.rank0_log = self.write("k.rank0.log", log)
+        a.within = within
+        with unittest.mock.patch("sys.stdout", new=io.StringIO()) as out:
+            rc = faults.check_kill(a)
+        return rc, out.getvalue()
+
+    def test_a_survivor_that_fails_soon_naming_the_peer_passes(self):
+        msg = "host:1:2 [0] NCCL WARN NET/TCPXSHIM test on recv comm #3 (peer 127.0.0.1:40001): connection lost"
+        rc, out = self.kill("FAIL killpeer-shim-w2 (2 ranks, mode shim, 9.0 s): a rank failed; "
+                            "rank 0 exit 1 at 8.9 s, rank 1 killed by SIGKILL at 6.1 s", msg)
+        self.assertEqual(rc, 0, out)
+        self.assertIn("2.8 s later", out)
+
+    def test_a_late_silent_or_unharmed_survivor_fails(self):
+        msg = "NCCL WARN NET/TCPXSHIM test on recv comm #3 (peer 127.0.0.1:40001): connection lost"
+        late = "rank 0 exit 1 at 30.0 s, rank 1 killed by SIGKILL at 6.0 s"
+        self.assertEqual(self.kill("x; " + late, msg)[0], 1)
+        soon = "rank 0 exit 1 at 7.0 s, rank 1 killed by SIGKILL at 6.0 s"
+        self.assertEqual(self.kill("x; " + soon, "no shim line here")[0], 1)
+        unharmed = "rank 0 exit 0 at 60.0 s, rank 1 exit 0 at 60.0 s"
+        self.assertEqual(self.kill("x; " + unharmed, msg)[0], 1)
+
+    def test_drops_are_counted_from_the_drop_command_lines(self):
+        a = type("A", (), {})()
+        a.drops = self.write("d.txt", "dropped 127.0.0.1:51000 -> 127.0.0.1:40000\n"
+                             "round 1: dropped 1 connection(s) of process 9 at 3.0 s\n"
+                             "dropped 1 connection(s) in all\n")
+        a.min = 1
+        with unittest.mock.patch("sys.stdout", new=io.StringIO()):
+            self.assertEqual(faults.check_drops(a), 0)
+            a.min = 2
+            self.assertEqual(faults.check_drops(a), 1)
+
+
 class DdpCompareTests(unittest.TestCase):
     base = {"mode": "shim", "losses": [2.3, 2.1, 1.9], "param_sums": [1.5, -0.25], "replicas_differing": 0}
 
