@@ -200,14 +200,20 @@ run_ranks() {
   wait "$cur_pid"
   local rc=$?
   cur_pid=""
-  if [[ $rc == 124 && "$mps_ours" == 1 ]]; then
-    # Ranks killed while their kernels ran can leave MPS refusing new clients: start it afresh.
-    echo "run.sh: $label timed out; restarting MPS for the runs that follow"
-    echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1
-    sleep 2
-    nvidia-cuda-mps-control -d >/dev/null 2>&1 || echo "run.sh: restarting MPS failed"
+  if [[ $rc == 124 ]]; then
+    restart_mps "$label timed out"
   fi
   return "$rc"
+}
+
+# restart_mps WHY: ranks killed while their kernels ran can leave MPS refusing new clients
+# (cudaErrorDevicesUnavailable): start it afresh (only the daemon this script started).
+restart_mps() {
+  [[ "$mps_ours" == 1 ]] || return 0
+  echo "run.sh: $1; restarting MPS for the runs that follow"
+  echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1
+  sleep 2
+  nvidia-cuda-mps-control -d >/dev/null 2>&1 || echo "run.sh: restarting MPS failed"
 }
 
 # check NAME ARGS...: runs a checker, its output also to $logs/NAME.txt; returns its status.
@@ -516,6 +522,7 @@ if has_part faults; then
     run_part "$label" 2 shim 180 --env "$franges" -- "$here/ddp.py" train --json "$logs/ddp-shim-$run.json" \
       --steps "$fsteps" --step-sleep "${FAULT_STEP_SLEEP:-0.1}"
     [[ $run == drop ]] && wait "$dropper"
+    [[ $last_rc == 0 ]] || restart_mps "$label failed"
   done
   if [[ -f "$logs/ddp-shim-nofault.json" && -f "$logs/ddp-shim-drop.json" ]]; then
     check ddp-drop-compare "$here/ddp.py" compare "$logs/ddp-shim-drop.json" "$logs/ddp-shim-nofault.json"
@@ -533,6 +540,7 @@ if has_part faults; then
   check "$label.check" "$here/faults.py" check-kill "$logs/$label.launch.txt" "$logs/$label.rank0.log" \
     --within "${FAULT_KILL_WITHIN_S:-10}"
   krc=$?
+  restart_mps "$label killed a rank"
   record "$(status_word "$krc")" "$label" "$(grep -h '^PASS\|^FAIL' "$logs/$label.check.txt" | head -1)"
 fi
 
