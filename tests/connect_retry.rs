@@ -9,27 +9,9 @@
 mod common;
 
 use common::*;
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 use tcpxshim::ffi::ncclResult_t;
 use tcpxshim::stack::handle::HandleMode;
-
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-fn shim_with(kind: Fixture, knobs: &[(&str, i64)], cfg: impl FnOnce(&mut Config)) -> (StackNet, FixtureCtl) {
-    let fixture = private_copy(&fixture_lib(kind));
-    let ctl = FixtureCtl::open(&fixture);
-    for (k, v) in knobs {
-        assert!(ctl.try_set(k, *v).is_some(), "knob {k}");
-    }
-    let mut c = Config {
-        plugin: Some(fixture.to_string_lossy().into_owned()),
-        ctrl_addr: Some(LOCALHOST),
-        ..Config::default()
-    };
-    cfg(&mut c);
-    (StackNet::build(&c), ctl)
-}
 
 fn assert_clean(kind: Fixture, ctl: &FixtureCtl) {
     assert_eq!(

@@ -23,29 +23,6 @@ fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (StackNet, FixtureCtl) {
     shim_with(kind, knobs, |_| {})
 }
 
-/// [`shim_over`] with further settings.
-fn shim_with(kind: Fixture, knobs: &[(&str, i64)], cfg: impl FnOnce(&mut Config)) -> (StackNet, FixtureCtl) {
-    let fixture = private_copy(&fixture_lib(kind));
-    let ctl = FixtureCtl::open(&fixture);
-    for (k, v) in knobs {
-        ctl.set(k, *v);
-    }
-    let mut c = Config {
-        plugin: Some(fixture.to_string_lossy().into_owned()),
-        ctrl_addr: Some(LOCALHOST),
-        ..Config::default()
-    };
-    cfg(&mut c);
-    let net = StackNet::try_build(&c).unwrap_or_else(|e| {
-        panic!(
-            "stack over {} failed: {e} (result {})",
-            kind.net_name(),
-            result_name(e.code())
-        )
-    });
-    (net, ctl)
-}
-
 fn assert_clean(kind: Fixture, ctl: &FixtureCtl) {
     assert_eq!(
         ctl.violations(),

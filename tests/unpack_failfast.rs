@@ -6,24 +6,8 @@
 mod common;
 
 use common::*;
-use std::net::{IpAddr, Ipv4Addr};
 use tcpxshim::ffi::ncclResult_t;
 use tcpxshim::stack::failfast::DIAGNOSIS;
-
-fn shim_with(kind: Fixture, knobs: &[(&str, i64)], cfg: impl FnOnce(&mut Config)) -> (StackNet, FixtureCtl) {
-    let fixture = private_copy(&fixture_lib(kind));
-    let ctl = FixtureCtl::open(&fixture);
-    for (k, v) in knobs {
-        assert!(ctl.try_set(k, *v).is_some(), "knob {k}");
-    }
-    let mut c = Config {
-        plugin: Some(fixture.to_string_lossy().into_owned()),
-        ctrl_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ..Config::default()
-    };
-    cfg(&mut c);
-    (StackNet::build(&c), ctl)
-}
 
 /// Calls `f` until it stops answering "try again" (bounded).
 fn until_answer<T: std::fmt::Debug>(what: &str, mut f: impl FnMut() -> NetResult<Option<T>>) -> NetResult<T> {

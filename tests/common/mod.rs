@@ -1716,3 +1716,27 @@ pub fn count_threads() -> usize {
         .expect("read /proc/self/task")
         .count()
 }
+
+/// A stack over a private copy of fixture `kind` (its control service on loopback), with the
+/// fixture's `knobs` set first and `cfg` applied to the config; and the fixture's controls.
+pub fn shim_with(kind: Fixture, knobs: &[(&str, i64)], cfg: impl FnOnce(&mut Config)) -> (StackNet, FixtureCtl) {
+    let fixture = private_copy(&fixture_lib(kind));
+    let ctl = FixtureCtl::open(&fixture);
+    for (k, v) in knobs {
+        assert!(ctl.try_set(k, *v).is_some(), "the fixture has no knob {k}");
+    }
+    let mut c = Config {
+        plugin: Some(fixture.to_string_lossy().into_owned()),
+        ctrl_addr: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        ..Config::default()
+    };
+    cfg(&mut c);
+    let net = StackNet::try_build(&c).unwrap_or_else(|e| {
+        panic!(
+            "stack over {} failed: {e} (result {})",
+            kind.net_name(),
+            result_name(e.code())
+        )
+    });
+    (net, ctl)
+}
