@@ -21,7 +21,8 @@
 #             (sweep.py; shim-cuda too when SWEEP_MODES names it and its correctness run passed: it is
 #             left out by default, see the README's GPU-memory notes); then results.md and busbw.svg
 #   faults    (only when PARTS names it) DDP while `tcpxshim drop` shuts the shim's connections down
-#             every few seconds, losses against an undisturbed run; a rank killed mid-job (faults.py)
+#             every few seconds, losses against an undisturbed run; a rank killed mid-job (faults.py);
+#             FAULT_ENV ("K=V ...") adds settings to these runs
 #   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s)
 #   multi     with GPUS=N (N > 1): one rank per GPU on N GPUs, the shim over N loopback devices
 #             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
@@ -504,6 +505,8 @@ if has_part faults; then
   fport=$((51000 + RANDOM % 1000 * 10))
   franges="NCCL_TCPXSHIM_TCP_PORT_RANGE=$fport-$((fport + 127))"
   fsteps="${FAULT_STEPS:-150}"
+  fenv=(--env "$franges")
+  for kv in ${FAULT_ENV:-}; do fenv+=(--env "$kv"); done
   for run in nofault drop; do
     label="ddp-shim-$run-w2"
     rm -f "$logs/ddp-shim-$run.json" "$logs/$label.drops.txt" "$logs/$label.pids"
@@ -519,7 +522,7 @@ if has_part faults; then
       ) >"$logs/$label.drops.txt" 2>&1 &
       dropper=$!
     fi
-    run_part "$label" 2 shim 180 --env "$franges" -- "$here/ddp.py" train --json "$logs/ddp-shim-$run.json" \
+    run_part "$label" 2 shim 180 "${fenv[@]}" -- "$here/ddp.py" train --json "$logs/ddp-shim-$run.json" \
       --steps "$fsteps" --step-sleep "${FAULT_STEP_SLEEP:-0.1}"
     [[ $run == drop ]] && wait "$dropper"
     [[ $last_rc == 0 ]] || restart_mps "$label failed"
@@ -535,7 +538,7 @@ if has_part faults; then
     record FAIL "ddp-drop-compare" "a run left no losses: $(head -c 300 "$logs/ddp-shim-drop-w2.drops.txt" 2>/dev/null)"
   fi
   label="killpeer-shim-w2"
-  run_ranks "$label" 2 shim 90 --grace 40 --env NCCL_TCPXSHIM_ABORT_ON_ERROR=1 --env "$franges" \
+  run_ranks "$label" 2 shim 90 --grace 40 --env NCCL_TCPXSHIM_ABORT_ON_ERROR=1 "${fenv[@]}" \
     -- "$here/faults.py" killpeer --after "${FAULT_KILL_AFTER_S:-5}"
   check "$label.check" "$here/faults.py" check-kill "$logs/$label.launch.txt" "$logs/$label.rank0.log" \
     --within "${FAULT_KILL_WITHIN_S:-10}"
