@@ -41,13 +41,19 @@ MODES = {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
     },
-    # The shim with its metrics layer on, writing a file per rank every second: against "shim",
-    # what the metrics cost under NCCL.
+    # The shim with its metrics on, writing a file per rank every second: against "shim", what the
+    # metrics cost under NCCL.
     "shim-metrics": {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
         "NCCL_TCPXSHIM_METRICS_DIR": "/tmp/tcpxshim-sweep-metrics",
         "NCCL_TCPXSHIM_METRICS_INTERVAL": "1",
+    },
+    # The shim with transparent recovery on: against "shim", what recovery costs under NCCL.
+    "shim-recovery": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_RECOVERY": "1",
     },
     "shim-cuda": {
         "NCCL_NET_PLUGIN": "{plugin}",
