@@ -158,7 +158,8 @@ pub struct SendEngine {
     inflight: VecDeque<(Seq, ReqId, Epoch, Opaque)>,
     /// Posts that got "try again": (seq, req, from the copy).
     pending: VecDeque<(Seq, ReqId, bool)>,
-    copies: HashMap<Seq, Vec<u8>>,
+    /// Replay copies by seq, with the send's tag.
+    copies: HashMap<Seq, (Vec<u8>, i32)>,
     connecting: Option<(Epoch, Box<[u8; HANDLE_SIZE]>)>,
 }
 
@@ -597,18 +598,21 @@ impl SendEngine {
             .c
             .comm
             .ok_or_else(|| Error::internal("post without an inner comm"))?;
-        let r = self
-            .reqs
-            .get(&req)
-            .ok_or_else(|| Error::internal("post of an unknown request"))?;
-        let (data, mr) = match (copy, self.copies.get_mut(&seq)) {
-            (true, Some(buf)) => (buf.as_mut_ptr() as usize, None),
-            _ => (r.data, self.c.inner_mr(r.mr)),
+        // A copied send may be complete to NCCL already (its request gone): the copy has all.
+        let (data, size, tag, mr) = match (copy, self.copies.get_mut(&seq)) {
+            (true, Some((buf, tag))) => (buf.as_mut_ptr() as usize, buf.len() as i32, *tag, None),
+            _ => {
+                let r = self
+                    .reqs
+                    .get(&req)
+                    .ok_or_else(|| Error::internal("post of an unknown request"))?;
+                (r.data, r.size, r.tag, self.c.inner_mr(r.mr))
+            }
         };
         // SAFETY: `comm` is open; the bytes are NCCL's buffer (kept intact until the send is
         // reported complete) or the engine's copy (kept until released, after the acknowledgement);
         // `mr` is the registration of NCCL's buffer on this comm.
-        match unsafe { inner.isend(comm, data as *mut c_void, r.size, r.tag, mr) }? {
+        match unsafe { inner.isend(comm, data as *mut c_void, size, tag, mr) }? {
             Some(ir) => {
                 self.inflight.push_back((seq, req, self.c.epoch, ir));
                 Ok(true)
@@ -635,7 +639,7 @@ impl SendEngine {
                         // SAFETY: NCCL's buffer holds `size` bytes until the send is reported
                         // complete, which comes after this copy.
                         unsafe { std::ptr::copy_nonoverlapping(r.data as *const u8, v.as_mut_ptr(), v.len()) };
-                        self.copies.insert(seq, v);
+                        self.copies.insert(seq, (v, r.tag));
                     }
                 }
                 SendAction::ReleaseCopy { seq } => {
