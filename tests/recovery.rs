@@ -265,7 +265,57 @@ fn a_peer_that_goes_away_fails_the_other_side_naming_it() {
         "failed only after {:?}",
         start.elapsed()
     );
-    assert!(err.contains("lost"), "{err} ({label})");
+    assert!(err.contains(&format!("connection to {label} lost")), "{err} ({label})");
+    assert!(err.contains("peer is gone") || err.contains("gave up"), "{err}");
     let _ = net.dereg_mr(send, mr);
     net.close_send(send).unwrap();
+}
+
+#[test]
+fn a_stream_survives_its_sockets_shut_down_from_outside_while_in_use() {
+    let _one = ONE_STACK.lock().unwrap_or_else(|e| e.into_inner());
+    let net = stack(None);
+    let (mut handle, listen) = net.listen(0).unwrap();
+    let ctrl = tcpxshim::stack::handle::Trailer::read(&handle)
+        .unwrap()
+        .ctrl_socket()
+        .expect("the handle names the control service")
+        .port();
+    let (send, (recv, _)) = net.connect_accept(0, &mut handle, listen);
+    net.close_listen(listen).unwrap();
+    let pid = std::process::id();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (r, dropped) = std::thread::scope(|s| {
+        let dropper = s.spawn(|| {
+            let mut dropped = 0;
+            for _ in 0..40 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                // The data connections: every established one of this process but the control
+                // links (to or from the control service's port).
+                let data: Vec<u16> = tcpxshim::sockdrop::established(pid, &[])
+                    .unwrap()
+                    .into_iter()
+                    .filter(|(_, l, r)| l.port() != ctrl && r.port() != ctrl)
+                    .map(|(_, l, _)| l.port())
+                    .collect();
+                if !data.is_empty() {
+                    dropped += tcpxshim::sockdrop::drop_connections(pid, &data).unwrap().len();
+                }
+            }
+            dropped
+        });
+        let r = stream(&net, send, recv, 3000, Duration::from_secs(90));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (r, dropper.join().unwrap())
+    });
+    let recoveries = net.shim.recoveries();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    r.unwrap();
+    assert!(dropped > 0, "no data connection was found to shut down");
+    assert!(recoveries > 0, "{dropped} sockets shut down, no recovery");
+    eprintln!("{dropped} sockets shut down from outside, {recoveries} recoveries (both sides)");
 }
