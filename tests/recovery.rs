@@ -319,3 +319,53 @@ fn a_stream_survives_its_sockets_shut_down_from_outside_while_in_use() {
     assert!(recoveries > 0, "{dropped} sockets shut down, no recovery");
     eprintln!("{dropped} sockets shut down from outside, {recoveries} recoveries (both sides)");
 }
+
+#[test]
+fn a_stream_over_a_loaded_host_plugin_survives_injected_breaks() {
+    let _one = ONE_STACK.lock().unwrap_or_else(|e| e.into_inner());
+    let fixture = private_copy(&fixture_lib(Fixture::V7));
+    let ctl = FixtureCtl::open(&fixture);
+    let mut c = Config {
+        plugin: Some(fixture.to_string_lossy().into_owned()),
+        ctrl_addr: Some(LOCALHOST),
+        recovery_engine: true,
+        // The fixture cannot cut a connection: the faults layer fails the comm's later calls.
+        faults: Some(FaultSpec::parse("seed=5;break=after:7").unwrap()),
+        ..Config::default()
+    };
+    c.recovery.attempts = 200;
+    let net = StackNet::build(&c);
+    let log = in_process_log();
+    let (send, recv) = net.connect_pair(0);
+    let mark = log.mark();
+    let r = stream(&net, send, recv, 1500, Duration::from_secs(60));
+    let recoveries = net.shim.recoveries();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    r.unwrap();
+    let breaks = log
+        .since(mark)
+        .iter()
+        .filter(|l| l.contains("injected fault: connection broken"))
+        .count();
+    assert!(breaks >= 100, "only {breaks} injected breaks");
+    assert!(recoveries >= 100, "{recoveries} recoveries for {breaks} breaks");
+    assert_eq!(
+        ctl.violations(),
+        0,
+        "the shim broke a rule of the plugin: {}",
+        ctl.last_violation()
+    );
+    // Every comm is closed; what stays are registrations that requests abandoned with a broken
+    // inner comm still used (this plugin refuses to release those, and closing the comm ends the
+    // requests): at most one per buffer of the stream (DEPTH each way) per break.
+    let live = ctl.live_objects();
+    assert!(
+        live as usize <= 2 * DEPTH * breaks,
+        "{live} objects left open in the plugin after {breaks} breaks"
+    );
+    eprintln!(
+        "over {}: {breaks} injected breaks, {recoveries} recoveries (both sides), {live} registrations left",
+        Fixture::V7.net_name()
+    );
+}

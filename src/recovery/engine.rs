@@ -20,7 +20,7 @@ use crate::control::link::{Link, LinkState};
 use crate::error::{Error, Result};
 use crate::ffi::HANDLE_SIZE;
 use crate::transport::{Opaque, Transport};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::c_void;
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ pub const MSG_CONTROL: u16 = 1;
 const TICK_NS: u64 = 1_000_000;
 /// Inner requests tested per progress call at most.
 const TESTS_PER_CALL: usize = 64;
+/// Inner requests outstanding on one inner comm at most (NCCL's own limit, which inner
+/// transports enforce): replays of copied sends come on top of NCCL's outstanding requests.
+const MAX_INFLIGHT: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
 /// Control messages read per progress call at most.
 const MSGS_PER_CALL: usize = 64;
 
@@ -65,6 +68,14 @@ struct RecvReq {
     mrs: Vec<Option<u64>>,
     got: Vec<i32>,
     outcome: Outcome,
+}
+
+/// A replay copy of one send, registered on an inner comm when a replay first needs it.
+struct Copy {
+    buf: Vec<u8>,
+    len: usize,
+    tag: i32,
+    mr: Option<(Epoch, Opaque)>,
 }
 
 /// State shared by both directions.
@@ -159,7 +170,9 @@ pub struct SendEngine {
     /// Posts that got "try again": (seq, req, from the copy).
     pending: VecDeque<(Seq, ReqId, bool)>,
     /// Replay copies by seq, with the send's tag.
-    copies: HashMap<Seq, (Vec<u8>, i32)>,
+    copies: HashMap<Seq, Copy>,
+    /// Copies released while an inner send may still read them: freed once it is done.
+    retired: Vec<(Seq, Copy)>,
     connecting: Option<(Epoch, Box<[u8; HANDLE_SIZE]>)>,
 }
 
@@ -217,6 +230,7 @@ impl Engine {
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
             copies: HashMap::new(),
+            retired: Vec::new(),
             connecting: None,
         })
     }
@@ -426,64 +440,45 @@ impl Engine {
     pub fn close(&mut self, inner: &dyn Transport) -> Result<()> {
         match self {
             Engine::Send(s) => {
-                s.inflight.clear();
                 s.connecting = None;
-                let c = &mut s.c;
-                let regs: Vec<Opaque> = c.regs.values_mut().filter_map(|r| r.inner.take()).collect();
-                match c.comm.take() {
-                    Some(comm) => {
-                        for m in regs {
-                            // SAFETY: registered on this open comm, released once.
-                            let _ = unsafe { inner.dereg_mr(comm, m) };
-                        }
-                        // SAFETY: the engine's current inner comm, closed once (taken above).
-                        unsafe { inner.close_send(comm) }
-                    }
-                    None => Ok(()),
-                }
+                let res = s.close_current(inner);
+                s.retired.clear();
+                res
             }
             Engine::Recv(r) => {
-                r.inflight.clear();
                 if let Some((_, l)) = r.listen.take() {
                     // SAFETY: the engine's listen comm, closed once (taken).
                     let _ = unsafe { inner.close_listen(l) };
                 }
-                let c = &mut r.c;
-                let regs: Vec<Opaque> = c.regs.values_mut().filter_map(|r| r.inner.take()).collect();
-                match c.comm.take() {
-                    Some(comm) => {
-                        for m in regs {
-                            // SAFETY: registered on this open comm, released once.
-                            let _ = unsafe { inner.dereg_mr(comm, m) };
-                        }
-                        // SAFETY: the engine's current inner comm, closed once (taken above).
-                        unsafe { inner.close_recv(comm) }
-                    }
-                    None => Ok(()),
-                }
+                r.close_current(inner)
             }
         }
     }
 }
 
-/// Closes inner comm `comm` of a send or receive engine, dropping its registrations.
-fn close_comm(c: &mut Common, inner: &dyn Transport, send: bool) {
-    let Some(comm) = c.comm.take() else { return };
-    for r in c.regs.values_mut() {
+/// Closes the current inner comm, releasing its registrations first, except those in `busy`
+/// (used by requests abandoned with the comm: a plugin may refuse to release a registration an
+/// outstanding request uses, and closing the comm ends those requests).
+fn close_comm(c: &mut Common, inner: &dyn Transport, send: bool, busy: &HashSet<u64>) -> Result<()> {
+    let Some(comm) = c.comm.take() else { return Ok(()) };
+    for (token, r) in c.regs.iter_mut() {
         if let Some(m) = r.inner.take() {
+            if busy.contains(token) {
+                continue;
+            }
             // SAFETY: registered on this open comm, released once (taken).
             let _ = unsafe { inner.dereg_mr(comm, m) };
         }
     }
     // SAFETY: the current inner comm, taken so it is closed once; its requests are abandoned and
     // never tested again.
-    let _ = unsafe {
+    unsafe {
         if send {
             inner.close_send(comm)
         } else {
             inner.close_recv(comm)
         }
-    };
+    }
 }
 
 fn tick_due(c: &mut Common) -> Option<u64> {
@@ -497,6 +492,57 @@ fn tick_due(c: &mut Common) -> Option<u64> {
 }
 
 impl SendEngine {
+    /// Frees the retired copies no inner send reads any more.
+    fn free_retired(&mut self, inner: &dyn Transport) {
+        let busy: HashSet<Seq> = self.inflight.iter().map(|&(seq, ..)| seq).collect();
+        let (comm, epoch) = (self.c.comm, self.c.epoch);
+        self.retired.retain(|(seq, cp)| {
+            if busy.contains(seq) {
+                return true;
+            }
+            if let (Some(comm), Some((e, m))) = (comm, cp.mr) {
+                if e == epoch {
+                    // SAFETY: registered on the open current comm; no inner send uses it.
+                    let _ = unsafe { inner.dereg_mr(comm, m) };
+                }
+            }
+            false
+        });
+    }
+
+    /// Closes the current inner comm; its requests are abandoned.
+    fn close_current(&mut self, inner: &dyn Transport) -> Result<()> {
+        let busy_seqs: HashSet<Seq> = self.inflight.iter().map(|&(seq, ..)| seq).collect();
+        let busy: HashSet<u64> = self
+            .inflight
+            .iter()
+            .filter_map(|&(_, req, ..)| self.reqs.get(&req).and_then(|r| r.mr))
+            .collect();
+        self.inflight.clear();
+        self.pending.clear();
+        self.drop_copy_regs(inner, &busy_seqs);
+        close_comm(&mut self.c, inner, true, &busy)
+    }
+
+    /// Releases the copies' registrations on the current inner comm (before it closes), but
+    /// those of sends in `busy`.
+    fn drop_copy_regs(&mut self, inner: &dyn Transport, busy: &HashSet<Seq>) {
+        let Some(comm) = self.c.comm else { return };
+        let epoch = self.c.epoch;
+        let all = self
+            .copies
+            .iter_mut()
+            .chain(self.retired.iter_mut().map(|(s, c)| (&*s, c)));
+        for (seq, cp) in all {
+            if let Some((e, m)) = cp.mr.take() {
+                if e == epoch && !busy.contains(seq) {
+                    // SAFETY: registered on the open current comm, released once (taken).
+                    let _ = unsafe { inner.dereg_mr(comm, m) };
+                }
+            }
+        }
+    }
+
     fn progress(&mut self, inner: &dyn Transport) {
         let (msgs, gone) = self.c.read_link();
         for m in msgs {
@@ -539,6 +585,9 @@ impl SendEngine {
                     break;
                 }
             }
+        }
+        if !self.retired.is_empty() {
+            self.free_retired(inner);
         }
         self.retry_pending(inner);
         if let Some((epoch, mut h)) = self.connecting.take() {
@@ -594,13 +643,36 @@ impl SendEngine {
 
     /// Posts send `seq` on the current inner comm; `false`: try again.
     fn post(&mut self, inner: &dyn Transport, seq: Seq, req: ReqId, copy: bool) -> Result<bool> {
+        if self.inflight.len() >= MAX_INFLIGHT {
+            return Ok(false);
+        }
         let comm = self
             .c
             .comm
             .ok_or_else(|| Error::internal("post without an inner comm"))?;
         // A copied send may be complete to NCCL already (its request gone): the copy has all.
+        let epoch = self.c.epoch;
         let (data, size, tag, mr) = match (copy, self.copies.get_mut(&seq)) {
-            (true, Some((buf, tag))) => (buf.as_mut_ptr() as usize, buf.len() as i32, *tag, None),
+            (true, Some(cp)) => {
+                let mr = match cp.mr {
+                    Some((e, m)) if e == epoch => m,
+                    _ => {
+                        // SAFETY: `comm` is open; the copy's buffer lives (at least one byte) until
+                        // it is deregistered, before it is freed.
+                        let m = unsafe {
+                            inner.reg_mr(
+                                comm,
+                                cp.buf.as_mut_ptr().cast(),
+                                cp.buf.len(),
+                                crate::ffi::NCCL_PTR_HOST as i32,
+                            )
+                        }?;
+                        cp.mr = Some((epoch, m));
+                        m
+                    }
+                };
+                (cp.buf.as_mut_ptr() as usize, cp.len as i32, cp.tag, Some(mr))
+            }
             _ => {
                 let r = self
                     .reqs
@@ -635,15 +707,28 @@ impl SendEngine {
                 SendAction::Replay { epoch, seq, req, .. } => self.queue_post(inner, epoch, seq, req, true),
                 SendAction::CopyForReplay { seq, req, size } => {
                     if let Some(r) = self.reqs.get(&req) {
-                        let mut v = vec![0u8; size as usize];
+                        let len = size as usize;
+                        let mut buf = vec![0u8; len.max(1)];
                         // SAFETY: NCCL's buffer holds `size` bytes until the send is reported
                         // complete, which comes after this copy.
-                        unsafe { std::ptr::copy_nonoverlapping(r.data as *const u8, v.as_mut_ptr(), v.len()) };
-                        self.copies.insert(seq, (v, r.tag));
+                        unsafe { std::ptr::copy_nonoverlapping(r.data as *const u8, buf.as_mut_ptr(), len) };
+                        let tag = r.tag;
+                        self.copies.insert(
+                            seq,
+                            Copy {
+                                buf,
+                                len,
+                                tag,
+                                mr: None,
+                            },
+                        );
                     }
                 }
                 SendAction::ReleaseCopy { seq } => {
-                    self.copies.remove(&seq);
+                    if let Some(cp) = self.copies.remove(&seq) {
+                        self.retired.push((seq, cp));
+                    }
+                    self.free_retired(inner);
                 }
                 SendAction::Complete { req } => {
                     if let Some(r) = self.reqs.get_mut(&req) {
@@ -657,9 +742,10 @@ impl SendEngine {
                 }
                 SendAction::CloseInner { epoch } => {
                     if epoch == self.c.epoch {
-                        self.inflight.clear();
-                        self.pending.clear();
-                        close_comm(&mut self.c, inner, true);
+                        // A comm that failed may fail its close too; nothing more to do about it.
+                        let _ = self.close_current(inner);
+                        // The comm's requests are abandoned with it: nothing reads these now.
+                        self.retired.clear();
                     }
                 }
                 SendAction::Connect { epoch, handle } => {
@@ -729,6 +815,19 @@ impl SendEngine {
 }
 
 impl RecvEngine {
+    /// Closes the current inner comm; its requests are abandoned.
+    fn close_current(&mut self, inner: &dyn Transport) -> Result<()> {
+        let busy: HashSet<u64> = self
+            .inflight
+            .iter()
+            .filter_map(|&(req, ..)| self.reqs.get(&req))
+            .flat_map(|q| q.mrs.iter().flatten().copied())
+            .collect();
+        self.inflight.clear();
+        self.pending.clear();
+        close_comm(&mut self.c, inner, false, &busy)
+    }
+
     fn progress(&mut self, inner: &dyn Transport) {
         let (msgs, gone) = self.c.read_link();
         for m in msgs {
@@ -838,6 +937,9 @@ impl RecvEngine {
     }
 
     fn post(&mut self, inner: &dyn Transport, req: ReqId) -> Result<bool> {
+        if self.inflight.len() >= MAX_INFLIGHT {
+            return Ok(false);
+        }
         let comm = self
             .c
             .comm
@@ -897,9 +999,8 @@ impl RecvEngine {
                 }
                 RecvAction::CloseInner { epoch } => {
                     if epoch == self.c.epoch {
-                        self.inflight.clear();
-                        self.pending.clear();
-                        close_comm(&mut self.c, inner, false);
+                        // A comm that failed may fail its close too; nothing more to do about it.
+                        let _ = self.close_current(inner);
                     }
                     if let Some((_, l)) = self.listen.take() {
                         // SAFETY: the engine's listen comm, closed once (taken).
