@@ -33,6 +33,8 @@ const TESTS_PER_CALL: usize = 64;
 /// Inner requests outstanding on one inner comm at most (NCCL's own limit, which inner
 /// transports enforce): replays of copied sends come on top of NCCL's outstanding requests.
 const MAX_INFLIGHT: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
+/// Grouped receives of one irecv at most (the shim refuses more).
+const MAX_GROUP: usize = 8;
 /// Control messages read per progress call at most.
 const MSGS_PER_CALL: usize = 64;
 
@@ -494,10 +496,10 @@ fn tick_due(c: &mut Common) -> Option<u64> {
 impl SendEngine {
     /// Frees the retired copies no inner send reads any more.
     fn free_retired(&mut self, inner: &dyn Transport) {
-        let busy: HashSet<Seq> = self.inflight.iter().map(|&(seq, ..)| seq).collect();
+        let inflight = &self.inflight;
         let (comm, epoch) = (self.c.comm, self.c.epoch);
         self.retired.retain(|(seq, cp)| {
-            if busy.contains(seq) {
+            if inflight.iter().any(|&(s, ..)| s == *seq) {
                 return true;
             }
             if let (Some(comm), Some((e, m))) = (comm, cp.mr) {
@@ -845,15 +847,16 @@ impl RecvEngine {
         while i < self.inflight.len() && tested < TESTS_PER_CALL {
             let (req, epoch, ireq) = self.inflight[i];
             tested += 1;
-            let n = self.reqs.get(&req).map_or(1, |q| q.got.len());
-            let mut sz = vec![0i32; n];
+            let n = self.reqs.get(&req).map_or(1, |q| q.got.len()).min(MAX_GROUP);
+            let mut buf = [0i32; MAX_GROUP];
+            let sz = &mut buf[..n];
             // SAFETY: `ireq` is outstanding on the open inner comm of `epoch`; `sz` has one entry
             // per grouped receive.
-            match unsafe { inner.test(ireq, Some(&mut sz)) } {
+            match unsafe { inner.test(ireq, Some(sz)) } {
                 Ok(true) => {
                     self.inflight.remove(i);
                     if let Some(q) = self.reqs.get_mut(&req) {
-                        q.got.copy_from_slice(&sz);
+                        q.got[..n].copy_from_slice(sz);
                     }
                     let sizes = sz.iter().map(|&s| s.max(0) as u64).collect();
                     let now = self.c.now();
