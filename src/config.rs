@@ -9,7 +9,8 @@
 pub use crate::control::link::{LinkConfig, PEER_TIMEOUT};
 use crate::error::{Error, Result};
 pub use crate::recovery::{
-    RecoveryConfig, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING, RECOVERY_TIMEOUT,
+    RecoveryConfig, RECOVERY, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING,
+    RECOVERY_TIMEOUT,
 };
 pub use crate::tcp::config::{
     TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_PORT_RANGE,
@@ -155,6 +156,7 @@ pub const SETTINGS: &[Setting] = &[
     METRICS_INTERVAL,
     CONNECT_TIMEOUT,
     ABORT_ON_ERROR,
+    RECOVERY,
     RECOVERY_TIMEOUT,
     RECOVERY_ATTEMPTS,
     RECOVERY_COPY_MAX,
@@ -229,6 +231,8 @@ pub struct Config {
     pub abort_on_error: bool,
     /// The recovery protocol's settings (src/recovery/config.rs).
     pub recovery: RecoveryConfig,
+    /// NCCL_TCPXSHIM_RECOVERY: whether the recovery engine runs.
+    pub recovery_engine: bool,
     /// NCCL_TCPXSHIM_CONFIG_CHECK.
     pub config_check: crate::stack::cfgcheck::CheckMode,
     /// The values of the settings compared with the peer's at connect.
@@ -335,6 +339,7 @@ impl Config {
             },
             abort_on_error: int(vars, &ABORT_ON_ERROR, 0, 1)? == 1,
             recovery: RecoveryConfig::from_vars(vars)?,
+            recovery_engine: int(vars, &RECOVERY, 0, 1)? == 1,
             config_check: crate::stack::cfgcheck::CheckMode::from_vars(vars)?,
         })
     }

@@ -15,6 +15,15 @@ pub const RECOVERY_TIMEOUT: Setting = Setting {
           receives (the built-in transport, plugins reporting NCCL_NET_DEVICE_HOST).",
 };
 
+/// Whether the recovery engine runs.
+pub const RECOVERY: Setting = Setting {
+    name: "NCCL_TCPXSHIM_RECOVERY",
+    default: "0",
+    doc: "1: run the recovery engine on connections over inner transports with host-type receives, so a broken \
+          inner connection is re-established and its messages replayed (within NCCL_TCPXSHIM_RECOVERY_TIMEOUT); \
+          0: a broken inner connection fails its requests at once. Off by default while the engine is new.",
+};
+
 /// How many inner connections one recovery may try.
 pub const RECOVERY_ATTEMPTS: Setting = Setting {
     name: "NCCL_TCPXSHIM_RECOVERY_ATTEMPTS",

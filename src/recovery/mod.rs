@@ -12,12 +12,14 @@
 //! processes, the inner links and the control channel.
 
 mod config;
+pub mod engine;
 mod proto;
 #[cfg(test)]
 mod tests;
 
 pub use config::{
-    RecoveryConfig, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING, RECOVERY_TIMEOUT,
+    RecoveryConfig, RECOVERY, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING,
+    RECOVERY_TIMEOUT,
 };
 pub use proto::{
     Cause, Control, Epoch, Failure, GiveUp, Nanos, RecvAction, RecvEvent, RecvSide, ReqId, SendAction, SendEvent,

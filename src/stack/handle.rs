@@ -51,6 +51,9 @@ pub const CANARY: u8 = 0xA5;
 pub const FLAG_SERVED: u16 = 1;
 /// Trailer flag: the listener's control service offers its settings under `conn_id` (GET_SETTINGS).
 pub const FLAG_SETTINGS: u16 = 2;
+/// Trailer flag: the listener runs the recovery engine; its control links are served on the
+/// control service under `conn_id` and `secret`.
+pub const FLAG_RECOVERY: u16 = 4;
 
 /// The decoded trailer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -343,6 +346,23 @@ impl Handles {
             );
         }
         Ok(Some(id))
+    }
+
+    /// Marks the handle `publish` wrote as recoverable: makes sure its trailer names the control
+    /// service (inline handles included), has the service hand control links to `hub`, and
+    /// returns the link the connecting side will attach to.
+    pub fn offer_recovery(
+        &self,
+        handle: &mut [u8; HANDLE_SIZE],
+        hub: &crate::control::link::Hub,
+    ) -> Result<crate::control::link::Link> {
+        let svc = self.service().map_err(|e| e.context("listen: recovery"))?;
+        svc.serve_links(hub);
+        let mut t = Trailer::read(handle)?;
+        t.set_ctrl_socket(svc.addr());
+        t.flags |= FLAG_RECOVERY;
+        t.write(handle);
+        hub.expect(t.conn_id, t.secret)
     }
 
     /// Withdraws a served handle (its listen comm closed).

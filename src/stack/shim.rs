@@ -15,10 +15,26 @@ use crate::error::{Error, Result};
 use crate::ffi::{DevHandle, HANDLE_SIZE};
 use crate::metrics::{conn::Dir, human_bytes, Metrics, Setup};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+use crate::control::link::{Link, LinkConfig};
+use crate::recovery::engine::Engine;
+use crate::recovery::RecoveryConfig;
+
+/// The recovery engines of the comms that have one, by NCCL's comm handle.
+#[derive(Default)]
+struct Engines {
+    any: AtomicBool,
+    by_comm: RwLock<HashMap<usize, Arc<Mutex<Engine>>>>,
+    /// The control link each listen comm's connection will use, by NCCL's listen handle.
+    listening: Mutex<HashMap<usize, Link>>,
+}
 
 /// A comm found in the table, with the key it stands under.
 struct Found<'a> {
@@ -77,6 +93,10 @@ pub struct Shim {
     /// Metrics (NCCL_TCPXSHIM_METRICS_DIR), fed from the shim's own records.
     metrics: Option<Metrics>,
     abort_on_error: bool,
+    /// The recovery settings, when the engine runs (NCCL_TCPXSHIM_RECOVERY=1 and a timeout).
+    recovery: Option<RecoveryConfig>,
+    link_cfg: LinkConfig,
+    engines: Engines,
 }
 
 impl Shim {
@@ -105,6 +125,9 @@ impl Shim {
             handles,
             metrics,
             abort_on_error: cfg.abort_on_error,
+            recovery: (cfg.recovery_engine && cfg.recovery.enabled()).then(|| cfg.recovery.clone()),
+            link_cfg: cfg.link.clone(),
+            engines: Engines::default(),
         })
     }
 
@@ -153,6 +176,36 @@ impl Shim {
         } else {
             coarse_ns().saturating_sub(stamp)
         }
+    }
+
+    /// The recovery engine of the comm under `key`, if it has one.
+    #[inline]
+    fn engine(&self, key: CommKey) -> Option<Arc<Mutex<Engine>>> {
+        if !self.engines.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        let m = self.engines.by_comm.read().unwrap_or_else(|e| e.into_inner());
+        m.get(&(key.to_opaque().as_ptr() as usize)).cloned()
+    }
+
+    fn add_engine(&self, comm: Opaque, e: Engine) {
+        let mut m = self.engines.by_comm.write().unwrap_or_else(|e| e.into_inner());
+        m.insert(comm.as_ptr() as usize, Arc::new(Mutex::new(e)));
+        self.engines.any.store(true, Ordering::Relaxed);
+    }
+
+    fn remove_engine(&self, key: CommKey) -> Option<Arc<Mutex<Engine>>> {
+        if !self.engines.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut m = self.engines.by_comm.write().unwrap_or_else(|e| e.into_inner());
+        m.remove(&(key.to_opaque().as_ptr() as usize))
+    }
+
+    /// Recoveries the engines of open comms made so far (tests).
+    pub fn recoveries(&self) -> u64 {
+        let m = self.engines.by_comm.read().unwrap_or_else(|e| e.into_inner());
+        m.values().map(|e| crate::lock(e).recoveries()).sum()
     }
 
     /// Whether NCCL_TCPXSHIM_ABORT_ON_ERROR asks to end the process on an error that ends the job.
@@ -276,13 +329,21 @@ impl Shim {
                 c.label()
             )));
         }
+        let engine = self.remove_engine(c.key);
+        if kind == Kind::Listen {
+            crate::lock(&self.engines.listening).remove(&(comm.as_ptr() as usize));
+        }
         // SAFETY: the record was live in the table, so its inner comm is open, and removing it
         // made this the only close.
         let result = unsafe {
-            match kind {
-                Kind::Send => self.inner.close_send(c.inner()),
-                Kind::Recv => self.inner.close_recv(c.inner()),
-                Kind::Listen => self.inner.close_listen(c.inner()),
+            if let Some(e) = &engine {
+                crate::lock(e).close(self.inner.as_ref())
+            } else {
+                match kind {
+                    Kind::Send => self.inner.close_send(c.inner()),
+                    Kind::Recv => self.inner.close_recv(c.inner()),
+                    Kind::Listen => self.inner.close_listen(c.inner()),
+                }
             }
         };
         if let Some(id) = c.served() {
@@ -435,9 +496,21 @@ impl Shim {
         let ireq = r
             .inner
             .ok_or_else(|| Error::internal("test: a live request has no inner request"))?;
-        // SAFETY: the inner request is outstanding (its record is live and this call holds it),
-        // and `local` has one entry per grouped receive.
-        let done = match unsafe { self.inner.test(ireq, Some(&mut local[..n])) } {
+        let engine = self.engine(c.key);
+        let tested = match &engine {
+            Some(e) => {
+                let mut e = crate::lock(e);
+                let r = e.test(self.inner.as_ref(), ireq, &mut local[..n]);
+                if let Some(m) = self.mconn(c) {
+                    m.recoveries.fetch_max(e.recoveries(), Ordering::Relaxed);
+                }
+                r
+            }
+            // SAFETY: the inner request is outstanding (its record is live and this call holds
+            // it), and `local` has one entry per grouped receive.
+            None => unsafe { self.inner.test(ireq, Some(&mut local[..n])) },
+        };
+        let done = match tested {
             Ok(d) => d,
             Err(e) => {
                 c.counters.error();
@@ -518,6 +591,48 @@ impl Shim {
         err
     }
 
+    /// Whether connections on `dev` get a recovery engine.
+    fn recoverable(&self, dev: i32) -> bool {
+        self.recovery.is_some() && !self.unpack.get(dev as usize).copied().unwrap_or(true)
+    }
+
+    /// At listen: names the control link in NCCL's handle and keeps the link for the accept.
+    fn offer_recovery(&self, dev: i32, listen: Opaque, handle: &mut [u8; HANDLE_SIZE]) {
+        if !self.recoverable(dev) {
+            return;
+        }
+        let res =
+            crate::control::link::global(&self.link_cfg).and_then(|hub| self.handles.offer_recovery(handle, &hub));
+        match res {
+            Ok(link) => {
+                crate::lock(&self.engines.listening).insert(listen.as_ptr() as usize, link);
+            }
+            Err(e) => log::warn!(
+                "listen on dev {dev}: connections from this listen will not recover from a broken inner connection: \
+                 {e} (set {} or {}=0)",
+                crate::config::CTRL_ADDR.name,
+                crate::config::RECOVERY.name
+            ),
+        }
+    }
+
+    /// After a connect: the recovery engine of the new send comm when the peer offers one.
+    fn engine_for_connect(&self, dev: i32, comm: Opaque, inner: Opaque, handle: &[u8; HANDLE_SIZE]) {
+        let Some(cfg) = self.recovery.as_ref().filter(|_| self.recoverable(dev)) else {
+            return;
+        };
+        let Ok(t) = handle::Trailer::read(handle) else { return };
+        if t.flags & handle::FLAG_RECOVERY == 0 {
+            return;
+        }
+        let Some(addr) = t.ctrl_socket() else { return };
+        let peer = self.lookup("", comm).map(|c| c.label()).unwrap_or_default();
+        match Link::connect(&self.link_cfg, addr, t.conn_id, t.secret) {
+            Ok(link) => self.add_engine(comm, Engine::send(cfg.clone(), dev, peer, link, inner)),
+            Err(e) => log::warn!("connect on dev {dev}: {peer} will not recover from a broken inner connection: {e}"),
+        }
+    }
+
     /// Registers on the inner comm and records the registration.
     fn register(
         &self,
@@ -527,6 +642,20 @@ impl Shim {
         inner: impl FnOnce(Opaque) -> Result<Opaque>,
     ) -> Result<Opaque> {
         let c = self.live_comm(call, comm, None)?;
+        if let Some(e) = self.engine(c.key) {
+            // SAFETY: the caller of regMr vouches for the buffer until deregMr.
+            let token = unsafe {
+                crate::lock(&e).reg(
+                    self.inner.as_ref(),
+                    rec.data as *mut c_void,
+                    rec.size,
+                    rec.ptr_type,
+                    rec.dmabuf,
+                )
+            }
+            .map_err(|e| e.context(format!("{call} on {}", c.label())))?;
+            return c.add_mr(c.key, MrRec { inner: token, ..rec }).map(|k| k.to_opaque());
+        }
         let imr = inner(c.inner()).map_err(|e| e.context(format!("{call} on {}", c.label())))?;
         match c.add_mr(c.key, MrRec { inner: imr, ..rec }) {
             Ok(k) => Ok(k.to_opaque()),
@@ -558,13 +687,17 @@ impl Transport for Shim {
         let mut scratch = [handle::CANARY; HANDLE_SIZE];
         let inner = self.inner.listen(dev, &mut scratch)?;
         match self.handles.publish(&scratch, handle, self.inner.name()) {
-            Ok(served) => self.wrap(Kind::Listen, inner, dev, served).inspect_err(|_| {
-                if let Some(id) = served {
-                    self.handles.withdraw(id);
-                }
-                // SAFETY: `inner` is the listen comm just made; nothing else has it.
-                let _ = unsafe { self.inner.close_listen(inner) };
-            }),
+            Ok(served) => {
+                let l = self.wrap(Kind::Listen, inner, dev, served).inspect_err(|_| {
+                    if let Some(id) = served {
+                        self.handles.withdraw(id);
+                    }
+                    // SAFETY: `inner` is the listen comm just made; nothing else has it.
+                    let _ = unsafe { self.inner.close_listen(inner) };
+                })?;
+                self.offer_recovery(dev, l, handle);
+                Ok(l)
+            }
             Err(e) => {
                 // SAFETY: as above.
                 let _ = unsafe { self.inner.close_listen(inner) };
@@ -601,7 +734,11 @@ impl Transport for Shim {
             m.setup_done(setup, res.is_ok());
         }
         match res.map_err(|e| e.context(format!("connect on dev {dev}")))? {
-            Some(c) => self.wrap(Kind::Send, c, dev, None).map(Some),
+            Some(c) => {
+                let s = self.wrap(Kind::Send, c, dev, None)?;
+                self.engine_for_connect(dev, s, c, handle);
+                Ok(Some(s))
+            }
             None => Ok(None),
         }
     }
@@ -619,7 +756,15 @@ impl Transport for Shim {
         }
         let inner = inner.map_err(|e| e.context(format!("accept on dev {}", l.dev())))?;
         match inner {
-            Some(c) => self.wrap(Kind::Recv, c, l.dev(), None).map(Some),
+            Some(c) => {
+                let r = self.wrap(Kind::Recv, c, l.dev(), None)?;
+                let link = crate::lock(&self.engines.listening).remove(&(listen.as_ptr() as usize));
+                if let (Some(cfg), Some(link)) = (&self.recovery, link) {
+                    let peer = self.lookup("", r).map(|c| c.label()).unwrap_or_default();
+                    self.add_engine(r, Engine::recv(cfg.clone(), l.dev(), peer, link, c));
+                }
+                Ok(Some(r))
+            }
             None => Ok(None),
         }
     }
@@ -668,6 +813,11 @@ impl Transport for Shim {
         let c = self.comm("deregMr", comm, None)?;
         let key = mr_key("deregMr", mr)?;
         let rec = c.remove_mr("deregMr", c.key, key)?;
+        if let Some(e) = self.engine(c.key) {
+            return crate::lock(&e)
+                .dereg(self.inner.as_ref(), rec.inner)
+                .map_err(|e| e.context(format!("deregMr on {}", c.label())));
+        }
         // SAFETY: the registration was live on this open comm and is now removed from the
         // record, so this is its only release.
         unsafe { self.inner.dereg_mr(c.inner(), rec.inner) }.map_err(|e| e.context(format!("deregMr on {}", c.label())))
@@ -695,6 +845,13 @@ impl Transport for Shim {
             tags: &[tag],
             mrs: &[key],
         };
+        if let Some(e) = self.engine(c.key) {
+            return self.post(&c, &args, || {
+                crate::lock(&e)
+                    .isend(self.inner.as_ref(), data as usize, size, tag, imr)
+                    .map(Some)
+            });
+        }
         // SAFETY: the inner comm is open, `imr` is its registration, and the caller vouches for
         // the buffer until the request completes.
         self.post(&c, &args, || unsafe {
@@ -726,6 +883,13 @@ impl Transport for Shim {
             tags: &tags[..n],
             mrs: &m.keys[..n],
         };
+        if let Some(e) = self.engine(c.key) {
+            return self.post(&c, &args, || {
+                crate::lock(&e)
+                    .irecv(self.inner.as_ref(), &data[..n], &sizes[..n], &tags[..n], &imrs[..n])
+                    .map(Some)
+            });
+        }
         // SAFETY: as in isend; the inner registrations are this comm's.
         self.post(&c, &args, || unsafe {
             self.inner.irecv(c.inner(), data, &sizes[..n], &tags[..n], &imrs[..n])
@@ -740,6 +904,10 @@ impl Transport for Shim {
         mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>> {
         let c = self.live_comm("iflush", comm, Some(Kind::Recv))?;
+        if self.engine(c.key).is_some() {
+            // Host-type receives land in host memory: nothing to flush.
+            return Ok(None);
+        }
         let n = data.len().min(MAX_RECVS);
         if sizes.len() < n || mrs.len() < n {
             return Err(Error::invalid_argument("iflush: the arrays are shorter than n"));
@@ -825,7 +993,14 @@ impl Transport for Shim {
     unsafe fn break_comm(&self, comm: Opaque) -> bool {
         match self.lookup("", comm) {
             // SAFETY: the record is in the table, so its inner comm is open.
-            Ok(c) if c.kind() != Kind::Listen => unsafe { self.inner.break_comm(c.inner()) },
+            Ok(c) if c.kind() != Kind::Listen => {
+                let inner = match self.engine(c.key) {
+                    Some(e) => crate::lock(&e).inner_comm(),
+                    None => Some(c.inner()),
+                };
+                // SAFETY: the engine's current inner comm, or the record's, is open.
+                inner.is_some_and(|i| unsafe { self.inner.break_comm(i) })
+            }
             _ => false,
         }
     }

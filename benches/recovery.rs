@@ -1,0 +1,191 @@
+//! The recovery engine's cost: the same workloads with NCCL_TCPXSHIM_RECOVERY off and on, side by
+//! side in one run, over the built-in transport on loopback and over the generic v7 fixture (a
+//! loaded host-type plugin). Repetitions alternate (off on, on off, ...) so that drift hits both.
+//!
+//! Workloads, one connection on device 0, single thread: an 8-byte round (irecv + isend, test both
+//! until done; ns per round) and 64 MiB messages (GB/s).
+//!
+//! Run with `cargo bench --bench recovery`; `TCPXSHIM_BENCH_QUICK=1` shrinks the counts.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+const SMALL: usize = 8;
+
+struct Params {
+    reps: usize,
+    lat_iters: usize,
+    bw_size: usize,
+    bw_iters: usize,
+}
+
+struct Bench {
+    net: StackNet,
+    send: Comm,
+    recv: Comm,
+    bufs: [AlignedBuf; 4],
+    mrs: [Mr; 4],
+}
+
+fn spin<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut n = 0u32;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        n = n.wrapping_add(1);
+        if n % 4096 == 0 && start.elapsed() > Duration::from_secs(20) {
+            panic!("timed out waiting for {what}");
+        }
+    }
+}
+
+impl Bench {
+    fn new(cfg: &Config, p: &Params) -> Bench {
+        let net = StackNet::build(cfg);
+        let (send, recv) = net.connect_pair(0);
+        let mut bufs = [
+            AlignedBuf::new(SMALL),
+            AlignedBuf::new(SMALL),
+            AlignedBuf::new(p.bw_size),
+            AlignedBuf::new(p.bw_size),
+        ];
+        bufs[0].fill_pattern(1);
+        bufs[2].fill_pattern(2);
+        bufs[3].as_mut_slice().fill(0xee);
+        let comms = [send, recv, send, recv];
+        let mrs = std::array::from_fn(|i| net.reg_buf(comms[i], &bufs[i], PTR_HOST).unwrap());
+        Bench {
+            net,
+            send,
+            recv,
+            bufs,
+            mrs,
+        }
+    }
+
+    fn round(&self, s: usize, r: usize, size: i32) -> i32 {
+        let net = &self.net;
+        let rreq = spin("irecv", || {
+            net.irecv(self.recv, self.bufs[r].as_ptr(), size, 0, self.mrs[r])
+                .unwrap()
+        });
+        let sreq = spin("isend", || {
+            net.isend(self.send, self.bufs[s].as_ptr(), size, 0, self.mrs[s])
+                .unwrap()
+        });
+        // Test both, as NCCL's proxy does: the receiver's progress carries the acknowledgement
+        // a large send waits for.
+        let (mut sd, mut rd) = (false, None);
+        spin("completions", || {
+            if !sd {
+                sd = net.test(sreq).unwrap().is_some();
+            }
+            if rd.is_none() {
+                rd = net.test(rreq).unwrap();
+            }
+            (sd && rd.is_some()).then_some(())
+        });
+        rd.unwrap_or(0)
+    }
+
+    fn latency(&self, p: &Params) -> f64 {
+        for _ in 0..p.lat_iters / 10 {
+            self.round(0, 1, SMALL as i32);
+        }
+        let t = Instant::now();
+        for _ in 0..p.lat_iters {
+            self.round(0, 1, SMALL as i32);
+        }
+        assert_eq!(self.bufs[1].find_mismatch(1, 0..SMALL), None);
+        t.elapsed().as_nanos() as f64 / p.lat_iters as f64
+    }
+
+    fn bandwidth(&self, p: &Params) -> f64 {
+        self.round(2, 3, p.bw_size as i32);
+        assert_eq!(self.bufs[3].find_mismatch(2, 0..p.bw_size), None);
+        let t = Instant::now();
+        for _ in 0..p.bw_iters {
+            assert_eq!(self.round(2, 3, p.bw_size as i32), p.bw_size as i32);
+        }
+        (p.bw_size * p.bw_iters) as f64 / t.elapsed().as_secs_f64() / 1e9
+    }
+
+    fn close(self) {
+        let comms = [self.send, self.recv, self.send, self.recv];
+        for (c, m) in comms.iter().zip(self.mrs) {
+            self.net.dereg_mr(*c, m).unwrap();
+        }
+        self.net.close_send(self.send).unwrap();
+        self.net.close_recv(self.recv).unwrap();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let quick = std::env::var_os("TCPXSHIM_BENCH_QUICK").is_some_and(|v| v != "0");
+    let p = if quick {
+        Params {
+            reps: 3,
+            lat_iters: 2_000,
+            bw_size: 64 << 20,
+            bw_iters: 3,
+        }
+    } else {
+        Params {
+            reps: 5,
+            lat_iters: 20_000,
+            bw_size: 64 << 20,
+            bw_iters: 20,
+        }
+    };
+    let fixture = fixture_lib(Fixture::V7);
+    for inner in ["builtin", "fixture"] {
+        let cfg = |on: bool| {
+            let mut c = Config {
+                plugin: Some(match inner {
+                    "builtin" => "builtin".into(),
+                    _ => private_copy(&fixture).to_string_lossy().into_owned(),
+                }),
+                ctrl_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                recovery_engine: on,
+                ..Config::default()
+            };
+            c.tcp.ifname = Some("lo".into());
+            c
+        };
+        let benches = [Bench::new(&cfg(false), &p), Bench::new(&cfg(true), &p)];
+        let (mut lat, mut bw) = ([vec![], vec![]], [vec![], vec![]]);
+        for rep in 0..p.reps {
+            let order = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                lat[i].push(benches[i].latency(&p));
+            }
+            for i in order {
+                bw[i].push(benches[i].bandwidth(&p));
+            }
+        }
+        let [l0, l1] = lat.map(median);
+        let [b0, b1] = bw.map(median);
+        println!(
+            "{inner:>8}: {SMALL} B round {l0:.0} ns off, {l1:.0} ns on (on/off {:.3}); {} MiB {b0:.2} GB/s off, {b1:.2} GB/s \
+             on (on/off {:.3}); medians of {}",
+            l1 / l0,
+            p.bw_size >> 20,
+            b1 / b0,
+            p.reps
+        );
+        for b in benches {
+            b.close();
+        }
+    }
+}

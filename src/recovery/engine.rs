@@ -1,0 +1,1072 @@
+//! The recovery engine: drives one comm's [`SendSide`] or [`RecvSide`] over the inner transport
+//! and the control link to the peer.
+//!
+//! The engine owns the connection's current inner comm and its epoch, the inner requests of
+//! NCCL's requests, the replay copies, the inner posts that got "try again", and the listen,
+//! accept or connect of a recovery in progress. It never blocks: every NCCL call on the comm
+//! (isend, irecv, test) makes a bounded amount of progress: it reads the control link, tests the
+//! inner requests, retries pending posts, advances a listen, accept or connect, feeds the time to
+//! the state machine and carries out the actions it asks for.
+//!
+//! Memory registrations NCCL makes on the comm are the engine's: NCCL's handle stands for an
+//! entry of the engine's list, which holds the inner registration on the current inner comm and
+//! is registered again on each new one.
+
+use super::{
+    Cause, Control, Epoch, Failure, RecoveryConfig, RecvAction, RecvEvent, RecvSide, ReqId, SendAction, SendEvent,
+    SendSide, Seq, Source,
+};
+use crate::control::link::{Link, LinkState};
+use crate::error::{Error, Result};
+use crate::ffi::HANDLE_SIZE;
+use crate::transport::{Opaque, Transport};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::c_void;
+use std::time::Instant;
+
+/// The link message type that carries a [`Control`].
+pub const MSG_CONTROL: u16 = 1;
+/// Ticks (deadline checks, acknowledgements) at most this often.
+const TICK_NS: u64 = 1_000_000;
+/// Inner requests tested per progress call at most.
+const TESTS_PER_CALL: usize = 64;
+/// Inner requests outstanding on one inner comm at most (NCCL's own limit, which inner
+/// transports enforce): replays of copied sends come on top of NCCL's outstanding requests.
+const MAX_INFLIGHT: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
+/// Grouped receives of one irecv at most (the shim refuses more).
+const MAX_GROUP: usize = 8;
+/// Control messages read per progress call at most.
+const MSGS_PER_CALL: usize = 64;
+
+/// One registration NCCL made on the comm, registered again on each new inner comm.
+struct Reg {
+    data: usize,
+    size: usize,
+    ptr_type: i32,
+    dmabuf: Option<(u64, i32)>,
+    inner: Option<Opaque>,
+}
+
+/// What a request has come to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Done,
+    Failed,
+}
+
+struct SendReq {
+    data: usize,
+    size: i32,
+    tag: i32,
+    mr: Option<u64>,
+    outcome: Outcome,
+}
+
+struct RecvReq {
+    data: Vec<usize>,
+    sizes: Vec<i32>,
+    tags: Vec<i32>,
+    mrs: Vec<Option<u64>>,
+    got: Vec<i32>,
+    outcome: Outcome,
+}
+
+/// A replay copy of one send, registered on an inner comm when a replay first needs it.
+struct Copy {
+    buf: Vec<u8>,
+    len: usize,
+    tag: i32,
+    mr: Option<(Epoch, Opaque)>,
+}
+
+/// State shared by both directions.
+struct Common {
+    dev: i32,
+    peer: String,
+    link: Link,
+    epoch: Epoch,
+    comm: Option<Opaque>,
+    regs: HashMap<u64, Reg>,
+    next_reg: u64,
+    next_req: ReqId,
+    origin: Instant,
+    last_tick: u64,
+    failure: Option<Failure>,
+    link_gone: bool,
+    /// Recoveries completed (for the metrics' counter).
+    pub recoveries: u64,
+}
+
+impl Common {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn send_control(&self, c: &Control) {
+        if let Err(e) = self.link.send(MSG_CONTROL, &c.encode()) {
+            log::warn!("recovery with {}: sending {c:?} failed: {e}", self.peer);
+        }
+    }
+
+    /// Registers every registration on the current inner comm.
+    fn reregister(&mut self, inner: &dyn Transport) -> Result<()> {
+        let Some(comm) = self.comm else { return Ok(()) };
+        for r in self.regs.values_mut() {
+            r.inner = None;
+            // SAFETY: `comm` is the open inner comm; NCCL keeps the buffer registered (it has not
+            // deregistered it), so it is valid for `size` bytes.
+            let m = unsafe {
+                match r.dmabuf {
+                    Some((off, fd)) => inner.reg_mr_dmabuf(comm, r.data as *mut c_void, r.size, r.ptr_type, off, fd),
+                    None => inner.reg_mr(comm, r.data as *mut c_void, r.size, r.ptr_type),
+                }
+            }?;
+            r.inner = Some(m);
+        }
+        Ok(())
+    }
+
+    fn inner_mr(&self, token: Option<u64>) -> Option<Opaque> {
+        token.and_then(|t| self.regs.get(&t)).and_then(|r| r.inner)
+    }
+
+    /// The control messages waiting on the link, and whether the link is gone.
+    fn read_link(&mut self) -> (Vec<Control>, Option<String>) {
+        let mut out = Vec::new();
+        for _ in 0..MSGS_PER_CALL {
+            let Some((ty, body)) = self.link.try_recv() else { break };
+            if ty != MSG_CONTROL {
+                continue;
+            }
+            match Control::decode(&body) {
+                Ok(c) => out.push(c),
+                Err(e) => log::warn!("recovery with {}: undecodable control message: {e}", self.peer),
+            }
+        }
+        let gone = match self.link.state() {
+            LinkState::Gone(e) if !self.link_gone => {
+                self.link_gone = true;
+                Some(e.to_string())
+            }
+            _ => None,
+        };
+        (out, gone)
+    }
+
+    fn error(&self, call: &str) -> Error {
+        match &self.failure {
+            Some(f) => f.to_error(call, &self.peer),
+            None => Error::remote(format!("{call}: connection to {} lost", self.peer)),
+        }
+    }
+}
+
+/// The engine of one send comm.
+pub struct SendEngine {
+    c: Common,
+    side: SendSide,
+    reqs: HashMap<ReqId, SendReq>,
+    /// Inner requests by seq, with their epoch.
+    inflight: VecDeque<(Seq, ReqId, Epoch, Opaque)>,
+    /// Posts that got "try again": (seq, req, from the copy).
+    pending: VecDeque<(Seq, ReqId, bool)>,
+    /// Replay copies by seq, with the send's tag.
+    copies: HashMap<Seq, Copy>,
+    /// Copies released while an inner send may still read them: freed once it is done.
+    retired: Vec<(Seq, Copy)>,
+    connecting: Option<(Epoch, Box<[u8; HANDLE_SIZE]>)>,
+}
+
+/// The engine of one receive comm.
+pub struct RecvEngine {
+    c: Common,
+    side: RecvSide,
+    reqs: HashMap<ReqId, RecvReq>,
+    inflight: VecDeque<(ReqId, Epoch, Opaque)>,
+    pending: VecDeque<ReqId>,
+    listen: Option<(Epoch, Opaque)>,
+}
+
+/// The engine of a comm, either direction.
+pub enum Engine {
+    /// A send comm's.
+    Send(SendEngine),
+    /// A receive comm's.
+    Recv(RecvEngine),
+}
+
+fn common(dev: i32, peer: String, link: Link, comm: Opaque) -> Common {
+    Common {
+        dev,
+        peer,
+        link,
+        epoch: 0,
+        comm: Some(comm),
+        regs: HashMap::new(),
+        next_reg: 1,
+        next_req: 1,
+        origin: Instant::now(),
+        last_tick: 0,
+        failure: None,
+        link_gone: false,
+        recoveries: 0,
+    }
+}
+
+fn req_opaque(id: ReqId) -> Opaque {
+    Opaque::from_addr(id as usize).unwrap_or_else(|| unreachable!("request ids start at 1"))
+}
+
+fn cause_of(e: &Error) -> Cause {
+    Cause::Inner(e.to_string())
+}
+
+impl Engine {
+    /// The engine of a send comm connected to `peer` over the inner send comm `comm`.
+    pub fn send(cfg: RecoveryConfig, dev: i32, peer: String, link: Link, comm: Opaque) -> Engine {
+        Engine::Send(SendEngine {
+            c: common(dev, peer, link, comm),
+            side: SendSide::new(cfg),
+            reqs: HashMap::new(),
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            copies: HashMap::new(),
+            retired: Vec::new(),
+            connecting: None,
+        })
+    }
+
+    /// The engine of a receive comm accepted from `peer` as the inner receive comm `comm`.
+    pub fn recv(cfg: RecoveryConfig, dev: i32, peer: String, link: Link, comm: Opaque) -> Engine {
+        Engine::Recv(RecvEngine {
+            c: common(dev, peer, link, comm),
+            side: RecvSide::new(cfg),
+            reqs: HashMap::new(),
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            listen: None,
+        })
+    }
+
+    fn common(&mut self) -> &mut Common {
+        match self {
+            Engine::Send(s) => &mut s.c,
+            Engine::Recv(r) => &mut r.c,
+        }
+    }
+
+    /// Recoveries completed so far.
+    pub fn recoveries(&self) -> u64 {
+        match self {
+            Engine::Send(s) => s.c.recoveries,
+            Engine::Recv(r) => r.c.recoveries,
+        }
+    }
+
+    /// The current inner comm (for a test hook that breaks it).
+    pub fn inner_comm(&self) -> Option<Opaque> {
+        match self {
+            Engine::Send(s) => s.c.comm,
+            Engine::Recv(r) => r.c.comm,
+        }
+    }
+
+    /// Registers NCCL's buffer on the current inner comm; returns the engine's token for it.
+    ///
+    /// # Safety
+    /// The buffer is valid for `size` bytes until [`Engine::dereg`].
+    pub unsafe fn reg(
+        &mut self,
+        inner: &dyn Transport,
+        data: *mut c_void,
+        size: usize,
+        ptr_type: i32,
+        dmabuf: Option<(u64, i32)>,
+    ) -> Result<Opaque> {
+        let c = self.common();
+        let m = match c.comm {
+            // SAFETY: `comm` is the open inner comm; the caller vouches for the buffer.
+            Some(comm) => Some(unsafe {
+                match dmabuf {
+                    Some((off, fd)) => inner.reg_mr_dmabuf(comm, data, size, ptr_type, off, fd),
+                    None => inner.reg_mr(comm, data, size, ptr_type),
+                }
+            }?),
+            None => None,
+        };
+        let id = c.next_reg;
+        c.next_reg += 1;
+        c.regs.insert(
+            id,
+            Reg {
+                data: data as usize,
+                size,
+                ptr_type,
+                dmabuf,
+                inner: m,
+            },
+        );
+        Ok(req_opaque(id))
+    }
+
+    /// Releases the registration `token`.
+    pub fn dereg(&mut self, inner: &dyn Transport, token: Opaque) -> Result<()> {
+        let c = self.common();
+        let r = c
+            .regs
+            .remove(&(token.as_ptr() as u64))
+            .ok_or_else(|| Error::invalid_argument("deregMr: not a registration of this comm"))?;
+        match (c.comm, r.inner) {
+            // SAFETY: `m` was registered on the open inner comm `comm` and is released once.
+            (Some(comm), Some(m)) => unsafe { inner.dereg_mr(comm, m) },
+            _ => Ok(()),
+        }
+    }
+
+    /// NCCL's isend: returns the request's id as NCCL's inner request.
+    pub fn isend(
+        &mut self,
+        inner: &dyn Transport,
+        data: usize,
+        size: i32,
+        tag: i32,
+        mr: Option<Opaque>,
+    ) -> Result<Opaque> {
+        let Engine::Send(s) = self else {
+            return Err(Error::internal("isend on a receiving engine"));
+        };
+        let id = s.c.next_req;
+        s.c.next_req += 1;
+        s.reqs.insert(
+            id,
+            SendReq {
+                data,
+                size,
+                tag,
+                mr: mr.map(|m| m.as_ptr() as u64),
+                outcome: Outcome::Pending,
+            },
+        );
+        let now = s.c.now();
+        s.side.handle(
+            now,
+            SendEvent::Post {
+                req: id,
+                size: size.max(0) as u64,
+            },
+        );
+        s.run(inner);
+        Ok(req_opaque(id))
+    }
+
+    /// NCCL's irecv of `data.len()` grouped buffers.
+    pub fn irecv(
+        &mut self,
+        inner: &dyn Transport,
+        data: &[*mut c_void],
+        sizes: &[i32],
+        tags: &[i32],
+        mrs: &[Option<Opaque>],
+    ) -> Result<Opaque> {
+        let Engine::Recv(r) = self else {
+            return Err(Error::internal("irecv on a sending engine"));
+        };
+        let id = r.c.next_req;
+        r.c.next_req += 1;
+        let n = data.len();
+        r.reqs.insert(
+            id,
+            RecvReq {
+                data: data.iter().map(|&p| p as usize).collect(),
+                sizes: sizes[..n].to_vec(),
+                tags: tags[..n].to_vec(),
+                mrs: mrs[..n].iter().map(|m| m.map(|m| m.as_ptr() as u64)).collect(),
+                got: vec![0; n],
+                outcome: Outcome::Pending,
+            },
+        );
+        let now = r.c.now();
+        r.side.handle(now, RecvEvent::Post { req: id, n: n as u32 });
+        r.run(inner);
+        Ok(req_opaque(id))
+    }
+
+    /// NCCL's test of request `req` (an id from isend or irecv): makes progress, then reports
+    /// whether it is done, with the received sizes in `sizes`.
+    pub fn test(&mut self, inner: &dyn Transport, req: Opaque, sizes: &mut [i32]) -> Result<bool> {
+        let id = req.as_ptr() as u64;
+        match self {
+            Engine::Send(s) => {
+                s.progress(inner);
+                let o = s.reqs.get(&id).map(|r| r.outcome);
+                match o {
+                    Some(Outcome::Pending) => Ok(false),
+                    Some(Outcome::Done) => {
+                        let r = s.reqs.remove(&id);
+                        if let (Some(r), Some(out)) = (r, sizes.first_mut()) {
+                            *out = r.size;
+                        }
+                        Ok(true)
+                    }
+                    Some(Outcome::Failed) => {
+                        s.reqs.remove(&id);
+                        Err(s.c.error("test"))
+                    }
+                    None => Err(Error::internal("test: the engine has no such request")),
+                }
+            }
+            Engine::Recv(r) => {
+                r.progress(inner);
+                let o = r.reqs.get(&id).map(|q| q.outcome);
+                match o {
+                    Some(Outcome::Pending) => Ok(false),
+                    Some(Outcome::Done) => {
+                        if let Some(q) = r.reqs.remove(&id) {
+                            let k = sizes.len().min(q.got.len());
+                            sizes[..k].copy_from_slice(&q.got[..k]);
+                        }
+                        Ok(true)
+                    }
+                    Some(Outcome::Failed) => {
+                        r.reqs.remove(&id);
+                        Err(r.c.error("test"))
+                    }
+                    None => Err(Error::internal("test: the engine has no such request")),
+                }
+            }
+        }
+    }
+
+    /// Closes everything the engine holds on the inner transport.
+    pub fn close(&mut self, inner: &dyn Transport) -> Result<()> {
+        match self {
+            Engine::Send(s) => {
+                s.connecting = None;
+                let res = s.close_current(inner);
+                s.retired.clear();
+                res
+            }
+            Engine::Recv(r) => {
+                if let Some((_, l)) = r.listen.take() {
+                    // SAFETY: the engine's listen comm, closed once (taken).
+                    let _ = unsafe { inner.close_listen(l) };
+                }
+                r.close_current(inner)
+            }
+        }
+    }
+}
+
+/// Closes the current inner comm, releasing its registrations first, except those in `busy`
+/// (used by requests abandoned with the comm: a plugin may refuse to release a registration an
+/// outstanding request uses, and closing the comm ends those requests).
+fn close_comm(c: &mut Common, inner: &dyn Transport, send: bool, busy: &HashSet<u64>) -> Result<()> {
+    let Some(comm) = c.comm.take() else { return Ok(()) };
+    for (token, r) in c.regs.iter_mut() {
+        if let Some(m) = r.inner.take() {
+            if busy.contains(token) {
+                continue;
+            }
+            // SAFETY: registered on this open comm, released once (taken).
+            let _ = unsafe { inner.dereg_mr(comm, m) };
+        }
+    }
+    // SAFETY: the current inner comm, taken so it is closed once; its requests are abandoned and
+    // never tested again.
+    unsafe {
+        if send {
+            inner.close_send(comm)
+        } else {
+            inner.close_recv(comm)
+        }
+    }
+}
+
+fn tick_due(c: &mut Common) -> Option<u64> {
+    let now = c.now();
+    if now.saturating_sub(c.last_tick) >= TICK_NS {
+        c.last_tick = now;
+        Some(now)
+    } else {
+        None
+    }
+}
+
+impl SendEngine {
+    /// Frees the retired copies no inner send reads any more.
+    fn free_retired(&mut self, inner: &dyn Transport) {
+        let inflight = &self.inflight;
+        let (comm, epoch) = (self.c.comm, self.c.epoch);
+        self.retired.retain(|(seq, cp)| {
+            if inflight.iter().any(|&(s, ..)| s == *seq) {
+                return true;
+            }
+            if let (Some(comm), Some((e, m))) = (comm, cp.mr) {
+                if e == epoch {
+                    // SAFETY: registered on the open current comm; no inner send uses it.
+                    let _ = unsafe { inner.dereg_mr(comm, m) };
+                }
+            }
+            false
+        });
+    }
+
+    /// Closes the current inner comm; its requests are abandoned.
+    fn close_current(&mut self, inner: &dyn Transport) -> Result<()> {
+        let busy_seqs: HashSet<Seq> = self.inflight.iter().map(|&(seq, ..)| seq).collect();
+        let busy: HashSet<u64> = self
+            .inflight
+            .iter()
+            .filter_map(|&(_, req, ..)| self.reqs.get(&req).and_then(|r| r.mr))
+            .collect();
+        self.inflight.clear();
+        self.pending.clear();
+        self.drop_copy_regs(inner, &busy_seqs);
+        close_comm(&mut self.c, inner, true, &busy)
+    }
+
+    /// Releases the copies' registrations on the current inner comm (before it closes), but
+    /// those of sends in `busy`.
+    fn drop_copy_regs(&mut self, inner: &dyn Transport, busy: &HashSet<Seq>) {
+        let Some(comm) = self.c.comm else { return };
+        let epoch = self.c.epoch;
+        let all = self
+            .copies
+            .iter_mut()
+            .chain(self.retired.iter_mut().map(|(s, c)| (&*s, c)));
+        for (seq, cp) in all {
+            if let Some((e, m)) = cp.mr.take() {
+                if e == epoch && !busy.contains(seq) {
+                    // SAFETY: registered on the open current comm, released once (taken).
+                    let _ = unsafe { inner.dereg_mr(comm, m) };
+                }
+            }
+        }
+    }
+
+    fn progress(&mut self, inner: &dyn Transport) {
+        let (msgs, gone) = self.c.read_link();
+        for m in msgs {
+            let now = self.c.now();
+            self.side.handle(now, SendEvent::Control(m));
+            self.run(inner);
+        }
+        if let Some(g) = gone {
+            let now = self.c.now();
+            self.side.handle(now, SendEvent::PeerGone(g));
+            self.run(inner);
+        }
+        // Inner requests, in order.
+        let mut i = 0;
+        let mut tested = 0;
+        while i < self.inflight.len() && tested < TESTS_PER_CALL {
+            let (seq, _req, epoch, ireq) = self.inflight[i];
+            tested += 1;
+            let mut sz = [0i32; 1];
+            // SAFETY: `ireq` is outstanding on the open inner comm of `epoch` (requests of closed
+            // comms are removed from `inflight` when they close).
+            match unsafe { inner.test(ireq, Some(&mut sz)) } {
+                Ok(true) => {
+                    self.inflight.remove(i);
+                    let now = self.c.now();
+                    self.side.handle(now, SendEvent::InnerDone { epoch, seq });
+                    self.run(inner);
+                }
+                Ok(false) => i += 1,
+                Err(e) => {
+                    let now = self.c.now();
+                    self.side.handle(
+                        now,
+                        SendEvent::InnerFailed {
+                            epoch,
+                            cause: cause_of(&e),
+                        },
+                    );
+                    self.run(inner);
+                    break;
+                }
+            }
+        }
+        if !self.retired.is_empty() {
+            self.free_retired(inner);
+        }
+        self.retry_pending(inner);
+        if let Some((epoch, mut h)) = self.connecting.take() {
+            // SAFETY: `h` is this connect's own handle buffer, the same on every call.
+            match unsafe { inner.connect(self.c.dev, &mut h, std::ptr::null_mut()) } {
+                Ok(Some(comm)) => {
+                    self.c.comm = Some(comm);
+                    self.c.epoch = epoch;
+                    let now = self.c.now();
+                    self.side.handle(now, SendEvent::Connected { epoch });
+                    self.run(inner);
+                }
+                Ok(None) => self.connecting = Some((epoch, h)),
+                Err(e) => {
+                    let now = self.c.now();
+                    let cause = Cause::Connect(e.to_string());
+                    self.side.handle(now, SendEvent::InnerFailed { epoch, cause });
+                    self.run(inner);
+                }
+            }
+        }
+        if let Some(now) = tick_due(&mut self.c) {
+            self.side.handle(now, SendEvent::Tick);
+            self.run(inner);
+        }
+    }
+
+    fn retry_pending(&mut self, inner: &dyn Transport) {
+        while let Some(&(seq, req, copy)) = self.pending.front() {
+            if self.c.comm.is_none() {
+                return;
+            }
+            match self.post(inner, seq, req, copy) {
+                Ok(true) => {
+                    self.pending.pop_front();
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    let (epoch, now) = (self.c.epoch, self.c.now());
+                    self.side.handle(
+                        now,
+                        SendEvent::InnerFailed {
+                            epoch,
+                            cause: cause_of(&e),
+                        },
+                    );
+                    self.run(inner);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Posts send `seq` on the current inner comm; `false`: try again.
+    fn post(&mut self, inner: &dyn Transport, seq: Seq, req: ReqId, copy: bool) -> Result<bool> {
+        if self.inflight.len() >= MAX_INFLIGHT {
+            return Ok(false);
+        }
+        let comm = self
+            .c
+            .comm
+            .ok_or_else(|| Error::internal("post without an inner comm"))?;
+        // A copied send may be complete to NCCL already (its request gone): the copy has all.
+        let epoch = self.c.epoch;
+        let (data, size, tag, mr) = match (copy, self.copies.get_mut(&seq)) {
+            (true, Some(cp)) => {
+                let mr = match cp.mr {
+                    Some((e, m)) if e == epoch => m,
+                    _ => {
+                        // SAFETY: `comm` is open; the copy's buffer lives (at least one byte) until
+                        // it is deregistered, before it is freed.
+                        let m = unsafe {
+                            inner.reg_mr(
+                                comm,
+                                cp.buf.as_mut_ptr().cast(),
+                                cp.buf.len(),
+                                crate::ffi::NCCL_PTR_HOST as i32,
+                            )
+                        }?;
+                        cp.mr = Some((epoch, m));
+                        m
+                    }
+                };
+                (cp.buf.as_mut_ptr() as usize, cp.len as i32, cp.tag, Some(mr))
+            }
+            _ => {
+                let r = self
+                    .reqs
+                    .get(&req)
+                    .ok_or_else(|| Error::internal("post of an unknown request"))?;
+                (r.data, r.size, r.tag, self.c.inner_mr(r.mr))
+            }
+        };
+        // SAFETY: `comm` is open; the bytes are NCCL's buffer (kept intact until the send is
+        // reported complete) or the engine's copy (kept until released, after the acknowledgement);
+        // `mr` is the registration of NCCL's buffer on this comm.
+        match unsafe { inner.isend(comm, data as *mut c_void, size, tag, mr) }? {
+            Some(ir) => {
+                self.inflight.push_back((seq, req, self.c.epoch, ir));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn run(&mut self, inner: &dyn Transport) {
+        while let Some(a) = self.side.poll_action() {
+            match a {
+                SendAction::Post { epoch, seq, req, .. }
+                | SendAction::Replay {
+                    epoch,
+                    seq,
+                    req,
+                    source: Source::Nccl,
+                    ..
+                } => self.queue_post(inner, epoch, seq, req, false),
+                SendAction::Replay { epoch, seq, req, .. } => self.queue_post(inner, epoch, seq, req, true),
+                SendAction::CopyForReplay { seq, req, size } => {
+                    if let Some(r) = self.reqs.get(&req) {
+                        let len = size as usize;
+                        let mut buf = vec![0u8; len.max(1)];
+                        // SAFETY: NCCL's buffer holds `size` bytes until the send is reported
+                        // complete, which comes after this copy.
+                        unsafe { std::ptr::copy_nonoverlapping(r.data as *const u8, buf.as_mut_ptr(), len) };
+                        let tag = r.tag;
+                        self.copies.insert(
+                            seq,
+                            Copy {
+                                buf,
+                                len,
+                                tag,
+                                mr: None,
+                            },
+                        );
+                    }
+                }
+                SendAction::ReleaseCopy { seq } => {
+                    if let Some(cp) = self.copies.remove(&seq) {
+                        self.retired.push((seq, cp));
+                    }
+                    self.free_retired(inner);
+                }
+                SendAction::Complete { req } => {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.outcome = Outcome::Done;
+                    }
+                }
+                SendAction::FailRequest { req } => {
+                    if let Some(r) = self.reqs.get_mut(&req) {
+                        r.outcome = Outcome::Failed;
+                    }
+                }
+                SendAction::CloseInner { epoch } => {
+                    if epoch == self.c.epoch {
+                        // A comm that failed may fail its close too; nothing more to do about it.
+                        let _ = self.close_current(inner);
+                        // The comm's requests are abandoned with it: nothing reads these now.
+                        self.retired.clear();
+                    }
+                }
+                SendAction::Connect { epoch, handle } => {
+                    let mut h = Box::new([0u8; HANDLE_SIZE]);
+                    let k = handle.len().min(HANDLE_SIZE);
+                    h[..k].copy_from_slice(&handle[..k]);
+                    self.connecting = Some((epoch, h));
+                }
+                SendAction::ReRegister { epoch } => {
+                    if let Err(e) = self.c.reregister(inner) {
+                        let now = self.c.now();
+                        self.side.handle(
+                            now,
+                            SendEvent::InnerFailed {
+                                epoch,
+                                cause: cause_of(&e),
+                            },
+                        );
+                    }
+                }
+                SendAction::SendControl(m) => self.c.send_control(&m),
+                SendAction::Recovered {
+                    epoch,
+                    replayed,
+                    cause,
+                    elapsed_ns,
+                } => {
+                    self.c.recoveries += 1;
+                    log::info!(
+                        "recovered send connection to {} on inner comm #{epoch} after {:.1} ms: {cause}; {replayed} \
+                         message(s) replayed",
+                        self.c.peer,
+                        elapsed_ns as f64 / 1e6
+                    );
+                }
+                SendAction::Failed(f) => {
+                    log::warn!("{}", f.to_error("send", &self.c.peer));
+                    self.c.failure = Some(f);
+                }
+            }
+        }
+    }
+
+    fn queue_post(&mut self, inner: &dyn Transport, epoch: Epoch, seq: Seq, req: ReqId, copy: bool) {
+        if epoch != self.c.epoch || self.c.comm.is_none() {
+            return;
+        }
+        if !self.pending.is_empty() {
+            self.pending.push_back((seq, req, copy));
+            return;
+        }
+        match self.post(inner, seq, req, copy) {
+            Ok(true) => {}
+            Ok(false) => self.pending.push_back((seq, req, copy)),
+            Err(e) => {
+                let now = self.c.now();
+                self.side.handle(
+                    now,
+                    SendEvent::InnerFailed {
+                        epoch,
+                        cause: cause_of(&e),
+                    },
+                );
+            }
+        }
+    }
+}
+
+impl RecvEngine {
+    /// Closes the current inner comm; its requests are abandoned.
+    fn close_current(&mut self, inner: &dyn Transport) -> Result<()> {
+        let busy: HashSet<u64> = self
+            .inflight
+            .iter()
+            .filter_map(|&(req, ..)| self.reqs.get(&req))
+            .flat_map(|q| q.mrs.iter().flatten().copied())
+            .collect();
+        self.inflight.clear();
+        self.pending.clear();
+        close_comm(&mut self.c, inner, false, &busy)
+    }
+
+    fn progress(&mut self, inner: &dyn Transport) {
+        let (msgs, gone) = self.c.read_link();
+        for m in msgs {
+            let now = self.c.now();
+            self.side.handle(now, RecvEvent::Control(m));
+            self.run(inner);
+        }
+        if let Some(g) = gone {
+            let now = self.c.now();
+            self.side.handle(now, RecvEvent::PeerGone(g));
+            self.run(inner);
+        }
+        let mut i = 0;
+        let mut tested = 0;
+        while i < self.inflight.len() && tested < TESTS_PER_CALL {
+            let (req, epoch, ireq) = self.inflight[i];
+            tested += 1;
+            let n = self.reqs.get(&req).map_or(1, |q| q.got.len()).min(MAX_GROUP);
+            let mut buf = [0i32; MAX_GROUP];
+            let sz = &mut buf[..n];
+            // SAFETY: `ireq` is outstanding on the open inner comm of `epoch`; `sz` has one entry
+            // per grouped receive.
+            match unsafe { inner.test(ireq, Some(sz)) } {
+                Ok(true) => {
+                    self.inflight.remove(i);
+                    if let Some(q) = self.reqs.get_mut(&req) {
+                        q.got[..n].copy_from_slice(sz);
+                    }
+                    let sizes = sz.iter().map(|&s| s.max(0) as u64).collect();
+                    let now = self.c.now();
+                    self.side.handle(now, RecvEvent::InnerDone { epoch, req, sizes });
+                    self.run(inner);
+                }
+                Ok(false) => i += 1,
+                Err(e) => {
+                    let now = self.c.now();
+                    self.side.handle(
+                        now,
+                        RecvEvent::InnerFailed {
+                            epoch,
+                            cause: cause_of(&e),
+                        },
+                    );
+                    self.run(inner);
+                    break;
+                }
+            }
+        }
+        self.retry_pending(inner);
+        if let Some((epoch, l)) = self.listen {
+            if self.c.comm.is_none() {
+                // SAFETY: `l` is the engine's open listen comm.
+                match unsafe { inner.accept(l, std::ptr::null_mut()) } {
+                    Ok(Some(comm)) => {
+                        self.listen = None;
+                        // SAFETY: the listen comm has given its one connection; closed once.
+                        let _ = unsafe { inner.close_listen(l) };
+                        self.c.comm = Some(comm);
+                        self.c.epoch = epoch;
+                        let now = self.c.now();
+                        self.side.handle(now, RecvEvent::Accepted { epoch });
+                        self.run(inner);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let now = self.c.now();
+                        let cause = Cause::Listen(e.to_string());
+                        self.side.handle(now, RecvEvent::InnerFailed { epoch, cause });
+                        self.run(inner);
+                    }
+                }
+            }
+        }
+        if let Some(now) = tick_due(&mut self.c) {
+            self.side.handle(now, RecvEvent::Tick);
+            self.run(inner);
+        }
+        if let Some(completed) = self.side.ack_due() {
+            self.side.ack_sent(completed);
+            self.c.send_control(&Control::Ack { completed });
+        }
+    }
+
+    fn retry_pending(&mut self, inner: &dyn Transport) {
+        while let Some(&req) = self.pending.front() {
+            if self.c.comm.is_none() {
+                return;
+            }
+            match self.post(inner, req) {
+                Ok(true) => {
+                    self.pending.pop_front();
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    let (epoch, now) = (self.c.epoch, self.c.now());
+                    self.side.handle(
+                        now,
+                        RecvEvent::InnerFailed {
+                            epoch,
+                            cause: cause_of(&e),
+                        },
+                    );
+                    self.run(inner);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn post(&mut self, inner: &dyn Transport, req: ReqId) -> Result<bool> {
+        if self.inflight.len() >= MAX_INFLIGHT {
+            return Ok(false);
+        }
+        let comm = self
+            .c
+            .comm
+            .ok_or_else(|| Error::internal("post without an inner comm"))?;
+        let q = self
+            .reqs
+            .get(&req)
+            .ok_or_else(|| Error::internal("post of an unknown request"))?;
+        let data: Vec<*mut c_void> = q.data.iter().map(|&p| p as *mut c_void).collect();
+        let mrs: Vec<Option<Opaque>> = q.mrs.iter().map(|&m| self.c.inner_mr(m)).collect();
+        // SAFETY: `comm` is open; NCCL's buffers stay valid until the receive is reported done;
+        // the registrations are this comm's.
+        match unsafe { inner.irecv(comm, &data, &q.sizes, &q.tags, &mrs) }? {
+            Some(ir) => {
+                self.inflight.push_back((req, self.c.epoch, ir));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn run(&mut self, inner: &dyn Transport) {
+        while let Some(a) = self.side.poll_action() {
+            match a {
+                RecvAction::Post { epoch, req } | RecvAction::Repost { epoch, req } => {
+                    if epoch != self.c.epoch || self.c.comm.is_none() {
+                        continue;
+                    }
+                    if !self.pending.is_empty() {
+                        self.pending.push_back(req);
+                        continue;
+                    }
+                    match self.post(inner, req) {
+                        Ok(true) => {}
+                        Ok(false) => self.pending.push_back(req),
+                        Err(e) => {
+                            let now = self.c.now();
+                            self.side.handle(
+                                now,
+                                RecvEvent::InnerFailed {
+                                    epoch,
+                                    cause: cause_of(&e),
+                                },
+                            );
+                        }
+                    }
+                }
+                RecvAction::Complete { req } => {
+                    if let Some(q) = self.reqs.get_mut(&req) {
+                        q.outcome = Outcome::Done;
+                    }
+                }
+                RecvAction::FailRequest { req } => {
+                    if let Some(q) = self.reqs.get_mut(&req) {
+                        q.outcome = Outcome::Failed;
+                    }
+                }
+                RecvAction::CloseInner { epoch } => {
+                    if epoch == self.c.epoch {
+                        // A comm that failed may fail its close too; nothing more to do about it.
+                        let _ = self.close_current(inner);
+                    }
+                    if let Some((_, l)) = self.listen.take() {
+                        // SAFETY: the engine's listen comm, closed once (taken).
+                        let _ = unsafe { inner.close_listen(l) };
+                    }
+                }
+                RecvAction::Listen { epoch } => {
+                    if let Some((_, l)) = self.listen.take() {
+                        // SAFETY: as above.
+                        let _ = unsafe { inner.close_listen(l) };
+                    }
+                    let mut h = [0u8; HANDLE_SIZE];
+                    match inner.listen(self.c.dev, &mut h) {
+                        Ok(l) => {
+                            self.listen = Some((epoch, l));
+                            let now = self.c.now();
+                            self.side.handle(
+                                now,
+                                RecvEvent::Listening {
+                                    epoch,
+                                    handle: h.to_vec(),
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            let now = self.c.now();
+                            let cause = Cause::Listen(e.to_string());
+                            self.side.handle(now, RecvEvent::InnerFailed { epoch, cause });
+                        }
+                    }
+                }
+                RecvAction::ReRegister { epoch } => {
+                    if let Err(e) = self.c.reregister(inner) {
+                        let now = self.c.now();
+                        self.side.handle(
+                            now,
+                            RecvEvent::InnerFailed {
+                                epoch,
+                                cause: cause_of(&e),
+                            },
+                        );
+                    }
+                }
+                RecvAction::SendControl(m) => self.c.send_control(&m),
+                RecvAction::Recovered {
+                    epoch,
+                    reposted,
+                    cause,
+                    elapsed_ns,
+                } => {
+                    self.c.recoveries += 1;
+                    log::info!(
+                        "recovered receive connection from {} on inner comm #{epoch} after {:.1} ms: {cause}; \
+                         {reposted} receive(s) posted again",
+                        self.c.peer,
+                        elapsed_ns as f64 / 1e6
+                    );
+                }
+                RecvAction::Failed(f) => {
+                    log::warn!("{}", f.to_error("receive", &self.c.peer));
+                    self.c.failure = Some(f);
+                }
+            }
+        }
+    }
+}
