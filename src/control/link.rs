@@ -819,11 +819,17 @@ impl LinkIo {
         true
     }
     fn go(&mut self, err: Error) {
+        self.go_logged(err, log::Level::Warn);
+    }
+
+    /// As [`LinkIo::go`], logged at `level` (a link the peer closed on purpose is no news: its
+    /// comm closed, and whoever still uses this side hears of it from the link's state).
+    fn go_logged(&mut self, err: Error, level: log::Level) {
         if self.gone {
             return;
         }
         self.gone = true;
-        log::warn!("{err}");
+        log::log!(level, "{err}");
         *lock(&self.shared.gone) = Some(err);
         self.shared.state_tag.store(S_GONE, Ordering::Release);
     }
@@ -1287,7 +1293,7 @@ impl Reactor {
                     "control link {} with {peer}: the peer closed the link (its connection was closed)",
                     l.shared.conn_id
                 ));
-                l.go(e);
+                l.go_logged(e, log::Level::Debug);
             }
             Kind::Attach | Kind::AttachOk => bad(s, &self.inner, Reject::NotAttached, "a second attach"),
         }

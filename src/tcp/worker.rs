@@ -355,7 +355,9 @@ impl Entry {
     }
 
     fn fail(&mut self, err: Error) {
-        log::warn!("built-in TCP transport: {err}");
+        // The error reaches the caller through the comm's next call, which reports it (or the
+        // shim's recovery replaces the connection, and nothing is wrong): INFO here, not WARN.
+        log::info!("built-in TCP transport: {err}");
         self.shared.fail(err);
         self.dead = true;
         self.tasks.clear();
