@@ -1,4 +1,4 @@
-"""The Prometheus text format as the shim's metrics layer writes it (NCCL_TCPXSHIM_METRICS_DIR
+"""The Prometheus text format as the shim's metrics write it (NCCL_TCPXSHIM_METRICS_DIR
 files, `tcpxshim metrics serve` pages): a small parser and the sums the suite needs. Pure Python
 (standard library only), so it also runs on the GPU machine, which has no internet.
 

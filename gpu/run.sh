@@ -392,7 +392,7 @@ if has_part counters; then
 fi
 
 # ------------------------------------------------------------------------------------------------
-# The metrics layer: each rank's metrics file against a ring all-reduce's traffic, exactly
+# The metrics: each rank's metrics file against a ring all-reduce's traffic, exactly
 # (metrics.py); meanwhile `tcpxshim metrics serve` on the files, its page fetched every 0.5 s, and
 # every new version of the files copied aside (metricswatch.py watch); then metrics-throughput.svg and
 # metrics.md from the copies, and the checks (metricswatch.py check).

@@ -9,7 +9,7 @@ line), bytes (counters 20% high). FAKE_TORCH_GDR=none|recv makes GPU-direct abse
 
 With NCCL_TCPXSHIM_METRICS_DIR set (shim modes), a thread writes the shim's metrics file
 DIR/<host>-<pid>.prom every NCCL_TCPXSHIM_METRICS_INTERVAL seconds (written aside, then renamed) and
-once more at destroy_process_group, in the format of the shim's metrics layer: exact per-connection
+once more at destroy_process_group, in the format of the shim's metrics: exact per-connection
 byte and message counts. FAKE_TORCH_FAULT=RANK:metrics:bytes counts one byte too many per send."""
 
 import json
