@@ -63,14 +63,82 @@ struct SendReq {
     outcome: Outcome,
 }
 
+/// One irecv of `n` grouped buffers, held in place (no allocation per request).
 struct RecvReq {
-    data: Vec<usize>,
-    sizes: Vec<i32>,
-    tags: Vec<i32>,
-    mrs: Vec<Option<u64>>,
-    got: Vec<i32>,
+    n: usize,
+    data: [usize; MAX_GROUP],
+    sizes: [i32; MAX_GROUP],
+    tags: [i32; MAX_GROUP],
+    mrs: [Option<u64>; MAX_GROUP],
+    got: [i32; MAX_GROUP],
     outcome: Outcome,
 }
+
+/// Values under ids handed out in increasing order (requests by id, copies by seq), in a ring
+/// indexed by `id - base`: a lookup is an index, and the ring's memory is reused from one
+/// request to the next.
+struct Window<T> {
+    base: u64,
+    slots: VecDeque<Option<T>>,
+}
+
+impl<T> Window<T> {
+    fn new() -> Window<T> {
+        Window {
+            base: 0,
+            slots: VecDeque::new(),
+        }
+    }
+
+    fn index(&self, id: u64) -> Option<usize> {
+        let i = usize::try_from(id.checked_sub(self.base)?).ok()?;
+        (i < self.slots.len()).then_some(i)
+    }
+
+    fn insert(&mut self, id: u64, v: T) {
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        while id < self.base {
+            self.slots.push_front(None);
+            self.base -= 1;
+        }
+        let i = (id - self.base) as usize;
+        while self.slots.len() <= i {
+            self.slots.push_back(None);
+        }
+        self.slots[i] = Some(v);
+    }
+
+    fn get(&self, id: u64) -> Option<&T> {
+        self.index(id).and_then(|i| self.slots[i].as_ref())
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut T> {
+        self.index(id).and_then(|i| self.slots[i].as_mut())
+    }
+
+    fn remove(&mut self, id: u64) -> Option<T> {
+        let v = self.index(id).and_then(|i| self.slots[i].take());
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        v
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut T)> {
+        let base = self.base;
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(move |(i, v)| v.as_mut().map(|v| (base + i as u64, v)))
+    }
+}
+
+/// Copy buffers kept for reuse at most, and the largest kept.
+const SPARE_COPIES: usize = 64;
+const SPARE_COPY_MAX: usize = 64 << 10;
 
 /// A replay copy of one send, registered on an inner comm when a replay first needs it.
 struct Copy {
@@ -166,13 +234,15 @@ impl Common {
 pub struct SendEngine {
     c: Common,
     side: SendSide,
-    reqs: HashMap<ReqId, SendReq>,
+    reqs: Window<SendReq>,
     /// Inner requests by seq, with their epoch.
     inflight: VecDeque<(Seq, ReqId, Epoch, Opaque)>,
     /// Posts that got "try again": (seq, req, from the copy).
     pending: VecDeque<(Seq, ReqId, bool)>,
     /// Replay copies by seq, with the send's tag.
-    copies: HashMap<Seq, Copy>,
+    copies: Window<Copy>,
+    /// Buffers of freed small copies, reused by the next copies.
+    spare: Vec<Vec<u8>>,
     /// Copies released while an inner send may still read them: freed once it is done.
     retired: Vec<(Seq, Copy)>,
     connecting: Option<(Epoch, Box<[u8; HANDLE_SIZE]>)>,
@@ -182,7 +252,7 @@ pub struct SendEngine {
 pub struct RecvEngine {
     c: Common,
     side: RecvSide,
-    reqs: HashMap<ReqId, RecvReq>,
+    reqs: Window<RecvReq>,
     inflight: VecDeque<(ReqId, Epoch, Opaque)>,
     pending: VecDeque<ReqId>,
     listen: Option<(Epoch, Opaque)>,
@@ -228,10 +298,11 @@ impl Engine {
         Engine::Send(SendEngine {
             c: common(dev, peer, link, comm),
             side: SendSide::new(cfg),
-            reqs: HashMap::new(),
+            reqs: Window::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
-            copies: HashMap::new(),
+            copies: Window::new(),
+            spare: Vec::new(),
             retired: Vec::new(),
             connecting: None,
         })
@@ -242,7 +313,7 @@ impl Engine {
         Engine::Recv(RecvEngine {
             c: common(dev, peer, link, comm),
             side: RecvSide::new(cfg),
-            reqs: HashMap::new(),
+            reqs: Window::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
             listen: None,
@@ -372,20 +443,30 @@ impl Engine {
         let Engine::Recv(r) = self else {
             return Err(Error::internal("irecv on a sending engine"));
         };
+        let n = data.len();
+        if n > MAX_GROUP || sizes.len() < n || tags.len() < n || mrs.len() < n {
+            return Err(Error::invalid_argument(format!(
+                "irecv: n={n} is over {MAX_GROUP} or the arrays are shorter"
+            )));
+        }
         let id = r.c.next_req;
         r.c.next_req += 1;
-        let n = data.len();
-        r.reqs.insert(
-            id,
-            RecvReq {
-                data: data.iter().map(|&p| p as usize).collect(),
-                sizes: sizes[..n].to_vec(),
-                tags: tags[..n].to_vec(),
-                mrs: mrs[..n].iter().map(|m| m.map(|m| m.as_ptr() as u64)).collect(),
-                got: vec![0; n],
-                outcome: Outcome::Pending,
-            },
-        );
+        let mut q = RecvReq {
+            n,
+            data: [0; MAX_GROUP],
+            sizes: [0; MAX_GROUP],
+            tags: [0; MAX_GROUP],
+            mrs: [None; MAX_GROUP],
+            got: [0; MAX_GROUP],
+            outcome: Outcome::Pending,
+        };
+        for i in 0..n {
+            q.data[i] = data[i] as usize;
+            q.sizes[i] = sizes[i];
+            q.tags[i] = tags[i];
+            q.mrs[i] = mrs[i].map(|m| m.as_ptr() as u64);
+        }
+        r.reqs.insert(id, q);
         let now = r.c.now();
         r.side.handle(now, RecvEvent::Post { req: id, n: n as u32 });
         r.run(inner);
@@ -399,18 +480,18 @@ impl Engine {
         match self {
             Engine::Send(s) => {
                 s.progress(inner);
-                let o = s.reqs.get(&id).map(|r| r.outcome);
+                let o = s.reqs.get(id).map(|r| r.outcome);
                 match o {
                     Some(Outcome::Pending) => Ok(false),
                     Some(Outcome::Done) => {
-                        let r = s.reqs.remove(&id);
+                        let r = s.reqs.remove(id);
                         if let (Some(r), Some(out)) = (r, sizes.first_mut()) {
                             *out = r.size;
                         }
                         Ok(true)
                     }
                     Some(Outcome::Failed) => {
-                        s.reqs.remove(&id);
+                        s.reqs.remove(id);
                         Err(s.c.error("test"))
                     }
                     None => Err(Error::internal("test: the engine has no such request")),
@@ -418,18 +499,18 @@ impl Engine {
             }
             Engine::Recv(r) => {
                 r.progress(inner);
-                let o = r.reqs.get(&id).map(|q| q.outcome);
+                let o = r.reqs.get(id).map(|q| q.outcome);
                 match o {
                     Some(Outcome::Pending) => Ok(false),
                     Some(Outcome::Done) => {
-                        if let Some(q) = r.reqs.remove(&id) {
-                            let k = sizes.len().min(q.got.len());
+                        if let Some(q) = r.reqs.remove(id) {
+                            let k = sizes.len().min(q.n);
                             sizes[..k].copy_from_slice(&q.got[..k]);
                         }
                         Ok(true)
                     }
                     Some(Outcome::Failed) => {
-                        r.reqs.remove(&id);
+                        r.reqs.remove(id);
                         Err(r.c.error("test"))
                     }
                     None => Err(Error::internal("test: the engine has no such request")),
@@ -498,7 +579,8 @@ impl SendEngine {
     fn free_retired(&mut self, inner: &dyn Transport) {
         let inflight = &self.inflight;
         let (comm, epoch) = (self.c.comm, self.c.epoch);
-        self.retired.retain(|(seq, cp)| {
+        let spare = &mut self.spare;
+        self.retired.retain_mut(|(seq, cp)| {
             if inflight.iter().any(|&(s, ..)| s == *seq) {
                 return true;
             }
@@ -507,6 +589,11 @@ impl SendEngine {
                     // SAFETY: registered on the open current comm; no inner send uses it.
                     let _ = unsafe { inner.dereg_mr(comm, m) };
                 }
+            }
+            // No inner send reads the buffer and its registration is gone: the next copy may
+            // reuse it.
+            if spare.len() < SPARE_COPIES && cp.buf.capacity() <= SPARE_COPY_MAX {
+                spare.push(std::mem::take(&mut cp.buf));
             }
             false
         });
@@ -518,7 +605,7 @@ impl SendEngine {
         let busy: HashSet<u64> = self
             .inflight
             .iter()
-            .filter_map(|&(_, req, ..)| self.reqs.get(&req).and_then(|r| r.mr))
+            .filter_map(|&(_, req, ..)| self.reqs.get(req).and_then(|r| r.mr))
             .collect();
         self.inflight.clear();
         self.pending.clear();
@@ -534,10 +621,10 @@ impl SendEngine {
         let all = self
             .copies
             .iter_mut()
-            .chain(self.retired.iter_mut().map(|(s, c)| (&*s, c)));
+            .chain(self.retired.iter_mut().map(|(s, c)| (*s, c)));
         for (seq, cp) in all {
             if let Some((e, m)) = cp.mr.take() {
-                if e == epoch && !busy.contains(seq) {
+                if e == epoch && !busy.contains(&seq) {
                     // SAFETY: registered on the open current comm, released once (taken).
                     let _ = unsafe { inner.dereg_mr(comm, m) };
                 }
@@ -654,7 +741,7 @@ impl SendEngine {
             .ok_or_else(|| Error::internal("post without an inner comm"))?;
         // A copied send may be complete to NCCL already (its request gone): the copy has all.
         let epoch = self.c.epoch;
-        let (data, size, tag, mr) = match (copy, self.copies.get_mut(&seq)) {
+        let (data, size, tag, mr) = match (copy, self.copies.get_mut(seq)) {
             (true, Some(cp)) => {
                 let mr = match cp.mr {
                     Some((e, m)) if e == epoch => m,
@@ -678,7 +765,7 @@ impl SendEngine {
             _ => {
                 let r = self
                     .reqs
-                    .get(&req)
+                    .get(req)
                     .ok_or_else(|| Error::internal("post of an unknown request"))?;
                 (r.data, r.size, r.tag, self.c.inner_mr(r.mr))
             }
@@ -708,9 +795,11 @@ impl SendEngine {
                 } => self.queue_post(inner, epoch, seq, req, false),
                 SendAction::Replay { epoch, seq, req, .. } => self.queue_post(inner, epoch, seq, req, true),
                 SendAction::CopyForReplay { seq, req, size } => {
-                    if let Some(r) = self.reqs.get(&req) {
+                    if let Some(r) = self.reqs.get(req) {
                         let len = size as usize;
-                        let mut buf = vec![0u8; len.max(1)];
+                        let mut buf = self.spare.pop().unwrap_or_default();
+                        buf.clear();
+                        buf.resize(len.max(1), 0);
                         // SAFETY: NCCL's buffer holds `size` bytes until the send is reported
                         // complete, which comes after this copy.
                         unsafe { std::ptr::copy_nonoverlapping(r.data as *const u8, buf.as_mut_ptr(), len) };
@@ -727,18 +816,18 @@ impl SendEngine {
                     }
                 }
                 SendAction::ReleaseCopy { seq } => {
-                    if let Some(cp) = self.copies.remove(&seq) {
+                    if let Some(cp) = self.copies.remove(seq) {
                         self.retired.push((seq, cp));
                     }
                     self.free_retired(inner);
                 }
                 SendAction::Complete { req } => {
-                    if let Some(r) = self.reqs.get_mut(&req) {
+                    if let Some(r) = self.reqs.get_mut(req) {
                         r.outcome = Outcome::Done;
                     }
                 }
                 SendAction::FailRequest { req } => {
-                    if let Some(r) = self.reqs.get_mut(&req) {
+                    if let Some(r) = self.reqs.get_mut(req) {
                         r.outcome = Outcome::Failed;
                     }
                 }
@@ -822,8 +911,8 @@ impl RecvEngine {
         let busy: HashSet<u64> = self
             .inflight
             .iter()
-            .filter_map(|&(req, ..)| self.reqs.get(&req))
-            .flat_map(|q| q.mrs.iter().flatten().copied())
+            .filter_map(|&(req, ..)| self.reqs.get(req))
+            .flat_map(|q| q.mrs[..q.n].iter().flatten().copied())
             .collect();
         self.inflight.clear();
         self.pending.clear();
@@ -847,7 +936,7 @@ impl RecvEngine {
         while i < self.inflight.len() && tested < TESTS_PER_CALL {
             let (req, epoch, ireq) = self.inflight[i];
             tested += 1;
-            let n = self.reqs.get(&req).map_or(1, |q| q.got.len()).min(MAX_GROUP);
+            let n = self.reqs.get(req).map_or(1, |q| q.n).min(MAX_GROUP);
             let mut buf = [0i32; MAX_GROUP];
             let sz = &mut buf[..n];
             // SAFETY: `ireq` is outstanding on the open inner comm of `epoch`; `sz` has one entry
@@ -855,7 +944,7 @@ impl RecvEngine {
             match unsafe { inner.test(ireq, Some(sz)) } {
                 Ok(true) => {
                     self.inflight.remove(i);
-                    if let Some(q) = self.reqs.get_mut(&req) {
+                    if let Some(q) = self.reqs.get_mut(req) {
                         q.got[..n].copy_from_slice(sz);
                     }
                     let sizes = sz.iter().map(|&s| s.max(0) as u64).collect();
@@ -949,13 +1038,19 @@ impl RecvEngine {
             .ok_or_else(|| Error::internal("post without an inner comm"))?;
         let q = self
             .reqs
-            .get(&req)
+            .get(req)
             .ok_or_else(|| Error::internal("post of an unknown request"))?;
-        let data: Vec<*mut c_void> = q.data.iter().map(|&p| p as *mut c_void).collect();
-        let mrs: Vec<Option<Opaque>> = q.mrs.iter().map(|&m| self.c.inner_mr(m)).collect();
+        let n = q.n;
+        let mut data = [std::ptr::null_mut::<c_void>(); MAX_GROUP];
+        let mut mrs = [None; MAX_GROUP];
+        for i in 0..n {
+            data[i] = q.data[i] as *mut c_void;
+            mrs[i] = self.c.inner_mr(q.mrs[i]);
+        }
+        let (data, mrs) = (&data[..n], &mrs[..n]);
         // SAFETY: `comm` is open; NCCL's buffers stay valid until the receive is reported done;
         // the registrations are this comm's.
-        match unsafe { inner.irecv(comm, &data, &q.sizes, &q.tags, &mrs) }? {
+        match unsafe { inner.irecv(comm, data, &q.sizes[..n], &q.tags[..n], mrs) }? {
             Some(ir) => {
                 self.inflight.push_back((req, self.c.epoch, ir));
                 Ok(true)
@@ -991,12 +1086,12 @@ impl RecvEngine {
                     }
                 }
                 RecvAction::Complete { req } => {
-                    if let Some(q) = self.reqs.get_mut(&req) {
+                    if let Some(q) = self.reqs.get_mut(req) {
                         q.outcome = Outcome::Done;
                     }
                 }
                 RecvAction::FailRequest { req } => {
-                    if let Some(q) = self.reqs.get_mut(&req) {
+                    if let Some(q) = self.reqs.get_mut(req) {
                         q.outcome = Outcome::Failed;
                     }
                 }
