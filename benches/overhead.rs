@@ -1,12 +1,14 @@
 //! The shim's overhead over the plugin it wraps.
 //!
 //! Runs the same workload (a) on the generic v7 fixture loaded directly, (b) through the shim
-//! wrapping that fixture: a stack built in this process from a config naming the fixture, driven
-//! through the exported `ncclNetPlugin_v7` table as NCCL drives it, and (c, d) through two more
-//! stacks over private copies of the fixture, driven through the stack's Rust interface, the same
-//! but for the metrics: off in (c), on in (d) (NCCL_TCPXSHIM_METRICS_DIR a temporary
-//! directory). Repetitions alternate (a b c d, d c b a, ...) so that drift and noise hit all alike,
-//! then one table is printed, and the metrics' cost: (d) against (c).
+//! wrapping that fixture with the default settings (the recovery engine on): a stack built in this
+//! process from a config naming the fixture, driven through the exported `ncclNetPlugin_v7` table
+//! as NCCL drives it, and (c, d, e) through three more stacks over private copies of the fixture,
+//! driven through the stack's Rust interface, the same but for the metrics and the recovery
+//! engine: both off in (c), the metrics on in (d) (NCCL_TCPXSHIM_METRICS_DIR a temporary
+//! directory), the recovery engine on in (e). Repetitions alternate (a b c d e, e d c b a, ...) so
+//! that drift and noise hit all alike, then one table is printed, and the costs: the metrics' (d
+//! against c) and the recovery engine's (e against c).
 //!
 //! Workloads, one connection on device 0, single thread:
 //! - small-message round: irecv + isend of 8 bytes, then test both until done; ns per round;
@@ -233,10 +235,13 @@ fn main() {
         .init()
         .unwrap_or_else(|e| panic!("direct: init failed: {}", result_name(e)));
     let direct = Bench::new("direct", Box::new(direct_net), &p).unwrap_or_else(|e| panic!("{e}"));
+    let lo = Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     let cfg = Config {
         plugin: Some(fixture.to_string_lossy().into_owned()),
+        ctrl_addr: lo,
         ..Config::default()
     };
+    assert!(cfg.recovery_engine, "the recovery engine is on by default");
     let shim = Bench::new("shim", Box::new(Net::in_process(&cfg)), &p).unwrap_or_else(|e| panic!("{e}"));
     println!(
         "shim: the in-process stack (name {:?}) wrapping {}",
@@ -246,6 +251,7 @@ fn main() {
     // Two more stacks, each over a private copy of the fixture (one stack per fixture instance).
     let stack_cfg = || Config {
         plugin: Some(private_copy(&fixture).to_string_lossy().into_owned()),
+        recovery_engine: false,
         ..Config::default()
     };
     let stack = Bench::new("stack", Box::new(StackNet::build(&stack_cfg())), &p).unwrap_or_else(|e| panic!("{e}"));
@@ -255,12 +261,19 @@ fn main() {
         ..stack_cfg()
     };
     let metrics = Bench::new("metrics", Box::new(StackNet::build(&mcfg)), &p).unwrap_or_else(|e| panic!("{e}"));
+    let rcfg = Config {
+        recovery_engine: true,
+        ctrl_addr: lo,
+        ..stack_cfg()
+    };
+    let recovery = Bench::new("recov", Box::new(StackNet::build(&rcfg)), &p).unwrap_or_else(|e| panic!("{e}"));
     println!(
-        "stack, metrics: stacks driven through their Rust interface, metrics off and on (files in {})",
+        "stack, metrics, recov: stacks driven through their Rust interface: metrics and recovery off, metrics on \
+         (files in {}), recovery on",
         metrics_dir.display()
     );
 
-    let mut benches: Vec<Bench> = vec![direct, shim, stack, metrics];
+    let mut benches: Vec<Bench> = vec![direct, shim, stack, metrics, recovery];
     let mut results: Vec<Results> = benches.iter().map(|_| Results::default()).collect();
     for rep in 0..p.reps {
         // a b, then b a, ...
@@ -306,18 +319,30 @@ fn main() {
     ];
     println!();
     println!(
-        "{:<32} {:>12} {:>14} {:>12} {:>12} {:>14} {:>12}",
-        "workload", "direct", "through shim", "shim/direct", "stack", "stack+metrics", "metrics/stack"
+        "{:<32} {:>12} {:>14} {:>12} {:>12} {:>14} {:>12} {:>15} {:>12}",
+        "workload",
+        "direct",
+        "through shim",
+        "shim/direct",
+        "stack",
+        "stack+metrics",
+        "metrics/stack",
+        "stack+recovery",
+        "recov/stack"
     );
     for (name, v) in &rows {
-        let (direct, shim, stack, metrics) = (v[0], v[1], v[2], v[3]);
+        let (direct, shim, stack, metrics, recov) = (v[0], v[1], v[2], v[3], v[4]);
         println!(
-            "{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3} {stack:>12.1} {metrics:>14.1} {:>12.3}",
+            "{name:<32} {direct:>12.1} {shim:>14.1} {:>12.3} {stack:>12.1} {metrics:>14.1} {:>12.3} {recov:>15.1} {:>12.3}",
             shim / direct,
-            metrics / stack
+            metrics / stack,
+            recov / stack
         );
     }
-    println!("(a round is irecv + isend + test until both complete; for GB/s a ratio below 1 is the shim's cost)");
+    println!(
+        "(a round is irecv + isend + test until both complete, one message; through shim: the default settings, \
+         recovery on; for GB/s a ratio below 1 is the cost)"
+    );
     // A round is two messages (a send and a receive request), each timed and counted.
     let d_mean = rows[0].1[3] - rows[0].1[2];
     let d_p50 = rows[1].1[3] - rows[1].1[2];
@@ -326,6 +351,12 @@ fn main() {
         d_mean / 2.0,
         d_p50 / 2.0,
         rows[3].1[3] / rows[3].1[2]
+    );
+    println!(
+        "recovery: {:+.1} ns per 8-byte message (mean), {:+.1} ns (p50); bandwidth ratio on/off {:.3}",
+        rows[0].1[4] - rows[0].1[2],
+        rows[1].1[4] - rows[1].1[2],
+        rows[3].1[4] / rows[3].1[2]
     );
 
     for b in benches.drain(..) {

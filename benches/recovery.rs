@@ -5,7 +5,10 @@
 //! Workloads, one connection on device 0, single thread: an 8-byte round (irecv + isend, test both
 //! until done; ns per round) and 64 MiB messages (GB/s).
 //!
-//! Run with `cargo bench --bench recovery`; `TCPXSHIM_BENCH_QUICK=1` shrinks the counts.
+//! Run with `cargo bench --bench recovery`; `TCPXSHIM_BENCH_QUICK=1` shrinks the counts,
+//! `TCPXSHIM_BENCH_INNER=builtin` (or `fixture`) runs one inner only and `TCPXSHIM_BENCH_SMALL=1`
+//! the small rounds only (for a profiler). Other NCCL_TCPXSHIM_* settings apply (for example the
+//! recovery settings).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -127,7 +130,7 @@ impl Bench {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -148,8 +151,14 @@ fn main() {
             bw_iters: 20,
         }
     };
+    let only = std::env::var("TCPXSHIM_BENCH_INNER").ok();
+    let small_only = std::env::var_os("TCPXSHIM_BENCH_SMALL").is_some_and(|v| v != "0");
+    let p = if small_only { Params { bw_size: SMALL, ..p } } else { p };
     let fixture = fixture_lib(Fixture::V7);
     for inner in ["builtin", "fixture"] {
+        if only.as_deref().is_some_and(|o| o != inner) {
+            continue;
+        }
         let cfg = |on: bool| {
             let mut c = Config {
                 plugin: Some(match inner {
@@ -158,7 +167,7 @@ fn main() {
                 }),
                 ctrl_addr: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 recovery_engine: on,
-                ..Config::default()
+                ..Config::from_env().expect("the NCCL_TCPXSHIM_* settings parse")
             };
             c.tcp.ifname = Some("lo".into());
             c
@@ -171,7 +180,7 @@ fn main() {
                 lat[i].push(benches[i].latency(&p));
             }
             for i in order {
-                bw[i].push(benches[i].bandwidth(&p));
+                bw[i].push(if small_only { f64::NAN } else { benches[i].bandwidth(&p) });
             }
         }
         let [l0, l1] = lat.map(median);

@@ -43,6 +43,9 @@ fn run_child(abort: &str) -> (Option<i32>, String, String) {
         .env("NCCL_TCPXSHIM_PLUGIN", "builtin")
         .env("NCCL_TCPXSHIM_TCP_IFNAME", "lo")
         .env("NCCL_TCPXSHIM_FAULTS", "break=after:1")
+        // Without recovery the broken connection is an error that ends the job (with it, the
+        // connection is made again: tests/recovery.rs).
+        .env("NCCL_TCPXSHIM_RECOVERY", "0")
         .env("NCCL_TCPXSHIM_ABORT_ON_ERROR", abort)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 use tcpxshim::ffi::ncclResult_t;
 use tcpxshim::stack::cfgcheck::CheckStats;
-use tcpxshim::stack::handle::{Trailer, FLAG_SERVED, FLAG_SETTINGS};
+use tcpxshim::stack::handle::{Trailer, FLAG_RECOVERY, FLAG_SERVED, FLAG_SETTINGS};
 
 /// A config from these variables, with the control service on loopback.
 fn cfg(vars: &[(&str, &str)]) -> Config {
@@ -153,7 +153,8 @@ fn the_handle_offers_the_settings_in_both_modes() {
         let a = builtin(mode, &[]);
         let (h, listen) = a.listen(0).unwrap();
         let t = Trailer::read(&h).unwrap();
-        assert_eq!(t.flags, served | FLAG_SETTINGS, "{mode}: {t:?}");
+        // The recovery engine (on by default) also offers its control link in the trailer.
+        assert_eq!(t.flags, served | FLAG_SETTINGS | FLAG_RECOVERY, "{mode}: {t:?}");
         assert!(t.ctrl_socket().is_some(), "{mode}: names the service");
         a.close_listen(listen).unwrap();
     }
@@ -294,13 +295,18 @@ fn enforce_over_tcpx_closes_the_comm_tcpx_returned() {
 
 #[test]
 fn off_checks_nothing_and_asks_no_service() {
-    // Inline and off on both sides: the trailer is as before, and no control service runs.
+    // Inline and off on both sides, and no recovery engine (whose control links would start
+    // the service): the trailer is as before, and no control service runs.
     let (a, b) = (
-        builtin("auto", &[("NCCL_TCPXSHIM_CONFIG_CHECK", "off")]),
+        builtin(
+            "auto",
+            &[("NCCL_TCPXSHIM_CONFIG_CHECK", "off"), ("NCCL_TCPXSHIM_RECOVERY", "0")],
+        ),
         builtin(
             "auto",
             &[
                 ("NCCL_TCPXSHIM_CONFIG_CHECK", "off"),
+                ("NCCL_TCPXSHIM_RECOVERY", "0"),
                 ("NCCL_TCPXSHIM_TCP_STREAMS", "4"),
             ],
         ),

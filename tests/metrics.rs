@@ -281,6 +281,8 @@ fn errors_beneath_are_counted_and_summed_up() {
     let file = file_of(&dir);
     let mut cfg = config(&dir, 3600);
     cfg.faults = Some(tcpxshim::stack::FaultSpec::parse("break=after:2").unwrap());
+    // Without recovery, so that the break reaches the caller (with it: the next test).
+    cfg.recovery_engine = false;
     let net = StackNet::build(&cfg);
     let (send, recv) = net.connect_pair(0);
     net.transfer(send, recv, 1000);
@@ -309,6 +311,44 @@ fn errors_beneath_are_counted_and_summed_up() {
         .find(|l| l.contains("metrics summary: total"))
         .unwrap_or_else(|| panic!("no total line in {log:?}"));
     assert!(total.contains(&format!("{errors} errors")), "{total}");
+}
+
+#[test]
+fn breaks_beneath_that_recovery_mends_are_counted_as_recoveries_not_errors() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = fresh_dir("recoveries");
+    let file = file_of(&dir);
+    let mut cfg = config(&dir, 3600);
+    // Each inner connection breaks after its 2nd message; the recovery engine (on by default)
+    // makes it again each time.
+    cfg.faults = Some(tcpxshim::stack::FaultSpec::parse("break=after:2").unwrap());
+    cfg.ctrl_addr = Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    assert!(cfg.recovery_engine, "recovery is on by default");
+    let net = StackNet::build(&cfg);
+    let (send, recv) = net.connect_pair(0);
+    for i in 0..6 {
+        net.transfer(send, recv, 1000 + i);
+    }
+    let recovered = net.shim.recoveries();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    let s = scrape(&file).unwrap();
+    let sum = |name: &str| -> f64 { ["send", "recv"].iter().map(|d| value(&s, name, &[("dir", d)])).sum() };
+    assert!(recovered >= 2, "the engines recovered {recovered} times");
+    assert_eq!(
+        sum("tcpxshim_recoveries_total"),
+        recovered as f64,
+        "the counters follow the engines"
+    );
+    assert_eq!(sum("tcpxshim_errors_total"), 0.0, "no error reached the caller");
+    for d in ["send", "recv"] {
+        assert_eq!(value(&s, "tcpxshim_messages_total", &[("dir", d)]), 6.0, "{d}");
+        assert_eq!(
+            value(&s, "tcpxshim_bytes_total", &[("dir", d)]),
+            (0..6).map(|i| 1000.0 + i as f64).sum::<f64>(),
+            "{d}"
+        );
+    }
 }
 
 /// The files as node_exporter's textfile collector reads them (the way the README tells users to

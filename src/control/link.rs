@@ -378,7 +378,8 @@ struct LinkShared {
     dir_out: Dir,
     /// The peer's address, once known (the sender knows it from the start).
     peer: Mutex<Option<SocketAddr>>,
-    outq: Mutex<VecDeque<(u16, Vec<u8>)>>,
+    /// Messages the application queued: (type, body, replaceable: see `Link::send_lazy`).
+    outq: Mutex<VecDeque<(u16, Vec<u8>, bool)>>,
     /// Messages queued or sent and not acknowledged.
     pending: AtomicUsize,
     inbox: Mutex<VecDeque<(u16, Vec<u8>)>>,
@@ -637,6 +638,33 @@ impl Link {
     /// over [`MAX_BODY`], or [`LinkConfig::queue`] messages are already waiting for the peer's
     /// acknowledgement.
     pub fn send(&self, msg_type: u16, body: &[u8]) -> Result<()> {
+        self.queue(msg_type, body, false)?;
+        self.hub.0.inner.wake();
+        Ok(())
+    }
+
+    /// Queues a message that nobody waits for, without waking the link's thread: it goes out
+    /// with the next message sent, or the thread's next round (within 50 ms). While it is still
+    /// queued, the next `send_lazy` of the same type replaces it, so it suits messages that a
+    /// later one makes redundant (cumulative acknowledgements). Messages keep their order.
+    pub fn send_lazy(&self, msg_type: u16, body: &[u8]) -> Result<()> {
+        if let LinkState::Gone(e) = self.state() {
+            return Err(e.context(format!("control link {}: send", self.shared.conn_id)));
+        }
+        {
+            let mut q = lock(&self.shared.outq);
+            if let Some((ty, b, true)) = q.back_mut() {
+                if *ty == msg_type && body.len() <= MAX_BODY {
+                    b.clear();
+                    b.extend_from_slice(body);
+                    return Ok(());
+                }
+            }
+        }
+        self.queue(msg_type, body, true)
+    }
+
+    fn queue(&self, msg_type: u16, body: &[u8], replaceable: bool) -> Result<()> {
         let s = &self.shared;
         if let LinkState::Gone(e) = self.state() {
             return Err(e.context(format!("control link {}: send", s.conn_id)));
@@ -657,8 +685,7 @@ impl Link {
                 s.peer_name()
             )));
         }
-        lock(&s.outq).push_back((msg_type, body.to_vec()));
-        self.hub.0.inner.wake();
+        lock(&s.outq).push_back((msg_type, body.to_vec(), replaceable));
         Ok(())
     }
 
@@ -1393,7 +1420,7 @@ impl Reactor {
             // New messages from the application.
             {
                 let mut q = lock(&l.shared.outq);
-                while let Some((ty, body)) = q.pop_front() {
+                while let Some((ty, body, _)) = q.pop_front() {
                     l.next_seq += 1;
                     l.unacked.push_back(Msg {
                         seq: l.next_seq,

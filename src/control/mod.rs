@@ -166,8 +166,16 @@ struct Shared {
 /// A running control service.
 pub struct Service {
     addr: SocketAddr,
-    next_id: AtomicU32,
     shared: Arc<Shared>,
+}
+
+/// Offer ids, unique in the process (below 2^31; inline handles without an offer draw random ids
+/// above): the control links of every stack in the process share one hub, which tells links
+/// apart by this id.
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+fn next_id() -> u32 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff
 }
 
 impl Service {
@@ -195,11 +203,7 @@ impl Service {
             .spawn(move || accept_loop(listener, s))
             .map_err(|e| Error::io("control service: starting its thread", e))?;
         log::info!("control service listening on {addr}");
-        Ok(Service {
-            addr,
-            next_id: AtomicU32::new(1),
-            shared,
-        })
+        Ok(Service { addr, shared })
     }
 
     /// Where the service listens.
@@ -209,7 +213,7 @@ impl Service {
 
     /// Offers `handle` under a new id, guarded by `secret`; returns the id.
     pub fn offer(&self, secret: u64, handle: &[u8; HANDLE_SIZE]) -> u32 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = next_id();
         lock(&self.shared.offers).insert(
             id,
             Offer {
@@ -229,7 +233,7 @@ impl Service {
     /// Offers the settings `body` under `id` (the id of a handle offered with [`Service::offer`])
     /// or, when `None`, under a new id; guarded by `secret`. Returns the id.
     pub fn offer_settings(&self, id: Option<u32>, secret: u64, body: Arc<Vec<u8>>) -> u32 {
-        let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
+        let id = id.unwrap_or_else(next_id);
         self.shared.settings.offer(id, secret, body);
         id
     }

@@ -14,27 +14,27 @@
 
 use super::{
     Cause, Control, Epoch, Failure, RecoveryConfig, RecvAction, RecvEvent, RecvSide, ReqId, SendAction, SendEvent,
-    SendSide, Seq, Source,
+    SendSide, Seq, Sizes, Source, MAX_GROUP,
 };
 use crate::control::link::{Link, LinkState};
 use crate::error::{Error, Result};
 use crate::ffi::HANDLE_SIZE;
 use crate::transport::{Opaque, Transport};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::ffi::c_void;
-use std::time::Instant;
 
 /// The link message type that carries a [`Control`].
 pub const MSG_CONTROL: u16 = 1;
-/// Ticks (deadline checks, acknowledgements) at most this often.
-const TICK_NS: u64 = 1_000_000;
+/// Ticks (deadline checks, acknowledgements that wait for no count) at most this often: the
+/// deadlines are seconds long, and an acknowledgement the policy does not ask for at once only
+/// frees replay copies, so each tick that sends one costs the control link's thread a wake-up
+/// for nothing urgent.
+const TICK_NS: u64 = 10_000_000;
 /// Inner requests tested per progress call at most.
 const TESTS_PER_CALL: usize = 64;
 /// Inner requests outstanding on one inner comm at most (NCCL's own limit, which inner
 /// transports enforce): replays of copied sends come on top of NCCL's outstanding requests.
 const MAX_INFLIGHT: usize = crate::ffi::NCCL_NET_MAX_REQUESTS as usize;
-/// Grouped receives of one irecv at most (the shim refuses more).
-const MAX_GROUP: usize = 8;
 /// Control messages read per progress call at most.
 const MSGS_PER_CALL: usize = 64;
 
@@ -136,8 +136,9 @@ impl<T> Window<T> {
     }
 }
 
-/// Copy buffers kept for reuse at most, and the largest kept.
-const SPARE_COPIES: usize = 64;
+/// Copy buffers kept for reuse: at most this many bytes of them, none larger than
+/// `SPARE_COPY_MAX`.
+const SPARE_BYTES: usize = 1 << 20;
 const SPARE_COPY_MAX: usize = 64 << 10;
 
 /// A replay copy of one send, registered on an inner comm when a replay first needs it.
@@ -155,20 +156,32 @@ struct Common {
     link: Link,
     epoch: Epoch,
     comm: Option<Opaque>,
-    regs: HashMap<u64, Reg>,
-    next_reg: u64,
+    /// Registrations by token - 1 (tokens start at 1: NCCL's handle is never NULL).
+    regs: slab::Slab<Reg>,
     next_req: ReqId,
-    origin: Instant,
+    /// When the engine started, on the metrics' clock (nanoseconds).
+    origin: u64,
+    /// Nanoseconds since `origin`, read once per test: the protocol's deadlines are seconds
+    /// long, and one clock read per test is all its time costs.
+    clock: u64,
     last_tick: u64,
     failure: Option<Failure>,
+    /// The inner error that failed the connection for good, when it was its caller's.
+    refused: Option<Error>,
     link_gone: bool,
     /// Recoveries completed (for the metrics' counter).
     pub recoveries: u64,
 }
 
 impl Common {
+    /// The time of the current call into the engine.
     fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.clock
+    }
+
+    /// Reads the clock for a test (posts take the time of the last one: a post only queues).
+    fn refresh(&mut self) {
+        self.clock = crate::metrics::clock::now_ns().saturating_sub(self.origin);
     }
 
     fn send_control(&self, c: &Control) {
@@ -177,10 +190,28 @@ impl Common {
         }
     }
 
+    /// Acknowledges `completed` sends: at once when the sender may be waiting for it, else
+    /// queued for the control link's next round, where a later acknowledgement replaces it (so
+    /// acknowledgements that only free replay copies wake no thread).
+    fn send_ack(&self, completed: Seq, urgent: bool) {
+        let body = Control::Ack { completed }.encode();
+        let res = if urgent {
+            self.link.send(MSG_CONTROL, &body)
+        } else {
+            self.link.send_lazy(MSG_CONTROL, &body)
+        };
+        if let Err(e) = res {
+            log::warn!(
+                "recovery with {}: acknowledging {completed} sends failed: {e}",
+                self.peer
+            );
+        }
+    }
+
     /// Registers every registration on the current inner comm.
     fn reregister(&mut self, inner: &dyn Transport) -> Result<()> {
         let Some(comm) = self.comm else { return Ok(()) };
-        for r in self.regs.values_mut() {
+        for (_, r) in self.regs.iter_mut() {
             r.inner = None;
             // SAFETY: `comm` is the open inner comm; NCCL keeps the buffer registered (it has not
             // deregistered it), so it is valid for `size` bytes.
@@ -196,7 +227,9 @@ impl Common {
     }
 
     fn inner_mr(&self, token: Option<u64>) -> Option<Opaque> {
-        token.and_then(|t| self.regs.get(&t)).and_then(|r| r.inner)
+        token
+            .and_then(|t| self.regs.get(usize::try_from(t).ok()?.checked_sub(1)?))
+            .and_then(|r| r.inner)
     }
 
     /// The control messages waiting on the link, and whether the link is gone.
@@ -223,6 +256,9 @@ impl Common {
     }
 
     fn error(&self, call: &str) -> Error {
+        if let Some(e) = &self.refused {
+            return e.clone().context(format!("{call} with {}", self.peer));
+        }
         match &self.failure {
             Some(f) => f.to_error(call, &self.peer),
             None => Error::remote(format!("{call}: connection to {} lost", self.peer)),
@@ -241,8 +277,9 @@ pub struct SendEngine {
     pending: VecDeque<(Seq, ReqId, bool)>,
     /// Replay copies by seq, with the send's tag.
     copies: Window<Copy>,
-    /// Buffers of freed small copies, reused by the next copies.
+    /// Buffers of freed small copies, reused by the next copies, and their bytes.
     spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
     /// Copies released while an inner send may still read them: freed once it is done.
     retired: Vec<(Seq, Copy)>,
     connecting: Option<(Epoch, Box<[u8; HANDLE_SIZE]>)>,
@@ -273,12 +310,13 @@ fn common(dev: i32, peer: String, link: Link, comm: Opaque) -> Common {
         link,
         epoch: 0,
         comm: Some(comm),
-        regs: HashMap::new(),
-        next_reg: 1,
+        regs: slab::Slab::new(),
         next_req: 1,
-        origin: Instant::now(),
+        origin: crate::metrics::clock::now_ns(),
+        clock: 0,
         last_tick: 0,
         failure: None,
+        refused: None,
         link_gone: false,
         recoveries: 0,
     }
@@ -288,8 +326,14 @@ fn req_opaque(id: ReqId) -> Opaque {
     Opaque::from_addr(id as usize).unwrap_or_else(|| unreachable!("request ids start at 1"))
 }
 
-fn cause_of(e: &Error) -> Cause {
-    Cause::Inner(e.to_string())
+/// Whether an inner error is its caller's (a receive smaller than its message, an argument the
+/// inner transport does not take, a bug): making the connection again would meet it again.
+fn refused(e: &Error) -> bool {
+    use crate::ffi::ncclResult_t as r;
+    matches!(
+        e.code(),
+        r::ncclInvalidArgument | r::ncclInvalidUsage | r::ncclInternalError
+    )
 }
 
 impl Engine {
@@ -303,6 +347,7 @@ impl Engine {
             pending: VecDeque::new(),
             copies: Window::new(),
             spare: Vec::new(),
+            spare_bytes: 0,
             retired: Vec::new(),
             connecting: None,
         })
@@ -343,6 +388,59 @@ impl Engine {
         }
     }
 
+    /// What the inner transport says of request `req` (an id from isend or irecv) that NCCL
+    /// has been testing for long, or where the connection's recovery stands.
+    pub fn stall_detail(&self, inner: &dyn Transport, req: Opaque) -> Option<String> {
+        let id = req.as_ptr() as u64;
+        let (c, ireq) = match self {
+            Engine::Send(s) => (
+                &s.c,
+                s.inflight
+                    .iter()
+                    .find(|&&(_, r, e, _)| r == id && e == s.c.epoch)
+                    .map(|&(.., ir)| ir),
+            ),
+            Engine::Recv(r) => (
+                &r.c,
+                r.inflight
+                    .iter()
+                    .find(|&&(q, e, _)| q == id && e == r.c.epoch)
+                    .map(|&(_, _, ir)| ir),
+            ),
+        };
+        let recovering = match self {
+            Engine::Send(s) => s.side.recovering(),
+            Engine::Recv(r) => r.side.recovering(),
+        };
+        if recovering || c.comm.is_none() {
+            return Some(format!(
+                "the connection to {} is being re-established (inner comm #{})",
+                c.peer, c.epoch
+            ));
+        }
+        let (comm, ireq) = (c.comm?, ireq?);
+        // SAFETY: `ireq` is outstanding on `comm`, the open inner comm of the current epoch
+        // (requests leave `inflight` when they complete or their comm closes).
+        unsafe { inner.stall_detail(comm, ireq) }
+    }
+
+    /// The device handle of registration `token` on the current inner comm.
+    pub fn device_mr(&self, inner: &dyn Transport, token: Opaque) -> Result<Option<Opaque>> {
+        let c = match self {
+            Engine::Send(s) => &s.c,
+            Engine::Recv(r) => &r.c,
+        };
+        let m = (token.as_ptr() as usize)
+            .checked_sub(1)
+            .and_then(|i| c.regs.get(i))
+            .ok_or_else(|| Error::invalid_argument("getDeviceMr: not a registration of this comm"))?;
+        match (c.comm, m.inner) {
+            // SAFETY: `m` is registered on `comm`, the open current inner comm.
+            (Some(comm), Some(mr)) => unsafe { inner.get_device_mr(comm, mr) },
+            _ => Ok(None),
+        }
+    }
+
     /// Registers NCCL's buffer on the current inner comm; returns the engine's token for it.
     ///
     /// # Safety
@@ -366,27 +464,22 @@ impl Engine {
             }?),
             None => None,
         };
-        let id = c.next_reg;
-        c.next_reg += 1;
-        c.regs.insert(
-            id,
-            Reg {
-                data: data as usize,
-                size,
-                ptr_type,
-                dmabuf,
-                inner: m,
-            },
-        );
-        Ok(req_opaque(id))
+        let index = c.regs.insert(Reg {
+            data: data as usize,
+            size,
+            ptr_type,
+            dmabuf,
+            inner: m,
+        });
+        Ok(req_opaque(index as u64 + 1))
     }
 
     /// Releases the registration `token`.
     pub fn dereg(&mut self, inner: &dyn Transport, token: Opaque) -> Result<()> {
         let c = self.common();
-        let r = c
-            .regs
-            .remove(&(token.as_ptr() as u64))
+        let r = (token.as_ptr() as usize)
+            .checked_sub(1)
+            .and_then(|i| c.regs.try_remove(i))
             .ok_or_else(|| Error::invalid_argument("deregMr: not a registration of this comm"))?;
         match (c.comm, r.inner) {
             // SAFETY: `m` was registered on the open inner comm `comm` and is released once.
@@ -428,6 +521,11 @@ impl Engine {
             },
         );
         s.run(inner);
+        if s.reqs.get(id).is_some_and(|r| r.outcome == Outcome::Failed) {
+            // Refused (or the connection lost for good) while posting: say so now.
+            s.reqs.remove(id);
+            return Err(s.c.error("isend"));
+        }
         Ok(req_opaque(id))
     }
 
@@ -470,6 +568,10 @@ impl Engine {
         let now = r.c.now();
         r.side.handle(now, RecvEvent::Post { req: id, n: n as u32 });
         r.run(inner);
+        if r.reqs.get(id).is_some_and(|q| q.outcome == Outcome::Failed) {
+            r.reqs.remove(id);
+            return Err(r.c.error("irecv"));
+        }
         Ok(req_opaque(id))
     }
 
@@ -479,6 +581,7 @@ impl Engine {
         let id = req.as_ptr() as u64;
         match self {
             Engine::Send(s) => {
+                s.c.refresh();
                 s.progress(inner);
                 let o = s.reqs.get(id).map(|r| r.outcome);
                 match o {
@@ -498,6 +601,7 @@ impl Engine {
                 }
             }
             Engine::Recv(r) => {
+                r.c.refresh();
                 r.progress(inner);
                 let o = r.reqs.get(id).map(|q| q.outcome);
                 match o {
@@ -544,9 +648,9 @@ impl Engine {
 /// outstanding request uses, and closing the comm ends those requests).
 fn close_comm(c: &mut Common, inner: &dyn Transport, send: bool, busy: &HashSet<u64>) -> Result<()> {
     let Some(comm) = c.comm.take() else { return Ok(()) };
-    for (token, r) in c.regs.iter_mut() {
+    for (index, r) in c.regs.iter_mut() {
         if let Some(m) = r.inner.take() {
-            if busy.contains(token) {
+            if busy.contains(&(index as u64 + 1)) {
                 continue;
             }
             // SAFETY: registered on this open comm, released once (taken).
@@ -575,11 +679,27 @@ fn tick_due(c: &mut Common) -> Option<u64> {
 }
 
 impl SendEngine {
+    /// An inner post, test or registration on the comm of `epoch` failed with `e`.
+    fn inner_failed(&mut self, epoch: Epoch, e: Error) {
+        let now = self.c.now();
+        let ev = if refused(&e) {
+            let reason = e.to_string();
+            self.c.refused.get_or_insert(e);
+            SendEvent::InnerRefused { epoch, reason }
+        } else {
+            SendEvent::InnerFailed {
+                epoch,
+                cause: Cause::Inner(e.to_string()),
+            }
+        };
+        self.side.handle(now, ev);
+    }
+
     /// Frees the retired copies no inner send reads any more.
     fn free_retired(&mut self, inner: &dyn Transport) {
         let inflight = &self.inflight;
         let (comm, epoch) = (self.c.comm, self.c.epoch);
-        let spare = &mut self.spare;
+        let (spare, spare_bytes) = (&mut self.spare, &mut self.spare_bytes);
         self.retired.retain_mut(|(seq, cp)| {
             if inflight.iter().any(|&(s, ..)| s == *seq) {
                 return true;
@@ -592,7 +712,9 @@ impl SendEngine {
             }
             // No inner send reads the buffer and its registration is gone: the next copy may
             // reuse it.
-            if spare.len() < SPARE_COPIES && cp.buf.capacity() <= SPARE_COPY_MAX {
+            let cap = cp.buf.capacity();
+            if cap <= SPARE_COPY_MAX && *spare_bytes + cap <= SPARE_BYTES {
+                *spare_bytes += cap;
                 spare.push(std::mem::take(&mut cp.buf));
             }
             false
@@ -662,14 +784,7 @@ impl SendEngine {
                 }
                 Ok(false) => i += 1,
                 Err(e) => {
-                    let now = self.c.now();
-                    self.side.handle(
-                        now,
-                        SendEvent::InnerFailed {
-                            epoch,
-                            cause: cause_of(&e),
-                        },
-                    );
+                    self.inner_failed(epoch, e);
                     self.run(inner);
                     break;
                 }
@@ -715,14 +830,7 @@ impl SendEngine {
                 }
                 Ok(false) => return,
                 Err(e) => {
-                    let (epoch, now) = (self.c.epoch, self.c.now());
-                    self.side.handle(
-                        now,
-                        SendEvent::InnerFailed {
-                            epoch,
-                            cause: cause_of(&e),
-                        },
-                    );
+                    self.inner_failed(self.c.epoch, e);
                     self.run(inner);
                     return;
                 }
@@ -798,11 +906,15 @@ impl SendEngine {
                     if let Some(r) = self.reqs.get(req) {
                         let len = size as usize;
                         let mut buf = self.spare.pop().unwrap_or_default();
+                        self.spare_bytes -= buf.capacity();
                         buf.clear();
-                        buf.resize(len.max(1), 0);
-                        // SAFETY: NCCL's buffer holds `size` bytes until the send is reported
-                        // complete, which comes after this copy.
-                        unsafe { std::ptr::copy_nonoverlapping(r.data as *const u8, buf.as_mut_ptr(), len) };
+                        if len > 0 {
+                            // SAFETY: NCCL's buffer holds `size` bytes until the send is reported
+                            // complete, which comes after this copy.
+                            buf.extend_from_slice(unsafe { std::slice::from_raw_parts(r.data as *const u8, len) });
+                        } else {
+                            buf.push(0); // a registration covers at least one byte
+                        }
                         let tag = r.tag;
                         self.copies.insert(
                             seq,
@@ -847,14 +959,7 @@ impl SendEngine {
                 }
                 SendAction::ReRegister { epoch } => {
                     if let Err(e) = self.c.reregister(inner) {
-                        let now = self.c.now();
-                        self.side.handle(
-                            now,
-                            SendEvent::InnerFailed {
-                                epoch,
-                                cause: cause_of(&e),
-                            },
-                        );
+                        self.inner_failed(epoch, e);
                     }
                 }
                 SendAction::SendControl(m) => self.c.send_control(&m),
@@ -892,20 +997,29 @@ impl SendEngine {
             Ok(true) => {}
             Ok(false) => self.pending.push_back((seq, req, copy)),
             Err(e) => {
-                let now = self.c.now();
-                self.side.handle(
-                    now,
-                    SendEvent::InnerFailed {
-                        epoch,
-                        cause: cause_of(&e),
-                    },
-                );
+                self.inner_failed(epoch, e);
             }
         }
     }
 }
 
 impl RecvEngine {
+    /// An inner post, test or registration on the comm of `epoch` failed with `e`.
+    fn inner_failed(&mut self, epoch: Epoch, e: Error) {
+        let now = self.c.now();
+        let ev = if refused(&e) {
+            let reason = e.to_string();
+            self.c.refused.get_or_insert(e);
+            RecvEvent::InnerRefused { epoch, reason }
+        } else {
+            RecvEvent::InnerFailed {
+                epoch,
+                cause: Cause::Inner(e.to_string()),
+            }
+        };
+        self.side.handle(now, ev);
+    }
+
     /// Closes the current inner comm; its requests are abandoned.
     fn close_current(&mut self, inner: &dyn Transport) -> Result<()> {
         let busy: HashSet<u64> = self
@@ -947,21 +1061,18 @@ impl RecvEngine {
                     if let Some(q) = self.reqs.get_mut(req) {
                         q.got[..n].copy_from_slice(sz);
                     }
-                    let sizes = sz.iter().map(|&s| s.max(0) as u64).collect();
+                    let mut got = [0u64; MAX_GROUP];
+                    for (g, &s) in got.iter_mut().zip(sz.iter()) {
+                        *g = s.max(0) as u64;
+                    }
+                    let sizes = Sizes::new(&got[..n]);
                     let now = self.c.now();
                     self.side.handle(now, RecvEvent::InnerDone { epoch, req, sizes });
                     self.run(inner);
                 }
                 Ok(false) => i += 1,
                 Err(e) => {
-                    let now = self.c.now();
-                    self.side.handle(
-                        now,
-                        RecvEvent::InnerFailed {
-                            epoch,
-                            cause: cause_of(&e),
-                        },
-                    );
+                    self.inner_failed(epoch, e);
                     self.run(inner);
                     break;
                 }
@@ -997,8 +1108,9 @@ impl RecvEngine {
             self.run(inner);
         }
         if let Some(completed) = self.side.ack_due() {
+            let urgent = self.side.ack_urgent();
             self.side.ack_sent(completed);
-            self.c.send_control(&Control::Ack { completed });
+            self.c.send_ack(completed, urgent);
         }
     }
 
@@ -1013,14 +1125,7 @@ impl RecvEngine {
                 }
                 Ok(false) => return,
                 Err(e) => {
-                    let (epoch, now) = (self.c.epoch, self.c.now());
-                    self.side.handle(
-                        now,
-                        RecvEvent::InnerFailed {
-                            epoch,
-                            cause: cause_of(&e),
-                        },
-                    );
+                    self.inner_failed(self.c.epoch, e);
                     self.run(inner);
                     return;
                 }
@@ -1074,14 +1179,7 @@ impl RecvEngine {
                         Ok(true) => {}
                         Ok(false) => self.pending.push_back(req),
                         Err(e) => {
-                            let now = self.c.now();
-                            self.side.handle(
-                                now,
-                                RecvEvent::InnerFailed {
-                                    epoch,
-                                    cause: cause_of(&e),
-                                },
-                            );
+                            self.inner_failed(epoch, e);
                         }
                     }
                 }
@@ -1132,17 +1230,11 @@ impl RecvEngine {
                 }
                 RecvAction::ReRegister { epoch } => {
                     if let Err(e) = self.c.reregister(inner) {
-                        let now = self.c.now();
-                        self.side.handle(
-                            now,
-                            RecvEvent::InnerFailed {
-                                epoch,
-                                cause: cause_of(&e),
-                            },
-                        );
+                        self.inner_failed(epoch, e);
                     }
                 }
                 RecvAction::SendControl(m) => self.c.send_control(&m),
+                RecvAction::SendAck { completed, urgent } => self.c.send_ack(completed, urgent),
                 RecvAction::Recovered {
                     epoch,
                     reposted,

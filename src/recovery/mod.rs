@@ -23,5 +23,5 @@ pub use config::{
 };
 pub use proto::{
     Cause, Control, Epoch, Failure, GiveUp, Nanos, RecvAction, RecvEvent, RecvSide, ReqId, SendAction, SendEvent,
-    SendSide, Seq, Source, Stats,
+    SendSide, Seq, Sizes, Source, Stats, MAX_GROUP,
 };

@@ -61,6 +61,10 @@ pub enum GiveUp {
     PeerAbort(String),
     /// The peer broke the protocol.
     Protocol(String),
+    /// The inner transport refused a request as an error of its caller (a receive smaller than
+    /// its message, an argument it does not take): not a broken connection, so nothing to
+    /// make again.
+    Refused(String),
 }
 
 impl std::fmt::Display for GiveUp {
@@ -72,6 +76,7 @@ impl std::fmt::Display for GiveUp {
             GiveUp::PeerGone(s) => write!(f, "the peer is gone: {s}"),
             GiveUp::PeerAbort(s) => write!(f, "the peer gave up: {s}"),
             GiveUp::Protocol(s) => write!(f, "protocol violation by the peer: {s}"),
+            GiveUp::Refused(s) => write!(f, "the inner transport refused a request: {s}"),
         }
     }
 }
@@ -355,6 +360,14 @@ pub enum SendEvent {
         /// What happened.
         cause: Cause,
     },
+    /// The inner comm of `epoch` refused a post or a test as an error of its caller: the
+    /// connection fails for good (see [`GiveUp::Refused`]).
+    InnerRefused {
+        /// Which inner comm.
+        epoch: Epoch,
+        /// The inner transport's error.
+        reason: String,
+    },
     /// The connect of [`SendAction::Connect`] returned the inner comm of `epoch`.
     Connected {
         /// Which inner comm.
@@ -491,6 +504,10 @@ pub struct SendSide {
     rec: Option<Recovery>,
     next_seq: Seq,
     acked: Seq,
+    /// Every entry before this seq holds no copy (see `progress`).
+    released_to: Seq,
+    /// Every entry before this seq is complete (see `progress`).
+    open_from: Seq,
     queue: VecDeque<SendEntry>,
     ring_used: u64,
     stats: Stats,
@@ -507,6 +524,8 @@ impl SendSide {
             rec: None,
             next_seq: 0,
             acked: 0,
+            released_to: 0,
+            open_from: 0,
             queue: VecDeque::new(),
             ring_used: 0,
             stats: Stats::default(),
@@ -566,6 +585,11 @@ impl SendSide {
             SendEvent::InnerFailed { epoch, cause } => {
                 if epoch == self.epoch && matches!(self.phase, SendPhase::Up | SendPhase::Connecting) {
                     self.lose_epoch(now, cause);
+                }
+            }
+            SendEvent::InnerRefused { epoch, reason } => {
+                if epoch == self.epoch {
+                    self.fail(now, GiveUp::Refused(reason), true);
                 }
             }
             SendEvent::Connected { epoch } => {
@@ -739,17 +763,33 @@ impl SendSide {
     }
 
     /// Completes what can be completed and releases what is acknowledged.
+    ///
+    /// Looks only at the entries that can change: those acknowledged since the last call (their
+    /// copies are released; an acknowledged entry is never copied again) and those from the first
+    /// one not yet complete (`completed` never goes back to false). So a call costs what it does,
+    /// not the number of sends waiting for their acknowledgement.
     fn progress(&mut self) {
         if self.phase == SendPhase::Failed {
             return;
         }
-        let live = |e: &SendEntry, phase: SendPhase, epoch: Epoch| phase == SendPhase::Up && e.posted == Some(epoch);
-        for e in self.queue.iter_mut() {
-            if e.seq < self.acked && e.copied {
+        let Some(front) = self.queue.front().map(|e| e.seq) else {
+            return;
+        };
+        let index = |seq: Seq| usize::try_from(seq.saturating_sub(front)).unwrap_or(usize::MAX);
+        let end = self.queue.len();
+        for i in index(self.released_to)..index(self.acked).min(end) {
+            let e = &mut self.queue[i];
+            if e.copied {
                 e.copied = false;
                 self.ring_used -= e.size;
                 self.out.push_back(SendAction::ReleaseCopy { seq: e.seq });
             }
+        }
+        self.released_to = self.released_to.max(self.acked);
+        let live = |e: &SendEntry, phase: SendPhase, epoch: Epoch| phase == SendPhase::Up && e.posted == Some(epoch);
+        let mut open_from = None;
+        for i in index(self.open_from).min(end)..end {
+            let e = &mut self.queue[i];
             if e.completed {
                 continue;
             }
@@ -768,8 +808,11 @@ impl SendSide {
                     size: e.size,
                 });
                 self.out.push_back(SendAction::Complete { req: e.req });
+            } else if open_from.is_none() {
+                open_from = Some(e.seq);
             }
         }
+        self.open_from = open_from.unwrap_or(self.next_seq);
         while self.queue.front().is_some_and(|e| e.completed && e.seq < self.acked) {
             self.queue.pop_front();
         }
@@ -813,6 +856,32 @@ impl SendSide {
 }
 
 /// What happens to the receiving side.
+/// Grouped buffers of one receive at most (NCCL's NCCL_NET_MAX_RECVS; the shim refuses more).
+pub const MAX_GROUP: usize = 8;
+
+/// The bytes received into each buffer of one grouped receive, held in place (no allocation
+/// per receive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Sizes {
+    n: u8,
+    v: [u64; MAX_GROUP],
+}
+
+impl Sizes {
+    /// The first [`MAX_GROUP`] of `sizes`.
+    pub fn new(sizes: &[u64]) -> Sizes {
+        let n = sizes.len().min(MAX_GROUP);
+        let mut v = [0; MAX_GROUP];
+        v[..n].copy_from_slice(&sizes[..n]);
+        Sizes { n: n as u8, v }
+    }
+
+    /// The sizes, one per buffer.
+    pub fn as_slice(&self) -> &[u64] {
+        &self.v[..usize::from(self.n)]
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum RecvEvent {
     /// NCCL posted a receive (irecv) of `n` grouped buffers.
@@ -830,7 +899,7 @@ pub enum RecvEvent {
         /// The request.
         req: ReqId,
         /// Bytes received into each buffer.
-        sizes: Vec<u64>,
+        sizes: Sizes,
     },
     /// The inner comm of `epoch` (or the listen or accept for it) failed.
     InnerFailed {
@@ -838,6 +907,14 @@ pub enum RecvEvent {
         epoch: Epoch,
         /// What happened.
         cause: Cause,
+    },
+    /// The inner comm of `epoch` refused a post or a test as an error of its caller: the
+    /// connection fails for good (see [`GiveUp::Refused`]).
+    InnerRefused {
+        /// Which inner comm.
+        epoch: Epoch,
+        /// The inner transport's error.
+        reason: String,
     },
     /// The listen of [`RecvAction::Listen`] is ready; the sender connects with `handle`.
     Listening {
@@ -904,6 +981,15 @@ pub enum RecvAction {
     },
     /// Send a control message to the sending side.
     SendControl(Control),
+    /// Send `Control::Ack { completed }` to the sending side. `urgent`: the sender may be waiting
+    /// for it (a send it could not copy, or its copy ring nearly full); otherwise it only frees
+    /// replay copies, and may go out later, replaced by a later acknowledgement.
+    SendAck {
+        /// Sends complete in NCCL's buffers.
+        completed: Seq,
+        /// Whether the sender may be waiting for it.
+        urgent: bool,
+    },
     /// The connection recovered: log it (INFO) and count it.
     Recovered {
         /// The new inner comm.
@@ -1013,10 +1099,18 @@ impl RecvSide {
     /// calls [`RecvSide::ack_sent`].
     pub fn ack_due(&self) -> Option<Seq> {
         let pending = self.completed - self.acked_sent;
-        let due = self.urgent
-            || pending >= u64::from(self.cfg.ack_every)
-            || (self.cfg.copy_ring > 0 && self.unacked_bytes.saturating_mul(2) >= self.cfg.copy_ring);
+        let due = self.ack_urgent();
         (self.phase == RecvPhase::Up && pending > 0 && due).then_some(self.completed)
+    }
+
+    /// Whether the next acknowledgement should go out at once: the sender may be waiting for it
+    /// (a send it could not copy, larger than copy_max, is complete, or half its copy ring, with
+    /// no ring any part, holds copies of sends complete here), or `ack_every` sends wait for it
+    /// (which bounds the copies the sender holds). Otherwise (the timer's) it only frees copies.
+    pub fn ack_urgent(&self) -> bool {
+        self.urgent
+            || self.unacked_bytes.saturating_mul(2) >= self.cfg.copy_ring
+            || self.completed - self.acked_sent >= u64::from(self.cfg.ack_every)
     }
 
     /// Records that an acknowledgement of `completed` sends went out.
@@ -1030,8 +1124,9 @@ impl RecvSide {
 
     fn send_ack(&mut self) {
         let completed = self.completed;
+        let urgent = self.ack_urgent();
         self.ack_sent(completed);
-        self.out.push_back(RecvAction::SendControl(Control::Ack { completed }));
+        self.out.push_back(RecvAction::SendAck { completed, urgent });
     }
 
     /// Feeds one event at time `now`; poll the actions it causes with [`RecvSide::poll_action`].
@@ -1040,12 +1135,17 @@ impl RecvSide {
             RecvEvent::Post { req, n } => self.post(req, n),
             RecvEvent::InnerDone { epoch, req, sizes } => {
                 if self.phase == RecvPhase::Up && epoch == self.epoch {
-                    self.inner_done(req, epoch, &sizes);
+                    self.inner_done(req, epoch, sizes.as_slice());
                 }
             }
             RecvEvent::InnerFailed { epoch, cause } => {
                 if epoch == self.epoch && self.phase != RecvPhase::Failed {
                     self.restart(now, cause);
+                }
+            }
+            RecvEvent::InnerRefused { epoch, reason } => {
+                if epoch == self.epoch {
+                    self.fail(now, GiveUp::Refused(reason), true);
                 }
             }
             RecvEvent::Listening { epoch, handle } => {
@@ -1280,6 +1380,64 @@ mod unit {
     }
 
     #[test]
+    fn a_refused_request_fails_the_connection_at_once_and_tells_the_peer() {
+        let mut s = SendSide::new(cfg());
+        s.handle(0, SendEvent::Post { req: 1, size: 4 });
+        s.handle(0, SendEvent::Post { req: 2, size: 9 });
+        drain_s(&mut s);
+        s.handle(
+            5,
+            SendEvent::InnerRefused {
+                epoch: 1,
+                reason: "stale".into(),
+            },
+        );
+        assert_eq!(drain_s(&mut s), vec![], "a refusal of another epoch is stale");
+        s.handle(
+            5,
+            SendEvent::InnerRefused {
+                epoch: 0,
+                reason: "bad tag".into(),
+            },
+        );
+        let a = drain_s(&mut s);
+        assert!(s.failed());
+        assert_eq!(a[0], SendAction::CloseInner { epoch: 0 });
+        assert!(
+            matches!(&a[1], SendAction::SendControl(Control::Abort { reason }) if reason.contains("bad tag")),
+            "{a:?}"
+        );
+        assert!(
+            matches!(&a[2], SendAction::Failed(f) if f.reason == GiveUp::Refused("bad tag".into()) && f.attempts == 0),
+            "no recovery is tried: {a:?}"
+        );
+        assert_eq!(
+            &a[3..],
+            &[SendAction::FailRequest { req: 1 }, SendAction::FailRequest { req: 2 }]
+        );
+
+        let mut r = RecvSide::new(cfg());
+        r.handle(0, RecvEvent::Post { req: 1, n: 1 });
+        drain_r(&mut r);
+        r.handle(
+            1,
+            RecvEvent::InnerRefused {
+                epoch: 0,
+                reason: "receive smaller than the message".into(),
+            },
+        );
+        let a = drain_r(&mut r);
+        assert_eq!(a[0], RecvAction::CloseInner { epoch: 0 });
+        assert!(matches!(&a[1], RecvAction::SendControl(Control::Abort { .. })), "{a:?}");
+        assert!(
+            matches!(&a[2], RecvAction::Failed(f) if matches!(f.reason, GiveUp::Refused(_))),
+            "{a:?}"
+        );
+        assert_eq!(&a[3..], &[RecvAction::FailRequest { req: 1 }]);
+        assert!(!r.recovering());
+    }
+
+    #[test]
     fn small_sends_complete_on_copy_large_ones_on_ack_and_copies_are_released() {
         let mut s = SendSide::new(cfg());
         s.handle(0, SendEvent::Post { req: 10, size: 4 });
@@ -1472,7 +1630,7 @@ mod unit {
             RecvEvent::InnerDone {
                 epoch: 0,
                 req: 2,
-                sizes: vec![1],
+                sizes: Sizes::new(&[1]),
             },
         );
         assert_eq!(drain_r(&mut r), vec![]);
@@ -1481,7 +1639,7 @@ mod unit {
             RecvEvent::InnerDone {
                 epoch: 0,
                 req: 1,
-                sizes: vec![1, 1],
+                sizes: Sizes::new(&[1, 1]),
             },
         );
         assert_eq!(
@@ -1493,7 +1651,10 @@ mod unit {
         r.handle(1, RecvEvent::Tick);
         assert_eq!(
             drain_r(&mut r),
-            vec![RecvAction::SendControl(Control::Ack { completed: 3 })]
+            vec![RecvAction::SendAck {
+                completed: 3,
+                urgent: false
+            }]
         );
         r.handle(2, RecvEvent::Control(Control::Recover { epoch: 0 }));
         assert_eq!(
@@ -1506,7 +1667,7 @@ mod unit {
             RecvEvent::InnerDone {
                 epoch: 0,
                 req: 3,
-                sizes: vec![9],
+                sizes: Sizes::new(&[9]),
             },
         );
         r.handle(3, RecvEvent::Post { req: 4, n: 1 });
@@ -1542,14 +1703,17 @@ mod unit {
             RecvEvent::InnerDone {
                 epoch: 1,
                 req: 3,
-                sizes: vec![9],
+                sizes: Sizes::new(&[9]),
             },
         );
         assert_eq!(
             drain_r(&mut r),
             vec![
                 RecvAction::Complete { req: 3 },
-                RecvAction::SendControl(Control::Ack { completed: 4 })
+                RecvAction::SendAck {
+                    completed: 4,
+                    urgent: true
+                }
             ]
         );
     }

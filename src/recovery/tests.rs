@@ -336,7 +336,7 @@ impl World {
                     RecvEvent::InnerDone {
                         epoch: k as Epoch,
                         req,
-                        sizes,
+                        sizes: Sizes::new(&sizes),
                     },
                     cov,
                 )?;
@@ -643,6 +643,7 @@ impl World {
             }
             RecvAction::ReRegister { epoch } => self.r_reg = epoch,
             RecvAction::SendControl(c) => self.to_s.push_back(c),
+            RecvAction::SendAck { completed, .. } => self.to_s.push_back(Control::Ack { completed }),
             RecvAction::Recovered { .. } => {}
             RecvAction::Failed(f) => {
                 ensure(!self.r_failed, || "failed twice".into())?;

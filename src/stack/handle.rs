@@ -322,7 +322,8 @@ impl Handles {
         };
         if fits && self.mode == HandleMode::Auto {
             handle[..INNER_HANDLE_SIZE].copy_from_slice(&scratch[..INNER_HANDLE_SIZE]);
-            t.conn_id = random_u64()? as u32;
+            // Above the control service's offer ids (see `control::next_id`).
+            t.conn_id = random_u64()? as u32 | 0x8000_0000;
             let offered = self.offer_settings_inline(&mut t, inner);
             t.write(handle);
             return Ok(offered);
@@ -359,10 +360,23 @@ impl Handles {
         let svc = self.service().map_err(|e| e.context("listen: recovery"))?;
         svc.serve_links(hub);
         let mut t = Trailer::read(handle)?;
+        let mut link = hub.expect(t.conn_id, t.secret);
+        // An id of its own (no offer of the service stands under it) may be drawn again when
+        // another link of the process has it.
+        for _ in 0..4 {
+            if link.is_ok() || t.flags & (FLAG_SERVED | FLAG_SETTINGS) != 0 {
+                break;
+            }
+            t.conn_id = random_u64()? as u32 | 0x8000_0000;
+            link = hub.expect(t.conn_id, t.secret);
+        }
+        // The flag goes into the handle only with the link expected, so a peer never connects
+        // a link nobody waits for.
+        let link = link?;
         t.set_ctrl_socket(svc.addr());
         t.flags |= FLAG_RECOVERY;
         t.write(handle);
-        hub.expect(t.conn_id, t.secret)
+        Ok(link)
     }
 
     /// Withdraws a served handle (its listen comm closed).

@@ -10,10 +10,11 @@
 //! touches the request's fields. One compare-and-swap per post and per test, nothing else shared
 //! is written on the data path.
 
-use super::table::{CommKey, MrKey, Record, ReqKey, MAX_MRS};
+use super::table::{CommKey, MrKey, Record, ReqKey, Table, MAX_MRS};
 use crate::error::{Error, Result};
 use crate::lock;
 use crate::metrics::CommCounters;
+use crate::recovery::engine::Engine;
 use crate::transport::Opaque;
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
@@ -29,6 +30,7 @@ use std::time::Instant;
 pub const MAX_REQUESTS: usize = 64;
 /// Most receives one irecv may group.
 pub const MAX_RECVS: usize = 8;
+static_assertions::const_assert_eq!(MAX_RECVS, crate::recovery::MAX_GROUP);
 /// Completed UNPACK receives remembered for irecvConsumed.
 const CONSUMED_BACKLOG: usize = 4096;
 
@@ -266,6 +268,13 @@ pub struct CommRec {
     mr_chunks: Box<[OnceLock<Box<[MrSlot]>>]>,
     mr_alloc: Mutex<MrAlloc>,
     consumed: Mutex<VecDeque<(ReqKey, Opaque)>>,
+    /// Whether the comm of the record's current generation has a recovery engine (set once,
+    /// after the comm is made and before NCCL has it).
+    has_engine: AtomicBool,
+    /// That engine, with the generation of the comm it belongs to: a close takes it out under
+    /// this lock after removing the comm from the table, so a comm that reuses the record waits
+    /// for that before putting its own here.
+    engine: Mutex<Option<(u32, Box<Engine>)>>,
 }
 
 /// What a new comm is made of.
@@ -322,6 +331,8 @@ impl Record for CommRec {
             mr_chunks: (0..MAX_MRS / MR_CHUNK).map(|_| OnceLock::new()).collect(),
             mr_alloc: Mutex::new(MrAlloc::default()),
             consumed: Mutex::new(VecDeque::new()),
+            has_engine: AtomicBool::new(false),
+            engine: Mutex::new(None),
         }
     }
 
@@ -343,6 +354,7 @@ impl Record for CommRec {
         self.counters.reset();
         self.metrics.store(spec.metrics.cast_mut(), Ordering::Relaxed);
         lock(&self.consumed).clear();
+        self.has_engine.store(false, Ordering::Release);
         // Requests and registrations of the comm that used this record before are unreachable:
         // their keys carry its generation. Their slots start over, except one a caller still
         // holds (only a caller breaking the close contract can be there): it is left to that
@@ -366,6 +378,53 @@ impl Record for CommRec {
 }
 
 impl CommRec {
+    /// Gives the comm `key` its recovery engine.
+    pub fn set_engine(&self, key: CommKey, e: Engine) {
+        *lock(&self.engine) = Some((key.gen, Box::new(e)));
+        self.has_engine.store(true, Ordering::Release);
+    }
+
+    /// Whether the comm has a recovery engine.
+    #[inline]
+    pub fn has_engine(&self) -> bool {
+        self.has_engine.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on the recovery engine of comm `key`: `Ok(None)` when the comm has none, an error
+    /// when it had one and is closed (a call racing its close).
+    #[inline]
+    pub fn with_engine<R>(&self, key: CommKey, f: impl FnOnce(&mut Engine) -> R) -> Result<Option<R>> {
+        if !self.has_engine.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match lock(&self.engine).as_mut() {
+            Some((gen, e)) if *gen == key.gen => Ok(Some(f(e))),
+            _ => Err(Error::invalid_usage(format!("{} is closed", self.label()))),
+        }
+    }
+
+    /// Removes comm `key` from `table` (`false`: it was not live) and takes out its recovery
+    /// engine, if it has one, in one step (see `engine`).
+    pub fn remove_with_engine(&self, table: &Table<CommRec>, key: CommKey) -> (bool, Option<Box<Engine>>) {
+        let mut g = lock(&self.engine);
+        if !table.remove(key) {
+            return (false, None);
+        }
+        let e = match g.take() {
+            Some((gen, e)) if gen == key.gen => Some(e),
+            other => {
+                *g = other;
+                None
+            }
+        };
+        (true, e)
+    }
+
+    /// The recoveries of the comm's engine so far (0 without one).
+    pub fn recoveries(&self) -> u64 {
+        lock(&self.engine).as_ref().map_or(0, |(_, e)| e.recoveries())
+    }
+
     /// The connection's metrics record as the shim put it there (NULL: none). Only the shim
     /// that owns the record's table may dereference it (see `Shim::mconn`).
     #[inline]

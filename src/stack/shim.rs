@@ -18,21 +18,18 @@ use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt::Write as _;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::control::link::{Link, LinkConfig};
 use crate::recovery::engine::Engine;
 use crate::recovery::RecoveryConfig;
 
-/// The recovery engines of the comms that have one, by NCCL's comm handle.
+/// The control link each listen comm's connection will use, by NCCL's listen handle (the
+/// engines themselves live in the comms' records).
 #[derive(Default)]
 struct Engines {
-    any: AtomicBool,
-    by_comm: RwLock<HashMap<usize, Arc<Mutex<Engine>>>>,
-    /// The control link each listen comm's connection will use, by NCCL's listen handle.
     listening: Mutex<HashMap<usize, Link>>,
 }
 
@@ -86,6 +83,8 @@ pub struct Shim {
     info: LoadInfo,
     name: String,
     unpack: Vec<bool>,
+    /// Each device's maxRecvs (grouped receives one irecv may carry).
+    max_recvs: Vec<i32>,
     comms: Table<CommRec>,
     next_id: AtomicU64,
     stall_warn: Option<Duration>,
@@ -104,9 +103,11 @@ impl Shim {
     pub fn over(inner: Box<dyn Transport>, mut info: LoadInfo, cfg: &Config) -> Result<Shim> {
         let devices = inner.devices()?;
         info.devices = devices;
-        let mut unpack = Vec::new();
+        let (mut unpack, mut max_recvs) = (Vec::new(), Vec::new());
         for d in 0..devices {
-            unpack.push(inner.properties(d)?.device_type == DeviceType::Unpack);
+            let p = inner.properties(d)?;
+            unpack.push(p.device_type == DeviceType::Unpack);
+            max_recvs.push(p.max_recvs);
         }
         let name = cfg.name.clone().unwrap_or_else(|| inner.name().to_string());
         let metrics = cfg
@@ -119,6 +120,7 @@ impl Shim {
             info,
             name,
             unpack,
+            max_recvs,
             comms: Table::new(MAX_COMMS),
             next_id: AtomicU64::new(1),
             stall_warn: cfg.stall_warn,
@@ -178,34 +180,16 @@ impl Shim {
         }
     }
 
-    /// The recovery engine of the comm under `key`, if it has one.
-    #[inline]
-    fn engine(&self, key: CommKey) -> Option<Arc<Mutex<Engine>>> {
-        if !self.engines.any.load(Ordering::Relaxed) {
-            return None;
-        }
-        let m = self.engines.by_comm.read().unwrap_or_else(|e| e.into_inner());
-        m.get(&(key.to_opaque().as_ptr() as usize)).cloned()
-    }
-
+    /// Gives the new comm `comm` its recovery engine.
     fn add_engine(&self, comm: Opaque, e: Engine) {
-        let mut m = self.engines.by_comm.write().unwrap_or_else(|e| e.into_inner());
-        m.insert(comm.as_ptr() as usize, Arc::new(Mutex::new(e)));
-        self.engines.any.store(true, Ordering::Relaxed);
-    }
-
-    fn remove_engine(&self, key: CommKey) -> Option<Arc<Mutex<Engine>>> {
-        if !self.engines.any.load(Ordering::Relaxed) {
-            return None;
+        if let Ok(c) = self.lookup("", comm) {
+            c.set_engine(c.key, e);
         }
-        let mut m = self.engines.by_comm.write().unwrap_or_else(|e| e.into_inner());
-        m.remove(&(key.to_opaque().as_ptr() as usize))
     }
 
     /// Recoveries the engines of open comms made so far (tests).
     pub fn recoveries(&self) -> u64 {
-        let m = self.engines.by_comm.read().unwrap_or_else(|e| e.into_inner());
-        m.values().map(|e| crate::lock(e).recoveries()).sum()
+        self.comms.live().map(CommRec::recoveries).sum()
     }
 
     /// Whether NCCL_TCPXSHIM_ABORT_ON_ERROR asks to end the process on an error that ends the job.
@@ -323,21 +307,21 @@ impl Shim {
 
     fn close(&self, call: &str, comm: Opaque, kind: Kind) -> Result<()> {
         let c = self.comm(call, comm, Some(kind))?;
-        if !self.comms.remove(c.key) {
+        let (removed, mut engine) = c.remove_with_engine(&self.comms, c.key);
+        if !removed {
             return Err(Error::invalid_argument(format!(
                 "{call}: {} is being closed already",
                 c.label()
             )));
         }
-        let engine = self.remove_engine(c.key);
         if kind == Kind::Listen {
             crate::lock(&self.engines.listening).remove(&(comm.as_ptr() as usize));
         }
         // SAFETY: the record was live in the table, so its inner comm is open, and removing it
         // made this the only close.
         let result = unsafe {
-            if let Some(e) = &engine {
-                crate::lock(e).close(self.inner.as_ref())
+            if let Some(e) = engine.as_mut() {
+                e.close(self.inner.as_ref())
             } else {
                 match kind {
                     Kind::Send => self.inner.close_send(c.inner()),
@@ -456,7 +440,7 @@ impl Shim {
         self.comms.live_count()
     }
 
-    fn warn_stalled(&self, c: &CommRec, r: &mut ReqRec, limit: Duration) {
+    fn warn_stalled(&self, c: &CommRec, key: CommKey, r: &mut ReqRec, limit: Duration) {
         let age = Duration::from_nanos(self.age_ns(r.at_ns));
         if age < limit {
             return;
@@ -468,8 +452,15 @@ impl Shim {
         } else {
             format!("{} of {} bytes (tag {})", p.op.call(), p.bytes(), p.tags[0])
         };
-        // SAFETY: the comm is open and the request outstanding (the caller holds its slot).
-        let detail = r.inner.and_then(|ir| unsafe { self.inner.stall_detail(c.inner(), ir) });
+        let detail = r.inner.and_then(|ir| {
+            // The engine's request ids are not the inner transport's: it asks for its own.
+            match c.with_engine(key, |e| e.stall_detail(self.inner.as_ref(), ir)) {
+                Ok(Some(d)) => d,
+                Err(_) => None,
+                // SAFETY: the comm is open and the request outstanding (the caller holds its slot).
+                Ok(None) => unsafe { self.inner.stall_detail(c.inner(), ir) },
+            }
+        });
         let side = match p.op {
             Op::Send => "the peer is not receiving",
             _ => "the peer has not sent",
@@ -496,19 +487,19 @@ impl Shim {
         let ireq = r
             .inner
             .ok_or_else(|| Error::internal("test: a live request has no inner request"))?;
-        let engine = self.engine(c.key);
-        let tested = match &engine {
-            Some(e) => {
-                let mut e = crate::lock(e);
-                let r = e.test(self.inner.as_ref(), ireq, &mut local[..n]);
-                if let Some(m) = self.mconn(c) {
-                    m.recoveries.fetch_max(e.recoveries(), Ordering::Relaxed);
-                }
-                r
+        let by_engine = c.with_engine(c.key, |e| {
+            let r = e.test(self.inner.as_ref(), ireq, &mut local[..n]);
+            if let Some(m) = self.mconn(c) {
+                m.recoveries.fetch_max(e.recoveries(), Ordering::Relaxed);
             }
+            r
+        });
+        let tested = match by_engine {
+            Ok(Some(r)) => r,
+            Err(e) => Err(e),
             // SAFETY: the inner request is outstanding (its record is live and this call holds
             // it), and `local` has one entry per grouped receive.
-            None => unsafe { self.inner.test(ireq, Some(&mut local[..n])) },
+            Ok(None) => unsafe { self.inner.test(ireq, Some(&mut local[..n])) },
         };
         let done = match tested {
             Ok(d) => d,
@@ -525,7 +516,7 @@ impl Shim {
             r.tests = r.tests.wrapping_add(1);
             if let Some(limit) = self.stall_warn {
                 if !r.warned && r.tests % STALL_SAMPLE == 0 {
-                    self.warn_stalled(c, r, limit);
+                    self.warn_stalled(c, c.key, r, limit);
                 }
             }
             return Ok(None);
@@ -642,10 +633,10 @@ impl Shim {
         inner: impl FnOnce(Opaque) -> Result<Opaque>,
     ) -> Result<Opaque> {
         let c = self.live_comm(call, comm, None)?;
-        if let Some(e) = self.engine(c.key) {
+        let by_engine = c.with_engine(c.key, |e| {
             // SAFETY: the caller of regMr vouches for the buffer until deregMr.
-            let token = unsafe {
-                crate::lock(&e).reg(
+            unsafe {
+                e.reg(
                     self.inner.as_ref(),
                     rec.data as *mut c_void,
                     rec.size,
@@ -653,7 +644,9 @@ impl Shim {
                     rec.dmabuf,
                 )
             }
-            .map_err(|e| e.context(format!("{call} on {}", c.label())))?;
+        });
+        if let Some(token) = by_engine? {
+            let token = token.map_err(|e| e.context(format!("{call} on {}", c.label())))?;
             return c.add_mr(c.key, MrRec { inner: token, ..rec }).map(|k| k.to_opaque());
         }
         let imr = inner(c.inner()).map_err(|e| e.context(format!("{call} on {}", c.label())))?;
@@ -813,10 +806,8 @@ impl Transport for Shim {
         let c = self.comm("deregMr", comm, None)?;
         let key = mr_key("deregMr", mr)?;
         let rec = c.remove_mr("deregMr", c.key, key)?;
-        if let Some(e) = self.engine(c.key) {
-            return crate::lock(&e)
-                .dereg(self.inner.as_ref(), rec.inner)
-                .map_err(|e| e.context(format!("deregMr on {}", c.label())));
+        if let Some(r) = c.with_engine(c.key, |e| e.dereg(self.inner.as_ref(), rec.inner))? {
+            return r.map_err(|e| e.context(format!("deregMr on {}", c.label())));
         }
         // SAFETY: the registration was live on this open comm and is now removed from the
         // record, so this is its only release.
@@ -845,10 +836,10 @@ impl Transport for Shim {
             tags: &[tag],
             mrs: &[key],
         };
-        if let Some(e) = self.engine(c.key) {
+        if c.has_engine() {
             return self.post(&c, &args, || {
-                crate::lock(&e)
-                    .isend(self.inner.as_ref(), data as usize, size, tag, imr)
+                c.with_engine(c.key, |e| e.isend(self.inner.as_ref(), data as usize, size, tag, imr))?
+                    .ok_or_else(|| Error::internal("isend: the comm's recovery engine is gone"))?
                     .map(Some)
             });
         }
@@ -874,6 +865,15 @@ impl Transport for Shim {
                 "irecv: n={n} is out of range (1 to {MAX_RECVS}) or the arrays are shorter"
             )));
         }
+        let max = self.max_recvs.get(c.dev() as usize).copied().unwrap_or(1).max(1);
+        if n > max as usize {
+            // Said here rather than by the inner transport, so that a recovery engine, which
+            // posts later, does not take it for a broken connection.
+            return Err(Error::invalid_argument(format!(
+                "irecv: n={n} grouped receives on {}, whose inner transport takes at most {max} (maxRecvs)",
+                c.label()
+            )));
+        }
         let m = self.inner_mrs("irecv", &c, &mrs[..n], data, sizes)?;
         let imrs = m.inner;
         let args = PostArgs {
@@ -883,11 +883,13 @@ impl Transport for Shim {
             tags: &tags[..n],
             mrs: &m.keys[..n],
         };
-        if let Some(e) = self.engine(c.key) {
+        if c.has_engine() {
             return self.post(&c, &args, || {
-                crate::lock(&e)
-                    .irecv(self.inner.as_ref(), &data[..n], &sizes[..n], &tags[..n], &imrs[..n])
-                    .map(Some)
+                c.with_engine(c.key, |e| {
+                    e.irecv(self.inner.as_ref(), &data[..n], &sizes[..n], &tags[..n], &imrs[..n])
+                })?
+                .ok_or_else(|| Error::internal("irecv: the comm's recovery engine is gone"))?
+                .map(Some)
             });
         }
         // SAFETY: as in isend; the inner registrations are this comm's.
@@ -904,7 +906,7 @@ impl Transport for Shim {
         mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>> {
         let c = self.live_comm("iflush", comm, Some(Kind::Recv))?;
-        if self.engine(c.key).is_some() {
+        if c.has_engine() {
             // Host-type receives land in host memory: nothing to flush.
             return Ok(None);
         }
@@ -954,6 +956,9 @@ impl Transport for Shim {
         let c = self.live_comm("getDeviceMr", comm, None)?;
         let key = mr_key("getDeviceMr", mr)?;
         let rec = c.mr("getDeviceMr", c.key, key)?;
+        if let Some(r) = c.with_engine(c.key, |e| e.device_mr(self.inner.as_ref(), rec.inner))? {
+            return r;
+        }
         // SAFETY: the registration is live on this open comm.
         unsafe { self.inner.get_device_mr(c.inner(), rec.inner) }
     }
@@ -994,9 +999,10 @@ impl Transport for Shim {
         match self.lookup("", comm) {
             // SAFETY: the record is in the table, so its inner comm is open.
             Ok(c) if c.kind() != Kind::Listen => {
-                let inner = match self.engine(c.key) {
-                    Some(e) => crate::lock(&e).inner_comm(),
-                    None => Some(c.inner()),
+                let inner = match c.with_engine(c.key, |e| e.inner_comm()) {
+                    Ok(Some(i)) => i,
+                    Ok(None) => Some(c.inner()),
+                    Err(_) => None,
                 };
                 // SAFETY: the engine's current inner comm, or the record's, is open.
                 inner.is_some_and(|i| unsafe { self.inner.break_comm(i) })

@@ -271,6 +271,15 @@ impl<T: Record> Table<T> {
         ended
     }
 
+    /// Every live record.
+    pub fn live(&self) -> impl Iterator<Item = &T> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.get())
+            .filter(|r| r.state().load(Ordering::Acquire) & 1 == 1)
+            .map(|r| &**r)
+    }
+
     /// How many objects are live.
     pub fn live_count(&self) -> usize {
         self.slots

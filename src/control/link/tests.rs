@@ -236,6 +236,60 @@ fn messages_flow_both_ways_in_order() {
 }
 
 #[test]
+fn lazy_messages_go_out_unwoken_in_order_and_a_queued_one_is_replaced() {
+    let (_rh, rx, _th, tx) = pair(cfg(), 8);
+    // Nothing wakes the link's thread: its next round sends it.
+    tx.send_lazy(5, b"alone").unwrap();
+    assert_eq!(recv_n(&rx, 1, Duration::from_secs(2)), vec![(5, b"alone".to_vec())]);
+    // Replaced while queued, never reordered around other messages.
+    let mut sent = 0;
+    for round in 0..20u32 {
+        for i in 0..50u32 {
+            tx.send_lazy(5, format!("ack {round} {i}").as_bytes()).unwrap();
+        }
+        tx.send(9, &numbered(round)).unwrap();
+        sent += 1;
+    }
+    tx.send_lazy(5, b"last").unwrap();
+    let mut got = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            while let Some(m) = rx.try_recv() {
+                got.push(m);
+            }
+            got.last().is_some_and(|m| m.1 == b"last")
+        }),
+        "the last lazy message arrives: {got:?}"
+    );
+    let numbered_got: Vec<_> = got.iter().filter(|m| m.0 == 9).cloned().collect();
+    assert_numbered(&numbered_got, sent);
+    // Each round's lazy messages arrive before its numbered one, in order, ending with the last.
+    let mut round = 0u32;
+    let mut last_lazy: Option<(u32, u32)> = None;
+    for (ty, body) in &got {
+        if *ty == 9 {
+            assert_eq!(last_lazy, Some((round, 49)), "round {round} ends with its last ack");
+            round += 1;
+            continue;
+        }
+        let text = String::from_utf8(body.clone()).unwrap();
+        if text == "last" {
+            continue;
+        }
+        let mut w = text.split(' ').skip(1).map(|x| x.parse::<u32>().unwrap());
+        let (r, i) = (w.next().unwrap(), w.next().unwrap());
+        assert_eq!(r, round, "{text} in round {round}");
+        assert!(last_lazy.is_none_or(|l| (r, i) > l), "{text} after {last_lazy:?}");
+        last_lazy = Some((r, i));
+    }
+    assert!(
+        got.len() < 20 * 50,
+        "replaced messages were not all sent: {} messages",
+        got.len()
+    );
+}
+
+#[test]
 fn connections_shut_down_mid_stream_lose_and_repeat_nothing() {
     let (_rh, rx, _th, tx) = pair(cfg(), 7);
     // Sender to receiver, the sender's socket shut down after 300 messages; back the other way,
