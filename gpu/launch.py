@@ -49,11 +49,12 @@ MODES = {
         "NCCL_TCPXSHIM_METRICS_DIR": "/tmp/tcpxshim-sweep-metrics",
         "NCCL_TCPXSHIM_METRICS_INTERVAL": "1",
     },
-    # The shim with transparent recovery on: against "shim", what recovery costs under NCCL.
-    "shim-recovery": {
+    # The shim with transparent recovery off ("shim" has it on, the default): against "shim",
+    # what recovery costs under NCCL.
+    "shim-norecovery": {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
-        "NCCL_TCPXSHIM_RECOVERY": "1",
+        "NCCL_TCPXSHIM_RECOVERY": "0",
     },
     "shim-cuda": {
         "NCCL_NET_PLUGIN": "{plugin}",

@@ -28,10 +28,11 @@
 #             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
 #             NCCL's topology search can give each GPU its own device); collectives over shim and
 #             socket, which device each rank's channels used (logcheck.py devices), and the sweep
-# Modes (launch.py MODES): shim = the plugin over its built-in transport; shim-metrics = the same with
-# its metrics writing a file per rank every second; shim-recovery = the same with transparent
-# recovery on (NCCL_TCPXSHIM_RECOVERY=1); shim-cuda = the shim with NCCL_TCPXSHIM_TCP_CUDA=1 and
-# GPU-direct asked for; socket = NCCL's own Socket transport; socket44 = Socket with 4 threads x 4 sockets.
+# Modes (launch.py MODES): shim = the plugin over its built-in transport (defaults: transparent
+# recovery on); shim-metrics = the same with its metrics writing a file per rank every second;
+# shim-norecovery = the same with recovery off (NCCL_TCPXSHIM_RECOVERY=0); shim-cuda = the shim
+# with NCCL_TCPXSHIM_TCP_CUDA=1 and GPU-direct asked for; socket = NCCL's own Socket transport;
+# socket44 = Socket with 4 threads x 4 sockets.
 #
 # OUTDIR gets summary.txt, results.md, busbw.svg, sweeps.json, metrics.md, metrics-throughput.svg,
 # logs.tar.gz and logs/ (every rank's log, each part's JSON and check output). Exit status 0 when every
