@@ -56,6 +56,21 @@ MODES = {
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
         "NCCL_TCPXSHIM_RECOVERY": "0",
     },
+    # The shim with the control links' thread sleeping right after each message
+    # (NCCL_TCPXSHIM_LINK_SPIN=0): against "shim", what its polling buys recovery's acknowledgements.
+    "shim-nospin": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_LINK_SPIN": "0",
+    },
+    # The shim with recovery copying sends up to 4 MiB (NCCL's steps included) instead of
+    # waiting for the receiver's acknowledgement of each: against "shim", copy against wait.
+    "shim-copy": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_RECOVERY_COPY_MAX": "4194304",
+        "NCCL_TCPXSHIM_RECOVERY_COPY_RING": "67108864",
+    },
     "shim-cuda": {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",

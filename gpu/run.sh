@@ -44,7 +44,8 @@
 # SWEEP_MODES ("socket socket44 shim"; shim-cuda may be added), SUITE_BUDGET_S (470: the whole suite's seconds; a
 # run's timeout is cut to what is left, and runs are skipped once less than 45 s is left),
 # SHIM_NET_NAME (tcpxshim: the network name NCCL should report for the shim), COLL_SIZES (element
-# counts, comma separated), SWEEP_MAX_SIZE (bytes), COUNTERS_SIZE (bytes, 67108864),
+# counts, comma separated), SWEEP_MAX_SIZE and SWEEP_MIN_SIZE (bytes), SWEEP_REPEAT (timed
+# iterations x this), COUNTERS_SIZE (bytes, 67108864),
 # COUNTERS_ITERS (20; both also for the metrics part), METRICS_MIN_SCRAPES (5: valid pages of
 # `tcpxshim metrics serve` wanted), DDP_STEPS (30), SWEEP_OPS (all_reduce,sendrecv), SWEEP_TIMEOUT_S (120),
 # PROFILE_MIN_SIZE and PROFILE_MAX_SIZE (bytes, 33554432 and 134217728), PROFILE_REPEAT (40),
@@ -344,6 +345,8 @@ coll_args=("${qargs[@]}")
 [[ -n "${COLL_SIZES:-}" ]] && coll_args+=(--sizes "$COLL_SIZES")
 sweep_args=("${qargs[@]}")
 [[ -n "${SWEEP_MAX_SIZE:-}" ]] && sweep_args+=(--max-size "$SWEEP_MAX_SIZE")
+[[ -n "${SWEEP_MIN_SIZE:-}" ]] && sweep_args+=(--min-size "$SWEEP_MIN_SIZE")
+[[ -n "${SWEEP_REPEAT:-}" ]] && sweep_args+=(--repeat "$SWEEP_REPEAT")
 cuda_coll_ok=0
 gdr_note=""
 

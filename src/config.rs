@@ -6,7 +6,7 @@
 //! written once, in its [`Setting`]. README.md documents each entry of [`SETTINGS`]; a test
 //! checks that it does.
 
-pub use crate::control::link::{LinkConfig, PEER_TIMEOUT};
+pub use crate::control::link::{LinkConfig, LINK_SPIN, PEER_TIMEOUT};
 use crate::error::{Error, Result};
 pub use crate::recovery::{
     RecoveryConfig, RECOVERY, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING,
@@ -150,6 +150,7 @@ pub const SETTINGS: &[Setting] = &[
     STALL_WARN,
     CTRL_ADDR,
     PEER_TIMEOUT,
+    LINK_SPIN,
     HANDLE,
     FAULTS,
     METRICS_DIR,
@@ -214,7 +215,7 @@ pub struct Config {
     pub handle_mode: crate::stack::handle::HandleMode,
     /// NCCL_TCPXSHIM_CTRL_ADDR.
     pub ctrl_addr: Option<std::net::IpAddr>,
-    /// The control links' settings (NCCL_TCPXSHIM_PEER_TIMEOUT).
+    /// The control links' settings (NCCL_TCPXSHIM_PEER_TIMEOUT, NCCL_TCPXSHIM_LINK_SPIN).
     pub link: LinkConfig,
     /// NCCL_TCPXSHIM_FAULTS: the faults to inject; `None`: none (the layer is not stacked).
     pub faults: Option<crate::stack::FaultSpec>,

@@ -526,6 +526,33 @@ fn a_silent_peer_is_gone_within_the_peer_timeout_and_an_idle_link_stays_up() {
 }
 
 #[test]
+fn a_polling_thread_takes_messages_without_wakes_and_a_sleeping_one_is_woken() {
+    for spin in [Duration::ZERO, Duration::from_secs(2)] {
+        let (_rh, rx, th, tx) = pair(LinkConfig { spin, ..cfg() }, 9);
+        // Sleeping threads on both sides first (no traffic for longer than any spin would last
+        // without the first message below).
+        std::thread::sleep(Duration::from_millis(100));
+        let before = th.wakes();
+        let n = 200;
+        for i in 0..n {
+            tx.send(9, &numbered(i)).unwrap();
+            if i % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert_numbered(&recv_n(&rx, n as usize, Duration::from_secs(10)), n);
+        let wakes = th.wakes() - before;
+        if spin.is_zero() {
+            // Asleep between the bursts: each burst wakes it at least once.
+            assert!(wakes >= 10, "{wakes} wake-ups without polling");
+        } else {
+            // Polling since the first message: that one woke it, the rest found it awake.
+            assert!(wakes <= 3, "{wakes} wake-ups while polling");
+        }
+    }
+}
+
+#[test]
 fn a_closed_link_is_gone_on_the_other_side() {
     let (_rh, rx, _th, tx) = pair(cfg(), 7);
     drop(rx);
