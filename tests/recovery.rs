@@ -16,8 +16,8 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const DEPTH: usize = 8;
 const MAX_SIZE: usize = 4 << 20;
 
-/// One stack at a time: each stack has its own control service, whose connection ids start at 1,
-/// while the process has one hub of control links (a process has one stack in production).
+/// One stack at a time: the process has one hub of control links (and, in production, one
+/// stack), and these tests count what that hub's links carry for their stack alone.
 static ONE_STACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn stack(faults: Option<&str>) -> StackNet {
@@ -213,6 +213,36 @@ fn a_stream_survives_many_injected_breaks_with_every_byte_intact() {
         "{counted:?} recoveries (send, receive) for {count} messages with a break every 5"
     );
     eprintln!("{breaks} injected breaks, {counted:?} recoveries (send, receive) over {count} messages");
+}
+
+#[test]
+fn a_stream_over_served_handles_survives_injected_breaks() {
+    // NCCL_TCPXSHIM_HANDLE=served: the listen handle NCCL carries names the control service
+    // alone, under an offer id that the recovery link shares.
+    let _one = ONE_STACK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("tcpxshim-recovery-served-{}", std::process::id()));
+    let mut c = Config {
+        metrics_dir: Some(dir),
+        plugin: Some("builtin".into()),
+        ctrl_addr: Some(LOCALHOST),
+        faults: Some(FaultSpec::parse("seed=11;break=after:9").unwrap()),
+        handle_mode: tcpxshim::stack::handle::HandleMode::Served,
+        ..Config::default()
+    };
+    c.tcp.ifname = Some("lo".into());
+    c.recovery.attempts = 200;
+    assert!(c.recovery_engine, "recovery is on by default");
+    let net = StackNet::build(&c);
+    let (send, recv) = net.connect_pair(0);
+    let r = stream(&net, send, recv, 600, Duration::from_secs(60));
+    let recoveries = net.shim.recoveries();
+    net.close_send(send).unwrap();
+    net.close_recv(recv).unwrap();
+    r.unwrap();
+    assert!(
+        recoveries >= 40,
+        "{recoveries} recoveries over 600 messages with a break every 9"
+    );
 }
 
 #[test]
