@@ -21,6 +21,11 @@ const MAX_SIZE: usize = 4 << 20;
 static ONE_STACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn stack(faults: Option<&str>) -> StackNet {
+    stack_with(faults, |_| {})
+}
+
+/// [`stack`] with `adjust` applied to its config.
+fn stack_with(faults: Option<&str>, adjust: impl FnOnce(&mut Config)) -> StackNet {
     let dir = std::env::temp_dir().join(format!("tcpxshim-recovery-test-{}", std::process::id()));
     let mut c = Config {
         metrics_dir: Some(dir),
@@ -34,6 +39,7 @@ fn stack(faults: Option<&str>) -> StackNet {
     // A comm that breaks after a few messages may break again before the receiving side has
     // accepted it (the sender's messages complete into socket buffers): allow many tries.
     c.recovery.attempts = 200;
+    adjust(&mut c);
     StackNet::build(&c)
 }
 
@@ -220,19 +226,19 @@ fn a_stream_over_served_handles_survives_injected_breaks() {
     // NCCL_TCPXSHIM_HANDLE=served: the listen handle NCCL carries names the control service
     // alone, under an offer id that the recovery link shares.
     let _one = ONE_STACK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("tcpxshim-recovery-served-{}", std::process::id()));
-    let mut c = Config {
-        metrics_dir: Some(dir),
-        plugin: Some("builtin".into()),
-        ctrl_addr: Some(LOCALHOST),
-        faults: Some(FaultSpec::parse("seed=11;break=after:9").unwrap()),
-        handle_mode: tcpxshim::stack::handle::HandleMode::Served,
-        ..Config::default()
-    };
-    c.tcp.ifname = Some("lo".into());
-    c.recovery.attempts = 200;
-    assert!(c.recovery_engine, "recovery is on by default");
-    let net = StackNet::build(&c);
+    assert!(Config::default().recovery_engine, "recovery is on by default");
+    let net = stack_with(Some("seed=11;break=after:9"), |c| {
+        c.handle_mode = tcpxshim::stack::handle::HandleMode::Served;
+    });
+    let (h, listen) = net.listen(0).unwrap();
+    let flags = tcpxshim::stack::handle::Trailer::read(&h).unwrap().flags;
+    use tcpxshim::stack::handle::{FLAG_RECOVERY, FLAG_SERVED};
+    assert_eq!(
+        flags & (FLAG_SERVED | FLAG_RECOVERY),
+        FLAG_SERVED | FLAG_RECOVERY,
+        "{flags:#x}"
+    );
+    net.close_listen(listen).unwrap();
     let (send, recv) = net.connect_pair(0);
     let r = stream(&net, send, recv, 600, Duration::from_secs(60));
     let recoveries = net.shim.recoveries();
