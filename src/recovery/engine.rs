@@ -238,10 +238,13 @@ impl Common {
         Ok(())
     }
 
+    /// The registration NCCL's handle `token` stands for.
+    fn reg(&self, token: u64) -> Option<&Reg> {
+        self.regs.get(usize::try_from(token).ok()?.checked_sub(1)?)
+    }
+
     fn inner_mr(&self, token: Option<u64>) -> Option<Opaque> {
-        token
-            .and_then(|t| self.regs.get(usize::try_from(t).ok()?.checked_sub(1)?))
-            .and_then(|r| r.inner)
+        token.and_then(|t| self.reg(t)).and_then(|r| r.inner)
     }
 
     /// The control messages waiting on the link, and whether the link is gone.
@@ -386,20 +389,21 @@ impl Engine {
         }
     }
 
+    fn common_ref(&self) -> &Common {
+        match self {
+            Engine::Send(s) => &s.c,
+            Engine::Recv(r) => &r.c,
+        }
+    }
+
     /// Recoveries completed so far.
     pub fn recoveries(&self) -> u64 {
-        match self {
-            Engine::Send(s) => s.c.recoveries,
-            Engine::Recv(r) => r.c.recoveries,
-        }
+        self.common_ref().recoveries
     }
 
     /// The current inner comm (for a test hook that breaks it).
     pub fn inner_comm(&self) -> Option<Opaque> {
-        match self {
-            Engine::Send(s) => s.c.comm,
-            Engine::Recv(r) => r.c.comm,
-        }
+        self.common_ref().comm
     }
 
     /// What the inner transport says of request `req` (an id from isend or irecv) that NCCL
@@ -440,13 +444,9 @@ impl Engine {
 
     /// The device handle of registration `token` on the current inner comm.
     pub fn device_mr(&self, inner: &dyn Transport, token: Opaque) -> Result<Option<Opaque>> {
-        let c = match self {
-            Engine::Send(s) => &s.c,
-            Engine::Recv(r) => &r.c,
-        };
-        let m = (token.as_ptr() as usize)
-            .checked_sub(1)
-            .and_then(|i| c.regs.get(i))
+        let c = self.common_ref();
+        let m = c
+            .reg(token.as_ptr() as u64)
             .ok_or_else(|| Error::invalid_argument("getDeviceMr: not a registration of this comm"))?;
         match (c.comm, m.inner) {
             // SAFETY: `m` is registered on `comm`, the open current inner comm.

@@ -306,6 +306,22 @@ impl Recovery {
     }
 }
 
+/// How a side that gives up for `reason` failed: with the recovery in progress, if any, or
+/// while healthy (the peer went away, a request was refused).
+fn failure(rec: &Option<Recovery>, reason: GiveUp, now: Nanos, epoch: Epoch) -> Failure {
+    match rec {
+        Some(r) => r.failure(reason, now, epoch),
+        None => Failure {
+            reason,
+            cause: None,
+            last: None,
+            attempts: 0,
+            elapsed_ns: 0,
+            epoch,
+        },
+    }
+}
+
 /// Common bookkeeping of both sides: the recovery in progress and its bounds.
 fn begin(rec: &mut Option<Recovery>, stats: &mut Stats, now: Nanos, cause: Cause) {
     stats.last_cause = Some(cause.clone());
@@ -826,17 +842,7 @@ impl SendSide {
             self.out.push_back(SendAction::CloseInner { epoch: self.epoch });
         }
         self.phase = SendPhase::Failed;
-        let failure = match &self.rec {
-            Some(r) => r.failure(reason, now, self.epoch),
-            None => Failure {
-                reason,
-                cause: None,
-                last: None,
-                attempts: 0,
-                elapsed_ns: 0,
-                epoch: self.epoch,
-            },
-        };
+        let failure = failure(&self.rec, reason, now, self.epoch);
         if tell_peer {
             self.out.push_back(SendAction::SendControl(Control::Abort {
                 reason: failure.to_string(),
@@ -1304,17 +1310,7 @@ impl RecvSide {
             self.out.push_back(RecvAction::CloseInner { epoch: self.epoch });
         }
         self.phase = RecvPhase::Failed;
-        let failure = match &self.rec {
-            Some(r) => r.failure(reason, now, self.epoch),
-            None => Failure {
-                reason,
-                cause: None,
-                last: None,
-                attempts: 0,
-                elapsed_ns: 0,
-                epoch: self.epoch,
-            },
-        };
+        let failure = failure(&self.rec, reason, now, self.epoch);
         if tell_peer {
             self.out.push_back(RecvAction::SendControl(Control::Abort {
                 reason: failure.to_string(),
