@@ -3,7 +3,10 @@
 //! loaded host-type plugin). Repetitions alternate (off on, on off, ...) so that drift hits both.
 //!
 //! Workloads, one connection on device 0, single thread: an 8-byte round (irecv + isend, test both
-//! until done; ns per round) and 64 MiB messages (GB/s).
+//! until done; ns per round), 64 MiB messages (GB/s), and NCCL's pipeline: 64 MiB in chunks of
+//! 128 KiB and 512 KiB (NCCL's send/recv and collective step sizes), 8 in flight each on their own
+//! slot, a slot's send posted again as soon as it completes (GB/s). That last one is where each
+//! large send's wait for its acknowledgement shows.
 //!
 //! Run with `cargo bench --bench recovery`; `TCPXSHIM_BENCH_QUICK=1` shrinks the counts,
 //! `TCPXSHIM_BENCH_INNER=builtin` (or `fixture`) runs one inner only and `TCPXSHIM_BENCH_SMALL=1`
@@ -25,6 +28,10 @@ struct Params {
     bw_size: usize,
     bw_iters: usize,
 }
+
+/// NCCL's steps in flight per connection (NCCL_STEPS).
+const SLOTS: usize = 8;
+const CHUNKS: [usize; 2] = [128 << 10, 512 << 10];
 
 struct Bench {
     net: StackNet,
@@ -119,6 +126,65 @@ impl Bench {
         (p.bw_size * p.bw_iters) as f64 / t.elapsed().as_secs_f64() / 1e9
     }
 
+    /// `total` bytes in `chunk`-sized sends over the 64 MiB buffers' first SLOTS chunks, SLOTS
+    /// in flight each way; GB/s.
+    fn pipeline(&self, chunk: usize, total: usize) -> f64 {
+        let net = &self.net;
+        let n = total / chunk;
+        let (sbuf, rbuf) = (self.bufs[2].as_ptr().cast::<u8>(), self.bufs[3].as_ptr().cast::<u8>());
+        let at = |b: *mut u8, slot: usize| b.wrapping_add(slot * chunk).cast::<std::ffi::c_void>();
+        let mut sends: [Option<Req>; SLOTS] = [None; SLOTS];
+        let mut recvs: [Option<Req>; SLOTS] = [None; SLOTS];
+        let (mut posted_s, mut posted_r, mut done_s, mut done_r) = (0, 0, 0, 0);
+        let t = Instant::now();
+        spin("the pipeline", || {
+            // Post in step order, slot = step % SLOTS, as NCCL's proxy does.
+            while posted_r < n && recvs[posted_r % SLOTS].is_none() {
+                match net
+                    .irecv(self.recv, at(rbuf, posted_r % SLOTS), chunk as i32, 0, self.mrs[3])
+                    .unwrap()
+                {
+                    Some(r) => recvs[posted_r % SLOTS] = Some(r),
+                    None => break,
+                }
+                posted_r += 1;
+            }
+            while posted_s < n && sends[posted_s % SLOTS].is_none() {
+                match net
+                    .isend(self.send, at(sbuf, posted_s % SLOTS), chunk as i32, 0, self.mrs[2])
+                    .unwrap()
+                {
+                    Some(r) => sends[posted_s % SLOTS] = Some(r),
+                    None => break,
+                }
+                posted_s += 1;
+            }
+            // Completions in order, each slot's oldest request.
+            while done_s < posted_s {
+                let slot = &mut sends[done_s % SLOTS];
+                if net.test(slot.unwrap()).unwrap().is_none() {
+                    break;
+                }
+                *slot = None;
+                done_s += 1;
+            }
+            while done_r < posted_r {
+                let slot = &mut recvs[done_r % SLOTS];
+                match net.test(slot.unwrap()).unwrap() {
+                    None => break,
+                    Some(got) => assert_eq!(got, chunk as i32),
+                }
+                *slot = None;
+                done_r += 1;
+            }
+            (done_s == n && done_r == n).then_some(())
+        });
+        let gbps = (n * chunk) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let span = SLOTS * chunk;
+        assert_eq!(self.bufs[3].find_mismatch(2, 0..span), None, "the pipeline's data");
+        gbps
+    }
+
     fn close(self) {
         let comms = [self.send, self.recv, self.send, self.recv];
         for (c, m) in comms.iter().zip(self.mrs) {
@@ -174,6 +240,7 @@ fn main() {
         };
         let benches = [Bench::new(&cfg(false), &p), Bench::new(&cfg(true), &p)];
         let (mut lat, mut bw) = ([vec![], vec![]], [vec![], vec![]]);
+        let mut pipe: [[Vec<f64>; 2]; CHUNKS.len()] = Default::default();
         for rep in 0..p.reps {
             let order = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
@@ -181,6 +248,15 @@ fn main() {
             }
             for i in order {
                 bw[i].push(if small_only { f64::NAN } else { benches[i].bandwidth(&p) });
+            }
+            for (c, chunk) in CHUNKS.into_iter().enumerate() {
+                for i in order {
+                    pipe[c][i].push(if small_only {
+                        f64::NAN
+                    } else {
+                        benches[i].pipeline(chunk, p.bw_size * p.bw_iters.min(4))
+                    });
+                }
             }
         }
         let [l0, l1] = lat.map(median);
@@ -193,6 +269,14 @@ fn main() {
             b1 / b0,
             p.reps
         );
+        for (c, chunk) in CHUNKS.into_iter().enumerate() {
+            let [p0, p1] = pipe[c].clone().map(median);
+            println!(
+                "{inner:>8}: pipeline of {} KiB sends, {SLOTS} in flight: {p0:.2} GB/s off, {p1:.2} GB/s on (on/off {:.3})",
+                chunk >> 10,
+                p1 / p0
+            );
+        }
         for b in benches {
             b.close();
         }

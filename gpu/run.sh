@@ -23,7 +23,8 @@
 #   faults    (only when PARTS names it) DDP while `tcpxshim drop` shuts the shim's connections down
 #             every few seconds, losses against an undisturbed run; a rank killed mid-job (faults.py);
 #             FAULT_ENV ("K=V ...") adds settings to these runs
-#   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s)
+#   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s;
+#             PROFILE_MODES: the modes profiled, "shim" by default; PROFILE_OPS: all_reduce)
 #   multi     with GPUS=N (N > 1): one rank per GPU on N GPUs, the shim over N loopback devices
 #             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
 #             NCCL's topology search can give each GPU its own device); collectives over shim and
@@ -554,21 +555,25 @@ fi
 # ------------------------------------------------------------------------------------------------
 # Where the time goes: per-thread CPU use during a shim all-reduce sweep to 128 MiB.
 if has_part profile; then
-  label="profile-shim-w2"
-  "$PY" "$here/threadprof.py" --match "--label shim-profile" --interval "${PROFILE_INTERVAL:-0.5}" \
-    --max-seconds 150 --wait 60 >"$logs/profile.txt" 2>&1 &
-  prof_pid=$!
-  run_ranks "$label" 2 shim 150 -- "$here/sweep.py" --label shim-profile --json "$logs/profile.json" \
-    --ops all_reduce --min-size "${PROFILE_MIN_SIZE:-33554432}" --max-size "${PROFILE_MAX_SIZE:-134217728}" \
-    --repeat "${PROFILE_REPEAT:-40}"
-  rc=$?
-  wait "$prof_pid"
-  prc=$?
-  if [[ $rc == 3 ]]; then
-    record SKIP "$label" "time budget spent"
-  else
-    record "$(status_word $((rc || prc)))" "$label" "$(head -1 "$logs/profile.txt")"
-  fi
+  for mode in ${PROFILE_MODES:-shim}; do
+    label="profile-$mode-w2"
+    out="$logs/profile.txt"
+    [[ "$mode" != shim ]] && out="$logs/profile-$mode.txt"
+    "$PY" "$here/threadprof.py" --match "--label $mode-profile" --interval "${PROFILE_INTERVAL:-0.5}" \
+      --max-seconds 150 --wait 60 >"$out" 2>&1 &
+    prof_pid=$!
+    run_ranks "$label" 2 "$mode" 150 -- "$here/sweep.py" --label "$mode-profile" --json "$logs/profile-$mode.json" \
+      --ops "${PROFILE_OPS:-all_reduce}" --min-size "${PROFILE_MIN_SIZE:-33554432}" \
+      --max-size "${PROFILE_MAX_SIZE:-134217728}" --repeat "${PROFILE_REPEAT:-40}"
+    rc=$?
+    wait "$prof_pid"
+    prc=$?
+    if [[ $rc == 3 ]]; then
+      record SKIP "$label" "time budget spent"
+    else
+      record "$(status_word $((rc || prc)))" "$label" "$(head -1 "$out")"
+    fi
+  done
 fi
 
 # ------------------------------------------------------------------------------------------------
