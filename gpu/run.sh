@@ -557,10 +557,10 @@ fi
 if has_part profile; then
   for mode in ${PROFILE_MODES:-shim}; do
     label="profile-$mode-w2"
-    out="$logs/profile.txt"
-    [[ "$mode" != shim ]] && out="$logs/profile-$mode.txt"
+    pout="$logs/profile.txt"
+    [[ "$mode" != shim ]] && pout="$logs/profile-$mode.txt"
     "$PY" "$here/threadprof.py" --match "--label $mode-profile" --interval "${PROFILE_INTERVAL:-0.5}" \
-      --max-seconds 150 --wait 60 >"$out" 2>&1 &
+      --max-seconds 150 --wait 60 >"$pout" 2>&1 &
     prof_pid=$!
     run_ranks "$label" 2 "$mode" 150 -- "$here/sweep.py" --label "$mode-profile" --json "$logs/profile-$mode.json" \
       --ops "${PROFILE_OPS:-all_reduce}" --min-size "${PROFILE_MIN_SIZE:-33554432}" \
@@ -571,7 +571,7 @@ if has_part profile; then
     if [[ $rc == 3 ]]; then
       record SKIP "$label" "time budget spent"
     else
-      record "$(status_word $((rc || prc)))" "$label" "$(head -1 "$out")"
+      record "$(status_word $((rc || prc)))" "$label" "$(head -1 "$pout")"
     fi
   done
 fi

@@ -12,6 +12,7 @@ pub use crate::recovery::{
     RecoveryConfig, RECOVERY, RECOVERY_ACK_EVERY, RECOVERY_ATTEMPTS, RECOVERY_COPY_MAX, RECOVERY_COPY_RING,
     RECOVERY_TIMEOUT,
 };
+pub use crate::stack::pool::{POOL, POOL_IDLE, POOL_MAX};
 pub use crate::tcp::config::{
     TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_PORT_RANGE,
     TCP_STREAMS, TCP_USER_TIMEOUT, TCP_WORKERS,
@@ -164,6 +165,9 @@ pub const SETTINGS: &[Setting] = &[
     RECOVERY_COPY_RING,
     RECOVERY_ACK_EVERY,
     CONFIG_CHECK,
+    POOL,
+    POOL_MAX,
+    POOL_IDLE,
 ];
 
 /// The value of a variable, if set and not empty.
@@ -238,6 +242,8 @@ pub struct Config {
     pub config_check: crate::stack::cfgcheck::CheckMode,
     /// The values of the settings compared with the peer's at connect.
     pub peer_settings: crate::stack::cfgcheck::PeerSettings,
+    /// Connection pooling (NCCL_TCPXSHIM_POOL, _MAX, _IDLE).
+    pub pool: crate::stack::pool::PoolConfig,
 }
 
 /// What the metrics need besides its directory: the write interval and the process's
@@ -342,6 +348,7 @@ impl Config {
             recovery: RecoveryConfig::from_vars(vars)?,
             recovery_engine: int(vars, &RECOVERY, 0, 1)? == 1,
             config_check: crate::stack::cfgcheck::CheckMode::from_vars(vars)?,
+            pool: crate::stack::pool::PoolConfig::from_vars(vars)?,
         })
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 use tcpxshim::ffi::ncclResult_t;
 use tcpxshim::stack::cfgcheck::CheckStats;
-use tcpxshim::stack::handle::{Trailer, FLAG_RECOVERY, FLAG_SERVED, FLAG_SETTINGS};
+use tcpxshim::stack::handle::{Trailer, FLAG_POOL, FLAG_RECOVERY, FLAG_SERVED, FLAG_SETTINGS};
 
 /// A config from these variables, with the control service on loopback.
 fn cfg(vars: &[(&str, &str)]) -> Config {
@@ -153,8 +153,13 @@ fn the_handle_offers_the_settings_in_both_modes() {
         let a = builtin(mode, &[]);
         let (h, listen) = a.listen(0).unwrap();
         let t = Trailer::read(&h).unwrap();
-        // The recovery engine (on by default) also offers its control link in the trailer.
-        assert_eq!(t.flags, served | FLAG_SETTINGS | FLAG_RECOVERY, "{mode}: {t:?}");
+        // The recovery engine (on by default) also offers its control link in the trailer, and
+        // the pool (on by default) takes claims for the listen comm.
+        assert_eq!(
+            t.flags,
+            served | FLAG_SETTINGS | FLAG_RECOVERY | FLAG_POOL,
+            "{mode}: {t:?}"
+        );
         assert!(t.ctrl_socket().is_some(), "{mode}: names the service");
         a.close_listen(listen).unwrap();
     }
@@ -357,7 +362,11 @@ fn a_peer_whose_service_is_gone_is_reported_once_and_the_connects_go_on() {
         a.close_recv(recv).unwrap();
         a.close_listen(listen).unwrap();
     }
-    let w = warns(mark, &dead.to_string());
+    // (The recovery engine's control link to that address reports its own failure too.)
+    let w: Vec<String> = warns(mark, &dead.to_string())
+        .into_iter()
+        .filter(|l| l.contains("settings"))
+        .collect();
     assert_eq!(w.len(), 1, "reported once for the peer: {w:?}");
     assert!(w[0].contains("settings not compared"), "{}", w[0]);
     assert_eq!(b.shim.check_stats().unchecked, 2);
@@ -382,7 +391,9 @@ fn a_peer_that_offers_no_settings_is_connected_as_before() {
 
 #[test]
 fn many_connections_to_one_peer_cost_one_fetch() {
-    let (a, b) = (builtin("auto", &[]), builtin("auto", &[]));
+    // Fresh connections each (a reused one is checked by the pool's digest of the settings).
+    let no_pool = [("NCCL_TCPXSHIM_POOL", "0")];
+    let (a, b) = (builtin("auto", &no_pool), builtin("auto", &no_pool));
     for _ in 0..5 {
         connect_and_use(&a, &b);
     }

@@ -14,6 +14,8 @@ fn descriptors_and_threads_return_to_where_they_started() {
         ..Config::default()
     };
     cfg.tcp.ifname = Some("lo".into());
+    // Every connection closes for good (the pool's own descriptor checks are in tests/pool.rs).
+    cfg.pool.mode = tcpxshim::stack::pool::PoolMode::Off;
     let net = Net::in_process(&cfg);
     // Warm up once so that lazily created process-wide state exists before the baseline.
     let (s, r) = net.connect_pair(0);

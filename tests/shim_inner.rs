@@ -23,7 +23,9 @@ fn shim_over(kind: Fixture, knobs: &[(&str, i64)]) -> (StackNet, FixtureCtl) {
     shim_with(kind, knobs, |_| {})
 }
 
-fn assert_clean(kind: Fixture, ctl: &FixtureCtl) {
+fn assert_clean(net: &StackNet, kind: Fixture, ctl: &FixtureCtl) {
+    // The pool keeps cleanly closed connections open until it is drained.
+    net.shim.drain_pool();
     assert_eq!(
         ctl.violations(),
         0,
@@ -100,7 +102,7 @@ fn wraps(kind: Fixture, version: u32) {
     outstanding(&net, send, recv, 32, 64);
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(kind, &ctl);
+    assert_clean(&net, kind, &ctl);
 }
 
 #[test]
@@ -143,7 +145,7 @@ fn tcpx_properties_and_name_pass_through() {
         !net.has_reg_mr_dmabuf(),
         "TCPX has no regMrDmaBuf, so neither does the shim"
     );
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -174,7 +176,7 @@ fn tcpx_quirks_are_respected_end_to_end() {
     outstanding(&net, send, recv, 16, 256);
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -197,7 +199,7 @@ fn tcpx_try_again_is_passed_through_while_the_background_connect_finishes() {
     net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -257,7 +259,7 @@ fn an_inner_handle_longer_than_its_share_is_served_and_carries_verified_traffic(
     );
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::V7, &ctl);
+    assert_clean(&net, Fixture::V7, &ctl);
 }
 
 #[test]
@@ -271,7 +273,7 @@ fn a_served_handle_of_a_plugin_that_zeroes_and_writes_all_128_bytes_carries_veri
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
     assert_eq!(net.shim.open_comms(), 0);
-    assert_clean(Fixture::V7, &ctl);
+    assert_clean(&net, Fixture::V7, &ctl);
 }
 
 #[test]
@@ -298,7 +300,7 @@ fn a_served_tcpx_handle_of_all_128_bytes_keeps_the_tcpx_quirks() {
         net.close_send(send).unwrap();
         net.close_recv(recv).unwrap();
     }
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -333,7 +335,7 @@ fn forced_served_mode_over_tcpx_keeps_its_quirks() {
     outstanding(&net, send, recv, 16, 64);
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -370,7 +372,7 @@ fn a_pending_served_connect_copied_to_a_fresh_buffer_leaves_the_stale_buffer_an_
     net.close_listen(listen).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 /// The "outstanding for X s" age a stall warning gives.
@@ -443,7 +445,7 @@ fn a_request_the_inner_plugin_never_finishes_is_warned_about_once() {
     net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::V7, &ctl);
+    assert_clean(&net, Fixture::V7, &ctl);
 }
 
 #[test]
@@ -505,7 +507,7 @@ fn a_tcpx_handle_travels_inline_with_its_state_slot_as_tcpx_left_it() {
     net.transfer(send, recv, 4096);
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -539,7 +541,7 @@ fn a_failed_tcpx_background_connect_is_an_error_through_the_shim() {
     net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -570,7 +572,7 @@ fn repeated_tcpx_connects_from_another_thread_still_reach_it_with_nccls_buffer()
     net.transfer(send, recv.0, 4096);
     net.close_send(send).unwrap();
     net.close_recv(recv.0).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(net, Fixture::Tcpx, &ctl);
 }
 
 #[test]
@@ -607,7 +609,7 @@ fn the_shim_does_not_hide_a_callers_out_of_order_irecv_consumed() {
     net.dereg_mr(recv, rmr).unwrap();
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
 }
 
 /// Metrics on, over TCPX: its quirks still hold (repeated connects with one
@@ -642,7 +644,7 @@ fn the_metrics_layer_keeps_the_tcpx_quirks_and_counts_every_message() {
     }
     net.close_send(send).unwrap();
     net.close_recv(recv).unwrap();
-    assert_clean(Fixture::Tcpx, &ctl);
+    assert_clean(&net, Fixture::Tcpx, &ctl);
     let text = std::fs::read_to_string(dir.join(format!("inner-{}.prom", std::process::id()))).unwrap();
     let messages = 4 + 8 * n;
     for d in ["send", "recv"] {

@@ -37,15 +37,21 @@
 //!
 //! # Threads
 //!
-//! One thread per [`Hub`] ("tcpxshim-link") does all the I/O, multiplexing every socket with
-//! mio; [`Link`] calls only take short locks and wake it.
+//! One thread per [`Hub`] ("tcpxshim-link") does the I/O, multiplexing every socket with mio;
+//! [`Link`] calls only take short locks and wake it. The sockets and the links' state sit behind
+//! one mutex, which the thread holds only while it works a round (not while it waits), so a
+//! caller in a hurry does the work itself instead of waking the thread: [`Link::send`] writes
+//! the message onto the link's socket when it gets that lock at once, and [`Link::recv_now`]
+//! reads the socket. Waking the thread costs the caller an inter-processor interrupt and the
+//! message the thread's wake-up, tens of microseconds on virtual machines; a write or read is
+//! a system call.
 
 use crate::config::{int, Setting, Vars};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
 use hmac::{Hmac, Mac};
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use sha2::Sha256;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind as IoKind, Read, Write};
@@ -386,6 +392,8 @@ impl Rejections {
 }
 
 struct LinkShared {
+    /// The hub's key of the link.
+    id: u64,
     conn_id: u32,
     secret: u64,
     dir_out: Dir,
@@ -465,6 +473,8 @@ enum Cmd {
 struct HubOwner {
     inner: Arc<HubInner>,
     listen_addr: Option<SocketAddr>,
+    /// The sockets and the links' I/O state.
+    state: Arc<Mutex<Reactor>>,
 }
 
 impl Drop for HubOwner {
@@ -524,8 +534,12 @@ impl Hub {
             queued: AtomicBool::new(false),
             wakes: AtomicU64::new(0),
         });
-        let mut reactor = Reactor {
-            poll,
+        let registry = poll
+            .registry()
+            .try_clone()
+            .map_err(|e| Error::io("control links: the poll's registry", e))?;
+        let reactor = Reactor {
+            registry,
             listener,
             inner: inner.clone(),
             links: HashMap::new(),
@@ -535,19 +549,24 @@ impl Hub {
             rbuf: vec![0u8; 64 * 1024],
             more: false,
             traffic: false,
-            spin_until: None,
         };
+        let state = Arc::new(Mutex::new(reactor));
+        let (st, hub) = (state.clone(), inner.clone());
         std::thread::Builder::new()
             .name("tcpxshim-link".into())
             .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor.run()));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(poll, &st, &hub)));
                 if r.is_err() {
                     log::error!("control links: the I/O thread panicked; every link of the process is gone");
-                    reactor.fail_all("the control links' I/O thread panicked");
+                    lock(&st).fail_all("the control links' I/O thread panicked");
                 }
             })
             .map_err(|e| Error::io("control links: starting the tcpxshim-link thread", e))?;
-        Ok(Hub(Arc::new(HubOwner { inner, listen_addr })))
+        Ok(Hub(Arc::new(HubOwner {
+            inner,
+            listen_addr,
+            state,
+        })))
     }
 
     /// The hub's own listener, if it has one.
@@ -580,7 +599,9 @@ impl Hub {
                 inner.cfg.max_links
             )));
         }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(LinkShared {
+            id,
             conn_id,
             secret,
             dir_out,
@@ -595,9 +616,12 @@ impl Hub {
             break_req: AtomicBool::new(false),
             attaches: AtomicU64::new(0),
         });
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&inner.cmds).push(Cmd::Add(id, shared.clone(), connect_to));
-        inner.wake();
+        // A sender's connect starts now. A receiver's link needs the thread only once its sender
+        // attaches, and that wakes the thread, which takes the new links before the sockets.
+        if connect_to.is_some() {
+            inner.wake();
+        }
         Ok(Link {
             shared,
             hub: self.clone(),
@@ -681,7 +705,16 @@ impl Link {
     /// acknowledgement.
     pub fn send(&self, msg_type: u16, body: &[u8]) -> Result<()> {
         self.queue(msg_type, body, false)?;
-        self.hub.0.inner.nudge();
+        // Written here when the state is free and the link up; else by the thread.
+        let pushed = self
+            .hub
+            .0
+            .state
+            .try_lock()
+            .is_ok_and(|mut st| st.push_link(self.shared.id));
+        if !pushed {
+            self.hub.0.inner.nudge();
+        }
         Ok(())
     }
 
@@ -745,6 +778,23 @@ impl Link {
         Some(m)
     }
 
+    /// The next message from the peer, reading the link's socket here first when none is
+    /// waiting and the links' state is free (for a caller waiting on an answer: a system call,
+    /// where [`Link::try_recv`] is an atomic load).
+    pub fn recv_now(&self) -> Option<(u16, Vec<u8>)> {
+        if let Some(m) = self.try_recv() {
+            return Some(m);
+        }
+        let more = match self.hub.0.state.try_lock() {
+            Ok(mut st) => st.pull_link(self.shared.id),
+            Err(_) => false,
+        };
+        if more {
+            self.hub.0.inner.wake();
+        }
+        self.try_recv()
+    }
+
     /// Where the link stands.
     pub fn state(&self) -> LinkState {
         match self.shared.state_tag.load(Ordering::Acquire) {
@@ -777,7 +827,10 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.shared.dropped.store(true, Ordering::Release);
-        self.hub.0.inner.wake();
+        // A link never attached has nobody to tell: the thread forgets it in its next round.
+        if self.shared.attaches.load(Ordering::Acquire) > 0 || self.shared.dir_out == Dir::ToListener {
+            self.hub.0.inner.wake();
+        }
     }
 }
 
@@ -871,6 +924,49 @@ impl LinkIo {
         self.ack_sent = self.rx_seq;
         self.last_sent = Instant::now();
     }
+    /// Takes the messages the application queued into the ones to send; whether there were any.
+    fn take_queued(&mut self) -> bool {
+        let mut q = lock(&self.shared.outq);
+        let any = !q.is_empty();
+        while let Some((ty, body, _)) = q.pop_front() {
+            self.next_seq += 1;
+            self.unacked.push_back(Msg {
+                seq: self.next_seq,
+                ty,
+                body,
+            });
+        }
+        any
+    }
+
+    /// Frames the messages not yet written on the link's socket `s` into its buffer, and an Ack
+    /// (messages received since the last frame) or, with `heartbeat`, a Heartbeat when nothing
+    /// was sent for that long.
+    fn write_unsent(&mut self, s: &mut Sock, now: Instant, heartbeat: Option<Duration>) {
+        let mut out = std::mem::take(&mut s.wbuf);
+        while out.len() < WBUF_HIGH {
+            let Some(first) = self.unacked.front().map(|m| m.seq) else {
+                break;
+            };
+            let i = self.next_write.saturating_sub(first) as usize;
+            let Some(m) = self.unacked.get(i) else { break };
+            let (seq, ty, body) = (m.seq, m.ty, m.body.clone());
+            self.frame(Kind::Data, seq, ty, body, &mut out);
+            self.next_write = seq + 1;
+            self.max_written = self.max_written.max(seq);
+        }
+        let beat = heartbeat.is_some_and(|h| now.duration_since(self.last_sent) >= h);
+        if self.rx_seq > self.ack_sent || beat {
+            let kind = if self.rx_seq > self.ack_sent {
+                Kind::Ack
+            } else {
+                Kind::Heartbeat
+            };
+            self.frame(kind, 0, 0, Vec::new(), &mut out);
+        }
+        s.wbuf = out;
+    }
+
     /// Drops the messages the peer acknowledged; `false` for an ack of messages never sent.
     fn take_ack(&mut self, ack: u64) -> bool {
         if ack > self.max_written {
@@ -904,8 +1000,10 @@ impl LinkIo {
     }
 }
 
+/// The links' I/O state: the thread works it in rounds, and callers may do a link's part of a
+/// round themselves (see the module's Threads section).
 struct Reactor {
-    poll: Poll,
+    registry: Registry,
     listener: Option<TcpListener>,
     inner: Arc<HubInner>,
     links: HashMap<u64, LinkIo>,
@@ -917,8 +1015,6 @@ struct Reactor {
     more: bool,
     /// A message was queued or delivered in this round.
     traffic: bool,
-    /// Poll without sleeping until then (traffic seen within `LinkConfig::spin`).
-    spin_until: Option<Instant>,
 }
 
 fn reject(inner: &HubInner, kind: Reject, peer: SocketAddr, what: &str) {
@@ -926,63 +1022,105 @@ fn reject(inner: &HubInner, kind: Reject, peer: SocketAddr, what: &str) {
     log::warn!("control links: turned away the client at {peer}: {kind:?} ({what})");
 }
 
-impl Reactor {
-    fn run(&mut self) {
-        let mut events = Events::with_capacity(256);
-        while !self.inner.stop.load(Ordering::Acquire) {
-            let spinning = self.spin_until.is_some_and(|t| Instant::now() < t);
-            let mut wait = if self.more || spinning { Duration::ZERO } else { TICK };
-            if wait > Duration::ZERO {
-                self.inner.awake.store(false, Ordering::SeqCst);
-                if self.inner.queued.load(Ordering::SeqCst) {
-                    wait = Duration::ZERO; // queued after the last round took the queue
-                }
-            } else if spinning {
-                std::hint::spin_loop();
+/// The thread: waits for events, then works a round with the state locked.
+fn run(mut poll: Poll, state: &Mutex<Reactor>, inner: &HubInner) {
+    let mut events = Events::with_capacity(256);
+    let (mut more, mut spin_until) = (false, None::<Instant>);
+    while !inner.stop.load(Ordering::Acquire) {
+        let spinning = spin_until.is_some_and(|t| Instant::now() < t);
+        let mut wait = if more || spinning { Duration::ZERO } else { TICK };
+        if wait > Duration::ZERO {
+            inner.awake.store(false, Ordering::SeqCst);
+            if inner.queued.load(Ordering::SeqCst) {
+                wait = Duration::ZERO; // queued after the last round took the queue
             }
-            self.more = false;
-            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
-                if e.kind() != IoKind::Interrupted {
-                    log::error!("control links: poll failed: {e}");
-                    std::thread::sleep(TICK);
-                }
-                continue;
+        } else if spinning {
+            std::hint::spin_loop();
+        }
+        if let Err(e) = poll.poll(&mut events, Some(wait)) {
+            if e.kind() != IoKind::Interrupted {
+                log::error!("control links: poll failed: {e}");
+                std::thread::sleep(TICK);
             }
-            self.take_cmds();
-            for ev in events.iter() {
-                match ev.token() {
-                    WAKER => {}
-                    LISTENER => self.accept(),
-                    t => {
-                        if let Some(s) = self.socks.get_mut(&t) {
-                            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                                s.readable = true;
-                            }
-                            if s.connecting && (ev.is_writable() || ev.is_error() || ev.is_write_closed()) {
-                                self.finish_connect(t);
-                            }
+            continue;
+        }
+        inner.awake.store(true, Ordering::SeqCst);
+        let mut st = lock(state);
+        st.take_cmds();
+        for ev in events.iter() {
+            match ev.token() {
+                WAKER => {}
+                LISTENER => st.accept(),
+                t => {
+                    if let Some(s) = st.socks.get_mut(&t) {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            s.readable = true;
+                        }
+                        if s.connecting && (ev.is_writable() || ev.is_error() || ev.is_write_closed()) {
+                            st.finish_connect(t);
                         }
                     }
                 }
             }
-            self.inner.awake.store(true, Ordering::SeqCst);
-            self.traffic = false;
-            self.read_all();
-            // Cleared before the queues are taken: a message queued after this wakes or is seen.
-            self.inner.queued.store(false, Ordering::SeqCst);
-            self.service_links();
-            self.expire_unattached();
-            self.reap_socks();
-            let spin = self.inner.cfg.spin;
-            if self.traffic && !spin.is_zero() {
-                self.spin_until = Some(Instant::now() + spin);
-            }
         }
-        if self.inner.vanish.load(Ordering::Acquire) {
-            self.fail_all("the process's control links were shut down");
-        } else {
-            self.fail_all("the process's control links were stopped");
+        st.traffic = false;
+        st.more = false;
+        st.read_all();
+        // Cleared before the queues are taken: a message queued after this wakes or is seen.
+        inner.queued.store(false, Ordering::SeqCst);
+        st.service_links();
+        st.expire_unattached();
+        st.reap_socks();
+        more = st.more;
+        let spin = inner.cfg.spin;
+        if st.traffic && !spin.is_zero() {
+            spin_until = Some(Instant::now() + spin);
         }
+    }
+    let mut st = lock(state);
+    if inner.vanish.load(Ordering::Acquire) {
+        st.fail_all("the process's control links were shut down");
+    } else {
+        st.fail_all("the process's control links were stopped");
+    }
+}
+
+impl Reactor {
+    /// A caller's part of a round for link `id`: its queued messages framed and written onto its
+    /// socket. Whether that was done (false: the link is not up, or the socket could not take
+    /// them all; the thread must do it).
+    fn push_link(&mut self, id: u64) -> bool {
+        self.take_cmds();
+        let Some(l) = self.links.get_mut(&id) else { return false };
+        if l.gone || !l.up {
+            return false;
+        }
+        let Some(s) = l.sock.and_then(|t| self.socks.get_mut(&t)) else {
+            return false;
+        };
+        if s.connecting || s.dead.is_some() {
+            return false;
+        }
+        l.take_queued();
+        l.write_unsent(s, Instant::now(), None);
+        flush(s);
+        s.dead.is_none() && s.wbuf.is_empty()
+    }
+
+    /// A caller's read of link `id`'s socket: the frames that came are handled as the thread
+    /// would. Whether the thread must go on with it (more to read than one round takes).
+    fn pull_link(&mut self, id: u64) -> bool {
+        self.take_cmds();
+        let Some(l) = self.links.get(&id) else { return false };
+        let Some(t) = l.sock.filter(|_| l.up && !l.gone) else {
+            return false;
+        };
+        if !self.socks.get(&t).is_some_and(|s| !s.connecting && s.dead.is_none()) {
+            return false;
+        }
+        self.more = false;
+        self.read_sock(t);
+        self.more
     }
 
     fn fail_all(&mut self, why: &str) {
@@ -995,7 +1133,7 @@ impl Reactor {
             l.go(e);
         }
         for (_, mut s) in self.socks.drain() {
-            let _ = self.poll.registry().deregister(&mut s.stream);
+            let _ = self.registry.deregister(&mut s.stream);
         }
         self.listener = None;
     }
@@ -1010,8 +1148,7 @@ impl Reactor {
         let t = self.token();
         let _ = stream.set_nodelay(true);
         if let Err(e) = self
-            .poll
-            .registry()
+            .registry
             .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
         {
             log::warn!("control links: registering a socket with {peer} failed: {e}");
@@ -1482,17 +1619,8 @@ impl Reactor {
                 }
             }
             // New messages from the application.
-            {
-                let mut q = lock(&l.shared.outq);
-                while let Some((ty, body, _)) = q.pop_front() {
-                    self.traffic = true;
-                    l.next_seq += 1;
-                    l.unacked.push_back(Msg {
-                        seq: l.next_seq,
-                        ty,
-                        body,
-                    });
-                }
+            if l.take_queued() {
+                self.traffic = true;
             }
             // Reconnect.
             if l.sock.is_none() && l.retry_at.is_some_and(|at| now >= at) {
@@ -1505,8 +1633,7 @@ impl Reactor {
                         let mut stream = stream;
                         let _ = stream.set_nodelay(true);
                         match self
-                            .poll
-                            .registry()
+                            .registry
                             .register(&mut stream, t, Interest::READABLE | Interest::WRITABLE)
                         {
                             Ok(()) => {
@@ -1549,28 +1676,7 @@ impl Reactor {
                 flush(s);
                 continue;
             }
-            // Messages not yet written on this connection.
-            let mut out = std::mem::take(&mut s.wbuf);
-            while out.len() < WBUF_HIGH {
-                let Some(first) = l.unacked.front().map(|m| m.seq) else {
-                    break;
-                };
-                let i = l.next_write.saturating_sub(first) as usize;
-                let Some(m) = l.unacked.get(i) else { break };
-                let (seq, ty, body) = (m.seq, m.ty, m.body.clone());
-                l.frame(Kind::Data, seq, ty, body, &mut out);
-                l.next_write = seq + 1;
-                l.max_written = l.max_written.max(seq);
-            }
-            if l.rx_seq > l.ack_sent || now.duration_since(l.last_sent) >= heartbeat {
-                let kind = if l.rx_seq > l.ack_sent {
-                    Kind::Ack
-                } else {
-                    Kind::Heartbeat
-                };
-                l.frame(kind, 0, 0, Vec::new(), &mut out);
-            }
-            s.wbuf = out;
+            l.write_unsent(s, now, Some(heartbeat));
             flush(s);
         }
     }
@@ -1605,7 +1711,7 @@ impl Reactor {
             .collect();
         for t in dead {
             if let Some(mut s) = self.socks.remove(&t) {
-                let _ = self.poll.registry().deregister(&mut s.stream);
+                let _ = self.registry.deregister(&mut s.stream);
             }
         }
     }

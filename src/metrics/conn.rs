@@ -211,6 +211,8 @@ pub struct Shared {
     pub(crate) write_lock: Mutex<()>,
     /// A failed write was reported already.
     pub(crate) warned: AtomicBool,
+    /// The connection pool's counts, when the stack pools.
+    pub pool: std::sync::OnceLock<Arc<crate::stack::pool::PoolStats>>,
 }
 
 impl Shared {
@@ -228,7 +230,13 @@ impl Shared {
             pending: Mutex::new(HashMap::new()),
             write_lock: Mutex::new(()),
             warned: AtomicBool::new(false),
+            pool: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports the pool's counts from now on.
+    pub fn set_pool(&self, stats: Arc<crate::stack::pool::PoolStats>) {
+        let _ = self.pool.set(stats);
     }
 
     /// The file this process writes: `<dir>/<host>-<pid>.prom`.

@@ -170,6 +170,30 @@ impl Collector for View {
             )?
             .encode_family(&pl)?,
         )?;
+        if let Some(p) = self.0.pool.get() {
+            for (name, help, v) in [
+                (
+                    "tcpxshim_pool_hits",
+                    "Connects that reused a pooled connection (NCCL_TCPXSHIM_POOL)",
+                    &p.hits,
+                ),
+                (
+                    "tcpxshim_pool_misses",
+                    "Connects to a pooling peer that found no pooled connection to reuse, or whose claim was denied",
+                    &p.misses,
+                ),
+                (
+                    "tcpxshim_pool_evictions",
+                    "Pooled connections closed: idle too long, over NCCL_TCPXSHIM_POOL_MAX, stale or denied",
+                    &p.evictions,
+                ),
+            ] {
+                ConstCounter::new(v.load(Relaxed)).encode(
+                    e.encode_descriptor(name, help, None, MetricType::Counter)?
+                        .encode_family(&pl)?,
+                )?;
+            }
+        }
         let mut m = e.encode_descriptor(
             "tcpxshim_connect_duration_seconds",
             "Time from the first connect() or accept() call of a connection to the one returning it",

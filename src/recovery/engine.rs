@@ -25,6 +25,10 @@ use std::ffi::c_void;
 
 /// The link message type that carries a [`Control`].
 pub const MSG_CONTROL: u16 = 1;
+/// The link message a parked engine sends (see [`Engine::park`]): its comm closed and the
+/// connection waits in the pool. Its body is the count of messages the comm carried (8 bytes,
+/// little-endian): sends posted (from the sender), sends received (from the receiver).
+pub const MSG_CLOSED: u16 = 4;
 /// Ticks (deadline checks, acknowledgements that wait for no count) at most this often: the
 /// deadlines are seconds long, and an acknowledgement the policy does not ask for at once only
 /// frees replay copies, so each tick that sends one costs the control link's thread a wake-up
@@ -176,6 +180,22 @@ struct Common {
     link_gone: bool,
     /// Recoveries completed (for the metrics' counter).
     pub recoveries: u64,
+    /// Messages the connection carried before this engine (a pooled one reused).
+    base: u64,
+    /// The peer's comm closed with its connection parked, having carried this many messages.
+    peer_closed: Option<u64>,
+    /// The requests that can no longer complete because of that were failed.
+    closed_failed: bool,
+}
+
+/// What a parked engine leaves for the pool: see [`Engine::park`].
+pub struct Parked {
+    /// The open inner comm.
+    pub comm: Opaque,
+    /// The control link.
+    pub link: Link,
+    /// Messages the connection carried (sends posted; sends received).
+    pub count: u64,
 }
 
 impl Common {
@@ -247,11 +267,24 @@ impl Common {
         token.and_then(|t| self.reg(t)).and_then(|r| r.inner)
     }
 
-    /// The control messages waiting on the link, and whether the link is gone.
-    fn read_link(&mut self) -> (Vec<Control>, Option<String>) {
+    /// The control messages waiting on the link, and whether the link is gone. `now`: a send
+    /// waits for its acknowledgement, so the link's socket is read here when nothing is waiting
+    /// (`Link::recv_now`) rather than left to the link's thread.
+    fn read_link(&mut self, now: bool) -> (Vec<Control>, Option<String>) {
         let mut out = Vec::new();
-        for _ in 0..MSGS_PER_CALL {
-            let Some((ty, body)) = self.link.try_recv() else { break };
+        for i in 0..MSGS_PER_CALL {
+            let m = if now && i == 0 {
+                self.link.recv_now()
+            } else {
+                self.link.try_recv()
+            };
+            let Some((ty, body)) = m else { break };
+            if ty == MSG_CLOSED {
+                if let Ok(b) = <[u8; 8]>::try_from(body.as_slice()) {
+                    self.peer_closed = Some(u64::from_le_bytes(b));
+                }
+                continue;
+            }
             if ty != MSG_CONTROL {
                 continue;
             }
@@ -336,6 +369,9 @@ fn common(dev: i32, peer: String, link: Link, comm: Opaque) -> Common {
         refused: None,
         link_gone: false,
         recoveries: 0,
+        base: 0,
+        peer_closed: None,
+        closed_failed: false,
     }
 }
 
@@ -637,6 +673,67 @@ impl Engine {
         }
     }
 
+    /// Instead of a close, for the pool: when the connection is up on its current inner comm
+    /// with nothing outstanding or in flight, releases the registrations on it and hands over the
+    /// open inner comm, the control link and the messages the connection carried (counted from
+    /// [`Engine::set_base`]). Otherwise gives the engine back, to be closed.
+    pub fn park(self, inner: &dyn Transport) -> std::result::Result<Parked, Box<Engine>> {
+        let clean = |c: &Common| {
+            c.comm.is_some()
+                && c.failure.is_none()
+                && c.refused.is_none()
+                && !c.link_gone
+                // A link still attaching (a comm closed right after its connect) will do.
+                && matches!(c.link.state(), LinkState::Up | LinkState::Connecting)
+        };
+        let ok = match &self {
+            Engine::Send(s) => {
+                clean(&s.c) && s.side.quiet() && s.inflight.is_empty() && s.pending.is_empty() && s.connecting.is_none()
+            }
+            Engine::Recv(r) => {
+                clean(&r.c) && r.side.quiet() && r.inflight.is_empty() && r.pending.is_empty() && r.listen.is_none()
+            }
+        };
+        if !ok {
+            return Err(Box::new(self));
+        }
+        let count = match &self {
+            Engine::Send(s) => s.side.next_seq(),
+            Engine::Recv(r) => r.side.completed(),
+        };
+        // The peer's comm, if still open, learns that nothing more comes from this one.
+        if let Err(e) = self.common_ref().link.send(MSG_CLOSED, &count.to_le_bytes()) {
+            log::debug!(
+                "recovery with {}: telling the peer of the close failed: {e}",
+                self.common_ref().peer
+            );
+        }
+        let mut c = match self {
+            Engine::Send(mut s) => {
+                s.drop_copy_regs(inner, &HashSet::new());
+                s.c
+            }
+            Engine::Recv(r) => r.c,
+        };
+        let comm = c.comm.take().unwrap_or_else(|| unreachable!("checked above"));
+        for (_, r) in c.regs.iter_mut() {
+            if let Some(m) = r.inner.take() {
+                // SAFETY: registered on this open comm, which nothing else uses now; released once (taken).
+                let _ = unsafe { inner.dereg_mr(comm, m) };
+            }
+        }
+        Ok(Parked {
+            comm,
+            link: c.link,
+            count: c.base + count,
+        })
+    }
+
+    /// The messages the connection carried before this engine (its comm reuses a pooled one).
+    pub fn set_base(&mut self, base: u64) {
+        self.common().base = base;
+    }
+
     /// Closes everything the engine holds on the inner transport.
     pub fn close(&mut self, inner: &dyn Transport) -> Result<()> {
         match self {
@@ -680,6 +777,13 @@ fn close_comm(c: &mut Common, inner: &dyn Transport, send: bool, busy: &HashSet<
             inner.close_recv(comm)
         }
     }
+}
+
+fn closed_why(count: u64, kind: &str) -> String {
+    format!(
+        "its {kind} comm closed after {count} messages (its connection is kept for reuse, NCCL_TCPXSHIM_POOL), \
+         so the requests posted here since can never complete"
+    )
 }
 
 fn tick_due(c: &mut Common) -> Option<u64> {
@@ -772,7 +876,7 @@ impl SendEngine {
     }
 
     fn progress(&mut self, inner: &dyn Transport) {
-        let (msgs, gone) = self.c.read_link();
+        let (msgs, gone) = self.c.read_link(self.side.awaiting_ack());
         for m in msgs {
             let now = self.c.now();
             self.side.handle(now, SendEvent::Control(m));
@@ -833,6 +937,16 @@ impl SendEngine {
         if let Some(now) = tick_due(&mut self.c) {
             self.side.handle(now, SendEvent::Tick);
             self.run(inner);
+        }
+        // The receiving comm closed: what it did not receive never will be.
+        if let (Some(received), false) = (self.c.peer_closed, self.c.closed_failed) {
+            if !self.side.quiet() {
+                self.c.closed_failed = true;
+                let now = self.c.now();
+                let why = closed_why(received, "receive");
+                self.side.handle(now, SendEvent::PeerGone(why));
+                self.run(inner);
+            }
         }
     }
 
@@ -1051,7 +1165,7 @@ impl RecvEngine {
     }
 
     fn progress(&mut self, inner: &dyn Transport) {
-        let (msgs, gone) = self.c.read_link();
+        let (msgs, gone) = self.c.read_link(false);
         for m in msgs {
             let now = self.c.now();
             self.side.handle(now, RecvEvent::Control(m));
@@ -1128,6 +1242,16 @@ impl RecvEngine {
             let urgent = self.side.ack_urgent();
             self.side.ack_sent(completed);
             self.c.send_ack(completed, urgent);
+        }
+        // The sending comm closed: once everything it sent is in, the receives left wait for
+        // nothing.
+        if let (Some(sent), false) = (self.c.peer_closed, self.c.closed_failed) {
+            if self.side.completed() >= sent && !self.side.quiet() {
+                self.c.closed_failed = true;
+                let now = self.c.now();
+                self.side.handle(now, RecvEvent::PeerGone(closed_why(sent, "send")));
+                self.run(inner);
+            }
         }
     }
 

@@ -582,6 +582,22 @@ impl SendSide {
     pub fn outstanding(&self) -> usize {
         self.queue.len()
     }
+    /// Whether the first send not yet complete went out (its inner send is done) and waits only
+    /// for the receiver's acknowledgement.
+    pub fn awaiting_ack(&self) -> bool {
+        let Some(front) = self.queue.front().map(|e| e.seq) else {
+            return false;
+        };
+        let i = usize::try_from(self.open_from.saturating_sub(front)).unwrap_or(usize::MAX);
+        self.queue
+            .get(i)
+            .is_some_and(|e| !e.completed && e.inner_done && e.seq >= self.acked)
+    }
+    /// Whether the connection is up with every send reported complete to NCCL and its inner send
+    /// done: this side leaves nothing on the inner comm (it may be pooled).
+    pub fn quiet(&self) -> bool {
+        self.phase == SendPhase::Up && self.out.is_empty() && self.queue.iter().all(|e| e.completed && e.inner_done)
+    }
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -1093,6 +1109,11 @@ impl RecvSide {
     /// Receives posted and not yet complete.
     pub fn outstanding(&self) -> usize {
         self.queue.len()
+    }
+    /// Whether the connection is up with no receive outstanding: this side leaves nothing on the
+    /// inner comm (it may be pooled).
+    pub fn quiet(&self) -> bool {
+        self.phase == RecvPhase::Up && self.out.is_empty() && self.queue.is_empty()
     }
     /// The counters.
     pub fn stats(&self) -> &Stats {

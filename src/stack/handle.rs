@@ -54,6 +54,9 @@ pub const FLAG_SETTINGS: u16 = 2;
 /// Trailer flag: the listener runs the recovery engine; its control links are served on the
 /// control service under `conn_id` and `secret`.
 pub const FLAG_RECOVERY: u16 = 4;
+/// Trailer flag (with [`FLAG_RECOVERY`]): the listener takes claims of pooled connections for this
+/// listen comm (`stack::pool`).
+pub const FLAG_POOL: u16 = 8;
 
 /// The decoded trailer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -243,6 +246,11 @@ impl Handles {
             checker: Checker::new(cfg, inner),
             warned_no_service: Default::default(),
         }
+    }
+
+    /// The encoded settings this side compares with its peers'.
+    pub fn settings_body(&self) -> std::sync::Arc<Vec<u8>> {
+        self.checker.body()
     }
 
     /// Counts of the settings checks of connects so far.

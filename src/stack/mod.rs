@@ -18,6 +18,7 @@ pub mod faults;
 pub mod handle;
 mod layer;
 mod objects;
+pub mod pool;
 pub mod retry;
 mod shim;
 mod table;

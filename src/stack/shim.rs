@@ -22,15 +22,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::pool::{self, ConnectStep, Entry, Listening, Pool, PoolMode};
 use crate::control::link::{Link, LinkConfig};
 use crate::recovery::engine::Engine;
 use crate::recovery::RecoveryConfig;
+use std::net::SocketAddr;
 
 /// The control link each listen comm's connection will use, by NCCL's listen handle (the
-/// engines themselves live in the comms' records).
+/// engines themselves live in the comms' records), and what the pool keeps of comms.
 #[derive(Default)]
 struct Engines {
     listening: Mutex<HashMap<usize, Link>>,
+    /// Listen comms that take pool claims: their handle's conn id, by NCCL's listen handle.
+    pool_listens: Mutex<HashMap<usize, u32>>,
+    /// Send and receive comms that may go to the pool: the listener's control service (send
+    /// comms) and the times the connection was reused, by NCCL's comm handle.
+    pooled: Mutex<HashMap<usize, (Option<SocketAddr>, u64)>>,
 }
 
 /// A comm found in the table, with the key it stands under.
@@ -96,6 +103,38 @@ pub struct Shim {
     recovery: Option<RecoveryConfig>,
     link_cfg: LinkConfig,
     engines: Engines,
+    /// Idle connections for the next comm between the same processes (NCCL_TCPXSHIM_POOL).
+    pool: Option<Pool>,
+}
+
+/// What the two ends of a pooled connection must agree on: the settings peers compare, and the
+/// recovery settings both engines assume to match.
+fn pool_settings(handles: &Handles, cfg: &Config) -> Vec<u8> {
+    let mut b = handles.settings_body().to_vec();
+    let r = &cfg.recovery;
+    for v in [r.copy_max, r.copy_ring, u64::from(r.ack_every)] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            let c = p.counts();
+            if c.parked > 0 || c.hits > 0 {
+                log::info!(
+                    "pool: {} connections reused, {} misses, {} closed idle or stale, {} send and {} receive idle at the end",
+                    c.hits,
+                    c.misses,
+                    c.evictions,
+                    c.idle_send,
+                    c.idle_recv
+                );
+            }
+            p.drain().close(self.inner.as_ref());
+        }
+    }
 }
 
 impl Shim {
@@ -115,6 +154,35 @@ impl Shim {
             .as_ref()
             .map(|dir| Metrics::new(cfg, inner.name(), dir.clone()));
         let handles = Handles::new(cfg, inner.name());
+        let recovery = (cfg.recovery_engine && cfg.recovery.enabled()).then(|| cfg.recovery.clone());
+        let pool = match (cfg.pool.mode, &recovery) {
+            (PoolMode::Off, _) => None,
+            (mode, None) => {
+                if mode == PoolMode::Force {
+                    log::warn!(
+                        "{}=force: connections are not pooled, because pooling needs the recovery engine's control \
+                         link and {} is 0",
+                        pool::POOL.name,
+                        crate::config::RECOVERY.name
+                    );
+                }
+                None
+            }
+            (mode, Some(_)) => {
+                if mode == PoolMode::Force && unpack.iter().any(|&u| u) {
+                    log::warn!(
+                        "{}=force: connections over {} (UNPACK receives) are not pooled: the shim has no control link \
+                         for them; connections over host-type devices are",
+                        pool::POOL.name,
+                        inner.name()
+                    );
+                }
+                Some(Pool::new(cfg.pool.clone(), pool::digest(&pool_settings(&handles, cfg))))
+            }
+        };
+        if let (Some(m), Some(p)) = (&metrics, &pool) {
+            m.shared().set_pool(p.stats.clone());
+        }
         Ok(Shim {
             inner,
             info,
@@ -127,9 +195,10 @@ impl Shim {
             handles,
             metrics,
             abort_on_error: cfg.abort_on_error,
-            recovery: (cfg.recovery_engine && cfg.recovery.enabled()).then(|| cfg.recovery.clone()),
+            recovery,
             link_cfg: cfg.link.clone(),
             engines: Engines::default(),
+            pool,
         })
     }
 
@@ -184,6 +253,19 @@ impl Shim {
     fn add_engine(&self, comm: Opaque, e: Engine) {
         if let Ok(c) = self.lookup("", comm) {
             c.set_engine(c.key, e);
+        }
+    }
+
+    /// The connection pool's counts; `None` when the stack does not pool.
+    pub fn pool_counts(&self) -> Option<pool::PoolCounts> {
+        self.pool.as_ref().map(Pool::counts)
+    }
+
+    /// Closes every idle connection of the pool at once, as the process's end would (tests).
+    #[doc(hidden)]
+    pub fn drain_pool(&self) {
+        if let Some(p) = &self.pool {
+            p.drain().close(self.inner.as_ref());
         }
     }
 
@@ -314,13 +396,42 @@ impl Shim {
                 c.label()
             )));
         }
+        let key = comm.as_ptr() as usize;
         if kind == Kind::Listen {
-            crate::lock(&self.engines.listening).remove(&(comm.as_ptr() as usize));
+            crate::lock(&self.engines.listening).remove(&key);
+            let id = crate::lock(&self.engines.pool_listens).remove(&key);
+            if let (Some(p), Some(id)) = (&self.pool, id) {
+                p.unlisten(id).close(self.inner.as_ref());
+            }
+        }
+        let pooled = crate::lock(&self.engines.pooled).remove(&key);
+        let mut parked = false;
+        if let (Some(p), Some((peer_ctrl, reuses)), true) = (&self.pool, pooled, engine.is_some()) {
+            let e = engine.take().unwrap_or_else(|| unreachable!("checked above"));
+            match e.park(self.inner.as_ref()) {
+                Ok(k) => {
+                    let entry = Entry {
+                        comm: k.comm,
+                        link: k.link,
+                        count: k.count,
+                        dev: c.dev(),
+                        peer: c.label(),
+                        peer_ctrl,
+                        since: std::time::Instant::now(),
+                        reuses,
+                    };
+                    p.park(entry, kind == Kind::Send).close(self.inner.as_ref());
+                    parked = true;
+                }
+                Err(e) => engine = Some(e),
+            }
         }
         // SAFETY: the record was live in the table, so its inner comm is open, and removing it
         // made this the only close.
         let result = unsafe {
-            if let Some(e) = engine.as_mut() {
+            if parked {
+                Ok(())
+            } else if let Some(e) = engine.as_mut() {
                 e.close(self.inner.as_ref())
             } else {
                 match kind {
@@ -340,12 +451,17 @@ impl Shim {
             c.counters.retire();
             let s = c.counters.snapshot();
             log::info!(
-                "closed {}: {} messages, {}, {} errors, open {:.1} s",
+                "closed {}: {} messages, {}, {} errors, open {:.1} s{}",
                 c.label(),
                 s.messages,
                 human_bytes(s.bytes),
                 s.errors,
-                c.age_secs()
+                c.age_secs(),
+                if parked {
+                    "; its connection is kept for reuse (NCCL_TCPXSHIM_POOL)"
+                } else {
+                    ""
+                }
             );
         }
         result.map_err(|e| e.context(call))
@@ -587,24 +703,91 @@ impl Shim {
         self.recovery.is_some() && !self.unpack.get(dev as usize).copied().unwrap_or(true)
     }
 
-    /// At listen: names the control link in NCCL's handle and keeps the link for the accept.
-    fn offer_recovery(&self, dev: i32, listen: Opaque, handle: &mut [u8; HANDLE_SIZE]) {
+    /// At listen: names the control link in NCCL's handle and keeps the link for the accept;
+    /// whether it did.
+    fn offer_recovery(&self, dev: i32, listen: Opaque, handle: &mut [u8; HANDLE_SIZE]) -> bool {
         if !self.recoverable(dev) {
-            return;
+            return false;
         }
         let res =
             crate::control::link::global(&self.link_cfg).and_then(|hub| self.handles.offer_recovery(handle, &hub));
         match res {
             Ok(link) => {
                 crate::lock(&self.engines.listening).insert(listen.as_ptr() as usize, link);
+                true
             }
-            Err(e) => log::warn!(
+            Err(e) => {
+                log::warn!(
                 "listen on dev {dev}: connections from this listen will not recover from a broken inner connection: \
                  {e} (set {} or {}=0)",
-                crate::config::CTRL_ADDR.name,
-                crate::config::RECOVERY.name
-            ),
+                    crate::config::CTRL_ADDR.name,
+                    crate::config::RECOVERY.name
+                );
+                false
+            }
         }
+    }
+
+    /// At listen, with the control link offered: says in NCCL's handle that connections may be
+    /// claimed for this listen comm from the connector's pool.
+    fn offer_pool(&self, dev: i32, listen: Opaque, handle: &mut [u8; HANDLE_SIZE]) {
+        let Some(p) = &self.pool else { return };
+        let Ok(mut t) = handle::Trailer::read(handle) else {
+            return;
+        };
+        t.flags |= handle::FLAG_POOL;
+        t.write(handle);
+        crate::lock(&self.engines.pool_listens).insert(listen.as_ptr() as usize, t.conn_id);
+        p.listen(t.conn_id, Listening { secret: t.secret, dev })
+            .close(self.inner.as_ref());
+    }
+
+    /// At connect, when the listener pools: takes over an idle connection to its process, if
+    /// the listener grants one. `None`: connect afresh.
+    fn connect_pooled(&self, dev: i32, handle: &[u8; HANDLE_SIZE]) -> Option<Result<Option<Opaque>>> {
+        let p = self.pool.as_ref().filter(|_| self.recoverable(dev))?;
+        let cfg = self.recovery.as_ref()?;
+        let t = handle::Trailer::read(handle).ok()?;
+        if t.flags & handle::FLAG_POOL == 0 {
+            return None;
+        }
+        let ctrl = t.ctrl_socket()?;
+        let key = handle.as_ptr() as usize;
+        let (step, doomed) = p.connect_step(key, t.conn_id, t.secret, ctrl, dev);
+        doomed.close(self.inner.as_ref());
+        match step {
+            ConnectStep::Fresh => None,
+            ConnectStep::Waiting => Some(Ok(None)),
+            ConnectStep::Reuse(e) => Some(self.adopt(Kind::Send, e, dev, Some(ctrl), cfg)),
+        }
+    }
+
+    /// Makes a comm over the pooled connection `e`, with its engine.
+    fn adopt(
+        &self,
+        kind: Kind,
+        e: Entry,
+        dev: i32,
+        peer_ctrl: Option<SocketAddr>,
+        cfg: &RecoveryConfig,
+    ) -> Result<Option<Opaque>> {
+        let Entry {
+            comm,
+            link,
+            count,
+            reuses,
+            ..
+        } = e;
+        let c = self.wrap(kind, comm, dev, None)?;
+        let peer = self.lookup("", c).map(|r| r.label()).unwrap_or_default();
+        let mut engine = match kind {
+            Kind::Send => Engine::send(cfg.clone(), dev, peer, link, comm),
+            _ => Engine::recv(cfg.clone(), dev, peer, link, comm),
+        };
+        engine.set_base(count);
+        self.add_engine(c, engine);
+        crate::lock(&self.engines.pooled).insert(c.as_ptr() as usize, (peer_ctrl, reuses));
+        Ok(Some(c))
     }
 
     /// After a connect: the recovery engine of the new send comm when the peer offers one.
@@ -619,7 +802,12 @@ impl Shim {
         let Some(addr) = t.ctrl_socket() else { return };
         let peer = self.lookup("", comm).map(|c| c.label()).unwrap_or_default();
         match Link::connect(&self.link_cfg, addr, t.conn_id, t.secret) {
-            Ok(link) => self.add_engine(comm, Engine::send(cfg.clone(), dev, peer, link, inner)),
+            Ok(link) => {
+                self.add_engine(comm, Engine::send(cfg.clone(), dev, peer, link, inner));
+                if self.pool.is_some() && t.flags & handle::FLAG_POOL != 0 {
+                    crate::lock(&self.engines.pooled).insert(comm.as_ptr() as usize, (Some(addr), 0));
+                }
+            }
             Err(e) => log::warn!("connect on dev {dev}: {peer} will not recover from a broken inner connection: {e}"),
         }
     }
@@ -688,7 +876,9 @@ impl Transport for Shim {
                     // SAFETY: `inner` is the listen comm just made; nothing else has it.
                     let _ = unsafe { self.inner.close_listen(inner) };
                 })?;
-                self.offer_recovery(dev, l, handle);
+                if self.offer_recovery(dev, l, handle) {
+                    self.offer_pool(dev, l, handle);
+                }
                 Ok(l)
             }
             Err(e) => {
@@ -710,6 +900,12 @@ impl Transport for Shim {
         if let Some(m) = &self.metrics {
             m.setup_call(setup);
         }
+        if let Some(res) = self.connect_pooled(dev, handle) {
+            if let (Some(m), Ok(Some(_)) | Err(_)) = (&self.metrics, &res) {
+                m.setup_done(setup, res.is_ok());
+            }
+            return res.map_err(|e| e.context(format!("connect on dev {dev}")));
+        }
         let res = self.handles.connect(
             handle,
             |inner_handle| {
@@ -725,6 +921,9 @@ impl Transport for Shim {
         );
         if let (Some(m), Ok(Some(_)) | Err(_)) = (&self.metrics, &res) {
             m.setup_done(setup, res.is_ok());
+        }
+        if let (Some(p), Ok(Some(_)) | Err(_)) = (&self.pool, &res) {
+            p.connect_done(handle.as_ptr() as usize);
         }
         match res.map_err(|e| e.context(format!("connect on dev {dev}")))? {
             Some(c) => {
@@ -742,6 +941,24 @@ impl Transport for Shim {
         if let Some(m) = &self.metrics {
             m.setup_call(setup);
         }
+        let pool_id = self.pool.as_ref().and_then(|_| {
+            crate::lock(&self.engines.pool_listens)
+                .get(&(listen.as_ptr() as usize))
+                .copied()
+        });
+        if let (Some(p), Some(id), Some(cfg)) = (&self.pool, pool_id, &self.recovery) {
+            let (granted, doomed) = p.accept_step(id);
+            doomed.close(self.inner.as_ref());
+            if let Some(e) = granted {
+                // The link the listen offered is not needed: the pooled connection has its own.
+                crate::lock(&self.engines.listening).remove(&(listen.as_ptr() as usize));
+                let res = self.adopt(Kind::Recv, e, l.dev(), None, cfg);
+                if let Some(m) = &self.metrics {
+                    m.setup_done(setup, res.is_ok());
+                }
+                return res.map_err(|e| e.context(format!("accept on dev {}", l.dev())));
+            }
+        }
         // SAFETY: the listen comm is open; dev_handle is passed as the caller gave it.
         let inner = unsafe { self.inner.accept(l.inner(), dev_handle) };
         if let (Some(m), Ok(Some(_)) | Err(_)) = (&self.metrics, &inner) {
@@ -755,6 +972,9 @@ impl Transport for Shim {
                 if let (Some(cfg), Some(link)) = (&self.recovery, link) {
                     let peer = self.lookup("", r).map(|c| c.label()).unwrap_or_default();
                     self.add_engine(r, Engine::recv(cfg.clone(), l.dev(), peer, link, c));
+                    if pool_id.is_some() {
+                        crate::lock(&self.engines.pooled).insert(r.as_ptr() as usize, (None, 0));
+                    }
                 }
                 Ok(Some(r))
             }
