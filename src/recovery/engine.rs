@@ -701,8 +701,9 @@ impl Engine {
             Engine::Send(s) => s.side.next_seq(),
             Engine::Recv(r) => r.side.completed(),
         };
-        // The peer's comm, if still open, learns that nothing more comes from this one.
-        if let Err(e) = self.common_ref().link.send(MSG_CLOSED, &count.to_le_bytes()) {
+        // The peer's comm, if still open, learns that nothing more comes from this one (with the
+        // link's next round: nobody waits for it).
+        if let Err(e) = self.common_ref().link.send_lazy(MSG_CLOSED, &count.to_le_bytes()) {
             log::debug!(
                 "recovery with {}: telling the peer of the close failed: {e}",
                 self.common_ref().peer

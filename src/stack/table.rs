@@ -199,6 +199,9 @@ pub struct Table<T> {
     free: Mutex<Free>,
 }
 
+/// Released slots waiting before the oldest is reused.
+const REUSE_AFTER: usize = 64;
+
 struct Free {
     /// Slots never used yet start here.
     next_unused: usize,
@@ -222,7 +225,10 @@ impl<T: Record> Table<T> {
     /// Makes a new object from `spec` in a free slot; `None` when the table is full.
     pub fn insert(&self, spec: T::Spec) -> Option<(CommKey, &T)> {
         let mut f = crate::lock(&self.free);
-        let index = if f.next_unused < self.slots.len() {
+        // A released slot is reused once REUSE_AFTER others were released since (its record is
+        // allocated already and its memory warm; a stale key meets a new generation); before
+        // that, or while none is, a slot never used.
+        let index = if f.next_unused < self.slots.len() && f.released.len() < REUSE_AFTER {
             f.next_unused += 1;
             f.next_unused - 1
         } else {
