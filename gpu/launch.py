@@ -71,6 +71,21 @@ MODES = {
         "NCCL_TCPXSHIM_RECOVERY_COPY_MAX": "4194304",
         "NCCL_TCPXSHIM_RECOVERY_COPY_RING": "67108864",
     },
+    # Communicator churn (churn.py) with the pool on (the default) and off, metrics written every
+    # second so that the run can read the shim's connect and accept times and pool counts.
+    "shim-churn": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_METRICS_DIR": "/tmp/tcpxshim-churn-metrics/pool",
+        "NCCL_TCPXSHIM_METRICS_INTERVAL": "1",
+    },
+    "shim-churn-nopool": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_POOL": "0",
+        "NCCL_TCPXSHIM_METRICS_DIR": "/tmp/tcpxshim-churn-metrics/nopool",
+        "NCCL_TCPXSHIM_METRICS_INTERVAL": "1",
+    },
     "shim-cuda": {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",

@@ -23,6 +23,9 @@
 #   faults    (only when PARTS names it) DDP while `tcpxshim drop` shuts the shim's connections down
 #             every few seconds, losses against an undisturbed run; a rank killed mid-job (faults.py);
 #             FAULT_ENV ("K=V ...") adds settings to these runs
+#   churn     (only when PARTS names it) communicator churn: PyTorch new_group, one checked
+#             all_reduce, destroy, CHURN_CYCLES (20) times, over socket and the shim with its pool off
+#             and on (churn.py): time per cycle and the shim's share of it
 #   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s;
 #             PROFILE_MODES: the modes profiled, "shim" by default; PROFILE_OPS: all_reduce)
 #   multi     with GPUS=N (N > 1): one rank per GPU on N GPUs, the shim over N loopback devices
@@ -500,6 +503,17 @@ if has_part sweep; then
   else
     record FAIL "report" "no sweep produced results"
   fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+# Communicator churn (not in the default PARTS): new_group + all_reduce + destroy, CHURN_CYCLES (20)
+# times, over CHURN_MODES (socket, the shim with its pool off, on).
+if has_part churn; then
+  for mode in ${CHURN_MODES:-socket shim-churn-nopool shim-churn}; do
+    rm -rf "/tmp/tcpxshim-churn-metrics"
+    run_part "churn-$mode-w2" 2 "$mode" "${CHURN_TIMEOUT_S:-180}" -- "$here/churn.py" \
+      --cycles "${CHURN_CYCLES:-20}" --json "$logs/churn-$mode.json"
+  done
 fi
 
 # ------------------------------------------------------------------------------------------------

@@ -328,3 +328,24 @@ fn a_comm_whose_peer_closed_into_the_pool_fails_what_can_never_complete() {
     cycle(&a, &b, 4096, 5);
     assert!(a.errors().is_empty(), "{:?}", a.errors());
 }
+
+#[test]
+fn a_claim_is_answered_without_waiting_for_the_listeners_accept() {
+    let _serial = serial();
+    let (a, b) = (builtin(|_| {}), builtin(|_| {}));
+    cycle(&a, &b, 64, 0);
+    let (mut handle, listen) = b.listen(0).unwrap();
+    // The connector gets its comm while the listening side makes no call at all (its NCCL may be
+    // busy elsewhere in its set-up): the links' thread answered the claim.
+    let send = poll_until("the pooled connect", || a.connect(0, &mut handle).unwrap());
+    assert_eq!(counts(&a).hits, 1, "{:?}", counts(&a));
+    // The first accept returns the connection granted to this listen comm.
+    let (recv, _) = b
+        .accept(listen)
+        .unwrap()
+        .expect("the granted connection, at the first accept");
+    b.close_listen(listen).unwrap();
+    transfer_between(&a, send, &b, recv, &TransferOpts::new(70_000));
+    a.close_send(send).unwrap();
+    b.close_recv(recv).unwrap();
+}

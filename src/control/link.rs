@@ -410,7 +410,25 @@ struct LinkShared {
     dropped: AtomicBool,
     break_req: AtomicBool,
     attaches: AtomicU64,
+    /// Answers some messages on the links' thread as they arrive (see [`Link::set_handler`]).
+    handler: Mutex<Option<Handler>>,
+    /// Its end logged at debug level, not as a WARN (an idle link nobody uses).
+    quiet: AtomicBool,
 }
+
+/// What a link's handler did with a message.
+pub enum Handled {
+    /// Not its business: the message goes to the inbox.
+    No,
+    /// Taken.
+    Yes,
+    /// Taken, and this answer (type, body) goes back to the peer.
+    Reply(u16, Vec<u8>),
+}
+
+/// A handler of a link's incoming messages, called on the links' thread (or a caller reading
+/// the socket) with the links' state locked: it must not block, nor wait for a link.
+pub type Handler = Box<dyn FnMut(u16, &[u8]) -> Handled + Send>;
 
 impl LinkShared {
     fn peer_name(&self) -> String {
@@ -615,6 +633,8 @@ impl Hub {
             dropped: AtomicBool::new(false),
             break_req: AtomicBool::new(false),
             attaches: AtomicU64::new(0),
+            handler: Mutex::new(None),
+            quiet: AtomicBool::new(false),
         });
         lock(&inner.cmds).push(Cmd::Add(id, shared.clone(), connect_to));
         // A sender's connect starts now. A receiver's link needs the thread only once its sender
@@ -793,6 +813,18 @@ impl Link {
             self.hub.0.inner.wake();
         }
         self.try_recv()
+    }
+
+    /// Has `handler` look at each message from the peer as it arrives, before the inbox (for
+    /// requests that must be answered while nobody calls in: the pool's claims); `None` removes it.
+    pub fn set_handler(&self, handler: Option<Handler>) {
+        *lock(&self.shared.handler) = handler;
+    }
+
+    /// Whether the link's end is worth a WARN (false: logged at debug level; an idle link kept
+    /// for later whose peer went away is no news).
+    pub fn set_quiet(&self, quiet: bool) {
+        self.shared.quiet.store(quiet, Ordering::Release);
     }
 
     /// Where the link stands.
@@ -994,6 +1026,11 @@ impl LinkIo {
             return;
         }
         self.gone = true;
+        let level = if self.shared.quiet.load(Ordering::Acquire) {
+            log::Level::Debug
+        } else {
+            level
+        };
         log::log!(level, "{err}");
         *lock(&self.shared.gone) = Some(err);
         self.shared.state_tag.store(S_GONE, Ordering::Release);
@@ -1510,9 +1547,25 @@ impl Reactor {
                     return;
                 }
                 l.rx_seq = frame.seq;
-                lock(&l.shared.inbox).push_back((frame.msg_type, frame.body));
-                l.shared.inbox_len.fetch_add(1, Ordering::AcqRel);
                 self.traffic = true;
+                let handled = match lock(&l.shared.handler).as_mut() {
+                    Some(h) => h(frame.msg_type, &frame.body),
+                    None => Handled::No,
+                };
+                match handled {
+                    Handled::No => {
+                        lock(&l.shared.inbox).push_back((frame.msg_type, frame.body));
+                        l.shared.inbox_len.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Handled::Yes => {}
+                    Handled::Reply(ty, body) => {
+                        // Goes out with the thread's writes of this round (the links are serviced
+                        // after reading) or, read by a caller, of the next.
+                        l.shared.pending.fetch_add(1, Ordering::AcqRel);
+                        lock(&l.shared.outq).push_back((ty, body, false));
+                        self.inner.nudge();
+                    }
+                }
             }
             Kind::Ack | Kind::Heartbeat => {}
             Kind::Close => {

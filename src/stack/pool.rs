@@ -23,14 +23,14 @@
 //! both ends drop everything else they find on an idle or claiming link.
 
 use crate::config::{get, int, Setting, Vars};
-use crate::control::link::{Link, LinkState};
+use crate::control::link::{Handled, Link, LinkState};
 use crate::error::{Error, Result};
 use crate::lock;
 use crate::transport::{Opaque, Transport};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Whether connections are pooled.
@@ -262,6 +262,8 @@ pub fn judge(
 
 /// An idle connection, or one being handed over.
 pub struct Entry {
+    /// The pool's number for it (set when parked).
+    pub id: u64,
     /// The open inner comm.
     pub comm: Opaque,
     /// Its control link.
@@ -333,6 +335,8 @@ struct State {
     listening: HashMap<u32, Listening>,
     /// Listener: connections granted to a listen comm, for its next accept.
     granted: HashMap<u32, Entry>,
+    /// Denied on the links' thread: closed by the next pool operation.
+    dead: Vec<Entry>,
 }
 
 /// What a connect() call does about the pool.
@@ -351,6 +355,7 @@ pub struct Pool {
     /// Digest of the settings peers compare.
     digest: u64,
     state: Mutex<State>,
+    next_id: AtomicU64,
     /// Counts (the metrics hold them too).
     pub stats: std::sync::Arc<PoolStats>,
 }
@@ -395,6 +400,7 @@ impl Pool {
             cfg,
             digest,
             state: Mutex::new(State::default()),
+            next_id: AtomicU64::new(0),
             stats: Default::default(),
         }
     }
@@ -419,7 +425,7 @@ impl Pool {
 
     /// Takes out what is due to close: idle too long, links gone, claims not answered in time.
     fn expire(&self, st: &mut State, now: Instant) -> Doomed {
-        let mut out = Vec::new();
+        let mut out: Vec<(Entry, bool)> = st.dead.drain(..).map(|e| (e, false)).collect();
         let stale = |e: &Entry| {
             now.saturating_duration_since(e.since) > self.cfg.idle || matches!(e.link.state(), LinkState::Gone(_))
         };
@@ -456,8 +462,43 @@ impl Pool {
         self.expire(&mut st, Instant::now())
     }
 
-    /// A comm closed cleanly: keeps its connection. `send` says which side this is.
-    pub fn park(&self, entry: Entry, send: bool) -> Doomed {
+    /// A comm closed cleanly: keeps its connection. `send` says which side this is. A receive
+    /// connection's link answers claims on the links' thread from now on, so that a connector
+    /// does not wait for this process's next accept to be told.
+    pub fn park(self: &Arc<Self>, mut entry: Entry, send: bool) -> Doomed {
+        // (The handler is set before the pool's lock is taken: the links' thread calls it with
+        // the handler's lock held, and it takes the pool's.)
+        entry.id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        entry.link.set_quiet(true);
+        if !send {
+            let (pool, id) = (Arc::downgrade(self), entry.id);
+            let mut granted = false;
+            entry.link.set_handler(Some(Box::new(move |ty, body| {
+                if granted {
+                    return Handled::No; // the new comm's messages
+                }
+                if ty != MSG_CLAIM {
+                    return Handled::Yes; // the last comm's late ones
+                }
+                let (Some(pool), Some(claim)) = (pool.upgrade(), Claim::decode(body)) else {
+                    return Handled::No;
+                };
+                match pool.on_claim(id, &claim) {
+                    None => Handled::No,
+                    Some(ok) => {
+                        granted = ok;
+                        Handled::Reply(
+                            MSG_REPLY,
+                            Reply {
+                                listen: claim.listen,
+                                granted: ok,
+                            }
+                            .encode(),
+                        )
+                    }
+                }
+            })));
+        }
         let mut st = lock(&self.state);
         let mut doomed = self.expire(&mut st, Instant::now());
         self.stats.parked.fetch_add(1, Ordering::Relaxed);
@@ -621,6 +662,48 @@ impl Pool {
         lock(&self.state).fresh.remove(&key);
     }
 
+    /// Listener, on the links' thread: `claim` came on the link of idle receive connection `id`.
+    /// `None` when that connection is no longer idle here; else whether it was granted (it waits
+    /// for the listen comm's accept) or denied (it closes).
+    fn on_claim(&self, id: u64, claim: &Claim) -> Option<bool> {
+        let mut st = lock(&self.state);
+        let i = st.recv.iter().position(|e| e.id == id)?;
+        let e = &st.recv[i];
+        let verdict = judge(
+            claim,
+            st.listening.get(&claim.listen),
+            st.granted.contains_key(&claim.listen),
+            e.dev,
+            e.count,
+            self.digest,
+        );
+        let mut e = st.recv.remove(i);
+        match verdict {
+            Ok(()) => {
+                e.reuses += 1;
+                log::trace!(
+                    "pool: listen {} gets the idle connection from {} (reuse {}, {} messages so far)",
+                    claim.listen,
+                    e.peer,
+                    e.reuses,
+                    e.count
+                );
+                st.granted.insert(claim.listen, e);
+                Some(true)
+            }
+            Err(why) => {
+                log::debug!(
+                    "pool: denied a claim from {} for listen {}: {why:?}",
+                    e.peer,
+                    claim.listen
+                );
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                st.dead.push(e);
+                Some(false)
+            }
+        }
+    }
+
     /// Listener: one accept() call on listen comm `listen`: answers the claims that came in on
     /// idle connections, and returns the connection granted to `listen`, if any.
     pub fn accept_step(&self, listen: u32) -> (Option<Entry>, Doomed) {
@@ -687,11 +770,14 @@ impl Pool {
         out.extend(st.recv.drain(..).map(|e| (e, false)));
         out.extend(st.claims.drain().map(|(_, p)| (p.entry, true)));
         out.extend(st.granted.drain().map(|(_, e)| (e, false)));
+        out.extend(st.dead.drain(..).map(|e| (e, false)));
         Doomed(out)
     }
 }
 
 /// The answer to a claim for `listen` waiting on `link`, if it came; other messages are dropped.
+/// (`link` is a send connection's, which has no handler: reading its socket here, under the
+/// pool's lock, takes no other lock of the pool.)
 fn answer(link: &Link, listen: u32) -> Option<bool> {
     for _ in 0..64 {
         let (ty, body) = link.recv_now()?;
@@ -707,9 +793,11 @@ fn answer(link: &Link, listen: u32) -> Option<bool> {
 }
 
 /// A claim waiting on an idle connection's link, if one came; other messages are dropped.
+/// (From the inbox only: reading the socket here would run the link's handler, which takes the
+/// pool's lock, held by the caller.)
 fn claim_on(link: &Link) -> Option<Claim> {
     for _ in 0..64 {
-        let (ty, body) = link.recv_now()?;
+        let (ty, body) = link.try_recv()?;
         if ty != MSG_CLAIM {
             continue;
         }

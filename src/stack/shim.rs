@@ -104,7 +104,7 @@ pub struct Shim {
     link_cfg: LinkConfig,
     engines: Engines,
     /// Idle connections for the next comm between the same processes (NCCL_TCPXSHIM_POOL).
-    pool: Option<Pool>,
+    pool: Option<std::sync::Arc<Pool>>,
 }
 
 /// What the two ends of a pooled connection must agree on: the settings peers compare, and the
@@ -177,7 +177,10 @@ impl Shim {
                         inner.name()
                     );
                 }
-                Some(Pool::new(cfg.pool.clone(), pool::digest(&pool_settings(&handles, cfg))))
+                Some(std::sync::Arc::new(Pool::new(
+                    cfg.pool.clone(),
+                    pool::digest(&pool_settings(&handles, cfg)),
+                )))
             }
         };
         if let (Some(m), Some(p)) = (&metrics, &pool) {
@@ -258,7 +261,7 @@ impl Shim {
 
     /// The connection pool's counts; `None` when the stack does not pool.
     pub fn pool_counts(&self) -> Option<pool::PoolCounts> {
-        self.pool.as_ref().map(Pool::counts)
+        self.pool.as_deref().map(Pool::counts)
     }
 
     /// Closes every idle connection of the pool at once, as the process's end would (tests).
@@ -411,6 +414,7 @@ impl Shim {
             match e.park(self.inner.as_ref()) {
                 Ok(k) => {
                     let entry = Entry {
+                        id: 0,
                         comm: k.comm,
                         link: k.link,
                         count: k.count,
@@ -778,6 +782,8 @@ impl Shim {
             reuses,
             ..
         } = e;
+        link.set_handler(None);
+        link.set_quiet(false);
         let c = self.wrap(kind, comm, dev, None)?;
         let peer = self.lookup("", c).map(|r| r.label()).unwrap_or_default();
         let mut engine = match kind {
