@@ -349,3 +349,30 @@ fn a_claim_is_answered_without_waiting_for_the_listeners_accept() {
     a.close_send(send).unwrap();
     b.close_recv(recv).unwrap();
 }
+
+#[test]
+fn a_claim_that_comes_before_the_listeners_comm_closes_is_answered_when_it_does() {
+    let _serial = serial();
+    let (a, b) = (builtin(|_| {}), builtin(|_| {}));
+    let (mut handle, listen) = b.listen(0).unwrap();
+    let (send, (recv, _)) = connect_accept_between(&a, &b, &mut handle, listen);
+    b.close_listen(listen).unwrap();
+    transfer_between(&a, send, &b, recv, &TransferOpts::new(300));
+    // The connector's side closes and claims its connection for a new communicator at once,
+    // while the listener's old comm is still open: the claim waits on that comm's link.
+    a.close_send(send).unwrap();
+    let (mut handle, listen) = b.listen(0).unwrap();
+    assert_eq!(
+        a.connect(0, &mut handle).unwrap(),
+        None,
+        "no answer while the old comm is open"
+    );
+    b.close_recv(recv).unwrap();
+    let send = poll_until("the pooled connect", || a.connect(0, &mut handle).unwrap());
+    let recv = poll_until("the accept", || b.accept(listen).unwrap()).0;
+    b.close_listen(listen).unwrap();
+    assert_eq!(counts(&a).hits, 1, "{:?}", counts(&a));
+    transfer_between(&a, send, &b, recv, &TransferOpts::new(1 << 20));
+    a.close_send(send).unwrap();
+    b.close_recv(recv).unwrap();
+}

@@ -186,6 +186,8 @@ struct Common {
     peer_closed: Option<u64>,
     /// The requests that can no longer complete because of that were failed.
     closed_failed: bool,
+    /// Messages of other types read from the link (see `read_link`).
+    stash: Vec<(u16, Vec<u8>)>,
 }
 
 /// What a parked engine leaves for the pool: see [`Engine::park`].
@@ -196,6 +198,8 @@ pub struct Parked {
     pub link: Link,
     /// Messages the connection carried (sends posted; sends received).
     pub count: u64,
+    /// Messages of the link that were not the engine's, and what the link still holds.
+    pub stash: Vec<(u16, Vec<u8>)>,
 }
 
 impl Common {
@@ -286,6 +290,11 @@ impl Common {
                 continue;
             }
             if ty != MSG_CONTROL {
+                // Not the engine's: kept for whoever has the link next (a claim of the pool
+                // that came before this comm closed), a few at most.
+                if self.stash.len() < 4 {
+                    self.stash.push((ty, body));
+                }
                 continue;
             }
             match Control::decode(&body) {
@@ -372,6 +381,7 @@ fn common(dev: i32, peer: String, link: Link, comm: Opaque) -> Common {
         base: 0,
         peer_closed: None,
         closed_failed: false,
+        stash: Vec::new(),
     }
 }
 
@@ -723,10 +733,17 @@ impl Engine {
                 let _ = unsafe { inner.dereg_mr(comm, m) };
             }
         }
+        let mut stash = std::mem::take(&mut c.stash);
+        while let Some(m) = c.link.try_recv() {
+            if m.0 != MSG_CONTROL && m.0 != MSG_CLOSED && stash.len() < 4 {
+                stash.push(m);
+            }
+        }
         Ok(Parked {
             comm,
             link: c.link,
             count: c.base + count,
+            stash,
         })
     }
 

@@ -65,6 +65,8 @@ pub const POOL_IDLE: Setting = Setting {
 /// How long a connector waits for the listener's answer to a claim before it makes a fresh
 /// connection.
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connect() call waits for the answer to its claim before it returns no comm yet.
+pub const CLAIM_SPIN: Duration = Duration::from_millis(2);
 /// How long a connect waits for the link of an idle connection parked before its link attached.
 const ATTACH_WAIT: Duration = Duration::from_secs(1);
 /// A claim whose connect NCCL stopped calling is closed after this long.
@@ -465,43 +467,41 @@ impl Pool {
     /// A comm closed cleanly: keeps its connection. `send` says which side this is. A receive
     /// connection's link answers claims on the links' thread from now on, so that a connector
     /// does not wait for this process's next accept to be told.
-    pub fn park(self: &Arc<Self>, mut entry: Entry, send: bool) -> Doomed {
+    /// `stash`: the messages the connection's last comm found on its link that were the pool's
+    /// (a claim that came before this side's comm closed).
+    pub fn park(self: &Arc<Self>, mut entry: Entry, send: bool, stash: Vec<(u16, Vec<u8>)>) -> Doomed {
         // (The handler is set before the pool's lock is taken: the links' thread calls it with
         // the handler's lock held, and it takes the pool's.)
         entry.id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         entry.link.set_quiet(true);
         if !send {
             let (pool, id) = (Arc::downgrade(self), entry.id);
-            let mut granted = false;
             entry.link.set_handler(Some(Box::new(move |ty, body| {
-                if granted {
-                    return Handled::No; // the new comm's messages
-                }
-                if ty != MSG_CLAIM {
-                    return Handled::Yes; // the last comm's late ones
-                }
-                let (Some(pool), Some(claim)) = (pool.upgrade(), Claim::decode(body)) else {
+                let Some(pool) = pool.upgrade() else {
                     return Handled::No;
                 };
-                match pool.on_claim(id, &claim) {
+                let claim = (ty == MSG_CLAIM).then(|| Claim::decode(body)).flatten();
+                let Some(claim) = claim else {
+                    // The last comm's late messages while idle; once handed over, the new comm's.
+                    return if pool.is_idle(id) { Handled::Yes } else { Handled::No };
+                };
+                match pool.on_claim(id, &claim, false) {
                     None => Handled::No,
-                    Some(ok) => {
-                        granted = ok;
-                        Handled::Reply(
-                            MSG_REPLY,
-                            Reply {
-                                listen: claim.listen,
-                                granted: ok,
-                            }
-                            .encode(),
-                        )
-                    }
+                    Some(ok) => Handled::Reply(
+                        MSG_REPLY,
+                        Reply {
+                            listen: claim.listen,
+                            granted: ok,
+                        }
+                        .encode(),
+                    ),
                 }
             })));
         }
         let mut st = lock(&self.state);
         let mut doomed = self.expire(&mut st, Instant::now());
         self.stats.parked.fetch_add(1, Ordering::Relaxed);
+        let id = entry.id;
         let list = if send { &mut st.send } else { &mut st.recv };
         list.push(entry);
         while list.len() > self.cfg.max {
@@ -513,6 +513,12 @@ impl Pool {
                 POOL_MAX.name
             );
             doomed.0.push((e, send));
+        }
+        drop(st);
+        for (ty, body) in stash {
+            if let (false, MSG_CLAIM, Some(c)) = (send, ty, Claim::decode(&body)) {
+                self.on_claim(id, &c, true);
+            }
         }
         doomed
     }
@@ -665,7 +671,8 @@ impl Pool {
     /// Listener, on the links' thread: `claim` came on the link of idle receive connection `id`.
     /// `None` when that connection is no longer idle here; else whether it was granted (it waits
     /// for the listen comm's accept) or denied (it closes).
-    fn on_claim(&self, id: u64, claim: &Claim) -> Option<bool> {
+    /// `reply`: send the answer here (else the caller does).
+    fn on_claim(&self, id: u64, claim: &Claim, reply: bool) -> Option<bool> {
         let mut st = lock(&self.state);
         let i = st.recv.iter().position(|e| e.id == id)?;
         let e = &st.recv[i];
@@ -678,6 +685,15 @@ impl Pool {
             self.digest,
         );
         let mut e = st.recv.remove(i);
+        if reply {
+            let r = Reply {
+                listen: claim.listen,
+                granted: verdict.is_ok(),
+            };
+            if let Err(err) = e.link.send(MSG_REPLY, &r.encode()) {
+                log::debug!("pool: answering a claim failed: {err}");
+            }
+        }
         match verdict {
             Ok(()) => {
                 e.reuses += 1;
@@ -702,6 +718,11 @@ impl Pool {
                 Some(false)
             }
         }
+    }
+
+    /// Whether receive connection `id` is idle here still.
+    fn is_idle(&self, id: u64) -> bool {
+        lock(&self.state).recv.iter().any(|e| e.id == id)
     }
 
     /// Listener: one accept() call on listen comm `listen`: answers the claims that came in on

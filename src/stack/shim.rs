@@ -424,7 +424,7 @@ impl Shim {
                         since: std::time::Instant::now(),
                         reuses,
                     };
-                    p.park(entry, kind == Kind::Send).close(self.inner.as_ref());
+                    p.park(entry, kind == Kind::Send, k.stash).close(self.inner.as_ref());
                     parked = true;
                 }
                 Err(e) => engine = Some(e),
@@ -757,12 +757,18 @@ impl Shim {
         }
         let ctrl = t.ctrl_socket()?;
         let key = handle.as_ptr() as usize;
-        let (step, doomed) = p.connect_step(key, t.conn_id, t.secret, ctrl, dev);
-        doomed.close(self.inner.as_ref());
-        match step {
-            ConnectStep::Fresh => None,
-            ConnectStep::Waiting => Some(Ok(None)),
-            ConnectStep::Reuse(e) => Some(self.adopt(Kind::Send, e, dev, Some(ctrl), cfg)),
+        // The listener's links' thread answers within a round trip: wait that long here rather
+        // than make NCCL call again (NCCL retries a connect that returned no comm on a slower path).
+        let until = std::time::Instant::now() + pool::CLAIM_SPIN;
+        loop {
+            let (step, doomed) = p.connect_step(key, t.conn_id, t.secret, ctrl, dev);
+            doomed.close(self.inner.as_ref());
+            match step {
+                ConnectStep::Fresh => return None,
+                ConnectStep::Waiting if std::time::Instant::now() < until => std::thread::yield_now(),
+                ConnectStep::Waiting => return Some(Ok(None)),
+                ConnectStep::Reuse(e) => return Some(self.adopt(Kind::Send, e, dev, Some(ctrl), cfg)),
+            }
         }
     }
 
