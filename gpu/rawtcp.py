@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Raw loopback TCP throughput: the ceiling the shim's built-in transport is compared with.
 
-    python3 gpu/rawtcp.py [--streams 1,2,4,8] [--seconds 2] [--write 4M] [--both]
+    python3 gpu/rawtcp.py [--streams 1,2,4,8] [--seconds 2] [--write 4M] [--both] [--netns A,B --addrs IP_A,IP_B]
 
 Each stream is one TCP connection over 127.0.0.1 with a thread writing WRITE-byte buffers and a
 thread reading them, for SECONDS; the figure is the bytes received over the elapsed time, summed
 over the streams. --both also runs every stream count with traffic in both directions at once (two
 connections per stream, one each way), which is what a 2-rank all-reduce or send/recv puts on
-loopback. Plain sockets, no NCCL, no plugin: what the kernel gives.
+loopback. Plain sockets, no NCCL, no plugin: what the kernel gives. With --netns, each connection's
+listening end is made in network namespace A on IP_A and its connecting end in B (sockets keep the
+namespace they were made in, so one process can hold both): the path between two namespaces.
 """
 
 import argparse
@@ -24,11 +26,39 @@ def parse_bytes(text):
     return int(t[:-1]) * mult[t[-1]] if t and t[-1] in mult else int(t)
 
 
+# (namespace of the listening end, its address, namespace of the connecting end); None: loopback.
+PATH = None
+
+
+def _setns(name):
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            e = ctypes.get_errno()
+            raise OSError(e, f"setns into {name}: {os.strerror(e)}")
+    finally:
+        os.close(fd)
+
+
 def _pair():
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    c = socket.create_connection(lst.getsockname(), timeout=10)
+    if PATH is None:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        c = socket.create_connection(lst.getsockname(), timeout=10)
+    else:
+        ns_a, addr_a, ns_b = PATH
+        lst.close()
+        _setns(ns_a)
+        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lst.bind((addr_a, 0))
+        lst.listen(1)
+        _setns(ns_b)
+        c = socket.create_connection(lst.getsockname(), timeout=10)
     s, _ = lst.accept()
     lst.close()
     for so in (c, s):
@@ -70,6 +100,8 @@ def run(streams, seconds, write, both):
 
     threads = []
     for i, (c, s) in enumerate(pairs):
+        if both and i % 2:
+            c, s = s, c  # every other connection the other way
         threads.append(threading.Thread(target=sender, args=(c,), daemon=True))
         threads.append(threading.Thread(target=receiver, args=(i, s), daemon=True))
     for t in threads:
@@ -95,9 +127,19 @@ def main():
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
     ap.add_argument("--write", default="4M", help="bytes per write (K/M suffixes)")
     ap.add_argument("--both", action="store_true", help="also measure both directions at once")
+    ap.add_argument("--netns", help="A,B: listening ends in namespace A, connecting ends in B")
+    ap.add_argument("--addrs", help="IP_A,IP_B: the addresses in A and B (with --netns)")
     a = ap.parse_args()
     write = parse_bytes(a.write)
-    print(f"raw loopback TCP, {a.write} writes, {a.seconds:g} s per figure")
+    global PATH
+    where = "loopback"
+    if a.netns:
+        ns, addrs = a.netns.split(","), (a.addrs or "").split(",")
+        if len(ns) != 2 or len(addrs) != 2:
+            ap.error("--netns and --addrs want two values each")
+        PATH = (ns[0], addrs[0], ns[1])
+        where = f"{ns[0]} ({addrs[0]}) <- {ns[1]} ({addrs[1]})"
+    print(f"raw {where} TCP, {a.write} writes, {a.seconds:g} s per figure")
     print(f"{'streams':>8} {'one way GB/s':>13}" + (f" {'both ways GB/s (sum)':>21}" if a.both else ""))
     for n in [int(x) for x in a.streams.split(",") if x]:
         one = run(n, a.seconds, write, False)

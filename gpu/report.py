@@ -205,7 +205,7 @@ def fmt_tick(v):
     return f"{v:g}"
 
 
-def svg_plot(data, width=1100, height=480):
+def svg_plot(data, width=1100, height=480, title=None):
     ops = ops_of(data)
     sweeps = data["sweeps"]
     esc = html.escape
@@ -234,7 +234,8 @@ def svg_plot(data, width=1100, height=480):
     v = sweeps[0].get("versions", {}) if sweeps else {}
     o.append(
         f'<text x="{width / 2:.1f}" y="22" text-anchor="middle" font-size="16" font-weight="bold">'
-        f"Bus bandwidth against message size: {world} ranks on one GPU over loopback, NCCL {esc(str(v.get('nccl', '?')))}</text>"
+        + esc(title or f"Bus bandwidth against message size: {world} ranks on one GPU over loopback, NCCL {v.get('nccl', '?')}")
+        + "</text>"
     )
     # Legend, centred under the title.
     items = [

@@ -28,6 +28,16 @@
 #             and on (churn.py): time per cycle and the shim's share of it
 #   profile   per-thread CPU use (threadprof.py) during shim all-reduces of 32 to 128 MiB (about 15 s;
 #             PROFILE_MODES: the modes profiled, "shim" by default; PROFILE_OPS: all_reduce)
+#   nccltests NVIDIA's nccl-tests (pinned: 2.19.6) under mpirun, from NCCL_TESTS_BIN (its built *_perf)
+#             or NCCL_TESTS_SRC (a checkout, built into OUTDIR/nccl-tests-build with MPI=1 against the
+#             system NCCL): NT_OPS (all_reduce sendrecv all_gather reduce_scatter alltoall broadcast)
+#             with byte checks (-c 1), NT_MIN to NT_MAX (8 to 128M, x4), NT_ITERS (20) and NT_WARMUP
+#             (5) iterations, over NT_MODES (socket shim), with mpirun's default binding and
+#             --bind-to none (NT_BINDS), NT_WORLDS (2 4) ranks; per-thread CPU profiles of the shim's
+#             runs (NT_PROFILE=1); with NT_NETNS=1 and IP_BIN (iproute2's `ip`; LD_LIBRARY_PATH for
+#             its libraries) also 2 ranks in two network namespaces joined by a veth pair: the raw
+#             TCP ceiling across it and NT_NETNS_REPEAT (3) runs of NT_NETNS_OPS
+#             (all_reduce,sendrecv); then nccl-tests.md and nccl-tests-w<N>[-netns].svg
 #   multi     with GPUS=N (N > 1): one rank per GPU on N GPUs, the shim over N loopback devices
 #             (NCCL_TCPXSHIM_TCP_ADDRS=127.0.0.1,...,127.0.0.N, each with its GPU's PCI path, so that
 #             NCCL's topology search can give each GPU its own device); collectives over shim and
@@ -44,7 +54,7 @@
 #
 # Settings (environment): QUICK=1 (as --quick: fewer sizes and iterations), PYTHON (python3),
 # WORLDS ("2 4": rank counts of the correctness runs), PARTS ("ceiling coll counters metrics ddp
-# sweep profile multi"), TCPXSHIM_BIN (the tcpxshim command, for the ceiling and metrics parts),
+# sweep profile nccltests multi"), TCPXSHIM_BIN (the tcpxshim command, for the ceiling and metrics parts),
 # SWEEP_MODES ("socket socket44 shim"; shim-cuda may be added), SUITE_BUDGET_S (470: the whole suite's seconds; a
 # run's timeout is cut to what is left, and runs are skipped once less than 45 s is left),
 # SHIM_NET_NAME (tcpxshim: the network name NCCL should report for the shim), COLL_SIZES (element
@@ -77,13 +87,13 @@ so="$(realpath "${pos[0]}")"
 mkdir -p "${pos[1]}/logs" || exit 2
 out="$(realpath "${pos[1]}")"
 logs="$out/logs"
-rm -f "$logs"/*.log "$logs"/*.json "$logs"/*.pids "$logs"/*.txt "$logs"/*.tmp \
+rm -f "$logs"/*.log "$logs"/*.json "$logs"/*.pids "$logs"/*.txt "$logs"/*.tmp "$logs"/*.out \
   "$out/summary.txt" "$out/results.md" "$out/busbw.svg" "$out/sweeps.json" "$out/logs.tar.gz" \
-  "$out/multi-results.md" "$out/multi-busbw.svg" "$out/multi-sweeps.json" "$out/metrics.md" "$out/metrics-throughput.svg"
+  "$out/multi-results.md" "$out/multi-busbw.svg" "$out"/nccl-tests*.svg "$out/nccl-tests.md" "$out/multi-sweeps.json" "$out/metrics.md" "$out/metrics-throughput.svg"
 
 PY="${PYTHON:-python3}"
 WORLDS="${WORLDS:-2 4}"
-PARTS="${PARTS:-ceiling coll counters metrics ddp sweep profile multi}"
+PARTS="${PARTS:-ceiling coll counters metrics ddp sweep profile nccltests multi}"
 GPUS="${GPUS:-1}"
 SWEEP_MODES="${SWEEP_MODES:-socket socket44 shim}"
 budget="${SUITE_BUDGET_S:-470}"
@@ -591,6 +601,85 @@ if has_part profile; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+# nccl-tests under mpirun: every operation of NT_OPS through NT_MODES (socket, shim), with mpirun's
+# default binding and --bind-to none (NT_BINDS), NT_WORLDS ranks; byte checks on. nccl-tests comes
+# from NCCL_TESTS_BIN (built *_perf) or NCCL_TESTS_SRC (a checkout, built here into logs/).
+# With NT_NETNS=1 and IP_BIN (the `ip` command) also 2 ranks in two network namespaces joined by a
+# veth pair, NT_NETNS_REPEAT (3) runs of NT_NETNS_OPS, and the raw TCP ceiling across the pair.
+nt_built() {
+  local d="$1" op
+  for op in ${NT_OPS:-all_reduce sendrecv all_gather reduce_scatter alltoall broadcast}; do
+    [[ -x "$d/${op}_perf" ]] || return 1
+  done
+}
+if has_part nccltests; then
+  nt_bin="${NCCL_TESTS_BIN:-}"
+  if [[ -z "$nt_bin" && -n "${NCCL_TESTS_SRC:-}" ]]; then
+    nt_bin="$out/nccl-tests-build"
+    check nccltests-build "$here/nccltests.py" build --src "$NCCL_TESTS_SRC" --builddir "$nt_bin"
+    record "$(status_word $?)" "nccltests-build" "$(tail -1 "$logs/nccltests-build.txt")"
+  fi
+  if [[ -z "$nt_bin" ]]; then
+    record SKIP "nccltests" "set NCCL_TESTS_SRC (an nccl-tests checkout) or NCCL_TESTS_BIN (its built *_perf)"
+  elif ! command -v mpirun >/dev/null 2>&1; then
+    record SKIP "nccltests" "no mpirun on PATH"
+  elif ! nt_built "$nt_bin"; then
+    record FAIL "nccltests" "no nccl-tests binaries in $nt_bin"
+  else
+    nt_ops="$(echo ${NT_OPS:-all_reduce sendrecv all_gather reduce_scatter alltoall broadcast} | tr ' ' ,)"
+    nt_args=(--min "${NT_MIN:-8}" --max "${NT_MAX:-128M}" --iters "${NT_ITERS:-20}" --warmup "${NT_WARMUP:-5}")
+    [[ "$quick" == 1 ]] && nt_args=(--min 8 --max 1M --iters 3 --warmup 1)
+    nt_jsons=()
+    for w in ${NT_WORLDS:-2 4}; do
+      for bind in ${NT_BINDS:-default none}; do
+        for mode in ${NT_MODES:-socket shim}; do
+          tag="nt-$mode-$bind-w$w"
+          prof=()
+          [[ $mode == shim* && "${NT_PROFILE:-1}" == 1 ]] && prof=(--profile)
+          echo
+          echo "=== $tag ($(date +%T), suite at $((SECONDS - t_start)) s)"
+          "$PY" "$here/nccltests.py" run --bindir "$nt_bin" --mode "$mode" --plugin "$so" --ranks "$w" --bind "$bind" \
+            --logdir "$logs" --json "$logs/$tag.json" --ops "$nt_ops" "${nt_args[@]}" "${prof[@]}" \
+            --timeout "${NT_TIMEOUT_S:-240}" 2>&1 | tee "$logs/$tag.txt"
+          nrc=${PIPESTATUS[0]}
+          [[ -f "$logs/$tag.json" ]] && nt_jsons+=("$logs/$tag.json")
+          record "$(status_word "$nrc")" "$tag" "$(grep -c '^PASS' "$logs/$tag.txt") of $(grep -c '^PASS\|^FAIL' "$logs/$tag.txt") runs passed; $(grep -h '^FAIL' "$logs/$tag.txt" | head -1 | cut -c1-160)"
+        done
+      done
+    done
+    if [[ "${NT_NETNS:-0}" == 1 ]]; then
+      if [[ -z "${IP_BIN:-}" ]]; then
+        record SKIP "nccltests-netns" "NT_NETNS=1 needs IP_BIN (the ip command of iproute2)"
+      elif check nccltests-netns-up "$here/nccltests.py" netns up --ip "$IP_BIN"; then
+        check ceiling-netns "$here/rawtcp.py" --streams 1,4,8 --seconds 2 --both --netns tcpxshim-ns0,tcpxshim-ns1 \
+          --addrs 10.231.9.1,10.231.9.2
+        record "$(status_word $?)" "ceiling-rawtcp-netns" "$(grep -E '^ +8 ' "$logs/ceiling-netns.txt" | awk '{print "8 streams: " $2 " GB/s one way, " $3 " GB/s both ways"}')"
+        for mode in ${NT_MODES:-socket shim}; do
+          tag="nt-$mode-none-w2-netns"
+          echo
+          echo "=== $tag ($(date +%T), suite at $((SECONDS - t_start)) s)"
+          "$PY" "$here/nccltests.py" run --bindir "$nt_bin" --mode "$mode" --plugin "$so" --ranks 2 --bind none \
+            --netns tcpxshim-ns0,tcpxshim-ns1 --ifname tsv --logdir "$logs" --json "$logs/$tag.json" \
+            --ops "${NT_NETNS_OPS:-all_reduce,sendrecv}" --repeat "${NT_NETNS_REPEAT:-3}" "${nt_args[@]}" \
+            --timeout "${NT_TIMEOUT_S:-240}" 2>&1 | tee "$logs/$tag.txt"
+          nrc=${PIPESTATUS[0]}
+          [[ -f "$logs/$tag.json" ]] && nt_jsons+=("$logs/$tag.json")
+          record "$(status_word "$nrc")" "$tag" "$(grep -c '^PASS' "$logs/$tag.txt") of $(grep -c '^PASS\|^FAIL' "$logs/$tag.txt") runs passed"
+        done
+        "$PY" "$here/nccltests.py" netns down --ip "$IP_BIN" >/dev/null
+      else
+        record FAIL "nccltests-netns" "$(tail -1 "$logs/nccltests-netns-up.txt")"
+      fi
+    fi
+    if [[ ${#nt_jsons[@]} -gt 0 ]]; then
+      "$PY" "$here/nccltests.py" report "${nt_jsons[@]}" --md "$out/nccl-tests.md" --svg-prefix "$out/nccl-tests" \
+        >"$logs/nccltests-report.txt" 2>&1
+      record "$(status_word $?)" "nccltests-report" "$(tail -1 "$logs/nccltests-report.txt")"
+    fi
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
 # One rank per GPU, one shim device per GPU.
 multi_addrs() {
   local i=0 bus path list=()
@@ -680,6 +769,11 @@ tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
     echo
     cat "$logs/sweep-tables.txt"
   fi
+  if [[ -f "$out/nccl-tests.md" ]]; then
+    echo "nccl-tests (from nccl-tests.md):"
+    grep -E '^(## |\| )' "$out/nccl-tests.md"
+    echo
+  fi
   if [[ -f "$out/results.md" ]]; then
     echo "Summary table (from results.md):"
     sed -n '/^## Summary/,/^## all-reduce/p' "$out/results.md" | sed '1d;$d'
@@ -689,6 +783,7 @@ tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
   [[ -f "$out/results.md" ]] && echo "  results.md    tables per operation, one column per mode, ratios to socket"
   [[ -f "$out/busbw.svg" ]] && echo "  busbw.svg     busbw against size, one line per mode"
   [[ -f "$out/sweeps.json" ]] && echo "  sweeps.json   every sweep's rows"
+  [[ -f "$out/nccl-tests.md" ]] && echo "  nccl-tests.md nccl-tests under mpirun: the shim against Socket per binding, every table; nccl-tests-w*.svg: plots"
   [[ -f "$out/metrics.md" ]] && echo "  metrics.md    the metrics part: per rank the byte deltas, per connection bytes, messages, GB/s"
   [[ -f "$out/metrics-throughput.svg" ]] && echo "  metrics-throughput.svg  each connection's throughput against time, from the metrics files"
   echo "  logs.tar.gz   logs/: every rank's log (<run>.rank<r>.log), each check's output, each part's JSON"

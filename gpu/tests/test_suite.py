@@ -32,6 +32,7 @@ import launch  # noqa: E402
 import logcheck  # noqa: E402
 import metrics  # noqa: E402
 import metricswatch  # noqa: E402
+import nccltests  # noqa: E402
 import prom  # noqa: E402
 import rawtcp  # noqa: E402
 import report  # noqa: E402
@@ -39,6 +40,20 @@ import threadprof  # noqa: E402
 
 FAKE_TORCH = os.path.join(HERE, "fake_torch")
 FAKE_BIN = os.path.join(HERE, "fake_bin")
+FAKE_PERF = os.path.join(HERE, "fake_nccl_tests", "fake_perf.py")
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def fake_nccl_tests(d):
+    """A directory of nccl-tests binaries, every one the fake (fake_nccl_tests/fake_perf.py)."""
+    os.makedirs(d, exist_ok=True)
+    for op in nccltests.OPS:
+        os.symlink(FAKE_PERF, os.path.join(d, f"{op}_perf"))
+    return d
 
 
 def fake_env(**extra):
@@ -1021,6 +1036,133 @@ class ToolTests(unittest.TestCase):
             self.assertGreater(share(part, busy.pid), 5 * share(part, idle.pid), p.stdout)
 
 
+NT_OUTPUT = """# nccl-tests version 2.19.6 nccl-headers=22803 nccl-library=22803
+# Collective test starting: all_reduce_perf
+#
+#       size         count      type   redop    root     time   algbw   busbw  #wrong     time   algbw   busbw  #wrong
+#        (B)    (elements)                               (us)  (GB/s)  (GB/s)             (us)  (GB/s)  (GB/s)
+           8             2     float     sum      -1    28.70    0.00    0.00       0    28.10    0.00    0.00       0
+   134217728      33554432     float     sum      -1  28460.1    4.72    4.72       0  28000.0    4.79    4.79       2
+rank=1 #wrong=2
+# Out of bounds values : 2 FAILED
+# Avg bus bandwidth    : 2.36
+"""
+
+
+class NcclTestsTests(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+
+    def tearDown(self):
+        shutil.rmtree(self.dir)
+
+    def test_output_is_parsed_with_both_placements_and_the_check(self):
+        rows, oob = nccltests.parse_output(NT_OUTPUT, "all_reduce", 2, 20)
+        self.assertEqual(oob, 2)
+        self.assertEqual([r["size"] for r in rows], [8, 134217728])
+        self.assertEqual(rows[0]["time_us"], 28.7)
+        self.assertEqual(rows[0]["ip_time_us"], 28.1)
+        self.assertEqual(rows[1]["busbw"], 4.72)
+        self.assertEqual(rows[1]["ip_busbw"], 4.79)
+        self.assertEqual([r["wrong"] for r in rows], [0, 2])
+        self.assertEqual(nccltests.parse_output("# nothing\nrank=0 #wrong=3\n", "x", 2, 1), ([], None))
+
+    def test_repeats_merge_to_the_median_and_keep_every_run(self):
+        runs = [[{"size": 8, "time_us": t, "busbw": 1.0 / t, "algbw": 1.0 / t, "wrong": w}]
+                for t, w in ((30.0, 0), (10.0, 1), (20.0, 0))]
+        (row,) = nccltests.merge_repeats(runs)
+        self.assertEqual(row["time_us"], 20.0)
+        self.assertAlmostEqual(row["busbw"], 1.0 / 20)
+        self.assertEqual(row["wrong"], 1)
+        self.assertEqual(row["runs_time_us"], [30.0, 10.0, 20.0])
+        self.assertAlmostEqual(nccltests.spread(row), 1.0)
+
+    def run_nt(self, mode, bind, world, log, **env):
+        bindir = os.path.join(self.dir, "bin")
+        if not os.path.isdir(bindir):
+            fake_nccl_tests(bindir)
+        js = os.path.join(self.dir, f"{mode}-{bind}-w{world}.json")
+        e = fake_env(FAKE_MPIRUN_LOG=log, **env)
+        p = subprocess.run([sys.executable, os.path.join(GPU, "nccltests.py"), "run", "--bindir", bindir, "--mode", mode,
+                            "--plugin", "/x/lib.so", "--ranks", str(world), "--bind", bind, "--logdir",
+                            os.path.join(self.dir, "logs"), "--json", js, "--ops", "all_reduce,alltoall", "--max", "1M",
+                            "--repeat", "2"], env=e, capture_output=True, text=True, timeout=120)
+        return p.returncode, p.stdout + p.stderr, js
+
+    def test_runs_under_mpirun_with_each_binding_and_report(self):
+        log = os.path.join(self.dir, "mpirun.log")
+        jsons = []
+        for mode, bind, world in (("socket", "default", 2), ("shim", "default", 2), ("socket", "none", 2),
+                                  ("shim", "none", 2), ("shim", "none", 4)):
+            rc, out, js = self.run_nt(mode, bind, world, log)
+            self.assertEqual(rc, 0, out)
+            self.assertIn(f"PASS {mode} {bind} w{world} alltoall run 2", out)
+            jsons.append(js)
+        calls = read(log).splitlines()
+        self.assertEqual(len(calls), 5 * 2 * 2)
+        self.assertFalse([c for c in calls[:8] if "--bind-to" in c], calls[:8])
+        self.assertTrue(all("--bind-to none" in c for c in calls[8:]), calls[8:])
+        self.assertTrue(all(" -c 1 " in c and "-x NCCL_NET_PLUGIN" in c for c in calls), calls)
+        with open(jsons[1]) as f:
+            res = json.load(f)
+        self.assertEqual(res["mode"], "shim")
+        self.assertEqual([r["size"] for r in res["ops"]["all_reduce"]], [8, 32, 128, 512, 2048, 8192, 32768,
+                                                                         131072, 524288])
+        self.assertEqual(len(res["ops"]["all_reduce"][0]["runs_time_us"]), 2)
+        logs = os.listdir(os.path.join(self.dir, "logs"))
+        self.assertIn("nt-shim-default-w2.all_reduce.r0.rank1.log", logs)
+        with open(os.path.join(self.dir, "logs", "nt-shim-default-w2.all_reduce.r0.rank1.log")) as f:
+            self.assertIn("NCCL_NET_PLUGIN=/x/lib.so", f.read())
+        md = os.path.join(self.dir, "nt.md")
+        p = subprocess.run([sys.executable, os.path.join(GPU, "nccltests.py"), "report", *jsons, "--md", md,
+                            "--svg-prefix", os.path.join(self.dir, "nt")], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        text = read(md)
+        self.assertIn("## 2 ranks, loopback", text)
+        self.assertIn("## 4 ranks, loopback", text)
+        self.assertRegex(text, r"\| mpirun's default binding \| 20\.0 us \| 20\.0 us \| 1\.00x \| n/a")
+        self.assertIn("| --bind-to none |", text)
+        self.assertIn("# shim none, 2 ranks: alltoall", text)
+        for name in ("nt-w2.svg", "nt-w4.svg"):
+            ET.parse(os.path.join(self.dir, name))
+
+    def test_wrong_values_fail_the_run(self):
+        rc, out, js = self.run_nt("shim", "none", 2, os.path.join(self.dir, "m.log"), FAKE_NT_WRONG="alltoall")
+        self.assertEqual(rc, 1, out)
+        self.assertIn("FAIL shim none w2 alltoall run 1: exit 0, 9 sizes, 1 wrong, out of bounds 1", out)
+        self.assertIn("PASS shim none w2 all_reduce run 1", out)
+        md = os.path.join(self.dir, "nt.md")
+        p = subprocess.run([sys.executable, os.path.join(GPU, "nccltests.py"), "report", js, "--md", md],
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("FAILED: shim none w2 alltoall 524288", read(md))
+
+    def test_build_refuses_what_is_not_nccl_tests(self):
+        p = subprocess.run([sys.executable, os.path.join(GPU, "nccltests.py"), "build", "--src", self.dir,
+                            "--builddir", os.path.join(self.dir, "b")], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("not an nccl-tests checkout", p.stdout)
+
+    def test_two_namespaces_carry_raw_tcp_both_ways(self):
+        names, addrs = "tsxt-a,tsxt-b", "10.231.9.1,10.231.9.2"
+        nt = [sys.executable, os.path.join(GPU, "nccltests.py"), "netns"]
+        p = subprocess.run(nt + ["up", "--names", names, "--addrs", addrs], capture_output=True, text=True)
+        try:
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr + " (needs root and iproute2)")
+            self.assertIn("MTU 1500", p.stdout)
+            r = subprocess.run([sys.executable, os.path.join(GPU, "rawtcp.py"), "--streams", "1", "--seconds", "0.3",
+                                "--write", "64K", "--both", "--netns", names, "--addrs", addrs],
+                               capture_output=True, text=True, timeout=60)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            self.assertIn("raw tsxt-a (10.231.9.1) <- tsxt-b (10.231.9.2) TCP", r.stdout)
+            one, both = (float(x) for x in r.stdout.splitlines()[-1].split()[1:3])
+            self.assertGreater(one, 0)
+            self.assertGreater(both, 0)
+        finally:
+            subprocess.run(nt + ["down", "--names", names], capture_output=True)
+        self.assertFalse(os.path.exists("/run/netns/tsxt-a"))
+
+
 class RunShTests(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp()
@@ -1049,6 +1191,27 @@ class RunShTests(unittest.TestCase):
     def mps_calls(self):
         with open(self.mps) as f:
             return f.read()
+
+    def test_nccltests_part(self):
+        bindir = fake_nccl_tests(os.path.join(self.dir, "nt-bin"))
+        rc, out = self.run_suite(PARTS="nccltests", NCCL_TESTS_BIN=bindir, NT_WORLDS="2 4",
+                                 FAKE_MPIRUN_LOG=os.path.join(self.dir, "mpirun.log"))
+        self.assertEqual(rc, 0, out)
+        s = self.summary()
+        for w in (2, 4):
+            for bind in ("default", "none"):
+                for mode in ("socket", "shim"):
+                    self.assertRegex(s, rf"\n  PASS +nt-{mode}-{bind}-w{w} +6 of 6 runs passed", s)
+        self.assertRegex(s, r"\n  PASS +nccltests-report ")
+        self.assertIn("## 4 ranks, loopback", s)
+        self.assertIn("| broadcast | 8 B time: Socket |", s)
+        top = sorted(os.listdir(self.out))
+        self.assertIn("nccl-tests.md", top)
+        self.assertIn("nccl-tests-w2.svg", top)
+        self.assertEqual(len(read(os.path.join(self.dir, "mpirun.log")).splitlines()), 2 * 2 * 2 * 6)
+        rc, out = self.run_suite(PARTS="nccltests")
+        self.assertNotEqual(rc, 0)
+        self.assertRegex(self.summary(), r"SKIP +nccltests +set NCCL_TESTS_SRC")
 
     def test_usage(self):
         p = subprocess.run(["bash", os.path.join(GPU, "run.sh")], capture_output=True, text=True)
