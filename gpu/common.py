@@ -216,8 +216,8 @@ def make_row(op, size, count, time_us, world, wrong, iters):
     }
 
 
-def format_table(op, rows, title=None):
-    where = "in place" if op == "all_reduce" else "out of place"
+def format_table(op, rows, title=None, where=None):
+    where = where or ("in place" if op == "all_reduce" else "out of place")
     lines = [f"# {title + ': ' if title else ''}{op} ({where}; time averaged over ranks)"]
     lines.append(TABLE_HEADER)
     for r in rows:

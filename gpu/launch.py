@@ -86,6 +86,20 @@ MODES = {
         "NCCL_TCPXSHIM_METRICS_DIR": "/tmp/tcpxshim-churn-metrics/nopool",
         "NCCL_TCPXSHIM_METRICS_INTERVAL": "1",
     },
+    # The shim with four I/O workers whatever the CPUs (before the CPU plan, the default): against
+    # "shim" under mpirun's binding of one core per rank, what planning by the CPUs buys.
+    "shim-workers4": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_TCP_WORKERS": "4",
+    },
+    # The shim with no I/O worker threads (NCCL_TCPXSHIM_TCP_WORKERS=0): NCCL's proxy thread moves
+    # the bytes itself when it tests requests.
+    "shim-driven": {
+        "NCCL_NET_PLUGIN": "{plugin}",
+        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
+        "NCCL_TCPXSHIM_TCP_WORKERS": "0",
+    },
     "shim-cuda": {
         "NCCL_NET_PLUGIN": "{plugin}",
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",

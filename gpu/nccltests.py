@@ -17,8 +17,10 @@
         while each operation runs (threadprof.py). Writes OUT (sweeps.json format, with nccl-tests'
         in-place figures as well) and, per operation, the output as nccl-tests printed it.
         Exit status 0 when every run exited 0 with 0 wrong values.
-    nccltests.py rank [--netns NS0,NS1,...] -- PROGRAM ARGS...
-        the wrapper mpirun starts for each rank (rank from OMPI_COMM_WORLD_RANK).
+    nccltests.py rank -- PROGRAM ARGS...
+        the wrapper mpirun starts for each rank (rank from OMPI_COMM_WORLD_RANK). With --netns,
+        run preloads netns_mpi.c (compiled with cc) into every rank: right after MPI_Init, the
+        rank moves into its namespace (before, it could not reach mpirun).
     nccltests.py netns up|down --ip IP [--names NS0,NS1] [--addrs A0,A1] [--mtu 1500]
         two network namespaces joined by a veth pair (tsv0 in NS0 with A0, tsv1 in NS1 with A1):
         a two-host path on one machine. IP is the `ip` command (iproute2).
@@ -55,7 +57,6 @@ DEFAULT_MAKE = {
     "NVCC_GENCODE": "-gencode=arch=compute_90,code=sm_90",
 }
 CLONE_NEWUTS = 0x04000000
-CLONE_NEWNET = 0x40000000
 NETNS_NAMES = "tcpxshim-ns0,tcpxshim-ns1"
 NETNS_ADDRS = "10.231.9.1,10.231.9.2"
 VETH = "tsv"
@@ -183,15 +184,16 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def enter_netns(name):
-    libc = _libc()
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"setns into network namespace {name}: {os.strerror(e)}")
-    finally:
-        os.close(fd)
+def build_netns_preload(logdir):
+    """Compiles netns_mpi.c (the rank's move into its namespace right after MPI_Init: entering it
+    before would cut the rank off from mpirun) into logdir; returns the library's path."""
+    so = os.path.join(os.path.abspath(logdir), "netns_mpi.so")
+    cc = os.environ.get("CC", "cc")
+    r = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", so, os.path.join(HERE, "netns_mpi.c")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling netns_mpi.c with {cc} failed: {r.stderr.strip()}")
+    return so
 
 
 def own_hostname(name):
@@ -204,9 +206,6 @@ def own_hostname(name):
 
 def cmd_rank(a):
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")))
-    if a.netns:
-        names = a.netns.split(",")
-        enter_netns(names[rank % len(names)])
     host = f"tcpxshim-host{rank}"
     own_hostname(host)
     os.environ["NCCL_HOSTID"] = host
@@ -288,10 +287,9 @@ def mpirun_cmd(a, op, env, world):
            "--mca", "btl", "self,vader"]
     for k in exported(env):
         cmd += ["-x", k]
-    cmd += [sys.executable, os.path.abspath(__file__), "rank"]
-    if a.netns:
-        cmd += ["--netns", a.netns]
-    cmd += ["--", os.path.join(os.path.abspath(a.bindir), f"{op}_perf"), "-b", str(a.min), "-e", str(a.max), "-f", str(a.factor),
+    if "LD_PRELOAD" in env:
+        cmd += ["-x", "LD_PRELOAD"]
+    cmd += [sys.executable, os.path.abspath(__file__), "rank", "--", os.path.join(os.path.abspath(a.bindir), f"{op}_perf"), "-b", str(a.min), "-e", str(a.max), "-f", str(a.factor),
             "-g", "1", "-c", "1", "-n", str(a.iters), "-w", str(a.warmup)]
     return cmd
 
@@ -320,6 +318,13 @@ def cmd_run(a):
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nt-{a.mode}-{a.bind}-w{world}" + ("-netns" if a.netns else ""))
     os.makedirs(a.logdir, exist_ok=True)
     env = run_env(a.mode, a.plugin, world, a.env or [], a.ifname)
+    if a.netns:
+        try:
+            env["LD_PRELOAD"] = build_netns_preload(a.logdir)
+        except RuntimeError as e:
+            print(f"FAIL {label} w{world}: {e}")
+            return 1
+        env["TCPXSHIM_NETNS"] = a.netns
     ops = [o for o in a.ops.split(",") if o]
     result = {"label": label, "mode": a.mode, "bind": a.bind, "world": world, "netns": bool(a.netns),
               "tool": f"nccl-tests {PINNED}", "env": common.relevant_env(env), "ops": {}, "runs": {}}
@@ -390,10 +395,19 @@ def group_title(key):
     return f"{world} ranks, {where}"
 
 
-def summary_table(sweeps, op, small=8, large=128 * common.MiB):
-    """Markdown lines: per binding, Socket and the shim at 8 B (time) and 128 MiB (busbw), and the
-    shim's ratio (time: Socket/shim, so above 1 is better for both columns)."""
-    lines = [f"| {op} | 8 B time: Socket | shim | Socket/shim | 128 MiB busbw: Socket | shim | shim/Socket |",
+def smallest_size(sweeps, op):
+    """The smallest size of op that moves data (nccl-tests prints 0-element rows where the size
+    divided among the ranks leaves nothing), at least 8 B."""
+    sizes = [r["size"] for s in sweeps for r in s["ops"].get(op, []) if r["count"] > 0 and r["size"] >= 8]
+    return min(sizes) if sizes else 8
+
+
+def summary_table(sweeps, op, small=None, large=128 * common.MiB):
+    """Markdown lines: per binding, Socket and the shim at the smallest size (time) and 128 MiB
+    (busbw), and the shim's ratio (time: Socket/shim, so above 1 is better for both columns)."""
+    small = small or smallest_size(sweeps, op)
+    sl = common.size_label(small)
+    lines = [f"| {op} | {sl} time: Socket | shim | Socket/shim | 128 MiB busbw: Socket | shim | shim/Socket |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for bind in BINDS:
         sock = next((s for s in sweeps if s.get("bind") == bind and s.get("mode", "").startswith("socket")
@@ -459,7 +473,8 @@ def cmd_report(a):
         if a.svg_prefix:
             world, netns = key
             name = f"{a.svg_prefix}-w{world}{'-netns' if netns else ''}.svg"
-            data = {"sweeps": [dict(s, label=f"{s['label']}") for s in ss]}
+            data = {"sweeps": [dict(s, ops={op: [r for r in rows if r["size"] > 0] for op, rows in s["ops"].items()})
+                               for s in ss]}
             with open(name, "w") as f:
                 f.write(report.svg_plot(data, width=max(1100, 330 * len(ops)), height=480,
                                         title=f"Bus bandwidth against message size (nccl-tests {PINNED}): "
@@ -473,7 +488,8 @@ def cmd_report(a):
             for op in ops:
                 rows = s["ops"].get(op)
                 if rows:
-                    md += [common.format_table(op, rows, title=f"{s['label']}, {s['world']} ranks"), ""]
+                    md += [common.format_table(op, rows, title=f"{s['label']}, {s['world']} ranks",
+                                               where="out of place"), ""]
                     bad += [f"{s['label']} w{s['world']} {op} {r['size']}" for r in rows if r["wrong"]]
         md += ["```", "", "</details>", ""]
         for s in ss:
@@ -516,7 +532,6 @@ def main(argv=None):
     r.add_argument("--profile", action="store_true")
     r.add_argument("--timeout", type=int, default=240)
     k = sub.add_parser("rank")
-    k.add_argument("--netns")
     k.add_argument("program", nargs=argparse.REMAINDER)
     n = sub.add_parser("netns")
     n.add_argument("action", choices=["up", "down"])

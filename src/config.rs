@@ -14,7 +14,7 @@ pub use crate::recovery::{
 };
 pub use crate::stack::pool::{POOL, POOL_IDLE, POOL_MAX};
 pub use crate::tcp::config::{
-    TCP_ADDRS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_PORT_RANGE,
+    TCP_ADDRS, TCP_CPUS, TCP_CUDA, TCP_CUDA_POOL, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_PORT_RANGE,
     TCP_STREAMS, TCP_USER_TIMEOUT, TCP_WORKERS,
 };
 use crate::tcp::TcpConfig;
@@ -141,6 +141,7 @@ pub const SETTINGS: &[Setting] = &[
     TCP_ADDRS,
     TCP_STREAMS,
     TCP_WORKERS,
+    TCP_CPUS,
     TCP_MIN_CHUNK,
     TCP_INLINE,
     TCP_CUDA,
@@ -367,7 +368,8 @@ mod tests {
     fn defaults_come_from_the_setting_table() {
         let c = Config::default();
         assert_eq!(c.tcp.streams.to_string(), TCP_STREAMS.default);
-        assert_eq!(c.tcp.workers.to_string(), TCP_WORKERS.default);
+        assert_eq!(c.tcp.workers, None, "planned from the CPUs");
+        assert_eq!(c.tcp.cpus, None);
         assert_eq!(c.tcp.inline_max.to_string(), TCP_INLINE.default);
         assert_eq!(
             c.stall_warn.map(|d| d.as_secs().to_string()).as_deref(),

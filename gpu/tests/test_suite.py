@@ -1137,6 +1137,25 @@ class NcclTestsTests(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn("FAILED: shim none w2 alltoall 524288", read(md))
 
+    def test_namespaced_runs_preload_the_move_after_mpi_init(self):
+        log = os.path.join(self.dir, "m.log")
+        rc, out, js = self.run_nt("shim", "none", 2, log)
+        self.assertEqual(rc, 0, out)
+        bindir = os.path.join(self.dir, "bin")
+        p = subprocess.run([sys.executable, os.path.join(GPU, "nccltests.py"), "run", "--bindir", bindir, "--mode",
+                            "socket", "--ranks", "2", "--bind", "none", "--logdir", os.path.join(self.dir, "nslogs"),
+                            "--json", js, "--ops", "sendrecv", "--max", "64", "--netns", "nsa,nsb", "--ifname", "tsv"],
+                           env=fake_env(FAKE_MPIRUN_LOG=log), capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        last = read(log).splitlines()[-1]
+        self.assertIn("-x LD_PRELOAD", last)
+        self.assertIn("-x TCPXSHIM_NETNS", last)
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "nslogs", "netns_mpi.so")))
+        with open(js) as f:
+            res = json.load(f)
+        self.assertTrue(res["netns"])
+        self.assertEqual(res["env"].get("NCCL_SOCKET_IFNAME"), "tsv")
+
     def test_build_refuses_what_is_not_nccl_tests(self):
         p = subprocess.run([sys.executable, os.path.join(GPU, "nccltests.py"), "build", "--src", self.dir,
                             "--builddir", os.path.join(self.dir, "b")], capture_output=True, text=True)

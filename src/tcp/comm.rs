@@ -840,6 +840,10 @@ impl Comm {
     /// Tests request slot `i`; true (and the slot freed) when complete.
     fn test_slot(&self, i: usize, sizes: Option<&mut [i32]>) -> Result<bool> {
         let mut g = self.lock("test")?;
+        if self.pool.is_driven() {
+            // No worker threads: this call moves the data sockets' bytes (every comm's).
+            self.pool.drive();
+        }
         let done_size = match &mut *g {
             Side::Send(s) => {
                 if !s.slots.is_busy(i) {

@@ -33,8 +33,21 @@ pub const TCP_STREAMS: Setting = Setting {
 /// I/O worker threads.
 pub const TCP_WORKERS: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_WORKERS",
-    default: "4",
-    doc: "I/O worker threads of the built-in transport, shared by all connections of the process (1 to 64).",
+    default: "(one per usable CPU, at most 4)",
+    doc: "I/O worker threads of the built-in transport, shared by all connections of the process (0 to 64; 0: no \
+          threads, the data sockets are driven from the threads that call test, i.e. NCCL's proxy thread). Unset: \
+          one per CPU of NCCL_TCPXSHIM_TCP_CPUS if that is set, else one per CPU the process may use (its affinity \
+          mask, e.g. mpirun's binding, and its cgroup's CPU quota), at most 4; an INFO line at start says the plan.",
+};
+
+/// CPUs the I/O workers are pinned to.
+pub const TCP_CPUS: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_CPUS",
+    default: "(unset: not pinned)",
+    doc: "CPUs the built-in transport's I/O workers are pinned to, one each in turn (`0-3,8`), as TCPX's \
+          NCCL_GPUDIRECTTCPX_TX_BINDINGS pins its threads: keep them on the cores nearest the NIC, away from the \
+          training job's. CPUs outside the process's affinity mask are left out (the INFO line names them); none \
+          left: not pinned.",
 };
 
 /// Striping chunk.
@@ -112,8 +125,10 @@ pub struct TcpConfig {
     pub addrs: Option<String>,
     /// Data sockets per connection.
     pub streams: usize,
-    /// I/O worker threads.
-    pub workers: usize,
+    /// I/O worker threads; `None`: planned from the usable CPUs (see `cpus`).
+    pub workers: Option<usize>,
+    /// CPUs the workers are pinned to, in turn; `None`: not pinned.
+    pub cpus: Option<Vec<usize>>,
     /// Smallest striping chunk in bytes.
     pub min_chunk: usize,
     /// Largest message sent inline on the control socket.
@@ -148,7 +163,13 @@ impl TcpConfig {
             ifname: get(vars, TCP_IFNAME.name).or_else(|| get(vars, "NCCL_SOCKET_IFNAME")),
             addrs: get(vars, TCP_ADDRS.name),
             streams: int(vars, &TCP_STREAMS, 1, 64)? as usize,
-            workers: int(vars, &TCP_WORKERS, 1, 64)? as usize,
+            workers: match get(vars, TCP_WORKERS.name) {
+                Some(_) => Some(int(vars, &TCP_WORKERS, 0, 64)? as usize),
+                None => None,
+            },
+            cpus: get(vars, TCP_CPUS.name)
+                .map(|v| super::cpus::parse_cpu_list(TCP_CPUS.name, &v))
+                .transpose()?,
             min_chunk: int(vars, &TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
             inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,
             cuda: int(vars, &TCP_CUDA, 0, 1)? == 1,

@@ -28,6 +28,7 @@
 mod comm;
 pub mod config;
 mod conn;
+pub mod cpus;
 pub(crate) mod cuda;
 mod gpu;
 mod iface;
@@ -153,8 +154,10 @@ impl TcpTransport {
     fn with_devices(cfg: &TcpConfig, devices: Vec<Device>) -> Result<TcpTransport> {
         TcpTransport::check_settings(cfg)?;
         let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
-        let pool = Arc::new(Pool::new(cfg.workers, id)?);
-        TcpTransport::log_start(cfg, &devices);
+        let (allowed, quota) = cpus::discover();
+        let plan = cpus::CpuPlan::new(allowed, quota, cfg.workers, cfg.cpus.as_deref());
+        let pool = Arc::new(Pool::new(plan.workers, id, &plan)?);
+        TcpTransport::log_start(cfg, &devices, &plan);
         let gpu = TcpTransport::start_gpu(cfg);
         Ok(TcpTransport {
             gpu,
@@ -184,12 +187,9 @@ impl TcpTransport {
             cfg.streams,
             "1 to 64",
         )?;
-        check(
-            (1..=64).contains(&cfg.workers),
-            "NCCL_TCPXSHIM_TCP_WORKERS",
-            cfg.workers,
-            "1 to 64",
-        )?;
+        if let Some(w) = cfg.workers {
+            check(w <= 64, "NCCL_TCPXSHIM_TCP_WORKERS", w, "0 to 64")?;
+        }
         check(
             (1..=i32::MAX as usize).contains(&cfg.min_chunk),
             "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
@@ -206,7 +206,7 @@ impl TcpTransport {
     }
 
     /// The INFO line saying what the transport runs with.
-    fn log_start(cfg: &TcpConfig, devices: &[Device]) {
+    fn log_start(cfg: &TcpConfig, devices: &[Device], plan: &cpus::CpuPlan) {
         log::info!(
             "built-in TCP transport: devices [{}], {} streams, {} workers, inline up to {} bytes",
             devices
@@ -219,9 +219,10 @@ impl TcpTransport {
                 .collect::<Vec<_>>()
                 .join(", "),
             cfg.streams,
-            cfg.workers,
+            plan.workers,
             cfg.inline_max
         );
+        log::info!("built-in TCP transport: {}", plan.describe());
     }
 
     /// GPU-memory support when NCCL_TCPXSHIM_TCP_CUDA=1 asks for it and a CUDA driver with a GPU

@@ -271,26 +271,34 @@ fn other_settings_transfer_correctly() {
         TcpConfig {
             streams: 1,
             inline_max: 0,
-            workers: 1,
+            workers: Some(1),
             ..lo_cfg()
         },
         TcpConfig {
             streams: 7,
             min_chunk: 4096,
             inline_max: 1,
-            workers: 3,
+            workers: Some(3),
             ..lo_cfg()
         },
         TcpConfig {
             streams: 64,
             min_chunk: 4096,
-            workers: 2,
+            workers: Some(2),
             inline_max: 1 << 20,
+            ..lo_cfg()
+        },
+        // No worker threads: test() drives the data sockets.
+        TcpConfig {
+            streams: 4,
+            min_chunk: 4096,
+            workers: Some(0),
             ..lo_cfg()
         },
     ];
     for cfg in cfgs {
         let t = TcpTransport::new(&cfg).unwrap();
+        assert_eq!(threads_named(&worker_prefix(&t)), cfg.workers.unwrap());
         let p = pair(&t);
         for size in [0, 1, 4097, 100_000, (1 << 20) + 3, (3 << 20) + 1] {
             check_transfer(&t, p.0, p.1, size, size);
@@ -496,7 +504,8 @@ fn sixty_four_connections_at_once_without_new_threads() {
     unsafe {
         let t = transport();
         let prefix = worker_prefix(&t);
-        assert_eq!(threads_named(&prefix), 4, "one thread per worker");
+        let workers = super::sys::affinity().unwrap().len().clamp(1, 4);
+        assert_eq!(threads_named(&prefix), workers, "one thread per worker");
         let n = 64;
         let mut handles = vec![[0u8; 128]; n];
         let listens: Vec<Opaque> = handles.iter_mut().map(|h| t.listen(0, h).unwrap()).collect();
@@ -515,7 +524,7 @@ fn sixty_four_connections_at_once_without_new_threads() {
             }
             (sends.iter().all(Option::is_some) && recvs.iter().all(Option::is_some)).then_some(())
         });
-        assert_eq!(threads_named(&prefix), 4, "no thread per connection");
+        assert_eq!(threads_named(&prefix), workers, "no thread per connection");
         let size = |i: usize| if i % 2 == 0 { 1000 + i } else { 256 << 10 };
         let mut data: Vec<Vec<u8>> = (0..n).map(|i| pattern(size(i), i as u32)).collect();
         let mut bufs: Vec<Vec<u8>> = (0..n).map(|i| vec![0u8; size(i)]).collect();
@@ -542,7 +551,7 @@ fn sixty_four_connections_at_once_without_new_threads() {
             assert_eq!((a.unwrap(), b.unwrap()), (size(i) as i32, size(i) as i32));
             assert!(bufs[i] == data[i], "connection {i} corrupted its message");
         }
-        assert_eq!(threads_named(&prefix), 4);
+        assert_eq!(threads_named(&prefix), workers);
         let mut ids = Vec::new();
         for i in 0..n {
             ids.extend(socket_ids(&t.comm_fds(sends[i].unwrap())));
@@ -987,82 +996,84 @@ fn comms_are_driven_from_several_threads_at_once() {
 fn stopping_the_workers_fails_requests_in_flight() {
     // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
     unsafe {
-        let t = transport();
-        // A striped send nobody receives: most of it is still queued with the send side's workers.
-        let p = pair(&t);
-        let size = 64 << 20;
-        let data = vec![7u8; size];
-        let sq = t
-            .isend(p.0, data.as_ptr() as *mut _, size as i32, 0, None)
-            .unwrap()
+        for workers in [None, Some(0)] {
+            let t = TcpTransport::new(&TcpConfig { workers, ..lo_cfg() }).unwrap();
+            // A striped send nobody receives: most of it is still queued with the send side's workers.
+            let p = pair(&t);
+            let size = 64 << 20;
+            let data = vec![7u8; size];
+            let sq = t
+                .isend(p.0, data.as_ptr() as *mut _, size as i32, 0, None)
+                .unwrap()
+                .unwrap();
+            // A striped receive whose header arrived but whose data never comes (a hand-made sender).
+            let mut h = [0u8; 128];
+            let l = t.listen(0, &mut h).unwrap();
+            let lh = ListenHandle::read(&h).unwrap();
+            let mut fake = conn::PendingConnect::start(
+                lh.addr,
+                lh.streams,
+                lh.inline_max,
+                lh.token,
+                43,
+                TcpConfig::default().liveness(),
+            )
             .unwrap();
-        // A striped receive whose header arrived but whose data never comes (a hand-made sender).
-        let mut h = [0u8; 128];
-        let l = t.listen(0, &mut h).unwrap();
-        let lh = ListenHandle::read(&h).unwrap();
-        let mut fake = conn::PendingConnect::start(
-            lh.addr,
-            lh.streams,
-            lh.inline_max,
-            lh.token,
-            43,
-            TcpConfig::default().liveness(),
-        )
-        .unwrap();
-        let mut r = None;
-        wait("hand-made sender to connect", || {
-            let sent = fake.progress().unwrap();
-            if r.is_none() {
-                r = t.accept(l, null_mut()).unwrap();
-            }
-            (sent && r.is_some()).then_some(())
-        });
-        let r = r.unwrap();
-        let (ctrl, _data_socks) = fake.into_sockets().unwrap();
-        let rsize = 1usize << 20;
-        let header = wire::Header {
-            seq: 0,
-            size: rsize as u64,
-            chunk: wire::chunk_size(rsize, lh.streams as usize, 65536) as u32,
-            flags: 0,
-        };
-        assert_eq!(ctrl.send(&header.encode()).unwrap(), wire::HEADER_LEN);
-        let mut buf = vec![0u8; rsize];
-        let rq = t
-            .irecv(r, &[buf.as_mut_ptr().cast()], &[rsize as i32], &[0], &[None])
-            .unwrap()
-            .unwrap();
-        for _ in 0..20 {
-            assert!(!t.test(sq, None).unwrap() && !t.test(rq, None).unwrap());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        t.pool.stop();
-        for (req, what) in [(sq, "send"), (rq, "receive")] {
-            let start = Instant::now();
-            let err = loop {
-                match t.test(req, None) {
-                    Ok(false) => assert!(
-                        start.elapsed() < Duration::from_secs(5),
-                        "the {what} still reports \"not done\" 5 s after the workers stopped"
-                    ),
-                    Ok(true) => panic!("the {what} cannot have completed"),
-                    Err(e) => break e,
+            let mut r = None;
+            wait("hand-made sender to connect", || {
+                let sent = fake.progress().unwrap();
+                if r.is_none() {
+                    r = t.accept(l, null_mut()).unwrap();
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                (sent && r.is_some()).then_some(())
+            });
+            let r = r.unwrap();
+            let (ctrl, _data_socks) = fake.into_sockets().unwrap();
+            let rsize = 1usize << 20;
+            let header = wire::Header {
+                seq: 0,
+                size: rsize as u64,
+                chunk: wire::chunk_size(rsize, lh.streams as usize, 65536) as u32,
+                flags: 0,
             };
-            assert!(err.kind() == ErrorKind::Internal, "{err}");
-            assert!(err.to_string().contains("I/O worker stopped"), "{err}");
+            assert_eq!(ctrl.send(&header.encode()).unwrap(), wire::HEADER_LEN);
+            let mut buf = vec![0u8; rsize];
+            let rq = t
+                .irecv(r, &[buf.as_mut_ptr().cast()], &[rsize as i32], &[0], &[None])
+                .unwrap()
+                .unwrap();
+            for _ in 0..20 {
+                assert!(!t.test(sq, None).unwrap() && !t.test(rq, None).unwrap());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            t.pool.stop();
+            for (req, what) in [(sq, "send"), (rq, "receive")] {
+                let start = Instant::now();
+                let err = loop {
+                    match t.test(req, None) {
+                        Ok(false) => assert!(
+                            start.elapsed() < Duration::from_secs(5),
+                            "the {what} still reports \"not done\" 5 s after the workers stopped"
+                        ),
+                        Ok(true) => panic!("the {what} cannot have completed"),
+                        Err(e) => break e,
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                };
+                assert!(err.kind() == ErrorKind::Internal, "{err}");
+                assert!(err.to_string().contains("I/O worker stopped"), "{err}");
+            }
+            // Closing after the workers stopped does not wait for acknowledgements nobody will send.
+            let start = Instant::now();
+            close_pair(&t, p);
+            t.close_recv(r).unwrap();
+            t.close_listen(l).unwrap();
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "close after stop took {:?}",
+                start.elapsed()
+            );
         }
-        // Closing after the workers stopped does not wait for acknowledgements nobody will send.
-        let start = Instant::now();
-        close_pair(&t, p);
-        t.close_recv(r).unwrap();
-        t.close_listen(l).unwrap();
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "close after stop took {:?}",
-            start.elapsed()
-        );
     }
 }
 
@@ -1362,7 +1373,7 @@ fn pipelined_random_sizes_big_inline_three_streams() {
 fn pipelined_random_sizes_sixteen_streams_one_worker() {
     let cfg = TcpConfig {
         streams: 16,
-        workers: 1,
+        workers: Some(1),
         min_chunk: 4096,
         inline_max: 0,
         ..lo_cfg()
@@ -1852,5 +1863,61 @@ fn listeners_bind_inside_the_port_range_and_say_so_when_it_is_full() {
         // SAFETY: `l` is an open listen comm of `t`, closed once.
         unsafe { t.close_listen(l) }.unwrap();
     }
+    close_pair(&t, p);
+}
+
+/// `Cpus_allowed_list` of every thread of this process whose name starts with `prefix`.
+fn allowed_cpus_of(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let dir = e.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if !comm.trim_end().starts_with(prefix) {
+                return None;
+            }
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn workers_follow_the_cpu_plan_and_pin_where_asked() {
+    let allowed = super::sys::affinity().unwrap();
+    // Unset: one per usable CPU, at most 4.
+    let t = TcpTransport::new(&lo_cfg()).unwrap();
+    let want = allowed.len().clamp(1, super::cpus::MAX_DEFAULT_WORKERS);
+    assert_eq!(threads_named(&worker_prefix(&t)), want);
+    drop(t);
+    // Pinned to the first allowed CPU (twice: two workers on it), and data still moves.
+    let first = allowed[0];
+    let cfg = TcpConfig {
+        cpus: Some(vec![first, 4000 % 1024]),
+        workers: Some(2),
+        ..lo_cfg()
+    };
+    let t = TcpTransport::new(&cfg).unwrap();
+    let prefix = worker_prefix(&t);
+    let mut pins = allowed_cpus_of(&prefix);
+    pins.sort();
+    let refused_is_allowed = allowed.contains(&(4000 % 1024));
+    let expect: Vec<String> = if refused_is_allowed {
+        let mut v = vec![first.to_string(), (4000 % 1024).to_string()];
+        v.sort();
+        v
+    } else {
+        vec![first.to_string(), first.to_string()]
+    };
+    assert_eq!(pins, expect);
+    let p = pair(&t);
+    let mut data: Vec<u8> = (0..(1 << 20) + 7).map(|i| (i % 251) as u8).collect();
+    let want = data.clone();
+    let (a, b, got) = transfer(&t, p.0, p.1, &mut data, want.len());
+    assert_eq!((a.unwrap(), b.unwrap()), (want.len() as i32, want.len() as i32));
+    assert!(got == want, "data differ after the transfer");
     close_pair(&t, p);
 }

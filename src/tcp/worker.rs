@@ -93,6 +93,9 @@ struct WorkerRef {
 /// The workers of one transport.
 pub struct Pool {
     workers: Vec<WorkerRef>,
+    /// With no worker threads (NCCL_TCPXSHIM_TCP_WORKERS=0): the one worker, whose I/O the
+    /// callers run themselves ([`Pool::drive`]) instead of a thread.
+    driven: Option<Mutex<Worker>>,
     next: AtomicUsize,
     joins: Mutex<Vec<JoinHandle<()>>>,
     /// Distinguishes this pool's thread names ("txs<id>-io<n>") from other transports'.
@@ -100,15 +103,30 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts `n` worker threads.
-    pub fn new(n: usize, id: u64) -> Result<Pool> {
+    /// Starts `n` worker threads, pinned as `plan` says; with `n` 0, none: the callers drive the
+    /// I/O from their own threads ([`Pool::drive`]).
+    pub fn new(n: usize, id: u64, plan: &super::cpus::CpuPlan) -> Result<Pool> {
         let mut pool = Pool {
             workers: Vec::with_capacity(n),
+            driven: None,
             next: AtomicUsize::new(0),
             joins: Mutex::new(Vec::with_capacity(n)),
             id,
         };
-        for i in 0..n.max(1) {
+        if n == 0 {
+            let poll = Poll::new().map_err(|e| Error::io("built-in TCP transport: creating epoll instance", e))?;
+            // Nothing is ever sent on this channel: commands run at once under the mutex.
+            let (_tx, rx) = crossbeam_channel::bounded(1);
+            let w = Worker::new(
+                poll,
+                rx,
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            pool.driven = Some(Mutex::new(w));
+            return Ok(pool);
+        }
+        for i in 0..n {
             let poll = Poll::new().map_err(|e| Error::io("built-in TCP transport: creating epoll instance", e))?;
             let waker = Waker::new(poll.registry(), WAKER)
                 .map_err(|e| Error::io("built-in TCP transport: creating worker waker", e))?;
@@ -117,9 +135,17 @@ impl Pool {
             let stopped = Arc::new(AtomicBool::new(false));
             let (sl, st) = (sleeping.clone(), stopped.clone());
             let (started_tx, started) = crossbeam_channel::bounded(1);
+            let pin = plan.pin_of(i);
             let join = std::thread::Builder::new()
                 .name(format!("txs{id}-io{i}"))
                 .spawn(move || {
+                    if let Some(cpu) = pin {
+                        if let Err(e) = sys::pin_to(cpu) {
+                            log::warn!(
+                                "built-in TCP transport: pinning I/O worker {i} to CPU {cpu} (NCCL_TCPXSHIM_TCP_CPUS): {e}"
+                            );
+                        }
+                    }
                     let _ = started_tx.send(());
                     Worker::new(poll, rx, sl, st).run()
                 })
@@ -150,7 +176,32 @@ impl Pool {
 
     /// The worker the next socket goes to (round robin over the whole transport).
     pub fn pick(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
+        self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len().max(1)
+    }
+
+    /// True when no worker thread runs: the callers move the bytes ([`Pool::drive`]).
+    pub fn is_driven(&self) -> bool {
+        self.driven.is_some()
+    }
+
+    /// The driven worker, locked (a panic while it was held left nothing half-done that matters
+    /// more than stopping: its entries are consistent between calls).
+    fn driven_worker(&self) -> Option<std::sync::MutexGuard<'_, Worker>> {
+        self.driven
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Moves bytes on every socket of a driven pool until each blocks or its budget is spent;
+    /// returns at once when another thread is doing so, and does nothing with worker threads.
+    pub fn drive(&self) {
+        let Some(m) = self.driven.as_ref() else { return };
+        let mut w = match m.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::WouldBlock) => return,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        w.drive_once();
     }
 
     /// Queues a command for worker `w` and wakes it if it sleeps.
@@ -160,6 +211,16 @@ impl Pool {
     /// once the worker wakes for another reason). Commands with an acknowledgement must wait for
     /// it either way ([`Pool::wait_ack`]).
     fn send(&self, w: usize, cmd: Cmd) -> Result<()> {
+        if let Some(mut d) = self.driven_worker() {
+            if d.stopped.load(Ordering::SeqCst) {
+                // Dropping the command answers nothing: waiters see the worker gone.
+                return Err(Error::internal(
+                    "built-in TCP transport: the transport's I/O has stopped",
+                ));
+            }
+            d.command(cmd);
+            return Ok(());
+        }
         let wr = &self.workers[w];
         let stopped = || Error::internal(format!("built-in TCP transport: I/O worker {w} has stopped"));
         wr.tx.send(cmd).map_err(|_| stopped())?;
@@ -197,8 +258,10 @@ impl Pool {
                             self.id
                         );
                     }
-                    if let Err(e) = self.workers[w].waker.wake() {
-                        log::warn!("built-in TCP transport: waking I/O worker {w}: {e}");
+                    if let Some(wr) = self.workers.get(w) {
+                        if let Err(e) = wr.waker.wake() {
+                            log::warn!("built-in TCP transport: waking I/O worker {w}: {e}");
+                        }
                     }
                 }
             }
@@ -261,6 +324,12 @@ impl Pool {
     /// Stops and joins all workers; they close every socket they still own. Idempotent.
     pub fn stop(&self) {
         log::debug!("built-in TCP transport: stopping I/O workers txs{}-io*", self.id);
+        if let Some(mut d) = self.driven_worker() {
+            if !d.stopped.load(Ordering::SeqCst) {
+                d.shutdown();
+            }
+            return;
+        }
         for w in 0..self.workers.len() {
             let _ = self.send(w, Cmd::Stop);
         }
@@ -461,6 +530,39 @@ impl Worker {
         true
     }
 
+    /// Gives every active socket one turn.
+    fn progress_active(&mut self) {
+        for _ in 0..self.active.len() {
+            let Some(token) = self.active.pop_front() else { break };
+            if let Some(Some(e)) = self.entries.get_mut(token) {
+                e.queued = false;
+                e.progress();
+            }
+            self.activate(token);
+        }
+    }
+
+    /// One round of a driven pool, on the caller's thread: the sockets that can move bytes, then
+    /// the readiness the kernel reports now (without waiting), then those sockets.
+    fn drive_once(&mut self) {
+        self.progress_active();
+        let mut events = Events::with_capacity(64);
+        match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+            Ok(()) => {
+                for ev in events.iter() {
+                    let token = ev.token().0;
+                    if let Some(Some(e)) = self.entries.get_mut(token) {
+                        e.ready = true;
+                    }
+                    self.activate(token);
+                }
+                self.progress_active();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => log::error!("built-in TCP transport: polling the data sockets failed: {e}"),
+        }
+    }
+
     /// Runs until Stop or until the pool goes away; dropping the worker then fails what it still had.
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
@@ -476,14 +578,7 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            for _ in 0..self.active.len() {
-                let Some(token) = self.active.pop_front() else { break };
-                if let Some(Some(e)) = self.entries.get_mut(token) {
-                    e.queued = false;
-                    e.progress();
-                }
-                self.activate(token);
-            }
+            self.progress_active();
             let timeout = if self.active.is_empty() {
                 self.sleeping.store(true, Ordering::SeqCst);
                 // Pairs with the fence in Pool::send (store-buffering pattern).
@@ -524,6 +619,13 @@ impl Drop for Worker {
     /// fails every request it still had chunks for, so test() reports an error instead of waiting
     /// forever, then closes its sockets.
     fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Worker {
+    /// What a stopping worker does (see `Drop`); a driven pool's stop calls it directly.
+    fn shutdown(&mut self) {
         // Pairs with the fence in Pool::send: a command this drain misses, its sender sees `stopped`.
         self.stopped.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);

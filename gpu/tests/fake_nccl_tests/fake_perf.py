@@ -14,6 +14,13 @@ host = f"tcpxshim-host{rank}"
 if socket.gethostname() != host or os.environ.get("NCCL_HOSTID") != host:
     print(f"fake {op}: rank {rank}: hostname {socket.gethostname()}, NCCL_HOSTID {os.environ.get('NCCL_HOSTID')}")
     sys.exit(3)
+if os.environ.get("TCPXSHIM_NETNS"):
+    # The real binaries call MPI_Init, which the preloaded library wraps.
+    pre = os.environ.get("LD_PRELOAD", "")
+    with open(pre, "rb") as f:
+        if b"MPI_Init" not in f.read():
+            print(f"fake {op}: LD_PRELOAD {pre} has no MPI_Init")
+            sys.exit(5)
 log = os.environ.get("NCCL_DEBUG_FILE")
 if log:
     with open(log, "w") as f:
