@@ -100,13 +100,6 @@ MODES = {
         "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
         "NCCL_TCPXSHIM_TCP_WORKERS": "0",
     },
-    "shim-cuda": {
-        "NCCL_NET_PLUGIN": "{plugin}",
-        "NCCL_TCPXSHIM_TCP_IFNAME": "lo",
-        "NCCL_TCPXSHIM_TCP_CUDA": "1",
-        "NCCL_NET_GDR_LEVEL": "SYS",
-        "NCCL_NET_FORCE_FLUSH": "1",
-    },
     "socket": {
         "NCCL_NET_PLUGIN": "none",
         "NCCL_NET": "Socket",

@@ -5,9 +5,6 @@
         every rank: "Using network <expect>", every "via NET/..." channel line names NET/<expect>;
         with --shim also: a "NET/TCPXSHIM loaded ..." line, no WARN line from NET/TCPXSHIM, and
         0 errors in every "closed ... comm" line.
-    logcheck.py gdr --label L --world N --logdir D
-        whether NCCL used GPU-direct on the net channels ("/GDRDMA" on the channel lines,
-        "GDR 1" on "Connected all rings"); exit 0 all, 3 some, 1 none.
     logcheck.py devices --label L --world N --logdir D --gpus G
         which network device each rank's channels used ("via NET/<name>/<dev>"); rank r runs on GPU
         r % G, and with one device per GPU each should use its own: exit 0 when every rank used only
@@ -30,8 +27,6 @@ import common  # noqa: E402
 RE_USING = re.compile(r"NCCL INFO Using network (\S+)")
 RE_VIA = re.compile(r"Channel \d+(?:/\d+)? : .*\[(send|receive)\] via NET/([^/\s]+)/(\S*)")
 RE_VIA_OTHER = re.compile(r"Channel \d+(?:/\d+)? : .* via (?!NET/)(\S+)")
-RE_RINGS_GDR = re.compile(r"Connected all rings.*\bGDR (\d)")
-RE_GDR_TOPO = re.compile(r"GPU Direct RDMA (Enabled|Disabled)[^\n]*")
 RE_WARN = re.compile(r"NCCL WARN (.*)")
 RE_OPENED = re.compile(r"NET/TCPXSHIM opened (send|recv) comm")
 RE_CLOSED = re.compile(
@@ -47,11 +42,8 @@ def scan(text):
         "loaded": [],
         "via": [],  # (direction, net name, rest such as "0/GDRDMA")
         "via_other": [],  # channels through another transport (P2P, SHM, ...)
-        "rings_gdr": [],
-        "gdr_topo": [],
         "warn": [],
         "shim_warn": [],
-        "shim_gpu": [],  # the shim's lines about GPU memory (NCCL_TCPXSHIM_TCP_CUDA)
         "opened": 0,
         "closed": [],
         "traceback": False,
@@ -68,17 +60,9 @@ def scan(text):
         m = RE_VIA_OTHER.search(line)
         if m:
             r["via_other"].append(m.group(1))
-        m = RE_RINGS_GDR.search(line)
-        if m:
-            r["rings_gdr"].append(int(m.group(1)))
-        m = RE_GDR_TOPO.search(line)
-        if m:
-            r["gdr_topo"].append(m.group(0))
         m = RE_WARN.search(line)
         if m:
             (r["shim_warn"] if "NET/TCPXSHIM" in m.group(1) else r["warn"]).append(m.group(1).strip())
-        if "NET/TCPXSHIM" in line and ("GPU memory" in line or "TCP_CUDA" in line):
-            r["shim_gpu"].append(line[line.index("NET/TCPXSHIM"):])
         if RE_OPENED.search(line):
             r["opened"] += 1
         m = RE_CLOSED.search(line)
@@ -165,54 +149,6 @@ def check_net(logs, expect, shim):
     return problems, info
 
 
-def check_gdr(logs):
-    """(status 'all' | 'some' | 'none', lines)."""
-    lines = []
-    tot = {"send": [0, 0], "receive": [0, 0]}
-    rings, topo, shim_gpu = [], [], []
-    for r, path, s in logs:
-        if s is None:
-            lines.append(f"rank {r}: no log at {path}")
-            continue
-        for d, _name, rest in s["via"]:
-            tot[d][1] += 1
-            if "GDRDMA" in rest:
-                tot[d][0] += 1
-        rings += s["rings_gdr"]
-        topo += s["gdr_topo"]
-        shim_gpu += s["shim_gpu"]
-    n_gdr = tot["send"][0] + tot["receive"][0]
-    n_all = tot["send"][1] + tot["receive"][1]
-    if n_all and n_gdr == n_all:
-        status = "all"
-    elif n_gdr:
-        status = "some"
-    else:
-        status = "none"
-    head = {"all": "GPU-direct USED", "some": "GPU-direct PARTLY used", "none": "GPU-direct NOT USED"}[status]
-    lines.append(
-        f"{head}: /GDRDMA on {tot['send'][0]}/{tot['send'][1]} send and "
-        f"{tot['receive'][0]}/{tot['receive'][1]} receive channel lines (all ranks)"
-    )
-    if rings:
-        lines.append(f"'Connected all rings ... GDR x' lines: GDR {' '.join(str(g) for g in rings)}")
-    else:
-        lines.append("no 'Connected all rings ... GDR x' line found")
-    for t in sorted(set(topo))[:4]:
-        lines.append(f"NCCL: {t[:200]}")
-    if shim_gpu:
-        for t in sorted(set(shim_gpu))[:2]:
-            lines.append(f"shim: {t[:250]}")
-    else:
-        lines.append("shim: no line about GPU memory (expected 'NET/TCPXSHIM built-in TCP transport: GPU memory on ...')")
-    if status != "all":
-        lines.append(
-            "hint: NCCL uses GPU-direct only when the plugin reports NCCL_PTR_CUDA, its own GDR probe (regMr of GPU "
-            "memory) succeeds and the distance allows it (NCCL_NET_GDR_LEVEL; NCCL_NET_GDR_READ for the send side)"
-        )
-    return status, lines
-
-
 def check_counters(logs, spec, tolerance):
     """Compares each rank's send bytes with the ring all-reduce's traffic. (problems, info)."""
     problems, info, summary = [], [], []
@@ -293,7 +229,7 @@ def _report(title, problems, info, out):
 
 def main(argv=None, out=sys.stdout):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["net", "gdr", "counters", "devices"])
+    ap.add_argument("what", choices=["net", "counters", "devices"])
     ap.add_argument("--label", required=True)
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--logdir", required=True)
@@ -307,13 +243,6 @@ def main(argv=None, out=sys.stdout):
     if a.what == "net":
         problems, info = check_net(logs, a.expect, a.shim)
         return _report(f"log check {a.label} (network {a.expect}{', shim lines' if a.shim else ''})", problems, info, out)
-    if a.what == "gdr":
-        status, lines = check_gdr(logs)
-        for line in lines:
-            print(f"  {line}", file=out)
-        word = {"all": "PASS", "some": "PARTIAL", "none": "FAIL"}[status]
-        print(f"{word} GPU-direct check {a.label}: {lines[0]}", file=out, flush=True)
-        return {"all": 0, "some": 3, "none": 1}[status]
     if a.what == "devices":
         status, lines = check_devices(logs, a.gpus)
         for line in lines:

@@ -315,7 +315,8 @@ def run_one(cmd, env, out_path, timeout):
 def cmd_run(a):
     world = a.ranks
     label = a.label or f"{a.mode} {a.bind}"
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nt-{a.mode}-{a.bind}-w{world}" + ("-netns" if a.netns else ""))
+    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nt-{a.mode}-{a.bind}-w{world}" + ("-netns" if a.netns else "")
+                 + (f"-{a.label}" if a.label else ""))
     os.makedirs(a.logdir, exist_ok=True)
     env = run_env(a.mode, a.plugin, world, a.env or [], a.ifname)
     if a.netns:
@@ -366,6 +367,7 @@ def cmd_run(a):
                 runs.append(rows)
         if runs:
             result["ops"][op] = merge_repeats(runs)
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     return 0 if ok else 1

@@ -13,6 +13,7 @@ namespace they were made in, so one process can hold both): the path between two
 """
 
 import argparse
+import os
 import socket
 import threading
 import time
@@ -67,13 +68,20 @@ def _pair():
     return c, s
 
 
-def run(streams, seconds, write, both):
-    """Returns the received GB/s of `streams` connections (twice that many with `both`)."""
+def run(streams, seconds, write, both, cpus=None):
+    """Returns the received GB/s of `streams` connections (twice that many with `both`). cpus:
+    (CPU of the listening ends' threads, CPU of the connecting ends'), as two ranks bound to one
+    core each would run; None: not pinned."""
     pairs = [_pair() for _ in range(streams * (2 if both else 1))]
     got = [0] * len(pairs)
     stop = threading.Event()
 
-    def sender(sock):
+    def pin(cpu):
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+
+    def sender(sock, cpu=None):
+        pin(cpu)
         buf = bytearray(write)
         try:
             while not stop.is_set():
@@ -86,7 +94,8 @@ def run(streams, seconds, write, both):
             except OSError:
                 pass
 
-    def receiver(i, sock):
+    def receiver(i, sock, cpu=None):
+        pin(cpu)
         buf = bytearray(write)
         view = memoryview(buf)
         try:
@@ -100,10 +109,12 @@ def run(streams, seconds, write, both):
 
     threads = []
     for i, (c, s) in enumerate(pairs):
+        cpu_c, cpu_s = (cpus[1], cpus[0]) if cpus else (None, None)
         if both and i % 2:
             c, s = s, c  # every other connection the other way
-        threads.append(threading.Thread(target=sender, args=(c,), daemon=True))
-        threads.append(threading.Thread(target=receiver, args=(i, s), daemon=True))
+            cpu_c, cpu_s = cpu_s, cpu_c
+        threads.append(threading.Thread(target=sender, args=(c, cpu_c), daemon=True))
+        threads.append(threading.Thread(target=receiver, args=(i, s, cpu_s), daemon=True))
     for t in threads:
         t.start()
     time.sleep(0.3)  # let the windows open
@@ -127,6 +138,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
     ap.add_argument("--write", default="4M", help="bytes per write (K/M suffixes)")
     ap.add_argument("--both", action="store_true", help="also measure both directions at once")
+    ap.add_argument("--cpus", help="A,B: the listening ends' threads on CPU A, the connecting ends' on CPU B "
+                    "(two ranks bound to one core each)")
     ap.add_argument("--netns", help="A,B: listening ends in namespace A, connecting ends in B")
     ap.add_argument("--addrs", help="IP_A,IP_B: the addresses in A and B (with --netns)")
     a = ap.parse_args()
@@ -139,13 +152,17 @@ def main():
             ap.error("--netns and --addrs want two values each")
         PATH = (ns[0], addrs[0], ns[1])
         where = f"{ns[0]} ({addrs[0]}) <- {ns[1]} ({addrs[1]})"
-    print(f"raw {where} TCP, {a.write} writes, {a.seconds:g} s per figure")
+    cpus = tuple(int(x) for x in a.cpus.split(",")) if a.cpus else None
+    if cpus and len(cpus) != 2:
+        ap.error("--cpus wants two CPU numbers")
+    print(f"raw {where} TCP, {a.write} writes, {a.seconds:g} s per figure"
+          + (f", each end's threads on one CPU ({cpus[0]} and {cpus[1]})" if cpus else ""))
     print(f"{'streams':>8} {'one way GB/s':>13}" + (f" {'both ways GB/s (sum)':>21}" if a.both else ""))
     for n in [int(x) for x in a.streams.split(",") if x]:
-        one = run(n, a.seconds, write, False)
+        one = run(n, a.seconds, write, False, cpus)
         line = f"{n:>8} {one:>13.2f}"
         if a.both:
-            line += f" {run(n, a.seconds, write, True):>21.2f}"
+            line += f" {run(n, a.seconds, write, True, cpus):>21.2f}"
         print(line, flush=True)
 
 

@@ -8,8 +8,8 @@
 #   ceiling   raw loopback TCP with plain sockets (rawtcp.py), and `tcpxshim demo` with 4 and 8
 #             streams when TCPXSHIM_BIN names the command: what the kernel and the bare transport give
 #   coll      correctness of all_reduce, all_gather, reduce_scatter, broadcast, send/recv, 1 element
-#             to 256 MiB, 2 and 4 ranks, modes shim, socket, shim-cuda (collectives.py), then the
-#             NCCL/shim log checks (logcheck.py net) and, for shim-cuda, whether NCCL used GPU-direct
+#             to 256 MiB, 2 and 4 ranks, modes shim and socket (collectives.py), then the NCCL/shim
+#             log checks (logcheck.py net)
 #   counters  the shim's per-connection byte counters against a ring all-reduce's traffic (counters.py)
 #   metrics   the shim's metrics files (NCCL_TCPXSHIM_METRICS_DIR, written every second): each rank's
 #             byte deltas over K all-reduces against the ring's traffic, exactly (metrics.py); meanwhile
@@ -18,8 +18,7 @@
 #             metrics-throughput.svg (each connection's throughput against time)
 #   ddp       the same DDP training over shim and socket: identical losses (ddp.py)
 #   sweep     all-reduce and send/recv bandwidth, nccl-tests format, modes socket, socket44, shim
-#             (sweep.py; shim-cuda too when SWEEP_MODES names it and its correctness run passed: it is
-#             left out by default, see the README's GPU-memory notes); then results.md and busbw.svg
+#             (sweep.py); then results.md and busbw.svg
 #   faults    (only when PARTS names it) DDP while `tcpxshim drop` shuts the shim's connections down
 #             every few seconds, losses against an undisturbed run; a rank killed mid-job (faults.py);
 #             FAULT_ENV ("K=V ...") adds settings to these runs
@@ -44,9 +43,8 @@
 #             socket, which device each rank's channels used (logcheck.py devices), and the sweep
 # Modes (launch.py MODES): shim = the plugin over its built-in transport (defaults: transparent
 # recovery on); shim-metrics = the same with its metrics writing a file per rank every second;
-# shim-norecovery = the same with recovery off (NCCL_TCPXSHIM_RECOVERY=0); shim-cuda = the shim
-# with NCCL_TCPXSHIM_TCP_CUDA=1 and GPU-direct asked for; socket = NCCL's own Socket transport;
-# socket44 = Socket with 4 threads x 4 sockets.
+# shim-norecovery = the same with recovery off (NCCL_TCPXSHIM_RECOVERY=0); socket = NCCL's own
+# Socket transport; socket44 = Socket with 4 threads x 4 sockets.
 #
 # OUTDIR gets summary.txt, results.md, busbw.svg, sweeps.json, metrics.md, metrics-throughput.svg,
 # logs.tar.gz and logs/ (every rank's log, each part's JSON and check output). Exit status 0 when every
@@ -55,7 +53,7 @@
 # Settings (environment): QUICK=1 (as --quick: fewer sizes and iterations), PYTHON (python3),
 # WORLDS ("2 4": rank counts of the correctness runs), PARTS ("ceiling coll counters metrics ddp
 # sweep profile nccltests multi"), TCPXSHIM_BIN (the tcpxshim command, for the ceiling and metrics parts),
-# SWEEP_MODES ("socket socket44 shim"; shim-cuda may be added), SUITE_BUDGET_S (470: the whole suite's seconds; a
+# SWEEP_MODES ("socket socket44 shim"), SUITE_BUDGET_S (470: the seconds of the PyTorch parts; the nccltests part has NT_TIMEOUT_S, 240, per mpirun; a
 # run's timeout is cut to what is left, and runs are skipped once less than 45 s is left),
 # SHIM_NET_NAME (tcpxshim: the network name NCCL should report for the shim), COLL_SIZES (element
 # counts, comma separated), SWEEP_MAX_SIZE and SWEEP_MIN_SIZE (bytes), SWEEP_REPEAT (timed
@@ -344,6 +342,10 @@ if has_part ceiling; then
   check ceiling "$here/rawtcp.py" --streams 1,4,8 --seconds 2 --both
   rc=$?
   record "$(status_word "$rc")" "ceiling-rawtcp" "$(grep -E '^ +8 ' "$logs/ceiling.txt" | awk '{print "8 streams: " $2 " GB/s one way, " $3 " GB/s both ways"}')"
+  # As two ranks bound to one core each (mpirun's default for 2 ranks) would get it.
+  check ceiling-1core "$here/rawtcp.py" --streams 1,4 --seconds 2 --both --cpus 0,1
+  rc=$?
+  record "$(status_word "$rc")" "ceiling-rawtcp-1core" "$(grep -E '^ +4 ' "$logs/ceiling-1core.txt" | awk '{print "4 streams, one core per end: " $2 " GB/s one way, " $3 " GB/s both ways"}')"
   if [[ -n "${TCPXSHIM_BIN:-}" && -x "${TCPXSHIM_BIN:-}" ]]; then
     for st in 4 8; do
       NCCL_TCPXSHIM_TCP_STREAMS=$st timeout 120 "$TCPXSHIM_BIN" demo --min-size 1M --max-size 256M --bytes 1G 2>"$logs/demo-s$st.err" |
@@ -361,31 +363,13 @@ sweep_args=("${qargs[@]}")
 [[ -n "${SWEEP_MAX_SIZE:-}" ]] && sweep_args+=(--max-size "$SWEEP_MAX_SIZE")
 [[ -n "${SWEEP_MIN_SIZE:-}" ]] && sweep_args+=(--min-size "$SWEEP_MIN_SIZE")
 [[ -n "${SWEEP_REPEAT:-}" ]] && sweep_args+=(--repeat "$SWEEP_REPEAT")
-cuda_coll_ok=0
-gdr_note=""
 
 if has_part coll; then
-  for mode in shim socket shim-cuda; do
+  for mode in shim socket; do
     for w in $WORLDS; do
-      label="coll-$mode-w$w"
-      run_part "$label" "$w" "$mode" 150 -- "$here/collectives.py" "${coll_args[@]}"
-      prc=$?
-      [[ $prc == 3 ]] && continue
-      if [[ $mode == shim-cuda ]]; then
-        check "$label.gdr" "$here/logcheck.py" gdr --label "$label" --world "$w" --logdir "$logs"
-        grc=$?
-        record_check "$grc" "gdr-$label" "$(grep -h 'GPU-direct' "$logs/$label.gdr.txt" | head -1 | sed 's/^ *//')"
-        case $grc in
-          0) ;;
-          3) gdr_note="GPU-direct partly used" ;;
-          *) gdr_note="GPU-direct NOT used" ;;
-        esac
-        [[ $w == 2 && $prc == 0 ]] && cuda_coll_ok=1
-      fi
+      run_part "coll-$mode-w$w" "$w" "$mode" 150 -- "$here/collectives.py" "${coll_args[@]}"
     done
   done
-else
-  cuda_coll_ok=1
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -489,22 +473,16 @@ fi
 
 # ------------------------------------------------------------------------------------------------
 sweep_jsons=()
-notes=()
 if has_part sweep; then
   for mode in $SWEEP_MODES; do
     label="sweep-$mode-w2"
-    if [[ $mode == shim-cuda && $cuda_coll_ok != 1 ]]; then
-      record SKIP "$label" "the shim-cuda correctness run did not pass"
-      continue
-    fi
     js="$logs/sweep-$mode.json"
     rm -f "$js"
     run_part "$label" 2 "$mode" "${SWEEP_TIMEOUT_S:-120}" -- "$here/sweep.py" --label "$mode" --json "$js" \
       --ops "${SWEEP_OPS:-all_reduce,sendrecv}" "${sweep_args[@]}"
     [[ -f "$js" ]] && sweep_jsons+=("$js")
   done
-  [[ -n "$gdr_note" ]] && notes+=(--note "shim-cuda=$gdr_note")
-  "$PY" "$here/report.py" merge --out "$out/sweeps.json" "${notes[@]}" "${sweep_jsons[@]}"
+  "$PY" "$here/report.py" merge --out "$out/sweeps.json" "${sweep_jsons[@]}"
   if [[ ${#sweep_jsons[@]} -gt 0 ]]; then
     "$PY" "$here/report.py" render "$out/sweeps.json" --md "$out/results.md" --svg "$out/busbw.svg" --print \
       >"$logs/sweep-tables.txt" 2>&1
@@ -756,8 +734,8 @@ tar -czf "$out/logs.tar.gz" -C "$out" logs 2>/dev/null
     rest="${r#*|}"
     printf '  %-5s %-22s %s\n' "$st" "${rest%%|*}" "${rest#*|}"
   done
-  for f in "$logs"/ceiling.txt "$logs"/counters-shim-w2.counters.txt "$logs"/metrics-shim-w2.metrics.txt "$logs"/ddp-compare.txt \
-    "$logs"/coll-shim-cuda-w*.gdr.txt "$logs"/profile.txt "$logs"/multi-coll-shim-g*.devices.txt; do
+  for f in "$logs"/ceiling.txt "$logs"/ceiling-1core.txt "$logs"/ceiling-netns.txt "$logs"/counters-shim-w2.counters.txt "$logs"/metrics-shim-w2.metrics.txt "$logs"/ddp-compare.txt \
+    "$logs"/profile.txt "$logs"/multi-coll-shim-g*.devices.txt; do
     [[ -f "$f" ]] || continue
     echo
     echo "$(basename "$f" .txt):"

@@ -194,7 +194,7 @@ class CommonTests(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
-def nccl_log(net="tcpxshim", shim=True, world=2, rank=0, gdr_send=False, gdr_recv=False, extra=(), closed=None):
+def nccl_log(net="tcpxshim", shim=True, world=2, rank=0, extra=(), closed=None):
     """A rank's log in the formats of NCCL 2.28 and the shim."""
     h = f"gpu1:{1000 + rank}:{1000 + rank} [0] NCCL"
     lines = [f"{h} INFO NCCL version 2.28.9+cuda13.0"]
@@ -203,9 +203,8 @@ def nccl_log(net="tcpxshim", shim=True, world=2, rank=0, gdr_send=False, gdr_rec
     lines.append(f"{h} INFO Using network {net}")
     nxt, prv = (rank + 1) % world, (rank - 1) % world
     for ch in range(2):
-        lines.append(f"{h} INFO Channel {ch:02d}/0 : {prv}[0] -> {rank}[0] [receive] via NET/{net}/0{'/GDRDMA' if gdr_recv else ''}")
-        lines.append(f"{h} INFO Channel {ch:02d}/0 : {rank}[0] -> {nxt}[0] [send] via NET/{net}/0{'/GDRDMA' if gdr_send else ''}")
-    lines.append(f"{h} INFO Connected all rings, use ring PXN 0 GDR {1 if gdr_send or gdr_recv else 0}")
+        lines.append(f"{h} INFO Channel {ch:02d}/0 : {prv}[0] -> {rank}[0] [receive] via NET/{net}/0")
+        lines.append(f"{h} INFO Channel {ch:02d}/0 : {rank}[0] -> {nxt}[0] [send] via NET/{net}/0")
     lines += [x.format(h=h) for x in extra]
     for kind, cid, text, errs in closed or []:
         lines.append(
@@ -276,24 +275,6 @@ class LogcheckTests(unittest.TestCase):
         self.assertEqual(problems, [])
         self.assertTrue(any("not from the shim" in i for i in info))
 
-    def test_gdr(self):
-        for send, recv, want in ((True, True, "all"), (False, True, "some"), (False, False, "none")):
-            self.write("g", [nccl_log(rank=r, gdr_send=send, gdr_recv=recv) for r in range(2)])
-            status, lines = logcheck.check_gdr(logcheck.read_logs(self.dir, "g", 2))
-            self.assertEqual(status, want, lines)
-        self.assertIn("0/4 send and 0/4 receive", lines[0])
-        self.assertTrue(any(x.startswith("shim: no line about GPU memory") for x in lines), lines)
-        gpu_line = "{h} INFO NET/TCPXSHIM built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, 1 GPU(s))"
-        self.write("g2", [nccl_log(rank=r, gdr_recv=True, extra=[gpu_line]) for r in range(2)])
-        status, lines2 = logcheck.check_gdr(logcheck.read_logs(self.dir, "g2", 2))
-        self.assertEqual(status, "some")
-        self.assertTrue(any(x.startswith("shim: NET/TCPXSHIM built-in TCP transport: GPU memory on") for x in lines2), lines2)
-        self.assertIn("NOT USED", lines[0])
-        self.assertTrue(any("GDR 0 0" in x for x in lines))
-        with open(os.devnull, "w") as devnull:
-            rc = logcheck.main(["gdr", "--label", "g", "--world", "2", "--logdir", self.dir], out=devnull)
-        self.assertEqual(rc, 1)
-
     def counters(self, texts, size=64 << 20, iters=20, warmup=1, tol=0.03):
         self.write("c", texts)
         spec = {"world": len(texts), "size": size, "iters": iters, "warmup": warmup}
@@ -348,7 +329,7 @@ class ReportTests(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp()
         self.paths = []
-        for label, lat, bw in (("socket", 25, 2.8), ("socket44", 27, 2.6), ("shim", 36, 9.4), ("shim-cuda", 30, 11)):
+        for label, lat, bw in (("socket", 25, 2.8), ("socket44", 27, 2.6), ("shim", 36, 9.4), ("shim-driven", 30, 11)):
             env = launch.rank_env({}, label, "/opt/x/libnccl-net-tcpxshim.so", 0, 2, 1234)
             s = synth_sweep(label, lat, bw, wrong_at=1 << 20 if label == "shim" else None, env=common.relevant_env(env))
             p = os.path.join(self.dir, f"sweep-{label}.json")
@@ -374,28 +355,28 @@ class ReportTests(unittest.TestCase):
             return f.read(), g.read()
 
     def test_markdown(self):
-        md, _ = self.render(self.paths + [os.path.join(self.dir, "nope.json")], {"shim-cuda": "GPU-direct NOT used"})
+        md, _ = self.render(self.paths + [os.path.join(self.dir, "nope.json")], {"shim-driven": "no I/O workers"})
         self.assertIn("| shim/socket | 1.44x | 2.99x | 3.33x | 3.35x |", md)
         self.assertIn("| socket | 25.0 us | 2.71 GB/s | 2.79 GB/s | 2.80 GB/s |", md)
         self.assertIn("## all-reduce", md)
         self.assertIn("## send/recv", md)
-        self.assertIn("| size | socket busbw (GB/s) | socket44 busbw (GB/s) | shim busbw (GB/s) | shim-cuda busbw (GB/s) |", md)
+        self.assertIn("| size | socket busbw (GB/s) | socket44 busbw (GB/s) | shim busbw (GB/s) | shim-driven busbw (GB/s) |", md)
         self.assertIn("(3 wrong!)", md)
         self.assertIn("missing sweep", md)
-        self.assertIn("**GPU-direct NOT used**", md)
-        self.assertIn("NCCL_TCPXSHIM_TCP_CUDA=1", md)
+        self.assertIn("**no I/O workers**", md)
+        self.assertIn("NCCL_TCPXSHIM_TCP_WORKERS=0", md)
         self.assertIn("NCCL_NET_PLUGIN=libnccl-net-tcpxshim.so", md)
         self.assertIn("![busbw against message size](busbw.svg)", md)
         # one row per size in each operation's table
         self.assertEqual(md.count("\n| 256M |"), 2)
 
     def test_svg(self):
-        _, svg = self.render(self.paths, {"shim-cuda": "GPU-direct NOT used"})
+        _, svg = self.render(self.paths, {"shim-driven": "no I/O workers"})
         root = ET.fromstring(svg)
         ns = "{http://www.w3.org/2000/svg}"
         self.assertEqual(len(root.findall(f"{ns}polyline")), 8)  # 4 modes x 2 operations
         texts = [t.text for t in root.iter(f"{ns}text")]
-        for want in ("all-reduce", "send/recv", "8B", "2M", "128M", "busbw (GB/s)", "shim-cuda (GPU-direct NOT used)"):
+        for want in ("all-reduce", "send/recv", "8B", "2M", "128M", "busbw (GB/s)", "shim-driven (no I/O workers)"):
             self.assertIn(want, texts)
         self.assertTrue(any("wrong elements" in (t or "") for t in texts))
         if shutil.which("rsvg-convert"):
@@ -836,11 +817,6 @@ class LaunchTests(unittest.TestCase):
             self.assertEqual(e["NCCL_TCPXSHIM_TCP_IFNAME"], "lo")
             self.assertEqual(e["NCCL_TCPXSHIM_TCP_STREAMS"], "8")
             self.assertEqual(e["NCCL_ALGO"], "Ring")
-        cuda = launch.rank_env(base, "shim-cuda", "/p/lib.so", 0, 2, 1)
-        self.assertEqual(
-            {k: cuda[k] for k in ("NCCL_TCPXSHIM_TCP_CUDA", "NCCL_NET_GDR_LEVEL", "NCCL_NET_FORCE_FLUSH")},
-            {"NCCL_TCPXSHIM_TCP_CUDA": "1", "NCCL_NET_GDR_LEVEL": "SYS", "NCCL_NET_FORCE_FLUSH": "1"},
-        )
         sock = launch.rank_env(base, "socket", "", 0, 2, 1, ["NCCL_PROTO=Simple"])
         self.assertEqual((sock["NCCL_NET_PLUGIN"], sock["NCCL_NET"], sock["NCCL_PROTO"]), ("none", "Socket", "Simple"))
         self.assertNotIn("NCCL_TCPXSHIM_TCP_STREAMS", sock)
@@ -862,7 +838,7 @@ class LaunchTests(unittest.TestCase):
         return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
     def test_collectives_pass_2_and_4_ranks(self):
-        for world, mode in ((2, "shim"), (4, "socket"), (3, "shim-cuda")):
+        for world, mode in ((2, "shim"), (4, "socket"), (3, "shim")):
             rc, out, _ = self.run_launch(f"c{world}", world, mode, [os.path.join(GPU, "collectives.py"), "--sizes", "1,3,1000,4099"])
             self.assertEqual(rc, 0, out)
             checks = 4 * (4 + world)
@@ -990,6 +966,7 @@ class ToolTests(unittest.TestCase):
     def test_rawtcp_moves_bytes(self):
         self.assertGreater(rawtcp.run(1, 0.2, 1 << 16, False), 0)
         self.assertGreater(rawtcp.run(2, 0.2, 1 << 16, True), 0)
+        self.assertGreater(rawtcp.run(2, 0.2, 1 << 16, True, (0, 0)), 0)
         self.assertEqual(rawtcp.parse_bytes("4M"), 4 << 20)
         self.assertEqual(rawtcp.parse_bytes("100"), 100)
 
@@ -1223,7 +1200,7 @@ class RunShTests(unittest.TestCase):
                     self.assertRegex(s, rf"\n  PASS +nt-{mode}-{bind}-w{w} +6 of 6 runs passed", s)
         self.assertRegex(s, r"\n  PASS +nccltests-report ")
         self.assertIn("## 4 ranks, loopback", s)
-        self.assertIn("| broadcast | 8 B time: Socket |", s)
+        self.assertIn("| broadcast | 8B time: Socket |", s)
         top = sorted(os.listdir(self.out))
         self.assertIn("nccl-tests.md", top)
         self.assertIn("nccl-tests-w2.svg", top)
@@ -1241,20 +1218,19 @@ class RunShTests(unittest.TestCase):
         self.assertIn("no plugin library", p.stderr)
 
     def test_everything_passes(self):
-        rc, out = self.run_suite(PARTS="coll counters sweep", SWEEP_MODES="socket socket44 shim shim-cuda")
+        rc, out = self.run_suite(PARTS="coll counters sweep", SWEEP_MODES="socket socket44 shim")
         self.assertEqual(rc, 0, out)
         s = self.summary()
         self.assertTrue(s.startswith("tcpxshim GPU suite: PASS"), s)
-        for part in ("coll-shim-w2", "coll-shim-w4", "coll-socket-w2", "coll-socket-w4", "coll-shim-cuda-w2",
-                     "coll-shim-cuda-w4", "gdr-coll-shim-cuda-w2", "counters-shim-w2", "sweep-socket-w2",
-                     "sweep-socket44-w2", "sweep-shim-w2", "sweep-shim-cuda-w2", "report"):
+        for part in ("coll-shim-w2", "coll-shim-w4", "coll-socket-w2", "coll-socket-w4", "counters-shim-w2",
+                     "sweep-socket-w2", "sweep-socket44-w2", "sweep-shim-w2", "report"):
             self.assertRegex(s, rf"\n  PASS +{part} ", part)
-        self.assertIn("# sweep shim-cuda, 2 ranks: sendrecv", s)
+        self.assertIn("# sweep shim, 2 ranks: sendrecv", s)
         self.assertIn("| shim/socket |", s)
         top = sorted(os.listdir(self.out))
         self.assertEqual(top, ["busbw.svg", "logs", "logs.tar.gz", "results.md", "summary.txt", "sweeps.json"])
         with open(os.path.join(self.out, "sweeps.json")) as f:
-            self.assertEqual([x["label"] for x in json.load(f)["sweeps"]], ["socket", "socket44", "shim", "shim-cuda"])
+            self.assertEqual([x["label"] for x in json.load(f)["sweeps"]], ["socket", "socket44", "shim"])
         self.assertFalse([f for f in os.listdir(os.path.join(self.out, "logs")) if f.endswith(".pids")])
         calls = self.mps_calls()
         self.assertIn("args: -d", calls)
@@ -1333,27 +1309,18 @@ class RunShTests(unittest.TestCase):
         self.assertEqual(rank_processes_alive(self.out), [])
 
     def test_failures_are_reported(self):
-        rc, out = self.run_suite(PARTS="coll ddp sweep", WORLDS="2", SWEEP_MODES="socket shim-cuda",
-                                 FAKE_TORCH_FAULT="1:sendrecv:corrupt", FAKE_TORCH_GDR="none")
+        rc, out = self.run_suite(PARTS="coll ddp sweep", WORLDS="2", SWEEP_MODES="socket",
+                                 FAKE_TORCH_FAULT="1:sendrecv:corrupt")
         self.assertEqual(rc, 1, out)
         s = self.summary()
         self.assertTrue(s.startswith("tcpxshim GPU suite: FAIL"), s)
         self.assertRegex(s, r"FAIL +coll-shim-w2 +ranks FAIL, log check PASS: a rank failed; first problem: rank 1: "
                             r"CHECK MISMATCH sendrecv of 1000 floats \(3.91 KiB\) on rank 1 of 2: first bad index 5: got 3.0, expected 2.0")
-        self.assertRegex(s, r"FAIL +gdr-coll-shim-cuda-w2 +GPU-direct NOT USED")
         self.assertRegex(s, r"FAIL +ddp-shim-w2 .*No module named 'torch.nn'")  # the fake has no nn
         self.assertRegex(s, r"SKIP +ddp-compare")
-        self.assertRegex(s, r"SKIP +sweep-shim-cuda-w2 +the shim-cuda correctness run did not pass")
         self.assertRegex(s, r"FAIL +sweep-socket-w2 .*first problem: rank 0: sweep socket: .* 4 wrong elements")
         with open(os.path.join(self.out, "results.md")) as f:
             self.assertIn("wrong!", f.read())
-
-    def test_gdr_not_used_is_noted_in_the_results(self):
-        rc, out = self.run_suite(PARTS="coll sweep", WORLDS="2", SWEEP_MODES="shim-cuda", FAKE_TORCH_GDR="none")
-        self.assertEqual(rc, 1, out)
-        with open(os.path.join(self.out, "results.md")) as f:
-            self.assertIn("**GPU-direct NOT used**", f.read())
-        self.assertRegex(self.summary(), r"PASS +sweep-shim-cuda-w2")
 
     def test_log_check_failure(self):
         rc, out = self.run_suite(PARTS="coll", WORLDS="2", FAKE_TORCH_FAULT="1:init:warn")

@@ -577,7 +577,7 @@ impl Comm {
             phase: Phase::Header,
         };
         r.waiting.push(i as u8);
-        self.progress_recv(r);
+        self.progress_recv(r, None);
         drop(g);
         self.slot_opaque(i)
     }
@@ -633,10 +633,22 @@ impl Comm {
 
     /// Reads headers and inline payloads for posted receives, in order, and hands striped
     /// messages' chunks to the workers. Failures are recorded on the comm for test() to report.
-    fn progress_recv(&self, r: &mut RecvSide) {
+    ///
+    ///
+    /// Once receive `tested` (the one the caller is testing) is complete and the stage holds no
+    /// further header, it returns without reading the socket again: that read would most likely
+    /// find nothing (the sender has just finished a message) and cost the caller a syscall before
+    /// test reports the message done; the next test (of the next receive) reads.
+    fn progress_recv(&self, r: &mut RecvSide, tested: Option<usize>) {
         while !self.shared.is_failed() {
             let more = match r.cur {
-                Some(i) => self.read_inline(r, i),
+                Some(i) => {
+                    let more = self.read_inline(r, i);
+                    if more && r.cur.is_none() && Some(i) == tested && r.hi - r.lo < HEADER_LEN {
+                        return;
+                    }
+                    more
+                }
                 None => self.next_header(r),
             };
             if !more {
@@ -787,7 +799,7 @@ impl Comm {
             return;
         }
         r.backoff = r.backoff.max(1);
-        self.progress_recv(r);
+        self.progress_recv(r, None);
         // A read that returned bytes has set the back-off to 0; otherwise back off further.
         r.skip = r.backoff;
         if r.backoff > 0 {
@@ -867,7 +879,7 @@ impl Comm {
                 }
                 if matches!(r.reqs[i].phase, Phase::Header | Phase::Inline { .. }) {
                     // The tested request (or one before it) needs the control socket: read it now.
-                    self.progress_recv(r);
+                    self.progress_recv(r, Some(i));
                 } else if r.cur.is_some() || r.waiting.len > 0 {
                     // The tested request waits for workers only; reading ahead for later receives
                     // lets their chunks start early, but need not cost a syscall on every poll.

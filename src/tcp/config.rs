@@ -53,8 +53,10 @@ pub const TCP_CPUS: Setting = Setting {
 /// Striping chunk.
 pub const TCP_MIN_CHUNK: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
-    default: "65536",
-    doc: "Smallest piece of a message sent on one data socket, in bytes (4096 to 16777216).",
+    default: "(65536; 524288 with less than 2 usable CPUs)",
+    doc: "Smallest piece of a message sent on one data socket, in bytes (4096 to 16777216). Unset: 65536, or \
+          524288 where the process has less than 2 CPUs to run on (fewer, larger writes: one core is busy enough \
+          with the kernel's copies). Each rank may choose its own: the receiver follows the sender's.",
 };
 
 /// Inline threshold.
@@ -63,25 +65,6 @@ pub const TCP_INLINE: Setting = Setting {
     default: "16384",
     doc: "Messages up to this many bytes travel on the control socket, sent from the calling thread, for low \
           latency; larger ones are striped over the data sockets by the workers (0 to 1048576). Must match on every rank.",
-};
-
-/// GPU memory in the built-in transport.
-pub const TCP_CUDA: Setting = Setting {
-    name: "NCCL_TCPXSHIM_TCP_CUDA",
-    default: "0",
-    doc: "1: the built-in transport also accepts CUDA buffers (ptrSupport HOST|CUDA), so NCCL's GPU-direct path runs \
-          through it: data is copied between GPU memory and pinned host buffers with the CUDA driver, loaded at run \
-          time. Without a GPU driver it stays host-only and says why. 0: host memory only; NCCL stages through host.",
-};
-
-/// Pinned host memory for GPU-memory staging.
-pub const TCP_CUDA_POOL: Setting = Setting {
-    name: "NCCL_TCPXSHIM_TCP_CUDA_POOL",
-    default: "256",
-    doc: "With NCCL_TCPXSHIM_TCP_CUDA=1: MiB of pinned host memory allocated when the transport starts (0 to 65536); \
-          the staging buffers of CUDA registrations are carved out of it, and ordinary host memory (slower copies) is \
-          used once it is full. Pinned memory is never allocated later: that would synchronise the GPU and can \
-          deadlock with NCCL's running kernels.",
 };
 
 /// Dead-peer detection on an idle connection.
@@ -129,14 +112,10 @@ pub struct TcpConfig {
     pub workers: Option<usize>,
     /// CPUs the workers are pinned to, in turn; `None`: not pinned.
     pub cpus: Option<Vec<usize>>,
-    /// Smallest striping chunk in bytes.
-    pub min_chunk: usize,
+    /// Smallest striping chunk in bytes; `None`: planned from the usable CPUs (see `cpus`).
+    pub min_chunk: Option<usize>,
     /// Largest message sent inline on the control socket.
     pub inline_max: usize,
-    /// Accept CUDA buffers (staged through pinned host memory).
-    pub cuda: bool,
-    /// Bytes of pinned staging memory allocated at start when `cuda` is on.
-    pub cuda_pool: usize,
     /// Idle seconds before keepalive probes (0: keepalive off).
     pub keepalive_s: u32,
     /// TCP_USER_TIMEOUT in ms (0: the kernel's default).
@@ -170,10 +149,11 @@ impl TcpConfig {
             cpus: get(vars, TCP_CPUS.name)
                 .map(|v| super::cpus::parse_cpu_list(TCP_CPUS.name, &v))
                 .transpose()?,
-            min_chunk: int(vars, &TCP_MIN_CHUNK, 4096, 16 << 20)? as usize,
+            min_chunk: match get(vars, TCP_MIN_CHUNK.name) {
+                Some(_) => Some(int(vars, &TCP_MIN_CHUNK, 4096, 16 << 20)? as usize),
+                None => None,
+            },
             inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,
-            cuda: int(vars, &TCP_CUDA, 0, 1)? == 1,
-            cuda_pool: (int(vars, &TCP_CUDA_POOL, 0, 65536)? as usize) << 20,
             keepalive_s: int(vars, &TCP_KEEPALIVE, 0, 32767)? as u32,
             user_timeout_ms: int(vars, &TCP_USER_TIMEOUT, 0, i32::MAX as u64)? as u32,
             ports: port_range(get(vars, TCP_PORT_RANGE.name))?,

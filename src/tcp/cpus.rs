@@ -15,6 +15,11 @@ use std::path::Path;
 
 /// Workers started when nothing sets their number and CPUs are plentiful.
 pub const MAX_DEFAULT_WORKERS: usize = 4;
+/// Smallest striping chunk unless NCCL_TCPXSHIM_TCP_MIN_CHUNK says otherwise.
+pub const DEFAULT_MIN_CHUNK: usize = 64 << 10;
+/// ... where the process has less than 2 CPUs: fewer and larger writes (NCCL's 512 KiB steps go on
+/// one socket each), since the one core is busy enough with the kernel's copies.
+pub const ONE_CPU_MIN_CHUNK: usize = 512 << 10;
 /// Highest CPU number a mask here can hold (glibc's CPU_SETSIZE).
 pub const MAX_CPU: usize = 1023;
 
@@ -81,6 +86,15 @@ impl CpuPlan {
         plan
     }
 
+    /// The smallest striping chunk the plan asks for (see [`ONE_CPU_MIN_CHUNK`]).
+    pub fn min_chunk(&self) -> usize {
+        if self.usable() < 2.0 {
+            ONE_CPU_MIN_CHUNK
+        } else {
+            DEFAULT_MIN_CHUNK
+        }
+    }
+
     /// The CPU worker `i` runs on, if pinned.
     pub fn pin_of(&self, i: usize) -> Option<usize> {
         (!self.pins.is_empty()).then(|| self.pins[i % self.pins.len()])
@@ -126,6 +140,13 @@ impl CpuPlan {
             s.push_str(", not pinned (NCCL_TCPXSHIM_TCP_CPUS pins them)");
         } else {
             let _ = write!(s, ", pinned to CPUs {} in turn", cpu_list(&self.pins));
+        }
+        if self.min_chunk() != DEFAULT_MIN_CHUNK {
+            let _ = write!(
+                s,
+                ", messages striped in pieces of at least {} KiB unless NCCL_TCPXSHIM_TCP_MIN_CHUNK says otherwise",
+                self.min_chunk() >> 10
+            );
         }
         if !self.refused.is_empty() {
             let _ = write!(
@@ -347,6 +368,13 @@ mod tests {
         assert!(
             d.contains("pinned to CPUs 6-7 in turn") && d.contains("names 9 outside"),
             "{d}"
+        );
+        assert_eq!(one.min_chunk(), ONE_CPU_MIN_CHUNK);
+        assert!(one.describe().contains("at least 512 KiB"), "{}", one.describe());
+        assert_eq!(many.min_chunk(), DEFAULT_MIN_CHUNK);
+        assert_eq!(
+            CpuPlan::new((0..16).collect(), Some(1.5), None, None).min_chunk(),
+            ONE_CPU_MIN_CHUNK
         );
         let none_left = CpuPlan::new(vec![0], None, None, Some(&[5]));
         assert_eq!((none_left.workers, none_left.pin_of(0)), (1, None));

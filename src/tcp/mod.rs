@@ -15,8 +15,10 @@
 //! receiver queues chunk reads only after it matched the header to a posted receive, so a send
 //! larger than its receive is caught before any payload is read.
 //!
-//! Data sockets are driven by a fixed pool of `NCCL_TCPXSHIM_TCP_WORKERS` threads (mio/epoll),
-//! created once per transport, which move bytes straight between the sockets and NCCL's buffers.
+//! Data sockets are driven by a fixed pool of I/O worker threads (mio/epoll), created once per
+//! transport, which move bytes straight between the sockets and NCCL's buffers; how many, and on
+//! which CPUs, follows the CPUs the process may use (`cpus`: `NCCL_TCPXSHIM_TCP_WORKERS`,
+//! `NCCL_TCPXSHIM_TCP_CPUS`). With no worker threads the callers of `test` drive the sockets.
 //!
 //! Half-made connections (a connect NCCL stopped polling, accepted sockets that never send a
 //! complete hello, connections missing sockets) are dropped by the next connect or accept once
@@ -29,8 +31,6 @@ mod comm;
 pub mod config;
 mod conn;
 pub mod cpus;
-pub(crate) mod cuda;
-mod gpu;
 mod iface;
 mod liveness;
 mod shared;
@@ -41,7 +41,7 @@ pub(crate) mod wire;
 mod worker;
 
 use crate::error::{Error, Result};
-use crate::ffi::{DevHandle, HANDLE_SIZE, NCCL_PTR_CUDA, NCCL_PTR_HOST};
+use crate::ffi::{DevHandle, HANDLE_SIZE, NCCL_PTR_HOST};
 use crate::transport::{DeviceType, Opaque, Properties, Transport};
 use comm::{Comm, CommParams, TAG_RECV, TAG_SEND};
 pub use config::TcpConfig;
@@ -62,38 +62,12 @@ const TAG_MR: u64 = u64::from_le_bytes(*b"txsMR\0\0\0");
 /// Distinguishes transports of one process (thread names, tests).
 static NEXT_TRANSPORT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A memory registration: host memory needs nothing but a handle; GPU memory gets a host
-/// shadow (see `gpu`).
+/// A memory registration: host memory needs nothing, but NCCL wants a handle.
 #[repr(C)]
 struct Mr {
     tag: u64,
     data: usize,
     size: usize,
-    shadow: Option<gpu::Shadow>,
-}
-
-impl Mr {
-    /// The registration behind an mhandle NCCL passed with a data call.
-    fn from_opaque<'a>(mr: Option<Opaque>, call: &str) -> Result<Option<&'a Mr>> {
-        let Some(o) = mr else { return Ok(None) };
-        // SAFETY: NCCL passes mhandles this transport returned from regMr and has not deregistered.
-        if unsafe { TcpTransport::tag(o) } != TAG_MR {
-            return Err(Error::invalid_argument(format!(
-                "{call}: {:p} is not a memory handle of the built-in TCP transport",
-                o.as_ptr()
-            )));
-        }
-        // SAFETY: the tag identifies a live Mr.
-        Ok(Some(unsafe { &*(o.as_ptr() as *const Mr) }))
-    }
-
-    /// Where a message at `data` of `size` bytes goes through the shadow, if this is GPU memory.
-    fn staged(&self, call: &str, data: *const c_void, size: usize) -> Result<Option<*mut u8>> {
-        let Some(shadow) = &self.shadow else { return Ok(None) };
-        let off = gpu::offset_in(call, self.data, self.size, data, size)?;
-        // SAFETY: off + size <= self.size, the shadow's length.
-        Ok(Some(unsafe { shadow.as_ptr().add(off) }))
-    }
 }
 
 /// The built-in kernel-TCP transport.
@@ -101,12 +75,12 @@ pub struct TcpTransport {
     cfg: TcpConfig,
     devices: Vec<Device>,
     pool: Arc<Pool>,
+    /// Smallest striping chunk: NCCL_TCPXSHIM_TCP_MIN_CHUNK, else as the CPU plan says.
+    min_chunk: usize,
     pending: Mutex<HashMap<u64, PendingConnect>>,
     next_pending: AtomicU64,
     /// Idle time after which half-made connections are dropped ([`ABANDON_AFTER`]; tests shorten it).
     abandon_after: Duration,
-    /// GPU-memory support, when NCCL_TCPXSHIM_TCP_CUDA=1 and a CUDA driver with a GPU is present.
-    gpu: Option<gpu::Gpu>,
 }
 
 /// A random 64-bit value (connection nonces, listener tokens); unique, not secret.
@@ -157,13 +131,13 @@ impl TcpTransport {
         let (allowed, quota) = cpus::discover();
         let plan = cpus::CpuPlan::new(allowed, quota, cfg.workers, cfg.cpus.as_deref());
         let pool = Arc::new(Pool::new(plan.workers, id, &plan)?);
+        let min_chunk = cfg.min_chunk.unwrap_or_else(|| plan.min_chunk());
         TcpTransport::log_start(cfg, &devices, &plan);
-        let gpu = TcpTransport::start_gpu(cfg);
         Ok(TcpTransport {
-            gpu,
             cfg: cfg.clone(),
             devices,
             pool,
+            min_chunk,
             pending: Mutex::new(HashMap::new()),
             next_pending: AtomicU64::new(1),
             abandon_after: ABANDON_AFTER,
@@ -190,12 +164,14 @@ impl TcpTransport {
         if let Some(w) = cfg.workers {
             check(w <= 64, "NCCL_TCPXSHIM_TCP_WORKERS", w, "0 to 64")?;
         }
-        check(
-            (1..=i32::MAX as usize).contains(&cfg.min_chunk),
-            "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
-            cfg.min_chunk,
-            "1 to 2147483647",
-        )?;
+        if let Some(c) = cfg.min_chunk {
+            check(
+                (1..=i32::MAX as usize).contains(&c),
+                "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
+                c,
+                "1 to 2147483647",
+            )?;
+        }
         check(
             cfg.inline_max <= i32::MAX as usize,
             "NCCL_TCPXSHIM_TCP_INLINE",
@@ -223,30 +199,6 @@ impl TcpTransport {
             cfg.inline_max
         );
         log::info!("built-in TCP transport: {}", plan.describe());
-    }
-
-    /// GPU-memory support when NCCL_TCPXSHIM_TCP_CUDA=1 asks for it and a CUDA driver with a GPU
-    /// is there; otherwise a WARN (when asked for) and host memory only.
-    fn start_gpu(cfg: &TcpConfig) -> Option<gpu::Gpu> {
-        if !cfg.cuda {
-            return None;
-        }
-        match cuda::driver() {
-            Ok(cuda) => {
-                let g = gpu::Gpu::new(cuda, cfg.cuda_pool);
-                log::info!(
-                    "built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, {} GPU(s)): staged through \
-                     host buffers, {} MiB of them pinned (NCCL_TCPXSHIM_TCP_CUDA_POOL)",
-                    cuda.devices,
-                    g.pool_size() >> 20
-                );
-                Some(g)
-            }
-            Err(e) => {
-                log::warn!("NCCL_TCPXSHIM_TCP_CUDA=1, but {e}: the built-in transport stays host-memory only");
-                None
-            }
-        }
     }
 
     /// The address device `dev` listens on.
@@ -278,7 +230,7 @@ impl TcpTransport {
         CommParams {
             streams: self.cfg.streams,
             inline_max: self.cfg.inline_max,
-            min_chunk: self.cfg.min_chunk,
+            min_chunk: self.min_chunk,
             liveness: self.cfg.liveness(),
         }
     }
@@ -383,11 +335,7 @@ impl Transport for TcpTransport {
             name: d.name.clone(),
             pci_path: d.pci.clone().or_else(|| iface::pci_path(&d.ifname)),
             guid: dev as u64,
-            ptr_support: if self.gpu.is_some() {
-                (NCCL_PTR_HOST | NCCL_PTR_CUDA) as i32
-            } else {
-                NCCL_PTR_HOST as i32
-            },
+            ptr_support: NCCL_PTR_HOST as i32,
             speed_mbps: iface::speed_mbps(&d.ifname),
             port: 0,
             latency_us: 0.0,
@@ -504,30 +452,16 @@ impl Transport for TcpTransport {
     }
 
     unsafe fn reg_mr(&self, _comm: Opaque, data: *mut c_void, size: usize, ptr_type: i32) -> Result<Opaque> {
-        let shadow = match (ptr_type as u32, &self.gpu) {
-            (NCCL_PTR_HOST, _) => None,
-            (NCCL_PTR_CUDA, Some(gpu)) => Some(gpu.shadow(size)?),
-            _ => {
-                return Err(Error::invalid_argument(format!(
-                    "regMr: the built-in TCP transport takes {}; got pointer type {ptr_type}{}",
-                    if self.gpu.is_some() {
-                        "host or CUDA memory (ptrSupport NCCL_PTR_HOST|NCCL_PTR_CUDA)"
-                    } else {
-                        "host memory only (ptrSupport NCCL_PTR_HOST)"
-                    },
-                    if self.gpu.is_none() && ptr_type as u32 == NCCL_PTR_CUDA {
-                        " (set NCCL_TCPXSHIM_TCP_CUDA=1 on a machine with a GPU to accept CUDA buffers)"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-        };
+        if ptr_type != NCCL_PTR_HOST as i32 {
+            return Err(Error::invalid_argument(format!(
+                "regMr: the built-in TCP transport takes host memory only (ptrSupport NCCL_PTR_HOST); got pointer \
+                 type {ptr_type}"
+            )));
+        }
         Ok(Opaque::from_box(Box::new(Mr {
             tag: TAG_MR,
             data: data as usize,
             size,
-            shadow,
         })))
     }
 
@@ -545,28 +479,16 @@ impl Transport for TcpTransport {
         Ok(())
     }
 
-    // `data` is NCCL's buffer, opaque here: only the kernel (send) or the CUDA driver (copy of
-    // GPU memory into the pinned shadow) ever reads it.
-    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     unsafe fn isend(
         &self,
         comm: Opaque,
         data: *mut c_void,
         size: i32,
         _tag: i32,
-        mr: Option<Opaque>,
+        _mr: Option<Opaque>,
     ) -> Result<Option<Opaque>> {
         // SAFETY: NCCL passes back a send comm this transport returned and has not closed.
         let c = unsafe { Comm::from_opaque(comm, TAG_SEND, "isend")? };
-        if let (Some(gpu), Some(m)) = (&self.gpu, Mr::from_opaque(mr, "isend")?) {
-            if let Some(host) = m.staged("isend", data, size.max(0) as usize)? {
-                // SAFETY: `data` lies inside a CUDA registration (checked by `staged`), so it is GPU
-                // memory NCCL registered, and `host` is its place in the shadow. Only the CUDA
-                // driver reads it.
-                unsafe { gpu.stage_send(host, data, size.max(0) as usize)? };
-                return c.isend(host, size).map(Some);
-            }
-        }
         c.isend(data as *const u8, size).map(Some)
     }
 
@@ -576,7 +498,7 @@ impl Transport for TcpTransport {
         data: &[*mut c_void],
         sizes: &[i32],
         _tags: &[i32],
-        mrs: &[Option<Opaque>],
+        _mrs: &[Option<Opaque>],
     ) -> Result<Option<Opaque>> {
         // SAFETY: NCCL passes back a receive comm this transport returned and has not closed.
         let c = unsafe { Comm::from_opaque(comm, TAG_RECV, "irecv")? };
@@ -588,19 +510,6 @@ impl Transport for TcpTransport {
                 sizes.len(),
                 c.describe()
             )));
-        }
-        if let Some(gpu) = &self.gpu {
-            let m = Mr::from_opaque(mrs.first().copied().flatten(), "irecv")?;
-            let staged = match m {
-                Some(m) => m.staged("irecv", data[0], sizes[0].max(0) as usize)?,
-                None => None,
-            };
-            let req = c.irecv(staged.unwrap_or(data[0] as *mut u8), sizes[0])?;
-            match staged {
-                Some(host) => gpu.expect(req.as_ptr() as usize, comm.as_ptr() as usize, data[0], host),
-                None => gpu.forget(req.as_ptr() as usize),
-            }
-            return Ok(Some(req));
         }
         c.irecv(data[0] as *mut u8, sizes[0]).map(Some)
     }
@@ -616,26 +525,8 @@ impl Transport for TcpTransport {
     }
 
     unsafe fn test(&self, req: Opaque, sizes: Option<&mut [i32]>) -> Result<bool> {
-        let Some(gpu) = self.gpu.as_ref().filter(|g| g.busy()) else {
-            // SAFETY: NCCL passes back a request this transport returned, not yet completed, on an open comm.
-            return unsafe { comm::test_request(req, sizes) };
-        };
-        let mut got = [0i32; 1];
-        // SAFETY: as above.
-        let done = match unsafe { comm::test_request(req, Some(&mut got)) } {
-            Ok(d) => d,
-            Err(e) => {
-                gpu.fail(req.as_ptr() as usize);
-                return Err(e);
-            }
-        };
-        if done {
-            gpu.complete(req.as_ptr() as usize, got[0].max(0) as usize)?;
-            if let Some(s) = sizes.and_then(|s| s.first_mut()) {
-                *s = got[0];
-            }
-        }
-        Ok(done)
+        // SAFETY: NCCL passes back a request this transport returned, not yet completed, on an open comm.
+        unsafe { comm::test_request(req, sizes) }
     }
 
     unsafe fn close_send(&self, comm: Opaque) -> Result<()> {
@@ -644,9 +535,6 @@ impl Transport for TcpTransport {
     }
 
     unsafe fn close_recv(&self, comm: Opaque) -> Result<()> {
-        if let Some(gpu) = &self.gpu {
-            gpu.close(comm.as_ptr() as usize);
-        }
         // SAFETY: NCCL closes a receive comm this transport returned, once.
         unsafe { Comm::close(comm, TAG_RECV, "closeRecv") }
     }

@@ -276,14 +276,14 @@ fn other_settings_transfer_correctly() {
         },
         TcpConfig {
             streams: 7,
-            min_chunk: 4096,
+            min_chunk: Some(4096),
             inline_max: 1,
             workers: Some(3),
             ..lo_cfg()
         },
         TcpConfig {
             streams: 64,
-            min_chunk: 4096,
+            min_chunk: Some(4096),
             workers: Some(2),
             inline_max: 1 << 20,
             ..lo_cfg()
@@ -291,7 +291,7 @@ fn other_settings_transfer_correctly() {
         // No worker threads: test() drives the data sockets.
         TcpConfig {
             streams: 4,
-            min_chunk: 4096,
+            min_chunk: Some(4096),
             workers: Some(0),
             ..lo_cfg()
         },
@@ -1362,7 +1362,7 @@ fn pipelined_random_sizes_default_settings() {
 fn pipelined_random_sizes_big_inline_three_streams() {
     let cfg = TcpConfig {
         streams: 3,
-        min_chunk: 4096,
+        min_chunk: Some(4096),
         inline_max: 1 << 20,
         ..lo_cfg()
     };
@@ -1374,7 +1374,7 @@ fn pipelined_random_sizes_sixteen_streams_one_worker() {
     let cfg = TcpConfig {
         streams: 16,
         workers: Some(1),
-        min_chunk: 4096,
+        min_chunk: Some(4096),
         inline_max: 0,
         ..lo_cfg()
     };
@@ -1390,30 +1390,6 @@ fn pipelined_random_sizes_three_threads_share_a_transport() {
             sc.spawn(move || pipelined(t, 2000, 0x5eed_0010 + k));
         }
     });
-}
-
-#[test]
-fn cuda_mode_needs_a_driver_and_otherwise_stays_host_only() {
-    // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
-    unsafe {
-        let t = TcpTransport::new(&TcpConfig { cuda: true, ..lo_cfg() }).expect("transport on lo");
-        let p = t.properties(0).unwrap();
-        let host = crate::ffi::NCCL_PTR_HOST as i32;
-        let cuda = crate::ffi::NCCL_PTR_CUDA as i32;
-        if cuda::driver().is_ok() {
-            assert_eq!(p.ptr_support, host | cuda);
-        } else {
-            assert_eq!(p.ptr_support, host, "no CUDA driver here: host memory only");
-            let pr = pair(&t);
-            let mut buf = [0u8; 64];
-            let err = t
-                .reg_mr(pr.0, buf.as_mut_ptr().cast(), 64, cuda)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("NCCL_TCPXSHIM_TCP_CUDA=1"), "{err}");
-            close_pair(&t, pr);
-        }
-    }
 }
 
 #[test]
@@ -1644,7 +1620,7 @@ fn stuck_receives_say_what_they_wait_for() {
 
         // Message 1, striped: its header first (the receiver queues chunk reads only then), then all
         // chunks but the last.
-        let (streams, min_chunk) = (lo_cfg().streams, lo_cfg().min_chunk);
+        let (streams, min_chunk) = (lo_cfg().streams, t.min_chunk);
         let chunk = wire::chunk_size(big, streams, min_chunk);
         let chunks: Vec<(usize, usize, usize)> = wire::chunks(1, big, chunk, streams).collect();
         assert!(chunks.len() > 1, "the test needs a message of several chunks");
@@ -1915,6 +1891,33 @@ fn workers_follow_the_cpu_plan_and_pin_where_asked() {
     assert_eq!(pins, expect);
     let p = pair(&t);
     let mut data: Vec<u8> = (0..(1 << 20) + 7).map(|i| (i % 251) as u8).collect();
+    let want = data.clone();
+    let (a, b, got) = transfer(&t, p.0, p.1, &mut data, want.len());
+    assert_eq!((a.unwrap(), b.unwrap()), (want.len() as i32, want.len() as i32));
+    assert!(got == want, "data differ after the transfer");
+    close_pair(&t, p);
+}
+
+#[test]
+fn a_thread_confined_to_one_cpu_gets_the_one_cpu_plan() {
+    let allowed = super::sys::affinity().unwrap();
+    // Confine this test's thread (the affinity mask is per thread) as mpirun's binding would.
+    super::sys::pin_to(allowed[0]).unwrap();
+    let t = TcpTransport::new(&lo_cfg());
+    let set = TcpTransport::new(&TcpConfig {
+        min_chunk: Some(65536),
+        workers: Some(3),
+        ..lo_cfg()
+    });
+    // Back to the whole mask before anything can fail.
+    super::sys::set_affinity(&allowed).unwrap();
+    let (t, set) = (t.unwrap(), set.unwrap());
+    assert_eq!(threads_named(&worker_prefix(&t)), 1);
+    assert_eq!(t.min_chunk, super::cpus::ONE_CPU_MIN_CHUNK);
+    assert_eq!(threads_named(&worker_prefix(&set)), 3, "the settings win over the plan");
+    assert_eq!(set.min_chunk, 65536);
+    let p = pair(&t);
+    let mut data: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 253) as u8).collect();
     let want = data.clone();
     let (a, b, got) = transfer(&t, p.0, p.1, &mut data, want.len());
     assert_eq!((a.unwrap(), b.unwrap()), (want.len() as i32, want.len() as i32));

@@ -5,7 +5,7 @@ bytes this rank sent) in the formats logcheck.py reads.
 
 FAKE_TORCH_FAULT=RANK:WHERE:WHAT injects a fault on one rank: WHERE is init or an operation name
 (all_reduce, sendrecv, ...); WHAT is hang, crash, corrupt (one wrong element), warn (a shim WARN
-line), bytes (counters 20% high). FAKE_TORCH_GDR=none|recv makes GPU-direct absent or partial.
+line), bytes (counters 20% high).
 
 With NCCL_TCPXSHIM_METRICS_DIR set (shim modes), a thread writes the shim's metrics file
 DIR/<host>-<pid>.prom every NCCL_TCPXSHIM_METRICS_INTERVAL seconds (written aside, then renamed) and
@@ -87,14 +87,9 @@ def init_process_group(backend, rank, world_size, device_id=None, timeout=None):
     if shim:
         _log("INFO", f"NET/Plugin: Loaded net plugin from {plugin}")
         _log("INFO", "NET/TCPXSHIM loaded builtin TCP transport from (built-in) , 1 device(s), reporting name tcpxshim")
-    if shim and os.environ.get("NCCL_TCPXSHIM_TCP_CUDA") == "1":
-        _log("INFO", "NET/TCPXSHIM built-in TCP transport: GPU memory on (NCCL_TCPXSHIM_TCP_CUDA=1, 1 GPU(s)): staged "
-             "through pinned host buffers")
     if _fault("init") == "warn":
         _log("WARN", "NET/TCPXSHIM isend: fake warning to test the log check")
     _log("INFO", f"Using network {name}")
-    gdr_env = shim and os.environ.get("NCCL_TCPXSHIM_TCP_CUDA") == "1" and os.environ.get("NCCL_NET_GDR_LEVEL")
-    gdr_mode = os.environ.get("FAKE_TORCH_GDR", "all") if gdr_env else "none"
     nxt, prv = (rank + 1) % world_size, (rank - 1) % world_size
     # Like NCCL's topology search with one device per GPU (NCCL_TCPXSHIM_TCP_ADDRS with PCI paths):
     # each rank's channels use the device of its GPU; FAKE_TORCH_NETDEV=zero puts everyone on device 0.
@@ -103,14 +98,11 @@ def init_process_group(backend, rank, world_size, device_id=None, timeout=None):
     if os.environ.get("FAKE_TORCH_NETDEV") == "zero":
         dev = 0
     for ch in range(2):
-        sg = "/GDRDMA" if gdr_mode == "all" else ""
-        rg = "/GDRDMA" if gdr_mode in ("all", "recv") else ""
-        _log("INFO", f"Channel {ch:02d}/0 : {prv}[0] -> {rank}[0] [receive] via NET/{name}/{dev}{rg}")
-        _log("INFO", f"Channel {ch:02d}/0 : {rank}[0] -> {nxt}[0] [send] via NET/{name}/{dev}{sg}")
+        _log("INFO", f"Channel {ch:02d}/0 : {prv}[0] -> {rank}[0] [receive] via NET/{name}/{dev}")
+        _log("INFO", f"Channel {ch:02d}/0 : {rank}[0] -> {nxt}[0] [send] via NET/{name}/{dev}")
         if shim:
             _log("INFO", f"NET/TCPXSHIM opened send comm #{2 * ch + 1} (dev 0, peer 127.0.0.1:{40000 + ch}, 4 streams)")
             _log("INFO", f"NET/TCPXSHIM opened recv comm #{2 * ch + 2} (dev 0, peer 127.0.0.1:{41000 + ch}, 4 streams)")
-    _log("INFO", f"Connected all rings, use ring PXN 0 GDR {1 if gdr_mode != 'none' else 0}")
     _st["conns"] = {(d, ch): [0, 0] for d in ("send", "recv") for ch in range(2)}
     _st["metrics_extra"] = 1 if _fault("metrics") == "bytes" else 0
     if shim and os.environ.get("NCCL_TCPXSHIM_METRICS_DIR"):
