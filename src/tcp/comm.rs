@@ -634,7 +634,6 @@ impl Comm {
     /// Reads headers and inline payloads for posted receives, in order, and hands striped
     /// messages' chunks to the workers. Failures are recorded on the comm for test() to report.
     ///
-    ///
     /// Once receive `tested` (the one the caller is testing) is complete and the stage holds no
     /// further header, it returns without reading the socket again: that read would most likely
     /// find nothing (the sender has just finished a message) and cost the caller a syscall before
