@@ -318,7 +318,11 @@ def cmd_run(a):
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"nt-{a.mode}-{a.bind}-w{world}" + ("-netns" if a.netns else "")
                  + (f"-{a.label}" if a.label else ""))
     os.makedirs(a.logdir, exist_ok=True)
-    env = run_env(a.mode, a.plugin, world, a.env or [], a.ifname)
+    try:
+        env = run_env(a.mode, a.plugin, world, a.env or [], a.ifname)
+    except ValueError as e:
+        print(f"nccltests run: {e}")
+        return 2
     if a.netns:
         try:
             env["LD_PRELOAD"] = build_netns_preload(a.logdir)

@@ -441,6 +441,8 @@ struct Worker {
     entries: Vec<Option<Entry>>,
     free: Vec<usize>,
     active: VecDeque<usize>,
+    /// The readiness buffer of a driven pool's rounds (a worker thread has its own in `run`).
+    events: Option<Events>,
 }
 
 impl Worker {
@@ -453,6 +455,7 @@ impl Worker {
             entries: Vec::new(),
             free: Vec::new(),
             active: VecDeque::new(),
+            events: None,
         }
     }
 
@@ -546,7 +549,7 @@ impl Worker {
     /// the readiness the kernel reports now (without waiting), then those sockets.
     fn drive_once(&mut self) {
         self.progress_active();
-        let mut events = Events::with_capacity(64);
+        let mut events = self.events.take().unwrap_or_else(|| Events::with_capacity(64));
         match self.poll.poll(&mut events, Some(Duration::ZERO)) {
             Ok(()) => {
                 for ev in events.iter() {
@@ -561,6 +564,7 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => log::error!("built-in TCP transport: polling the data sockets failed: {e}"),
         }
+        self.events = Some(events);
     }
 
     /// Runs until Stop or until the pool goes away; dropping the worker then fails what it still had.
