@@ -44,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import launch  # noqa: E402
+import report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PINNED = "2.19.6"
@@ -380,17 +381,6 @@ def cmd_run(a):
 # ------------------------------------------------------------------------------------------------
 # report
 
-def _row(sweep, op, size):
-    for r in sweep["ops"].get(op, []):
-        if r["size"] == size:
-            return r
-    return None
-
-
-def _us(t):
-    return f"{t:.1f} us" if t < 1000 else f"{t / 1000:.2f} ms"
-
-
 def group_key(s):
     return (s.get("world", 2), bool(s.get("netns")))
 
@@ -416,15 +406,14 @@ def summary_table(sweeps, op, small=None, large=128 * common.MiB):
     lines = [f"| {op} | {sl} time: Socket | shim | Socket/shim | 128 MiB busbw: Socket | shim | shim/Socket |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for bind in BINDS:
-        sock = next((s for s in sweeps if s.get("bind") == bind and s.get("mode", "").startswith("socket")
-                     and s["mode"] == "socket"), None)
+        sock = next((s for s in sweeps if s.get("bind") == bind and s.get("mode") == "socket"), None)
         shims = [s for s in sweeps if s.get("bind") == bind and s.get("mode", "").startswith("shim")]
         for sh in shims:
             cells = []
-            a8, b8 = (_row(sock, op, small) if sock else None), _row(sh, op, small)
-            cells += [_us(a8["time_us"]) if a8 else "n/a", _us(b8["time_us"]) if b8 else "n/a",
+            a8, b8 = (report.row_at(sock, op, small) if sock else None), report.row_at(sh, op, small)
+            cells += [report.fmt_us(a8["time_us"]) if a8 else "n/a", report.fmt_us(b8["time_us"]) if b8 else "n/a",
                       f"{a8['time_us'] / b8['time_us']:.2f}x" if a8 and b8 and b8["time_us"] > 0 else "n/a"]
-            al, bl = (_row(sock, op, large) if sock else None), _row(sh, op, large)
+            al, bl = (report.row_at(sock, op, large) if sock else None), report.row_at(sh, op, large)
             cells += [f"{al['busbw']:.2f} GB/s" if al else "n/a", f"{bl['busbw']:.2f} GB/s" if bl else "n/a",
                       f"{bl['busbw'] / al['busbw']:.2f}x" if al and bl and al["busbw"] > 0 else "n/a"]
             name = BIND_TITLES[bind] + ("" if sh["mode"] == "shim" else f" ({sh['label']})")
@@ -440,7 +429,7 @@ def steadiness_lines(sweeps, sizes=(8, 8192, 1 << 20, 8 << 20)):
                 continue
             cells = []
             for size in sizes:
-                r = _row(s, op, size)
+                r = report.row_at(s, op, size)
                 if r:
                     t = ", ".join(f"{x:.1f}" for x in r["runs_time_us"])
                     cells.append(f"{common.size_label(size)}: {t} us (spread {spread(r) * 100:.0f}%)")
@@ -459,8 +448,6 @@ def cmd_report(a):
     if not sweeps:
         print("nccltests report: no results")
         return 1
-    import report  # the sweep plots  # noqa: E402
-
     groups = {}
     for s in sweeps:
         groups.setdefault(group_key(s), []).append(s)

@@ -590,6 +590,19 @@ nt_built() {
     [[ -x "$d/${op}_perf" ]] || return 1
   done
 }
+# nt_run TAG nccltests.py-run-options...: one nccltests.py run (the shared options added), its output
+# in logs/TAG.txt, its JSON kept for the report, its summary line.
+nt_run() {
+  local tag="$1" nrc
+  shift
+  echo
+  echo "=== $tag ($(date +%T), suite at $((SECONDS - t_start)) s)"
+  "$PY" "$here/nccltests.py" run --bindir "$nt_bin" --plugin "$so" --logdir "$logs" --json "$logs/$tag.json" \
+    "${nt_args[@]}" --timeout "${NT_TIMEOUT_S:-240}" "$@" 2>&1 | tee "$logs/$tag.txt"
+  nrc=${PIPESTATUS[0]}
+  [[ -f "$logs/$tag.json" ]] && nt_jsons+=("$logs/$tag.json")
+  record "$(status_word "$nrc")" "$tag" "$(grep -c '^PASS' "$logs/$tag.txt") of $(grep -c '^PASS\|^FAIL' "$logs/$tag.txt") runs passed; $(grep -h '^FAIL' "$logs/$tag.txt" | head -1 | cut -c1-160)"
+}
 if has_part nccltests; then
   nt_bin="${NCCL_TESTS_BIN:-}"
   if [[ -z "$nt_bin" && -n "${NCCL_TESTS_SRC:-}" ]]; then
@@ -611,17 +624,9 @@ if has_part nccltests; then
     for w in ${NT_WORLDS:-2 4}; do
       for bind in ${NT_BINDS:-default none}; do
         for mode in ${NT_MODES:-socket shim}; do
-          tag="nt-$mode-$bind-w$w"
           prof=()
           [[ $mode == shim* && "${NT_PROFILE:-1}" == 1 ]] && prof=(--profile)
-          echo
-          echo "=== $tag ($(date +%T), suite at $((SECONDS - t_start)) s)"
-          "$PY" "$here/nccltests.py" run --bindir "$nt_bin" --mode "$mode" --plugin "$so" --ranks "$w" --bind "$bind" \
-            --logdir "$logs" --json "$logs/$tag.json" --ops "$nt_ops" "${nt_args[@]}" "${prof[@]}" \
-            --timeout "${NT_TIMEOUT_S:-240}" 2>&1 | tee "$logs/$tag.txt"
-          nrc=${PIPESTATUS[0]}
-          [[ -f "$logs/$tag.json" ]] && nt_jsons+=("$logs/$tag.json")
-          record "$(status_word "$nrc")" "$tag" "$(grep -c '^PASS' "$logs/$tag.txt") of $(grep -c '^PASS\|^FAIL' "$logs/$tag.txt") runs passed; $(grep -h '^FAIL' "$logs/$tag.txt" | head -1 | cut -c1-160)"
+          nt_run "nt-$mode-$bind-w$w" --mode "$mode" --ranks "$w" --bind "$bind" --ops "$nt_ops" "${prof[@]}"
         done
       done
     done
@@ -633,16 +638,8 @@ if has_part nccltests; then
           --addrs 10.231.9.1,10.231.9.2
         record "$(status_word $?)" "ceiling-rawtcp-netns" "$(grep -E '^ +8 ' "$logs/ceiling-netns.txt" | awk '{print "8 streams: " $2 " GB/s one way, " $3 " GB/s both ways"}')"
         for mode in ${NT_MODES:-socket shim}; do
-          tag="nt-$mode-none-w2-netns"
-          echo
-          echo "=== $tag ($(date +%T), suite at $((SECONDS - t_start)) s)"
-          "$PY" "$here/nccltests.py" run --bindir "$nt_bin" --mode "$mode" --plugin "$so" --ranks 2 --bind none \
-            --netns tcpxshim-ns0,tcpxshim-ns1 --ifname tsv --logdir "$logs" --json "$logs/$tag.json" \
-            --ops "${NT_NETNS_OPS:-all_reduce,sendrecv}" --repeat "${NT_NETNS_REPEAT:-3}" "${nt_args[@]}" \
-            --timeout "${NT_TIMEOUT_S:-240}" 2>&1 | tee "$logs/$tag.txt"
-          nrc=${PIPESTATUS[0]}
-          [[ -f "$logs/$tag.json" ]] && nt_jsons+=("$logs/$tag.json")
-          record "$(status_word "$nrc")" "$tag" "$(grep -c '^PASS' "$logs/$tag.txt") of $(grep -c '^PASS\|^FAIL' "$logs/$tag.txt") runs passed"
+          nt_run "nt-$mode-none-w2-netns" --mode "$mode" --ranks 2 --bind none --netns tcpxshim-ns0,tcpxshim-ns1 \
+            --ifname tsv --ops "${NT_NETNS_OPS:-all_reduce,sendrecv}" --repeat "${NT_NETNS_REPEAT:-3}"
         done
         "$PY" "$here/nccltests.py" netns down --ip "$IP_BIN" >/dev/null
       else

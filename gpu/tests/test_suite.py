@@ -1205,6 +1205,16 @@ class RunShTests(unittest.TestCase):
         self.assertIn("nccl-tests.md", top)
         self.assertIn("nccl-tests-w2.svg", top)
         self.assertEqual(len(read(os.path.join(self.dir, "mpirun.log")).splitlines()), 2 * 2 * 2 * 6)
+        # Two namespaces (real ones: root and iproute2, as tests/netns.rs needs): the ceiling across
+        # them and the namespaced runs, whose ranks get the MPI_Init wrapper preloaded.
+        rc, out = self.run_suite(PARTS="nccltests", NCCL_TESTS_BIN=bindir, NT_WORLDS="2", NT_BINDS="none",
+                                 NT_MODES="shim", NT_NETNS=1, IP_BIN="ip", NT_NETNS_REPEAT=2)
+        self.assertEqual(rc, 0, out)
+        s = self.summary()
+        self.assertRegex(s, r"\n  PASS +ceiling-rawtcp-netns +8 streams: ")
+        self.assertRegex(s, r"\n  PASS +nt-shim-none-w2-netns +4 of 4 runs passed")
+        self.assertIn("## 2 ranks, two network namespaces joined by a veth pair (MTU 1500)", s)
+        self.assertFalse(os.path.exists("/run/netns/tcpxshim-ns0"), "the namespaces are removed")
         rc, out = self.run_suite(PARTS="nccltests")
         self.assertNotEqual(rc, 0)
         self.assertRegex(self.summary(), r"SKIP +nccltests +set NCCL_TESTS_SRC")
