@@ -14,7 +14,7 @@ pub use crate::recovery::{
 };
 pub use crate::stack::pool::{POOL, POOL_IDLE, POOL_MAX};
 pub use crate::tcp::config::{
-    TCP_ADDRS, TCP_CPUS, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_PORT_RANGE, TCP_STREAMS,
+    TCP_ADDRS, TCP_CPUS, TCP_IFNAME, TCP_INLINE, TCP_KEEPALIVE, TCP_MIN_CHUNK, TCP_PORT_RANGE, TCP_SPIN, TCP_STREAMS,
     TCP_USER_TIMEOUT, TCP_WORKERS,
 };
 use crate::tcp::TcpConfig;
@@ -143,6 +143,7 @@ pub const SETTINGS: &[Setting] = &[
     TCP_WORKERS,
     TCP_CPUS,
     TCP_MIN_CHUNK,
+    TCP_SPIN,
     TCP_INLINE,
     TCP_KEEPALIVE,
     TCP_USER_TIMEOUT,

@@ -50,6 +50,17 @@ pub const TCP_CPUS: Setting = Setting {
           left: not pinned.",
 };
 
+/// Worker polling after traffic.
+pub const TCP_SPIN: Setting = Setting {
+    name: "NCCL_TCPXSHIM_TCP_SPIN",
+    default: "(50 where the CPUs leave room, else 0)",
+    doc: "Microseconds an I/O worker of the built-in transport keeps polling its sockets after traffic before it \
+          sleeps (0 to 100000; 0: it sleeps at once). A polling worker needs no wake-up for the next message and \
+          sees arriving data at once; it costs a CPU while it polls. Unset: 50 where the process may use at least \
+          two CPUs more than it has workers (room for NCCL's proxy and main threads), else 0: under mpirun's \
+          binding of one core per rank the workers would take turns with NCCL's threads.",
+};
+
 /// Striping chunk.
 pub const TCP_MIN_CHUNK: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
@@ -114,6 +125,8 @@ pub struct TcpConfig {
     pub cpus: Option<Vec<usize>>,
     /// Smallest striping chunk in bytes; `None`: planned from the usable CPUs (see `cpus`).
     pub min_chunk: Option<usize>,
+    /// Microseconds the workers poll after traffic; `None`: planned from the usable CPUs (see `cpus`).
+    pub spin_us: Option<u64>,
     /// Largest message sent inline on the control socket.
     pub inline_max: usize,
     /// Idle seconds before keepalive probes (0: keepalive off).
@@ -151,6 +164,10 @@ impl TcpConfig {
                 .transpose()?,
             min_chunk: match get(vars, TCP_MIN_CHUNK.name) {
                 Some(_) => Some(int(vars, &TCP_MIN_CHUNK, 4096, 16 << 20)? as usize),
+                None => None,
+            },
+            spin_us: match get(vars, TCP_SPIN.name) {
+                Some(_) => Some(int(vars, &TCP_SPIN, 0, 100_000)?),
                 None => None,
             },
             inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,

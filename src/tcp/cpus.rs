@@ -20,6 +20,9 @@ pub const DEFAULT_MIN_CHUNK: usize = 64 << 10;
 /// ... where the process has less than 2 CPUs: fewer and larger writes (NCCL's 512 KiB steps go on
 /// one socket each), since the one core is busy enough with the kernel's copies.
 pub const ONE_CPU_MIN_CHUNK: usize = 512 << 10;
+/// Microseconds an I/O worker keeps polling after its last traffic before it sleeps, where the
+/// process has CPUs to spare for it (see [`CpuPlan::spin_us`]).
+pub const DEFAULT_SPIN_US: u64 = 50;
 /// Highest CPU number a mask here can hold (glibc's CPU_SETSIZE).
 pub const MAX_CPU: usize = 1023;
 
@@ -48,6 +51,8 @@ pub struct CpuPlan {
     pub pins: Vec<usize>,
     /// CPUs of `NCCL_TCPXSHIM_TCP_CPUS` left out because the process may not run there.
     pub refused: Vec<usize>,
+    /// `NCCL_TCPXSHIM_TCP_SPIN`, if set (see [`CpuPlan::spin_us`]).
+    pub spin_set: Option<u64>,
 }
 
 impl CpuPlan {
@@ -74,6 +79,7 @@ impl CpuPlan {
             workers_from: WorkersFrom::Usable,
             pins,
             refused,
+            spin_set: None,
         };
         (plan.workers, plan.workers_from) = match workers {
             Some(n) => (n, WorkersFrom::Setting),
@@ -92,6 +98,26 @@ impl CpuPlan {
             ONE_CPU_MIN_CHUNK
         } else {
             DEFAULT_MIN_CHUNK
+        }
+    }
+
+    /// With `NCCL_TCPXSHIM_TCP_SPIN` as set (`None`: unset).
+    pub fn with_spin(mut self, spin_us: Option<u64>) -> CpuPlan {
+        self.spin_set = spin_us;
+        self
+    }
+
+    /// Microseconds a worker keeps polling its sockets after traffic before it sleeps: the setting,
+    /// else [`DEFAULT_SPIN_US`] where the CPUs leave room for every worker besides NCCL's proxy
+    /// and main threads (usable CPUs at least workers + 2), else 0. A worker that polls needs no
+    /// wake-up for the next message (an eventfd write by NCCL's proxy thread, an inter-processor
+    /// interrupt on a virtual machine) and sees arriving data without the scheduler's delay; where
+    /// it would take turns with NCCL's threads on the same cores, it sleeps at once.
+    pub fn spin_us(&self) -> u64 {
+        match self.spin_set {
+            Some(us) => us,
+            None if self.workers > 0 && self.usable() >= (self.workers + 2) as f64 => DEFAULT_SPIN_US,
+            None => 0,
         }
     }
 
@@ -140,6 +166,22 @@ impl CpuPlan {
             s.push_str(", not pinned (NCCL_TCPXSHIM_TCP_CPUS pins them)");
         } else {
             let _ = write!(s, ", pinned to CPUs {} in turn", cpu_list(&self.pins));
+        }
+        match (self.spin_us(), self.spin_set.is_some()) {
+            (0, false) => s.push_str(", sleeping when idle (NCCL_TCPXSHIM_TCP_SPIN sets a polling time)"),
+            (0, true) => s.push_str(", sleeping when idle (NCCL_TCPXSHIM_TCP_SPIN=0)"),
+            (us, false) => {
+                let _ = write!(
+                    s,
+                    ", polling {us} us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN sets it)"
+                );
+            }
+            (us, true) => {
+                let _ = write!(
+                    s,
+                    ", polling {us} us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN)"
+                );
+            }
         }
         if self.min_chunk() != DEFAULT_MIN_CHUNK {
             let _ = write!(
@@ -378,6 +420,47 @@ mod tests {
         );
         let none_left = CpuPlan::new(vec![0], None, None, Some(&[5]));
         assert_eq!((none_left.workers, none_left.pin_of(0)), (1, None));
+    }
+
+    #[test]
+    fn workers_poll_only_where_cpus_are_left_for_them() {
+        // Unbound on 16 CPUs: 4 workers and NCCL's two threads fit.
+        let many = CpuPlan::new((0..16).collect(), None, None, None);
+        assert_eq!(many.spin_us(), DEFAULT_SPIN_US);
+        assert!(
+            many.describe().contains("polling 50 us after traffic"),
+            "{}",
+            many.describe()
+        );
+        // One core (mpirun's binding of two ranks), two cores, a quota of 5: the workers would
+        // take turns with NCCL's threads.
+        for plan in [
+            CpuPlan::new(vec![3], None, None, None),
+            CpuPlan::new(vec![0, 1], None, None, None),
+            CpuPlan::new((0..16).collect(), Some(5.0), None, None),
+        ] {
+            assert_eq!(plan.spin_us(), 0, "{}", plan.describe());
+            assert!(plan.describe().contains("sleeping when idle"), "{}", plan.describe());
+        }
+        assert_eq!(
+            CpuPlan::new((0..16).collect(), Some(6.0), None, None).spin_us(),
+            DEFAULT_SPIN_US
+        );
+        // Driven from the caller: nothing polls.
+        assert_eq!(CpuPlan::new((0..16).collect(), None, Some(0), None).spin_us(), 0);
+        // The setting wins either way.
+        let set = CpuPlan::new(vec![3], None, None, None).with_spin(Some(200));
+        assert_eq!(set.spin_us(), 200);
+        assert!(set
+            .describe()
+            .contains("polling 200 us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN)"));
+        let off = CpuPlan::new((0..16).collect(), None, None, None).with_spin(Some(0));
+        assert_eq!(off.spin_us(), 0);
+        assert!(
+            off.describe().contains("NCCL_TCPXSHIM_TCP_SPIN=0"),
+            "{}",
+            off.describe()
+        );
     }
 
     #[test]

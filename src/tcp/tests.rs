@@ -993,6 +993,36 @@ fn comms_are_driven_from_several_threads_at_once() {
 }
 
 #[test]
+fn polling_workers_need_no_wake_up_between_messages() {
+    // 64 KiB messages go to the workers (above the inline threshold), one after the other; a
+    // worker that keeps polling for 100 ms after traffic is still awake for the next one, so only
+    // the first posts (and any after a stall of the test thread longer than that) wake it.
+    let t = TcpTransport::new(&TcpConfig {
+        workers: Some(1),
+        spin_us: Some(100_000),
+        ..lo_cfg()
+    })
+    .unwrap();
+    let p = pair(&t);
+    let before = t.pool.wakes();
+    let n = 200u64;
+    for i in 0..n as usize {
+        check_transfer(&t, p.0, p.1, 65_536 + i, 65_536 + i);
+    }
+    let wakes = t.pool.wakes() - before;
+    assert!(
+        wakes <= n / 4,
+        "{wakes} wake-ups for {n} messages with a polling worker"
+    );
+    // After the polling time the worker sleeps again: the next message must wake it.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = t.pool.wakes();
+    check_transfer(&t, p.0, p.1, 70_000, 70_000);
+    assert!(t.pool.wakes() > before, "a worker idle for 300 ms was not asleep");
+    close_pair(&t, p);
+}
+
+#[test]
 fn stopping_the_workers_fails_requests_in_flight() {
     // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
     unsafe {

@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,19 +97,23 @@ pub struct Pool {
     /// callers run themselves ([`Pool::drive`]) instead of a thread.
     driven: Option<Mutex<Worker>>,
     next: AtomicUsize,
+    /// Wake-ups of sleeping workers by [`Pool::send`] (an eventfd write each, on the caller's thread).
+    wakes: AtomicU64,
     joins: Mutex<Vec<JoinHandle<()>>>,
     /// Distinguishes this pool's thread names ("txs<id>-io<n>") from other transports'.
     pub id: u64,
 }
 
 impl Pool {
-    /// Starts `n` worker threads, pinned as `plan` says; with `n` 0, none: the callers drive the
-    /// I/O from their own threads ([`Pool::drive`]).
+    /// Starts `n` worker threads, pinned and polling after traffic as `plan` says; with `n` 0,
+    /// none: the callers drive the I/O from their own threads ([`Pool::drive`]).
     pub fn new(n: usize, id: u64, plan: &super::cpus::CpuPlan) -> Result<Pool> {
+        let spin = Duration::from_micros(plan.spin_us());
         let mut pool = Pool {
             workers: Vec::with_capacity(n),
             driven: None,
             next: AtomicUsize::new(0),
+            wakes: AtomicU64::new(0),
             joins: Mutex::new(Vec::with_capacity(n)),
             id,
         };
@@ -122,6 +126,7 @@ impl Pool {
                 rx,
                 Arc::new(AtomicBool::new(false)),
                 Arc::new(AtomicBool::new(false)),
+                Duration::ZERO,
             );
             pool.driven = Some(Mutex::new(w));
             return Ok(pool);
@@ -147,7 +152,7 @@ impl Pool {
                         }
                     }
                     let _ = started_tx.send(());
-                    Worker::new(poll, rx, sl, st).run()
+                    Worker::new(poll, rx, sl, st, spin).run()
                 })
                 .map_err(|e| {
                     Error::io(
@@ -204,6 +209,12 @@ impl Pool {
         w.drive_once();
     }
 
+    /// Wake-ups of sleeping workers so far (each one an eventfd write by the thread that posted).
+    #[cfg(test)]
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
+    }
+
     /// Queues a command for worker `w` and wakes it if it sleeps.
     ///
     /// An error means the command may not run: the worker has stopped (the command was dropped,
@@ -231,6 +242,7 @@ impl Pool {
             return Err(stopped());
         }
         if wr.sleeping.load(Ordering::SeqCst) {
+            self.wakes.fetch_add(1, Ordering::Relaxed);
             wr.waker
                 .wake()
                 .map_err(|e| Error::io(format!("built-in TCP transport: waking I/O worker {w}"), e))?;
@@ -443,10 +455,18 @@ struct Worker {
     active: VecDeque<usize>,
     /// The readiness buffer of a driven pool's rounds (a worker thread has its own in `run`).
     events: Option<Events>,
+    /// How long the thread keeps polling after its last traffic before it sleeps.
+    spin: Duration,
 }
 
 impl Worker {
-    fn new(poll: Poll, rx: Receiver<Cmd>, sleeping: Arc<AtomicBool>, stopped: Arc<AtomicBool>) -> Worker {
+    fn new(
+        poll: Poll,
+        rx: Receiver<Cmd>,
+        sleeping: Arc<AtomicBool>,
+        stopped: Arc<AtomicBool>,
+        spin: Duration,
+    ) -> Worker {
         Worker {
             poll,
             rx,
@@ -456,6 +476,7 @@ impl Worker {
             free: Vec::new(),
             active: VecDeque::new(),
             events: None,
+            spin,
         }
     }
 
@@ -568,12 +589,20 @@ impl Worker {
     }
 
     /// Runs until Stop or until the pool goes away; dropping the worker then fails what it still had.
+    ///
+    /// With nothing left to do it sleeps in epoll until a socket is ready or [`Pool::send`] wakes
+    /// it; with a spin time it first keeps polling (epoll without waiting, no `sleeping` flag, so
+    /// posts need no wake-up) until that long has passed since its last traffic (a command, a
+    /// ready socket, bytes moved).
     fn run(mut self) {
         let mut events = Events::with_capacity(256);
+        let mut last_traffic: Option<Instant> = None;
         loop {
+            let mut traffic = false;
             loop {
                 match self.rx.try_recv() {
                     Ok(cmd) => {
+                        traffic = true;
                         if !self.command(cmd) {
                             return;
                         }
@@ -582,8 +611,14 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
+            traffic |= !self.active.is_empty();
             self.progress_active();
-            let timeout = if self.active.is_empty() {
+            if !self.spin.is_zero() && traffic {
+                last_traffic = Some(Instant::now());
+            }
+            let spinning = self.active.is_empty() && last_traffic.is_some_and(|t| t.elapsed() < self.spin);
+            let timeout = if self.active.is_empty() && !spinning {
+                last_traffic = None;
                 self.sleeping.store(true, Ordering::SeqCst);
                 // Pairs with the fence in Pool::send (store-buffering pattern).
                 fence(Ordering::SeqCst);
@@ -611,6 +646,9 @@ impl Worker {
                 }
                 if let Some(Some(e)) = self.entries.get_mut(token) {
                     e.ready = true;
+                    if !self.spin.is_zero() {
+                        last_traffic = Some(Instant::now());
+                    }
                 }
                 self.activate(token);
             }
