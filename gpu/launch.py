@@ -146,6 +146,10 @@ def rank_env(base, mode, plugin, rank, world, port, extra=(), gpus=1):
         {
             "RANK": str(rank),
             "WORLD_SIZE": str(world),
+            # As torchrun sets them: every rank runs on this host (the shim's CPU plan reads
+            # LOCAL_WORLD_SIZE to split the CPUs between ranks that share them).
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
             "MASTER_PORT": str(port),
             "NCCL_HOSTID": f"tcpxshim-host{rank}",
             "TCPXSHIM_SUITE_MODE": mode,

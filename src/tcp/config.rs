@@ -33,11 +33,15 @@ pub const TCP_STREAMS: Setting = Setting {
 /// I/O worker threads.
 pub const TCP_WORKERS: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_WORKERS",
-    default: "(one per usable CPU, at most 4)",
+    default: "(one per CPU of the rank's share beyond 2, 1 to 4)",
     doc: "I/O worker threads of the built-in transport, shared by all connections of the process (0 to 64; 0: no \
           threads, the data sockets are driven from the threads that call test, i.e. NCCL's proxy thread). Unset: \
-          one per CPU of NCCL_TCPXSHIM_TCP_CPUS if that is set, else one per CPU the process may use (its affinity \
-          mask, e.g. mpirun's binding, and its cgroup's CPU quota), at most 4; an INFO line at start says the plan.",
+          one per CPU of NCCL_TCPXSHIM_TCP_CPUS if that is set, else one per CPU of the rank's share beyond the two \
+          NCCL's own threads keep busy, at least 1, at most 4. The share is what the process may use (its affinity \
+          mask, e.g. mpirun's binding, and its cgroup's CPU quota), divided among the ranks of the host that run on \
+          the same CPUs (the launcher's LOCAL_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS or \
+          SLURM_NTASKS_PER_NODE against the online CPUs): 16 CPUs for 1 or 2 ranks, 4 workers; for 4 ranks, 2 each; \
+          one core, 1. An INFO line at start says the plan.",
 };
 
 /// CPUs the I/O workers are pinned to.
@@ -53,21 +57,22 @@ pub const TCP_CPUS: Setting = Setting {
 /// Worker polling after traffic.
 pub const TCP_SPIN: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_SPIN",
-    default: "(50 where the CPUs leave room, else 0)",
+    default: "0",
     doc: "Microseconds an I/O worker of the built-in transport keeps polling its sockets after traffic before it \
-          sleeps (0 to 100000; 0: it sleeps at once). A polling worker needs no wake-up for the next message and \
-          sees arriving data at once; it costs a CPU while it polls. Unset: 50 where the process may use at least \
-          two CPUs more than it has workers (room for NCCL's proxy and main threads), else 0: under mpirun's \
-          binding of one core per rank the workers would take turns with NCCL's threads.",
+          sleeps (0 to 100000; 0: it sleeps at once). A polling worker needs no wake-up for the next message (an \
+          eventfd write by NCCL's proxy thread) and sees arriving data at once, but keeps a CPU busy while it polls: \
+          for hosts with cores to spare. Measured under nccl-tests with 50: all-reduce within the spread between \
+          runs at 2 ranks on 16 cores, send/recv slower at 4 ranks (README).",
 };
 
 /// Striping chunk.
 pub const TCP_MIN_CHUNK: Setting = Setting {
     name: "NCCL_TCPXSHIM_TCP_MIN_CHUNK",
-    default: "(65536; 524288 with less than 2 usable CPUs)",
+    default: "(65536; 524288 with a share of less than 2 CPUs)",
     doc: "Smallest piece of a message sent on one data socket, in bytes (4096 to 16777216). Unset: 65536, or \
-          524288 where the process has less than 2 CPUs to run on (fewer, larger writes: one core is busy enough \
-          with the kernel's copies). Each rank may choose its own: the receiver follows the sender's.",
+          524288 where the rank's share of the CPUs (see NCCL_TCPXSHIM_TCP_WORKERS) is less than 2 (fewer, larger \
+          writes: one core is busy enough with the kernel's copies). Each rank may choose its own: the receiver \
+          follows the sender's.",
 };
 
 /// Inline threshold.
@@ -125,8 +130,10 @@ pub struct TcpConfig {
     pub cpus: Option<Vec<usize>>,
     /// Smallest striping chunk in bytes; `None`: planned from the usable CPUs (see `cpus`).
     pub min_chunk: Option<usize>,
-    /// Microseconds the workers poll after traffic; `None`: planned from the usable CPUs (see `cpus`).
+    /// Microseconds the workers poll after traffic; `None`: 0.
     pub spin_us: Option<u64>,
+    /// The job's ranks on this host, as the launcher's variables say (see `cpus::LocalRanks`).
+    pub local_ranks: Option<super::cpus::LocalRanks>,
     /// Largest message sent inline on the control socket.
     pub inline_max: usize,
     /// Idle seconds before keepalive probes (0: keepalive off).
@@ -170,6 +177,7 @@ impl TcpConfig {
                 Some(_) => Some(int(vars, &TCP_SPIN, 0, 100_000)?),
                 None => None,
             },
+            local_ranks: super::cpus::LocalRanks::from_vars(vars),
             inline_max: int(vars, &TCP_INLINE, 0, 1 << 20)? as usize,
             keepalive_s: int(vars, &TCP_KEEPALIVE, 0, 32767)? as u32,
             user_timeout_ms: int(vars, &TCP_USER_TIMEOUT, 0, i32::MAX as u64)? as u32,

@@ -20,9 +20,18 @@ pub const DEFAULT_MIN_CHUNK: usize = 64 << 10;
 /// ... where the process has less than 2 CPUs: fewer and larger writes (NCCL's 512 KiB steps go on
 /// one socket each), since the one core is busy enough with the kernel's copies.
 pub const ONE_CPU_MIN_CHUNK: usize = 512 << 10;
-/// Microseconds an I/O worker keeps polling after its last traffic before it sleeps, where the
-/// process has CPUs to spare for it (see [`CpuPlan::spin_us`]).
-pub const DEFAULT_SPIN_US: u64 = 50;
+/// CPUs a rank's own NCCL threads keep busy besides the I/O workers: the proxy thread, which tests
+/// every request, and the application's thread waiting on the GPU (nccl-tests and PyTorch spin in
+/// `cudaStreamQuery`). The workers get what is left of the rank's CPUs.
+pub const NCCL_BUSY_THREADS: usize = 2;
+/// Variables naming how many ranks of the job run on this host, in the order they are tried:
+/// torchrun's, Open MPI's, MPICH's (Hydra), Slurm's (with `--ntasks-per-node`).
+pub const LOCAL_SIZE_VARS: &[&str] = &[
+    "LOCAL_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_NTASKS_PER_NODE",
+];
 /// Highest CPU number a mask here can hold (glibc's CPU_SETSIZE).
 pub const MAX_CPU: usize = 1023;
 
@@ -35,6 +44,24 @@ pub enum WorkersFrom {
     PinList,
     /// One per usable CPU, at most [`MAX_DEFAULT_WORKERS`].
     Usable,
+}
+
+/// The ranks of the job on this host, as the launcher says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalRanks {
+    pub count: usize,
+    /// The variable that said so.
+    pub var: &'static str,
+}
+
+impl LocalRanks {
+    /// The first of [`LOCAL_SIZE_VARS`] that holds a number from 1 to 4096.
+    pub fn from_vars(vars: crate::config::Vars<'_>) -> Option<LocalRanks> {
+        LOCAL_SIZE_VARS.iter().find_map(|&var| {
+            let count: usize = vars(var)?.trim().parse().ok()?;
+            (1..=4096).contains(&count).then_some(LocalRanks { count, var })
+        })
+    }
 }
 
 /// What the transport found and what it runs with.
@@ -53,6 +80,10 @@ pub struct CpuPlan {
     pub refused: Vec<usize>,
     /// `NCCL_TCPXSHIM_TCP_SPIN`, if set (see [`CpuPlan::spin_us`]).
     pub spin_set: Option<u64>,
+    /// The job's ranks on this host, if the launcher says (see [`CpuPlan::sharing`]).
+    pub local: Option<LocalRanks>,
+    /// CPUs online on this host (`None`: unknown).
+    pub online: Option<usize>,
 }
 
 impl CpuPlan {
@@ -80,21 +111,59 @@ impl CpuPlan {
             pins,
             refused,
             spin_set: None,
+            local: None,
+            online: None,
         };
         (plan.workers, plan.workers_from) = match workers {
             Some(n) => (n, WorkersFrom::Setting),
             None if !plan.pins.is_empty() => (plan.pins.len().min(64), WorkersFrom::PinList),
-            None => {
-                let usable = plan.usable().floor() as usize;
-                (usable.clamp(1, MAX_DEFAULT_WORKERS), WorkersFrom::Usable)
-            }
+            None => (plan.planned_workers(), WorkersFrom::Usable),
         };
         plan
     }
 
+    /// With the host's ranks and online CPUs, which tell whether other ranks share the mask; the
+    /// planned number of workers follows (see [`CpuPlan::share`]).
+    pub fn with_host(mut self, local: Option<LocalRanks>, online: Option<usize>) -> CpuPlan {
+        self.local = local;
+        self.online = online;
+        if self.workers_from == WorkersFrom::Usable {
+            self.workers = self.planned_workers();
+        }
+        self
+    }
+
+    /// Ranks of this host that run on the same CPUs as this one: where the host's ranks' masks
+    /// together hold more CPUs than the host has, they overlap (unbound ranks, or ranks bound to
+    /// one socket), spread evenly as far as this process can tell. 1 without the launcher's count
+    /// or the online CPUs.
+    pub fn sharing(&self) -> usize {
+        match (&self.local, self.online) {
+            (Some(l), Some(online)) if l.count > 1 && online > 0 && !self.allowed.is_empty() => {
+                (l.count * self.allowed.len()).div_ceil(online).clamp(1, l.count)
+            }
+            _ => 1,
+        }
+    }
+
+    /// This rank's share of the usable CPUs.
+    pub fn share(&self) -> f64 {
+        self.usable() / self.sharing() as f64
+    }
+
+    /// One worker per CPU of the rank's share beyond [`NCCL_BUSY_THREADS`], at least one, at
+    /// most [`MAX_DEFAULT_WORKERS`]: a worker more would take turns with NCCL's threads or
+    /// another rank's (4 ranks on 16 cores: all-reduce 5.2 to 5.8 GB/s with 2 workers each
+    /// against 3.6 to 3.7 with 4, docs/design.md).
+    fn planned_workers(&self) -> usize {
+        (self.share().floor() as usize)
+            .saturating_sub(NCCL_BUSY_THREADS)
+            .clamp(1, MAX_DEFAULT_WORKERS)
+    }
+
     /// The smallest striping chunk the plan asks for (see [`ONE_CPU_MIN_CHUNK`]).
     pub fn min_chunk(&self) -> usize {
-        if self.usable() < 2.0 {
+        if self.share() < 2.0 {
             ONE_CPU_MIN_CHUNK
         } else {
             DEFAULT_MIN_CHUNK
@@ -107,18 +176,14 @@ impl CpuPlan {
         self
     }
 
-    /// Microseconds a worker keeps polling its sockets after traffic before it sleeps: the setting,
-    /// else [`DEFAULT_SPIN_US`] where the CPUs leave room for every worker besides NCCL's proxy
-    /// and main threads (usable CPUs at least workers + 2), else 0. A worker that polls needs no
+    /// Microseconds a worker keeps polling its sockets after traffic before it sleeps
+    /// (`NCCL_TCPXSHIM_TCP_SPIN`; 0, sleeping at once, unless set). A polling worker needs no
     /// wake-up for the next message (an eventfd write by NCCL's proxy thread, an inter-processor
-    /// interrupt on a virtual machine) and sees arriving data without the scheduler's delay; where
-    /// it would take turns with NCCL's threads on the same cores, it sleeps at once.
+    /// interrupt on a virtual machine) and sees arriving data without the scheduler's delay, but
+    /// it keeps a CPU busy: measured under nccl-tests it gained within the spread between runs
+    /// with CPUs to spare and lost where ranks shared them (docs/design.md).
     pub fn spin_us(&self) -> u64 {
-        match self.spin_set {
-            Some(us) => us,
-            None if self.workers > 0 && self.usable() >= (self.workers + 2) as f64 => DEFAULT_SPIN_US,
-            None => 0,
-        }
+        self.spin_set.unwrap_or(0)
     }
 
     /// The CPU worker `i` runs on, if pinned.
@@ -146,6 +211,19 @@ impl CpuPlan {
             }
             None => s.push_str(", no cgroup quota)"),
         }
+        if let (n @ 2.., Some(l)) = (self.sharing(), &self.local) {
+            let share = self.share();
+            let _ = write!(
+                s,
+                ", shared by {n} of the host's {} ranks ({}={})",
+                l.count, l.var, l.count
+            );
+            if share.fract() == 0.0 {
+                let _ = write!(s, ": {share} each");
+            } else {
+                let _ = write!(s, ": {share:.2} each");
+            }
+        }
         if self.workers == 0 {
             s.push_str(
                 ": no I/O worker threads, data sockets driven from the calling thread (NCCL_TCPXSHIM_TCP_WORKERS=0)",
@@ -159,7 +237,9 @@ impl CpuPlan {
             match self.workers_from {
                 WorkersFrom::Setting => "NCCL_TCPXSHIM_TCP_WORKERS",
                 WorkersFrom::PinList => "one per CPU of NCCL_TCPXSHIM_TCP_CPUS",
-                WorkersFrom::Usable => "one per usable CPU, at most 4; NCCL_TCPXSHIM_TCP_WORKERS sets it",
+                WorkersFrom::Usable => {
+                    "one per CPU left by NCCL's two busy threads, 1 to 4; NCCL_TCPXSHIM_TCP_WORKERS sets it"
+                }
             }
         );
         if self.pins.is_empty() {
@@ -167,21 +247,12 @@ impl CpuPlan {
         } else {
             let _ = write!(s, ", pinned to CPUs {} in turn", cpu_list(&self.pins));
         }
-        match (self.spin_us(), self.spin_set.is_some()) {
-            (0, false) => s.push_str(", sleeping when idle (NCCL_TCPXSHIM_TCP_SPIN sets a polling time)"),
-            (0, true) => s.push_str(", sleeping when idle (NCCL_TCPXSHIM_TCP_SPIN=0)"),
-            (us, false) => {
-                let _ = write!(
-                    s,
-                    ", polling {us} us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN sets it)"
-                );
-            }
-            (us, true) => {
-                let _ = write!(
-                    s,
-                    ", polling {us} us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN)"
-                );
-            }
+        if self.spin_us() > 0 {
+            let _ = write!(
+                s,
+                ", polling {} us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN)",
+                self.spin_us()
+            );
         }
         if self.min_chunk() != DEFAULT_MIN_CHUNK {
             let _ = write!(
@@ -197,7 +268,7 @@ impl CpuPlan {
                 cpu_list(&self.refused)
             );
         }
-        if usable < 2.0 && self.workers > 1 && self.pins.is_empty() {
+        if self.share() < 2.0 && self.workers > 1 && self.pins.is_empty() {
             s.push_str("; more workers than CPUs take turns with NCCL's threads");
         }
         s
@@ -324,6 +395,14 @@ pub fn cgroup_quota(root: &Path, proc_cgroup: &str) -> Option<f64> {
     best
 }
 
+/// CPUs online on this host (`/sys/devices/system/cpu/online`); `None` if unreadable.
+pub fn online_cpus() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    parse_cpu_list("/sys/devices/system/cpu/online", text.trim())
+        .ok()
+        .map(|v| v.len())
+}
+
 /// Reads the affinity mask and the cgroup quota of this process.
 pub fn discover() -> (Vec<usize>, Option<f64>) {
     let allowed = super::sys::affinity().unwrap_or_else(|e| {
@@ -393,7 +472,9 @@ mod tests {
         let many = CpuPlan::new((0..16).collect(), None, None, None);
         assert_eq!(many.workers, MAX_DEFAULT_WORKERS);
         let quota = CpuPlan::new((0..16).collect(), Some(2.5), None, None);
-        assert_eq!(quota.workers, 2);
+        assert_eq!(quota.workers, 1);
+        assert_eq!(CpuPlan::new((0..16).collect(), Some(4.0), None, None).workers, 2);
+        assert_eq!(CpuPlan::new((0..16).collect(), Some(5.5), None, None).workers, 3);
         assert!(quota
             .describe()
             .contains("2.50 usable CPU(s) (affinity 0-15, cgroup quota 2.50 CPUs)"));
@@ -423,44 +504,78 @@ mod tests {
     }
 
     #[test]
-    fn workers_poll_only_where_cpus_are_left_for_them() {
-        // Unbound on 16 CPUs: 4 workers and NCCL's two threads fit.
-        let many = CpuPlan::new((0..16).collect(), None, None, None);
-        assert_eq!(many.spin_us(), DEFAULT_SPIN_US);
-        assert!(
-            many.describe().contains("polling 50 us after traffic"),
-            "{}",
-            many.describe()
-        );
-        // One core (mpirun's binding of two ranks), two cores, a quota of 5: the workers would
-        // take turns with NCCL's threads.
-        for plan in [
-            CpuPlan::new(vec![3], None, None, None),
-            CpuPlan::new(vec![0, 1], None, None, None),
-            CpuPlan::new((0..16).collect(), Some(5.0), None, None),
-        ] {
-            assert_eq!(plan.spin_us(), 0, "{}", plan.describe());
-            assert!(plan.describe().contains("sleeping when idle"), "{}", plan.describe());
-        }
+    fn ranks_sharing_the_cpus_split_them() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let four = LocalRanks::from_vars(&vars(&[("OMPI_COMM_WORLD_LOCAL_SIZE", "4")])).unwrap();
         assert_eq!(
-            CpuPlan::new((0..16).collect(), Some(6.0), None, None).spin_us(),
-            DEFAULT_SPIN_US
+            four,
+            LocalRanks {
+                count: 4,
+                var: "OMPI_COMM_WORLD_LOCAL_SIZE"
+            }
         );
-        // Driven from the caller: nothing polls.
-        assert_eq!(CpuPlan::new((0..16).collect(), None, Some(0), None).spin_us(), 0);
-        // The setting wins either way.
+        // torchrun's variable first; nonsense is skipped.
+        let l = LocalRanks::from_vars(&vars(&[("LOCAL_WORLD_SIZE", "8"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "4")]));
+        assert_eq!(l.unwrap().count, 8);
+        let l = LocalRanks::from_vars(&vars(&[("LOCAL_WORLD_SIZE", "x"), ("SLURM_NTASKS_PER_NODE", "2")]));
+        assert_eq!(
+            l.unwrap(),
+            LocalRanks {
+                count: 2,
+                var: "SLURM_NTASKS_PER_NODE"
+            }
+        );
+        assert_eq!(LocalRanks::from_vars(&vars(&[("MPI_LOCALNRANKS", "0")])), None);
+
+        // Four unbound ranks on 16 CPUs: 4 each, 2 of them for workers.
+        let unbound = CpuPlan::new((0..16).collect(), None, None, None).with_host(Some(four.clone()), Some(16));
+        assert_eq!((unbound.sharing(), unbound.share(), unbound.workers), (4, 4.0, 2));
+        let d = unbound.describe();
+        assert!(
+            d.contains("(affinity 0-15, no cgroup quota), shared by 4 of the host's 4 ranks (OMPI_COMM_WORLD_LOCAL_SIZE=4): 4 each: 2 I/O worker(s)"),
+            "{d}"
+        );
+        // Two unbound ranks: 8 each, as many workers as one process alone gets.
+        let two = LocalRanks {
+            count: 2,
+            var: "LOCAL_WORLD_SIZE",
+        };
+        let p = CpuPlan::new((0..16).collect(), None, None, None).with_host(Some(two), Some(16));
+        assert_eq!((p.sharing(), p.workers), (2, 4));
+        // Bound to one core each (mpirun's default for two ranks): nothing shared.
+        let bound = CpuPlan::new(vec![1], None, None, None).with_host(Some(four.clone()), Some(16));
+        assert_eq!((bound.sharing(), bound.workers), (1, 1));
+        assert!(!bound.describe().contains("shared by"), "{}", bound.describe());
+        // Four ranks, two sockets of 8, two ranks per socket mask.
+        let socket = CpuPlan::new((8..16).collect(), None, None, None).with_host(Some(four.clone()), Some(16));
+        assert_eq!((socket.sharing(), socket.workers), (2, 2));
+        // Sixteen ranks on 16 CPUs: one each, one worker, large pieces.
+        let sixteen = LocalRanks {
+            count: 16,
+            var: "LOCAL_WORLD_SIZE",
+        };
+        let p = CpuPlan::new((0..16).collect(), None, None, None).with_host(Some(sixteen), Some(16));
+        assert_eq!((p.share(), p.workers, p.min_chunk()), (1.0, 1, ONE_CPU_MIN_CHUNK));
+        // The setting wins; without the online count nothing is divided.
+        let set = CpuPlan::new((0..16).collect(), None, Some(4), None).with_host(Some(four.clone()), Some(16));
+        assert_eq!(set.workers, 4);
+        let unknown = CpuPlan::new((0..16).collect(), None, None, None).with_host(Some(four), None);
+        assert_eq!((unknown.sharing(), unknown.workers), (1, 4));
+        assert!(online_cpus().is_some_and(|n| n >= 1));
+    }
+
+    #[test]
+    fn workers_poll_only_when_the_setting_says_so() {
+        let many = CpuPlan::new((0..16).collect(), None, None, None);
+        assert_eq!(many.spin_us(), 0);
+        assert!(!many.describe().contains("polling"), "{}", many.describe());
         let set = CpuPlan::new(vec![3], None, None, None).with_spin(Some(200));
         assert_eq!(set.spin_us(), 200);
         assert!(set
             .describe()
             .contains("polling 200 us after traffic before sleeping (NCCL_TCPXSHIM_TCP_SPIN)"));
-        let off = CpuPlan::new((0..16).collect(), None, None, None).with_spin(Some(0));
-        assert_eq!(off.spin_us(), 0);
-        assert!(
-            off.describe().contains("NCCL_TCPXSHIM_TCP_SPIN=0"),
-            "{}",
-            off.describe()
-        );
     }
 
     #[test]

@@ -129,7 +129,9 @@ impl TcpTransport {
         TcpTransport::check_settings(cfg)?;
         let id = NEXT_TRANSPORT_ID.fetch_add(1, Ordering::Relaxed);
         let (allowed, quota) = cpus::discover();
-        let plan = cpus::CpuPlan::new(allowed, quota, cfg.workers, cfg.cpus.as_deref()).with_spin(cfg.spin_us);
+        let plan = cpus::CpuPlan::new(allowed, quota, cfg.workers, cfg.cpus.as_deref())
+            .with_spin(cfg.spin_us)
+            .with_host(cfg.local_ranks.clone(), cpus::online_cpus());
         let pool = Arc::new(Pool::new(plan.workers, id, &plan)?);
         let min_chunk = cfg.min_chunk.unwrap_or_else(|| plan.min_chunk());
         TcpTransport::log_start(cfg, &devices, &plan);

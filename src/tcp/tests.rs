@@ -504,7 +504,11 @@ fn sixty_four_connections_at_once_without_new_threads() {
     unsafe {
         let t = transport();
         let prefix = worker_prefix(&t);
-        let workers = super::sys::affinity().unwrap().len().clamp(1, 4);
+        let workers = super::sys::affinity()
+            .unwrap()
+            .len()
+            .saturating_sub(cpus::NCCL_BUSY_THREADS)
+            .clamp(1, 4);
         assert_eq!(threads_named(&prefix), workers, "one thread per worker");
         let n = 64;
         let mut handles = vec![[0u8; 128]; n];
@@ -1894,10 +1898,25 @@ fn allowed_cpus_of(prefix: &str) -> Vec<String> {
 #[test]
 fn workers_follow_the_cpu_plan_and_pin_where_asked() {
     let allowed = super::sys::affinity().unwrap();
-    // Unset: one per usable CPU, at most 4.
+    // Unset: one per usable CPU beyond NCCL's two busy threads, 1 to 4.
     let t = TcpTransport::new(&lo_cfg()).unwrap();
-    let want = allowed.len().clamp(1, super::cpus::MAX_DEFAULT_WORKERS);
+    let want = allowed
+        .len()
+        .saturating_sub(super::cpus::NCCL_BUSY_THREADS)
+        .clamp(1, super::cpus::MAX_DEFAULT_WORKERS);
     assert_eq!(threads_named(&worker_prefix(&t)), want);
+    drop(t);
+    // 64 ranks on this host, as the launcher says: each rank's share of the CPUs is small, one worker.
+    let t = TcpTransport::new(&TcpConfig {
+        local_ranks: Some(super::cpus::LocalRanks {
+            count: 64,
+            var: "OMPI_COMM_WORLD_LOCAL_SIZE",
+        }),
+        ..lo_cfg()
+    })
+    .unwrap();
+    assert_eq!(threads_named(&worker_prefix(&t)), 1);
+    assert_eq!(t.min_chunk, super::cpus::ONE_CPU_MIN_CHUNK);
     drop(t);
     // Pinned to the first allowed CPU (twice: two workers on it), and data still moves.
     let first = allowed[0];
