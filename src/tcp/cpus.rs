@@ -3,10 +3,12 @@
 //! A rank started by mpirun with its default binding may run on one core (two ranks) or one
 //! socket; a container may have a CPU quota. Both are read at start: the affinity mask of the
 //! process (`sched_getaffinity`) and the cgroup's quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
-//! `cpu.cfs_period_us`, along the process's cgroup path up to the root). Unless
-//! `NCCL_TCPXSHIM_TCP_WORKERS` says otherwise, the transport starts one I/O worker per usable CPU,
-//! at most [`MAX_DEFAULT_WORKERS`]: where one core is all a rank has, four workers would only take
-//! turns with NCCL's threads on it. `NCCL_TCPXSHIM_TCP_CPUS` pins the workers, one CPU each in
+//! `cpu.cfs_period_us`, along the process's cgroup path up to the root); and whether other ranks
+//! of the host run on the same CPUs (the launcher's count of the host's ranks against the online
+//! CPUs), which makes the rank's share smaller. Unless `NCCL_TCPXSHIM_TCP_WORKERS` says otherwise,
+//! the transport starts one I/O worker per CPU of the share beyond [`NCCL_BUSY_THREADS`], at least
+//! one, at most [`MAX_DEFAULT_WORKERS`]: more would only take turns with NCCL's threads (and the
+//! other ranks') on the same cores. `NCCL_TCPXSHIM_TCP_CPUS` pins the workers, one CPU each in
 //! turn, as TCPX's `NCCL_GPUDIRECTTCPX_TX_BINDINGS` pins its threads.
 
 use crate::error::{Error, Result};
@@ -42,7 +44,7 @@ pub enum WorkersFrom {
     Setting,
     /// One per CPU of `NCCL_TCPXSHIM_TCP_CPUS` that the process may use.
     PinList,
-    /// One per usable CPU, at most [`MAX_DEFAULT_WORKERS`].
+    /// Planned from the rank's share of the CPUs (see [`CpuPlan::share`]).
     Usable,
 }
 
