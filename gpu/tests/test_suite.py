@@ -84,6 +84,14 @@ def rank_processes_alive(marker):
 
 
 # ------------------------------------------------------------------------------------------------
+class TempDirCase(unittest.TestCase):
+    """A test case with a scratch directory, self.dir, removed after each test."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+
 class CommonTests(unittest.TestCase):
     def simulate(self, op, world, n, salt, root):
         """Every rank's result of op, from the collective's definition."""
@@ -214,13 +222,7 @@ def nccl_log(net="tcpxshim", shim=True, world=2, rank=0, extra=(), closed=None):
     return "\n".join(lines) + "\n"
 
 
-class LogcheckTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = tempfile.mkdtemp()
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
-
+class LogcheckTests(TempDirCase):
     def write(self, label, texts):
         for r, t in enumerate(texts):
             with open(os.path.join(self.dir, f"{label}.rank{r}.log"), "w") as f:
@@ -325,9 +327,9 @@ def synth_sweep(label, lat_us, bw, world=2, quick=False, wrong_at=None, env=None
     }
 
 
-class ReportTests(unittest.TestCase):
+class ReportTests(TempDirCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
+        super().setUp()
         self.paths = []
         for label, lat, bw in (("socket", 25, 2.8), ("socket44", 27, 2.6), ("shim", 36, 9.4), ("shim-driven", 30, 11)):
             env = launch.rank_env({}, label, "/opt/x/libnccl-net-tcpxshim.so", 0, 2, 1234)
@@ -336,9 +338,6 @@ class ReportTests(unittest.TestCase):
             with open(p, "w") as f:
                 json.dump(s, f)
             self.paths.append(p)
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
 
     def render(self, paths, notes=None):
         out = os.path.join(self.dir, "sweeps.json")
@@ -472,13 +471,7 @@ class PromTests(unittest.TestCase):
         self.assertIn("not on the page", why)
 
 
-class MetricsJobTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = tempfile.mkdtemp()
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
-
+class MetricsJobTests(TempDirCase):
     def test_expected_bytes(self):
         self.assertEqual(metrics.expected_bytes(64 * common.MiB, 20, 2), 20 * 64 * common.MiB)
         self.assertEqual(metrics.expected_bytes(64 * common.MiB, 20, 4), 30 * 64 * common.MiB)
@@ -549,16 +542,13 @@ class MetricsJobTests(unittest.TestCase):
         self.assertIn("no metrics file", str(cm.exception))
 
 
-class MetricsWatchTests(unittest.TestCase):
+class MetricsWatchTests(TempDirCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
+        super().setUp()
         self.mdir = os.path.join(self.dir, "prom")
         self.snaps = os.path.join(self.dir, "snaps")
         os.makedirs(self.mdir)
         os.makedirs(self.snaps)
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
 
     def write(self, name, text, t):
         path = os.path.join(self.mdir, name)
@@ -798,13 +788,7 @@ class DdpCompareTests(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
-class LaunchTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = tempfile.mkdtemp()
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
-
+class LaunchTests(TempDirCase):
     def test_rank_env(self):
         base = {"PATH": "/bin", "NCCL_TCPXSHIM_TCP_STREAMS": "8", "NCCL_ALGO": "Ring"}
         envs = [launch.rank_env(base, "shim", "/p/lib.so", r, 4, 5555) for r in range(4)]
@@ -1026,13 +1010,7 @@ rank=1 #wrong=2
 """
 
 
-class NcclTestsTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = tempfile.mkdtemp()
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
-
+class NcclTestsTests(TempDirCase):
     def test_output_is_parsed_with_both_placements_and_the_check(self):
         rows, oob = nccltests.parse_output(NT_OUTPUT, "all_reduce", 2, 20)
         self.assertEqual(oob, 2)
@@ -1159,17 +1137,14 @@ class NcclTestsTests(unittest.TestCase):
         self.assertFalse(os.path.exists("/run/netns/tsxt-a"))
 
 
-class RunShTests(unittest.TestCase):
+class RunShTests(TempDirCase):
     def setUp(self):
-        self.dir = tempfile.mkdtemp()
+        super().setUp()
         self.out = os.path.join(self.dir, "out")
         self.mps = os.path.join(self.dir, "mps.log")
         self.plugin = os.path.join(self.dir, "libnccl-net-tcpxshim.so")
         with open(self.plugin, "wb") as f:
             f.write(b"\x7fELF fake")
-
-    def tearDown(self):
-        shutil.rmtree(self.dir)
 
     def run_suite(self, timeout=300, args=(), **env):
         base = dict(QUICK=1, COLL_SIZES="1,3,1000", SWEEP_MAX_SIZE=2048, COUNTERS_SIZE=40000, COUNTERS_ITERS=5,

@@ -153,6 +153,38 @@ fn check_transfer(t: &TcpTransport, s: Opaque, r: Opaque, size: usize, cap: usiz
     );
 }
 
+/// A sender made by hand: listens on `t`, connects raw sockets under connection id `id` and
+/// accepts; returns the receive comm, the listen comm, the listen handle and the sender's control
+/// and data sockets, so that a test can write whatever bytes it likes.
+fn hand_made_sender(
+    t: &TcpTransport,
+    id: u64,
+) -> (Opaque, Opaque, ListenHandle, socket2::Socket, Vec<socket2::Socket>) {
+    let mut h = [0u8; 128];
+    let l = t.listen(0, &mut h).unwrap();
+    let lh = ListenHandle::read(&h).unwrap();
+    let mut fake = conn::PendingConnect::start(
+        lh.addr,
+        lh.streams,
+        lh.inline_max,
+        lh.token,
+        id,
+        TcpConfig::default().liveness(),
+    )
+    .unwrap();
+    let mut r = None;
+    wait("hand-made sender to connect", || {
+        let sent = fake.progress().unwrap();
+        if r.is_none() {
+            // SAFETY: `l` is the live listen comm made above; accept writes no handle pointer.
+            r = unsafe { t.accept(l, null_mut()) }.unwrap();
+        }
+        (sent && r.is_some()).then_some(())
+    });
+    let (ctrl, data) = fake.into_sockets().unwrap();
+    (r.unwrap(), l, lh, ctrl, data)
+}
+
 fn threads_named(prefix: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
@@ -639,29 +671,8 @@ fn closing_a_receiver_while_workers_fill_its_buffer_is_safe() {
     // SAFETY: the test hands the transport only its own live comms, registrations and requests, and buffers that outlive the requests using them.
     unsafe {
         let t = transport();
-        let mut h = [0u8; 128];
-        let l = t.listen(0, &mut h).unwrap();
-        let lh = ListenHandle::read(&h).unwrap();
         // A hand-made sender that announces 1 MiB but delivers only half of each chunk.
-        let mut fake = conn::PendingConnect::start(
-            lh.addr,
-            lh.streams,
-            lh.inline_max,
-            lh.token,
-            42,
-            TcpConfig::default().liveness(),
-        )
-        .unwrap();
-        let mut r = None;
-        wait("hand-made sender to connect", || {
-            let sent = fake.progress().unwrap();
-            if r.is_none() {
-                r = t.accept(l, null_mut()).unwrap();
-            }
-            (sent && r.is_some()).then_some(())
-        });
-        let r = r.unwrap();
-        let (ctrl, data) = fake.into_sockets().unwrap();
+        let (r, l, lh, ctrl, data) = hand_made_sender(&t, 42);
         let size = 1usize << 20;
         let chunk = wire::chunk_size(size, lh.streams as usize, 65536);
         let send_all = |s: &socket2::Socket, mut b: &[u8]| {
@@ -1041,28 +1052,7 @@ fn stopping_the_workers_fails_requests_in_flight() {
                 .unwrap()
                 .unwrap();
             // A striped receive whose header arrived but whose data never comes (a hand-made sender).
-            let mut h = [0u8; 128];
-            let l = t.listen(0, &mut h).unwrap();
-            let lh = ListenHandle::read(&h).unwrap();
-            let mut fake = conn::PendingConnect::start(
-                lh.addr,
-                lh.streams,
-                lh.inline_max,
-                lh.token,
-                43,
-                TcpConfig::default().liveness(),
-            )
-            .unwrap();
-            let mut r = None;
-            wait("hand-made sender to connect", || {
-                let sent = fake.progress().unwrap();
-                if r.is_none() {
-                    r = t.accept(l, null_mut()).unwrap();
-                }
-                (sent && r.is_some()).then_some(())
-            });
-            let r = r.unwrap();
-            let (ctrl, _data_socks) = fake.into_sockets().unwrap();
+            let (r, l, lh, ctrl, _data_socks) = hand_made_sender(&t, 43);
             let rsize = 1usize << 20;
             let header = wire::Header {
                 seq: 0,
